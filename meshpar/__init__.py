@@ -1,0 +1,39 @@
+"""meshpar: sharding rules, parallel strategies and pipelines for Flax models on JAX meshes.
+
+Example:
+    >>> import meshpar as mp
+    >>> mp.emulate_devices(8)                       # CPU only; before JAX starts its backend
+    >>> mesh = mp.make_mesh(data=2, fsdp=2, tensor=2)
+    >>> trainer = mp.Trainer(make_model, optax.adamw(3e-4), loss_fn, mesh=mesh, strategy="zero3")
+    >>> metrics = trainer.step(batch)
+"""
+
+from meshpar.devices import emulate_devices
+from meshpar.errors import (
+    DeviceEmulationError,
+    IndivisibleError,
+    MeshError,
+    MeshparError,
+    RuleConflictError,
+    RuleError,
+    StrategyError,
+    TrainingError,
+    UnannotatedParameterError,
+)
+from meshpar.layout import activate, constrain
+from meshpar.mesh import format_mesh, make_mesh, parse_mesh
+from meshpar.report import format_plan, plan_to_dict
+from meshpar.rules import Rules
+from meshpar.shard import ShardingPlan, init_linen, init_nnx, plan_linen, plan_nnx_state
+from meshpar.strategy import PRESETS as STRATEGIES
+from meshpar.strategy import Strategy, get_strategy
+from meshpar.train import TrainConfig, Trainer
+
+__all__ = [
+    "DeviceEmulationError", "IndivisibleError", "MeshError", "MeshparError", "RuleConflictError",
+    "RuleError", "STRATEGIES", "ShardingPlan", "Strategy", "StrategyError", "TrainConfig",
+    "Trainer", "TrainingError", "UnannotatedParameterError", "Rules", "activate", "constrain",
+    "emulate_devices", "format_mesh", "format_plan", "get_strategy", "init_linen", "init_nnx",
+    "make_mesh", "parse_mesh", "plan_linen", "plan_nnx_state", "plan_to_dict",
+]
+__version__ = "0.1.0"

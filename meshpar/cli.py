@@ -1,0 +1,152 @@
+"""The ``meshpar`` command: ``inspect`` a layout, ``train`` the built-in GPT, ``launch`` processes.
+
+Device emulation has to happen before JAX starts its backend, so this module parses arguments
+first and imports nothing that touches devices until it has set the CPU device count.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+from collections.abc import Sequence
+
+from meshpar.errors import MeshparError
+
+DEFAULT_MESH = "data=2,fsdp=2,tensor=2"
+
+
+class UsageError(MeshparError):
+    """Bad command-line input (exit status 2)."""
+
+
+def _add_model_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("model (the built-in GPT)")
+    g.add_argument("--preset", default="small", help="GPT preset: tiny, small, 20m (default: small)")
+    g.add_argument("--layers", type=int, help="override the preset's number of layers")
+    g.add_argument("--d-model", type=int, help="override the model width")
+    g.add_argument("--heads", type=int, help="override the number of attention heads")
+    g.add_argument("--mlp-dim", type=int, help="override the MLP hidden size")
+    g.add_argument("--vocab-size", type=int, help="override the vocabulary size (>= 256 for bytes)")
+    g.add_argument("--seq-len", type=int, help="sequence length (default: the preset's)")
+    g.add_argument("--remat", help="remat policy of the layer scan: none, full, dots, dots_no_batch, offload")
+
+
+def _add_layout_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("layout")
+    g.add_argument("--mesh", default=DEFAULT_MESH, help=f"mesh axes, e.g. {DEFAULT_MESH} (default)")
+    g.add_argument("--strategy", default="auto", help="preset: auto, dp, zero1, zero2, zero3, tp, tp_sp")
+    g.add_argument("--zero", type=int, choices=(0, 1, 2, 3), help="ZeRO stage over the fsdp axis")
+    g.add_argument("--sequence-parallel", action="store_true", help="split activations over seq on tensor")
+    g.add_argument("--cpu-devices", type=int, default=8,
+                   help="CPU devices to emulate (default 8; only the CPU backend is affected)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="meshpar", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    ins = sub.add_parser("inspect", help="print how every parameter is sharded")
+    _add_model_args(ins)
+    _add_layout_args(ins)
+    ins.add_argument("--json", action="store_true", help="print the report as JSON")
+
+    tr = sub.add_parser("train", help="train the built-in GPT on the embedded corpus")
+    _add_model_args(tr)
+    _add_layout_args(tr)
+    tr.add_argument("--steps", type=int, default=150, help="optimizer steps (default 150)")
+    tr.add_argument("--batch-size", type=int, default=32, help="global batch size (default 32)")
+    tr.add_argument("--microbatches", type=int, default=1, help="gradient-accumulation microbatches")
+    tr.add_argument("--precision", choices=("fp32", "bf16"), default="fp32")
+    tr.add_argument("--seed", type=int, default=0)
+    tr.add_argument("--lr", type=float, default=3e-3, help="peak AdamW learning rate (default 3e-3)")
+    tr.add_argument("--metrics-file", help="write one JSON line of metrics per step here")
+    tr.add_argument("--skip-nonfinite", action="store_true",
+                    help="skip updates whose loss is NaN/Inf instead of stopping")
+    tr.add_argument("--no-progress", action="store_true", help="no progress bar")
+    return parser
+
+
+def _model_config(args):
+    from meshpar.models import get_preset
+
+    cfg = get_preset(args.preset)
+    overrides = {
+        "layers": args.layers, "d_model": args.d_model, "heads": args.heads,
+        "mlp_dim": args.mlp_dim, "vocab_size": args.vocab_size, "seq_len": args.seq_len,
+        "remat": args.remat,
+    }
+    overrides = {k: v for k, v in overrides.items() if v is not None}
+    if "d_model" in overrides or "heads" in overrides:
+        overrides.setdefault("head_dim", None)
+    return dataclasses.replace(cfg, **overrides) if overrides else cfg
+
+
+def _layout(args):
+    from meshpar.mesh import make_mesh, parse_mesh
+    from meshpar.strategy import get_strategy
+
+    mesh = make_mesh(parse_mesh(args.mesh))
+    strategy = get_strategy(
+        args.strategy, zero_stage=args.zero,
+        sequence_parallel=True if args.sequence_parallel else None,
+    )
+    strategy.check_mesh(mesh)
+    return mesh, strategy
+
+
+def _inspect(args) -> int:
+    from flax import nnx
+
+    from meshpar.models import GPT
+    from meshpar.report import format_plan, plan_to_dict
+    from meshpar.shard import abstract_nnx, plan_nnx_state
+
+    cfg = _model_config(args)
+    mesh, strategy = _layout(args)
+    _, params, _ = abstract_nnx(lambda: GPT(cfg, rngs=nnx.Rngs(0)))
+    _, plan = plan_nnx_state(params, mesh=mesh, rules=strategy.param_rules(mesh))
+    if args.json:
+        data = plan_to_dict(plan)
+        data["model"] = dataclasses.asdict(cfg)
+        data["strategy"] = {"name": strategy.name, "zero_stage": strategy.zero_stage,
+                            "sequence_parallel": strategy.sequence_parallel}
+        print(json.dumps(data, indent=1))
+    else:
+        title = (f"GPT preset {args.preset} ({cfg.param_count():,} parameters), strategy "
+                 f"{strategy.name} (ZeRO-{strategy.zero_stage}"
+                 f"{', sequence parallel' if strategy.sequence_parallel else ''})")
+        print(format_plan(plan, title=title))
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``meshpar`` command."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["launch"]:
+        from meshpar import launch
+
+        return launch.main(argv[1:])
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        from meshpar.devices import emulate_devices
+
+        if args.cpu_devices < 1:
+            raise UsageError(f"--cpu-devices {args.cpu_devices}: must be >= 1")
+        emulate_devices(args.cpu_devices)
+        if args.command == "inspect":
+            return _inspect(args)
+        if args.command == "train":
+            from meshpar.run import train_main
+
+            return train_main(args)
+    except MeshparError as err:
+        print(f"meshpar {args.command}: error: {err}", file=sys.stderr)
+        return 2
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

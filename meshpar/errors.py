@@ -1,0 +1,44 @@
+"""Exception types raised by meshpar.
+
+Every error meshpar raises for bad user input is a subclass of :class:`MeshparError`, which is a
+``ValueError`` so that callers who already catch ``ValueError`` keep working. Messages name the
+offending parameter, axis and sizes and suggest a fix.
+"""
+
+from __future__ import annotations
+
+
+class MeshparError(ValueError):
+    """Base class of every user-facing meshpar error."""
+
+
+class DeviceEmulationError(MeshparError, RuntimeError):
+    """CPU device emulation was requested after JAX had started its backend."""
+
+
+class MeshError(MeshparError):
+    """A mesh description does not fit the devices (bad product, unknown or repeated axis)."""
+
+
+class RuleError(MeshparError):
+    """A sharding rule table is malformed or names a mesh axis the mesh does not have."""
+
+
+class RuleConflictError(RuleError):
+    """Two rule sets disagree, or two dimensions of one tensor need the same mesh axis."""
+
+
+class IndivisibleError(RuleError):
+    """A tensor dimension is not divisible by the size of the mesh axes it is mapped to."""
+
+
+class UnannotatedParameterError(RuleError):
+    """A parameter has no logical axes and no path rule matched it (strict mode)."""
+
+
+class StrategyError(MeshparError):
+    """A strategy cannot be applied to this mesh, model or batch."""
+
+
+class TrainingError(MeshparError, RuntimeError):
+    """Training cannot continue (for example, a non-finite loss)."""

@@ -1,0 +1,99 @@
+"""The active activation layout, and :func:`constrain` for use inside models.
+
+Models annotate activations with logical names (``constrain(x, ("batch", "seq", "embed"))``);
+the layout that is active while the model is *traced* says which mesh and which compute rules
+those names resolve through. meshpar's train step activates the strategy's layout inside the
+function it jits, so a layout never leaks from one compiled program into another.
+
+Outside any layout (a plain single-device run), :func:`constrain` returns its input unchanged:
+there is no mesh to constrain to, and the same model code must run unsharded.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import dataclasses
+from collections.abc import Iterator, Sequence
+
+import jax
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from meshpar.rules import Rules
+
+
+@dataclasses.dataclass(frozen=True)
+class Layout:
+    """A mesh and the compute rules that activation names resolve through."""
+
+    mesh: Mesh
+    rules: Rules
+
+    def spec(self, logical_axes: Sequence[str | None], shape: Sequence[int], *,
+             name: str = "activation") -> PartitionSpec:
+        """The PartitionSpec of an activation, leaving out axes that are manual here."""
+        return self.rules.resolve(
+            logical_axes, shape, self.mesh, name=name, skip_axes=_manual_axes()
+        ).spec
+
+
+_ACTIVE: contextvars.ContextVar[Layout | None] = contextvars.ContextVar("meshpar_layout", default=None)
+
+
+def _manual_axes() -> tuple[str, ...]:
+    # Inside a partial-manual shard_map (the pipeline), the manual axes cannot appear in a
+    # sharding constraint; the abstract mesh in context tells which they are.
+    abstract = jax.sharding.get_abstract_mesh()
+    if abstract is None or abstract.empty:
+        return ()
+    return tuple(getattr(abstract, "manual_axes", ()))
+
+
+@contextlib.contextmanager
+def activate(mesh: Mesh, rules: Rules, /) -> Iterator[Layout]:
+    """Make ``(mesh, rules)`` the layout that :func:`constrain` resolves through.
+
+    Use it *inside* the function you jit, so the layout belongs to that trace.
+
+    Example:
+        >>> def step(x):
+        ...     with activate(mesh, rules):
+        ...         return model(x)
+    """
+    rules.validate(mesh)
+    token = _ACTIVE.set(Layout(mesh, rules))
+    try:
+        yield _ACTIVE.get()
+    finally:
+        _ACTIVE.reset(token)
+
+
+def active_layout() -> Layout | None:
+    """The layout made active by :func:`activate`, or ``None``."""
+    return _ACTIVE.get()
+
+
+def constrain(x: jax.Array, logical_axes: Sequence[str | None], /) -> jax.Array:
+    """Constrain an activation (or a weight about to be used) to its logical layout.
+
+    Args:
+        x: the array, inside a traced function.
+        logical_axes: one logical name (or ``None``) per dimension of ``x``.
+
+    Returns:
+        ``x`` with a sharding constraint from the active layout, or ``x`` itself when no layout
+        is active.
+
+    Raises:
+        RuleError: wrong number of names; IndivisibleError: a dimension does not divide.
+
+    Example:
+        >>> h = constrain(h, ("batch", "seq", "embed"))
+    """
+    layout = _ACTIVE.get()
+    if layout is None:
+        return x
+    spec = layout.spec(logical_axes, x.shape)
+    abstract = jax.sharding.get_abstract_mesh()
+    mesh = abstract if (abstract is not None and not abstract.empty and abstract.manual_axes) else layout.mesh
+    return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec))

@@ -1,0 +1,405 @@
+"""meshpar's built-in decoder-only GPT, in Flax NNX.
+
+The model is an ordinary user of meshpar: it knows nothing of meshes or strategies. It only
+
+* annotates every parameter with *logical* axis names (``out_sharding`` metadata), and
+* passes activations, and every weight right before its use, through
+  :func:`meshpar.layout.constrain` with their logical names.
+
+Which mesh axes those names land on is the strategy's business. Constraining the weights inside
+the layer loop is what makes ZeRO-3 work: the parameter rules shard a weight over ``fsdp`` and the
+compute rules do not, so the constraint all-gathers one layer's weights inside the scan body.
+
+Shapes in names follow nanodo: ``B`` batch, ``T`` sequence, ``D`` d_model (``embed``), ``H`` heads,
+``K`` head_dim, ``M`` mlp_dim, ``V`` vocab, ``L`` layers.
+
+Logical axes of the parameters::
+
+    tok_embed            (vocab, embed)
+    pos_embed            (seq, embed)
+    blocks/ln1_scale     (layers, embed)            blocks/ln1_bias  (layers, embed)
+    blocks/wq, wk, wv    (layers, embed, heads, head_dim)
+    blocks/wo            (layers, heads, head_dim, embed)
+    blocks/ln2_scale     (layers, embed)            blocks/ln2_bias  (layers, embed)
+    blocks/w_in          (layers, embed, mlp)       blocks/b_in      (layers, mlp)
+    blocks/w_out         (layers, mlp, embed)       blocks/b_out     (layers, embed)
+    ln_f_scale, ln_f_bias (embed,)
+    unembed              (embed, vocab)             only when tie_embeddings=False
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Mapping
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+
+from meshpar.errors import MeshparError
+from meshpar.layout import constrain
+from meshpar.remat import check_remat_name, maybe_remat
+
+_INT_FIELDS = ("vocab_size", "seq_len", "layers", "d_model", "heads", "mlp_dim")
+
+#: Logical axes of one block's parameters (without the stacked ``layers`` axis). The same table
+#: annotates the parameters at creation and constrains the weight slices inside the scan body.
+BLOCK_AXES: Mapping[str, tuple[str, ...]] = {
+    "ln1_scale": ("embed",),
+    "ln1_bias": ("embed",),
+    "wq": ("embed", "heads", "head_dim"),
+    "wk": ("embed", "heads", "head_dim"),
+    "wv": ("embed", "heads", "head_dim"),
+    "wo": ("heads", "head_dim", "embed"),
+    "ln2_scale": ("embed",),
+    "ln2_bias": ("embed",),
+    "w_in": ("embed", "mlp"),
+    "b_in": ("mlp",),
+    "w_out": ("mlp", "embed"),
+    "b_out": ("embed",),
+}
+
+_INIT_STD = 0.02
+_LN_EPS = 1e-5
+
+
+@dataclasses.dataclass(frozen=True)
+class GPTConfig:
+    """Hyper-parameters of :class:`GPT`.
+
+    Attributes:
+        vocab_size: number of token ids (256 for meshpar's byte-level corpus).
+        seq_len: the longest sequence (size of the learned position table).
+        layers: number of transformer blocks.
+        d_model: width of the residual stream (logical axis ``embed``).
+        heads: attention heads.
+        mlp_dim: hidden width of the MLP.
+        head_dim: width of one head; ``None`` means ``d_model // heads`` (see :attr:`head_size`).
+        tie_embeddings: use the token embedding as the unembedding (no separate parameter).
+        remat: the remat policy of the layer scan body, one of
+            :data:`meshpar.remat.REMAT_POLICIES`.
+
+    Raises:
+        MeshparError: a size is not a positive int, or ``d_model`` is not divisible by
+            ``heads`` while ``head_dim`` is ``None``.
+        StrategyError: an unknown ``remat`` name.
+
+    Example:
+        >>> cfg = GPTConfig(vocab_size=256, seq_len=32, layers=2, d_model=64, heads=4, mlp_dim=256)
+        >>> cfg.head_size, cfg.param_count()
+        (16, 118016)
+        >>> cfg.replace(layers=4).layers
+        4
+    """
+
+    vocab_size: int
+    seq_len: int
+    layers: int
+    d_model: int
+    heads: int
+    mlp_dim: int
+    head_dim: int | None = None
+    tie_embeddings: bool = True
+    remat: str = "full"
+
+    def __post_init__(self) -> None:
+        for field in _INT_FIELDS:
+            _check_positive_int(field, getattr(self, field))
+        if self.head_dim is None:
+            if self.d_model % self.heads:
+                raise MeshparError(
+                    f"GPTConfig: d_model={self.d_model} is not divisible by heads={self.heads}; "
+                    "choose sizes that divide or set head_dim explicitly"
+                )
+        else:
+            _check_positive_int("head_dim", self.head_dim)
+        if not isinstance(self.tie_embeddings, bool):
+            raise MeshparError(
+                f"GPTConfig: tie_embeddings={self.tie_embeddings!r} must be a bool"
+            )
+        check_remat_name(self.remat, field="GPTConfig.remat")
+
+    @property
+    def head_size(self) -> int:
+        """The width of one attention head: ``head_dim``, or ``d_model // heads`` if unset."""
+        return self.head_dim if self.head_dim is not None else self.d_model // self.heads
+
+    def replace(self, **changes: Any) -> GPTConfig:
+        """A copy with some fields changed (validated again).
+
+        Example:
+            >>> get_preset("tiny").replace(remat="none").remat
+            'none'
+        """
+        return dataclasses.replace(self, **changes)
+
+    def param_count(self) -> int:
+        """The number of parameters of the model this config builds (analytic, exact).
+
+        Example:
+            >>> get_preset("20m").param_count()
+            19165184
+        """
+        d, m, v = self.d_model, self.mlp_dim, self.vocab_size
+        attn = 4 * d * self.heads * self.head_size  # q, k, v, o kernels; no attention biases
+        mlp = 2 * d * m + m + d  # kernels and biases
+        norms = 4 * d  # ln1 and ln2, scale and bias
+        per_layer = attn + mlp + norms
+        total = v * d + self.seq_len * d + self.layers * per_layer + 2 * d
+        if not self.tie_embeddings:
+            total += d * v
+        return total
+
+    def matmul_param_count(self) -> int:
+        """Parameters that take part in matmuls: all kernels and the unembedding.
+
+        The unembedding counts once, whether it is the tied token embedding or its own kernel;
+        the token lookup (untied case), the position embedding, norms and biases do not count.
+        ``6 * matmul_param_count()`` is the usual training FLOPs per token, attention scores aside.
+
+        Example:
+            >>> get_preset("tiny").matmul_param_count()
+            114688
+        """
+        d = self.d_model
+        per_layer = 4 * d * self.heads * self.head_size + 2 * d * self.mlp_dim
+        return self.layers * per_layer + d * self.vocab_size
+
+
+def _check_positive_int(field: str, value: object) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise MeshparError(f"GPTConfig: {field}={value!r} must be a positive int")
+
+
+#: Ready-made sizes. ``tiny`` for unit tests, ``small`` for quick runs (the design notes' timing
+#: model), ``20m`` (19.2M parameters) for the demonstration run.
+PRESETS: dict[str, GPTConfig] = {
+    "tiny": GPTConfig(vocab_size=256, seq_len=32, layers=2, d_model=64, heads=4, mlp_dim=256),
+    "small": GPTConfig(vocab_size=256, seq_len=128, layers=4, d_model=256, heads=8, mlp_dim=1024),
+    "20m": GPTConfig(vocab_size=256, seq_len=256, layers=6, d_model=512, heads=8, mlp_dim=2048),
+}
+
+
+def get_preset(name: str, /, **overrides: Any) -> GPTConfig:
+    """A preset config by name, optionally with some fields changed.
+
+    Args:
+        name: a key of :data:`PRESETS`.
+        **overrides: fields to change, e.g. ``remat="none"``.
+
+    Raises:
+        MeshparError: an unknown name (the message lists the presets), or an invalid override.
+
+    Example:
+        >>> get_preset("small", layers=2).layers
+        2
+    """
+    try:
+        config = PRESETS[name]
+    except (KeyError, TypeError):
+        raise MeshparError(
+            f"unknown GPT preset {name!r}; presets are " + ", ".join(repr(n) for n in PRESETS)
+        ) from None
+    return config.replace(**overrides) if overrides else config
+
+
+# -- layers ------------------------------------------------------------------------------------
+
+
+def _layer_norm(x_BTD: jax.Array, scale_D: jax.Array, bias_D: jax.Array) -> jax.Array:
+    """LayerNorm with statistics in float32; the result has the dtype of ``x``."""
+    x = x_BTD.astype(jnp.float32)
+    mean = x.mean(axis=-1, keepdims=True)
+    var = jnp.square(x - mean).mean(axis=-1, keepdims=True)
+    y = (x - mean) * jax.lax.rsqrt(var + _LN_EPS)
+    y = y * scale_D.astype(jnp.float32) + bias_D.astype(jnp.float32)
+    return y.astype(x_BTD.dtype)
+
+
+class Block(nnx.Module):
+    """One pre-LayerNorm transformer block: causal self-attention, then a GELU MLP.
+
+    :class:`GPT` creates ``layers`` of these at once with ``nnx.vmap`` (stacked parameters with a
+    leading ``layers`` axis) and runs them with ``lax.scan``; a single block also works alone.
+
+    Example:
+        >>> with nnx.use_eager_sharding(False):
+        ...     block = Block(get_preset("tiny"), rngs=nnx.Rngs(0))
+        >>> block(jnp.zeros((2, 8, 64))).shape
+        (2, 8, 64)
+    """
+
+    def __init__(self, config: GPTConfig, *, rngs: nnx.Rngs):
+        d, h, k, m = config.d_model, config.heads, config.head_size, config.mlp_dim
+        normal = nnx.initializers.normal(_INIT_STD)
+        # GPT-2: residual-branch output projections scaled down by sqrt(2 * layers).
+        normal_out = nnx.initializers.normal(_INIT_STD / math.sqrt(2 * config.layers))
+
+        def param(name: str, value: jax.Array) -> nnx.Param:
+            return nnx.Param(value, out_sharding=BLOCK_AXES[name])
+
+        self.ln1_scale = param("ln1_scale", jnp.ones((d,), jnp.float32))
+        self.ln1_bias = param("ln1_bias", jnp.zeros((d,), jnp.float32))
+        self.wq = param("wq", normal(rngs.params(), (d, h, k), jnp.float32))
+        self.wk = param("wk", normal(rngs.params(), (d, h, k), jnp.float32))
+        self.wv = param("wv", normal(rngs.params(), (d, h, k), jnp.float32))
+        self.wo = param("wo", normal_out(rngs.params(), (h, k, d), jnp.float32))
+        self.ln2_scale = param("ln2_scale", jnp.ones((d,), jnp.float32))
+        self.ln2_bias = param("ln2_bias", jnp.zeros((d,), jnp.float32))
+        self.w_in = param("w_in", normal(rngs.params(), (d, m), jnp.float32))
+        self.b_in = param("b_in", jnp.zeros((m,), jnp.float32))
+        self.w_out = param("w_out", normal_out(rngs.params(), (m, d), jnp.float32))
+        self.b_out = param("b_out", jnp.zeros((d,), jnp.float32))
+
+    def _w(self, name: str) -> jax.Array:
+        # The weight, constrained to its compute layout: gathers ZeRO-3 shards here, per layer.
+        return constrain(getattr(self, name)[...], BLOCK_AXES[name])
+
+    def __call__(self, x_BTD: jax.Array) -> jax.Array:
+        """Apply the block to the residual stream ``x`` of shape ``[B, T, D]``."""
+        x_BTD = constrain(x_BTD, ("batch", "seq", "embed"))
+        x_BTD = x_BTD + self._attention(_layer_norm(x_BTD, self._w("ln1_scale"), self._w("ln1_bias")))
+        x_BTD = constrain(x_BTD, ("batch", "seq", "embed"))
+        x_BTD = x_BTD + self._mlp(_layer_norm(x_BTD, self._w("ln2_scale"), self._w("ln2_bias")))
+        return constrain(x_BTD, ("batch", "seq", "embed"))
+
+    def _attention(self, h_BTD: jax.Array) -> jax.Array:
+        # The sequence dimension of q/k/v is deliberately unnamed (None): under sequence parallel
+        # the rules map `seq` to the mesh axis that `heads` uses, and attention needs all of it.
+        qkv_axes = ("batch", None, "heads", "head_dim")
+        q_BTHK = constrain(jnp.einsum("btd,dhk->bthk", h_BTD, self._w("wq")), qkv_axes)
+        k_BTHK = constrain(jnp.einsum("btd,dhk->bthk", h_BTD, self._w("wk")), qkv_axes)
+        v_BTHK = constrain(jnp.einsum("btd,dhk->bthk", h_BTD, self._w("wv")), qkv_axes)
+        t = h_BTD.shape[1]
+        q_BTHK = q_BTHK * jnp.asarray(1.0 / math.sqrt(q_BTHK.shape[-1]), q_BTHK.dtype)
+        scores_BHTS = jnp.einsum("bthk,bshk->bhts", q_BTHK, k_BTHK).astype(jnp.float32)
+        scores_BHTS = constrain(scores_BHTS, ("batch", "heads", None, None))
+        causal_TS = jnp.tril(jnp.ones((t, t), dtype=jnp.bool_))
+        scores_BHTS = jnp.where(causal_TS, scores_BHTS, jnp.finfo(jnp.float32).min)
+        probs_BHTS = jax.nn.softmax(scores_BHTS, axis=-1).astype(v_BTHK.dtype)
+        out_BTHK = jnp.einsum("bhts,bshk->bthk", probs_BHTS, v_BTHK)
+        out_BTHK = constrain(out_BTHK, qkv_axes)
+        out_BTD = jnp.einsum("bthk,hkd->btd", out_BTHK, self._w("wo"))
+        return constrain(out_BTD, ("batch", "seq", "embed"))
+
+    def _mlp(self, h_BTD: jax.Array) -> jax.Array:
+        hidden_BTM = jnp.einsum("btd,dm->btm", h_BTD, self._w("w_in")) + self._w("b_in")
+        hidden_BTM = constrain(jax.nn.gelu(hidden_BTM), ("batch", None, "mlp"))
+        out_BTD = jnp.einsum("btm,md->btd", hidden_BTM, self._w("w_out")) + self._w("b_out")
+        return constrain(out_BTD, ("batch", "seq", "embed"))
+
+
+class GPT(nnx.Module):
+    """A decoder-only transformer language model (GPT-2 style, learned positions, pre-LN).
+
+    Parameters are created in float32; the forward pass computes in the dtype of the parameters
+    (cast them to bfloat16 for mixed precision), except LayerNorm statistics and the softmax,
+    which run in float32. Logits are always float32.
+
+    Args:
+        config: the model's sizes.
+        rngs: random streams; ``rngs.params`` initialises the weights.
+
+    Example:
+        >>> cfg = get_preset("tiny")
+        >>> with nnx.use_eager_sharding(False):
+        ...     model = GPT(cfg, rngs=nnx.Rngs(0))
+        >>> model(jnp.zeros((2, 16), jnp.int32)).shape
+        (2, 16, 256)
+    """
+
+    def __init__(self, config: GPTConfig, *, rngs: nnx.Rngs):
+        if not isinstance(config, GPTConfig):
+            raise MeshparError(f"GPT: config must be a GPTConfig, got {type(config).__name__}")
+        self.config = config
+        d, v = config.d_model, config.vocab_size
+        normal = nnx.initializers.normal(_INIT_STD)
+        self.tok_embed = nnx.Param(
+            normal(rngs.params(), (v, d), jnp.float32), out_sharding=("vocab", "embed")
+        )
+        self.pos_embed = nnx.Param(
+            normal(rngs.params(), (config.seq_len, d), jnp.float32), out_sharding=("seq", "embed")
+        )
+
+        @nnx.split_rngs(splits=config.layers)
+        @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers"})
+        def make_blocks(rngs: nnx.Rngs) -> Block:
+            return Block(config, rngs=rngs)
+
+        self.blocks = make_blocks(rngs)
+        self.ln_f_scale = nnx.Param(jnp.ones((d,), jnp.float32), out_sharding=("embed",))
+        self.ln_f_bias = nnx.Param(jnp.zeros((d,), jnp.float32), out_sharding=("embed",))
+        if not config.tie_embeddings:
+            self.unembed = nnx.Param(
+                normal(rngs.params(), (d, v), jnp.float32), out_sharding=("embed", "vocab")
+            )
+
+    def __call__(self, tokens_BT: jax.Array) -> jax.Array:
+        """Logits ``float32[B, T, vocab]`` for int tokens ``[B, T]`` (``T <= seq_len``)."""
+        return self.unembed_logits(self.run_layers(self.embed(tokens_BT)))
+
+    def embed(self, tokens_BT: jax.Array) -> jax.Array:
+        """Token plus position embedding: the residual stream ``[B, T, D]`` entering block 0."""
+        if tokens_BT.ndim != 2:
+            raise MeshparError(f"GPT: tokens must have shape [batch, seq], got {tokens_BT.shape}")
+        if not jnp.issubdtype(tokens_BT.dtype, jnp.integer):
+            raise MeshparError(f"GPT: tokens must be integers, got dtype {tokens_BT.dtype}")
+        t = tokens_BT.shape[1]
+        if t > self.config.seq_len:
+            raise MeshparError(
+                f"GPT: the sequence has {t} tokens but config.seq_len={self.config.seq_len} "
+                "(the size of the position table); use shorter sequences or a larger seq_len"
+            )
+        table_VD = constrain(self.tok_embed[...], ("vocab", "embed"))
+        pos_SD = constrain(self.pos_embed[...], ("seq", "embed"))
+        x_BTD = jnp.take(table_VD, tokens_BT, axis=0) + pos_SD[:t][None]
+        return constrain(x_BTD, ("batch", "seq", "embed"))
+
+    def run_layers(self, x_BTD: jax.Array) -> jax.Array:
+        """All blocks, as one ``lax.scan`` over the stacked block parameters.
+
+        The scan body is wrapped with the config's remat policy, so under ZeRO-3 each layer's
+        weights are gathered in the forward pass and again in the backward pass, never all kept.
+        """
+        graphdef, stacked = nnx.split(self.blocks)
+
+        def body(carry_BTD: jax.Array, layer_state: Any) -> tuple[jax.Array, None]:
+            block = nnx.merge(graphdef, layer_state)
+            return block(carry_BTD), None
+
+        x_BTD, _ = jax.lax.scan(maybe_remat(body, self.config.remat), x_BTD, stacked)
+        return x_BTD
+
+    def unembed_logits(self, x_BTD: jax.Array) -> jax.Array:
+        """Final LayerNorm and the projection to ``float32`` logits ``[B, T, V]``."""
+        scale = constrain(self.ln_f_scale[...], ("embed",))
+        bias = constrain(self.ln_f_bias[...], ("embed",))
+        h_BTD = _layer_norm(x_BTD, scale, bias)
+        if self.config.tie_embeddings:
+            table_VD = constrain(self.tok_embed[...], ("vocab", "embed"))
+            logits = jnp.einsum("btd,vd->btv", h_BTD, table_VD, preferred_element_type=jnp.float32)
+        else:
+            kernel_DV = constrain(self.unembed[...], ("embed", "vocab"))
+            logits = jnp.einsum("btd,dv->btv", h_BTD, kernel_DV, preferred_element_type=jnp.float32)
+        return constrain(logits.astype(jnp.float32), ("batch", "seq", "vocab"))
+
+
+def lm_loss(model: nnx.Module, batch: Mapping[str, jax.Array]) -> jax.Array:
+    """Mean next-token cross-entropy in float32.
+
+    Args:
+        model: a module mapping int tokens ``[B, T]`` to logits ``[B, T, V]`` (e.g. :class:`GPT`).
+        batch: ``{"inputs": int32[B, T], "targets": int32[B, T]}``.
+
+    Returns:
+        A float32 scalar: the mean over all ``B * T`` target tokens.
+
+    Example:
+        >>> loss = lm_loss(model, TokenBatches(batch_size=4, seq_len=32).batch(0))  # doctest: +SKIP
+    """
+    logits_BTV = model(batch["inputs"]).astype(jnp.float32)
+    losses_BT = optax.softmax_cross_entropy_with_integer_labels(logits_BTV, batch["targets"])
+    return losses_BT.mean()

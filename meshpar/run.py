@@ -1,0 +1,134 @@
+"""``meshpar train``: the built-in GPT on the embedded corpus, with any mesh and strategy."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import sys
+import time
+
+import jax
+import numpy as np
+import optax
+from flax import nnx
+
+from meshpar.data import TokenBatches, load_corpus, unigram_entropy
+from meshpar.errors import MeshparError
+from meshpar.mesh import format_mesh
+from meshpar.models import GPT, lm_loss
+from meshpar.train import TrainConfig, Trainer
+
+
+def make_optimizer(lr: float, steps: int) -> optax.GradientTransformation:
+    """AdamW with linear warm-up and cosine decay, and global-norm clipping at 1.0."""
+    warmup = max(1, min(20, steps // 10))
+    schedule = optax.warmup_cosine_decay_schedule(0.0, lr, warmup, max(steps, warmup + 1), lr * 0.1)
+    return optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(schedule, weight_decay=0.01))
+
+
+def _check_args(args: argparse.Namespace, cfg) -> None:
+    from meshpar.cli import UsageError
+
+    for flag in ("steps", "batch_size", "microbatches"):
+        if getattr(args, flag) < 1:
+            raise UsageError(f"--{flag.replace('_', '-')} {getattr(args, flag)}: must be >= 1")
+    if not args.lr > 0:
+        raise UsageError(f"--lr {args.lr}: must be > 0")
+    if cfg.vocab_size < 256:
+        raise UsageError(
+            f"--vocab-size {cfg.vocab_size}: the embedded corpus is byte-level and needs >= 256"
+        )
+
+
+def train_main(args: argparse.Namespace) -> int:
+    """Run ``meshpar train`` with parsed arguments; returns the exit status."""
+    from meshpar.cli import _layout, _model_config
+
+    cfg = _model_config(args)
+    _check_args(args, cfg)
+    mesh, strategy = _layout(args)
+    seq_len = cfg.seq_len
+    if strategy.sequence_parallel and "tensor" in mesh.shape and seq_len % mesh.shape["tensor"]:
+        raise MeshparError(
+            f"--seq-len {seq_len} is not divisible by tensor={mesh.shape['tensor']}, which "
+            "sequence parallel splits it over; choose a multiple"
+        )
+    for name, size in (("--heads", cfg.heads), ("--mlp-dim", cfg.mlp_dim)):
+        if "tensor" in mesh.shape and size % mesh.shape["tensor"]:
+            raise MeshparError(
+                f"{name} {size} is not divisible by tensor={mesh.shape['tensor']}, which tensor "
+                "parallel splits it over; choose a multiple or a smaller tensor axis"
+            )
+    config = TrainConfig(
+        microbatches=args.microbatches, precision=args.precision,
+        on_nonfinite="skip" if args.skip_nonfinite else "raise",
+    )
+    data = TokenBatches(batch_size=args.batch_size, seq_len=seq_len, seed=args.seed)
+    trainer = Trainer(
+        lambda: GPT(cfg, rngs=nnx.Rngs(args.seed)), make_optimizer(args.lr, args.steps), lm_loss,
+        mesh=mesh, strategy=strategy, config=config,
+    )
+    trainer.check_batch(args.batch_size)
+    main_process = jax.process_index() == 0
+    entropy = unigram_entropy(load_corpus())
+    if main_process:
+        print(
+            f"meshpar train: GPT {cfg.param_count():,} params ({cfg.layers} layers, d={cfg.d_model}),"
+            f" mesh {format_mesh(mesh)} on {jax.device_count()} {jax.devices()[0].platform} "
+            f"devices, strategy {strategy.name} (ZeRO-{strategy.zero_stage}"
+            f"{', SP' if strategy.sequence_parallel else ''}), batch {args.batch_size}x{seq_len}, "
+            f"{args.microbatches} microbatch(es), {args.precision}; corpus unigram entropy "
+            f"{entropy:.3f} nats",
+            flush=True,
+        )
+    metrics_file = open(args.metrics_file, "w") if args.metrics_file and main_process else None
+    bar = None
+    if main_process and not args.no_progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=args.steps, desc="train", unit="step", file=sys.stderr, dynamic_ncols=True)
+    tokens_per_step = args.batch_size * seq_len
+    losses = []
+    start = time.perf_counter()
+    try:
+        for step in range(args.steps):
+            batch = data.batch(step)
+            m = trainer.step(_local_rows(batch))
+            losses.append(m["loss"])
+            record = {
+                "step": step, "loss": m["loss"], "grad_norm": m["grad_norm"],
+                "step_time_s": m["step_time_s"],
+                "tokens_per_s": tokens_per_step / m["step_time_s"], "skipped": m["skipped"],
+            }
+            if metrics_file:
+                metrics_file.write(json.dumps(record) + "\n")
+                metrics_file.flush()
+            if bar is not None:
+                bar.set_postfix(loss=f"{m['loss']:.3f}", tok_s=f"{record['tokens_per_s']:,.0f}")
+                bar.update(1)
+    finally:
+        if bar is not None:
+            bar.close()
+        if metrics_file:
+            metrics_file.close()
+    elapsed = time.perf_counter() - start
+    if main_process:
+        tail = losses[-min(10, len(losses)):]
+        final = float(np.mean(tail))
+        print(
+            f"done: {args.steps} steps in {elapsed:.1f} s; loss {losses[0]:.3f} -> {final:.3f} "
+            f"(mean of last {len(tail)}), {final / entropy:.2f}x the unigram entropy "
+            f"{entropy:.3f}; {tokens_per_step * args.steps / elapsed:,.0f} tokens/s",
+            flush=True,
+        )
+    return 0
+
+
+def _local_rows(batch):
+    """This process's rows of a global host batch (all of it in a single process)."""
+    n, i = jax.process_count(), jax.process_index()
+    if n == 1:
+        return batch
+    return {k: np.array_split(v, n)[i] for k, v in batch.items()}

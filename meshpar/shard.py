@@ -1,0 +1,283 @@
+"""Parameters placed by rules, and created directly in their shardings.
+
+``plan_params`` reads each parameter's logical axes (NNX ``out_sharding`` metadata, Linen
+``LogicallyPartitioned`` names, or a path rule), resolves them through :class:`~meshpar.rules.Rules`
+and returns the shardings together with a :class:`ShardingPlan` that records how every parameter
+was placed. ``init_nnx`` / ``init_linen`` then run the model's own initialiser under ``jax.jit``
+with those ``out_shardings``, so every device only ever materialises its own shard: ``eval_shape``
+→ specs → jit. Values equal an unsharded init with the same seed (JAX's threefry is
+partitionable).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import jax
+import numpy as np
+from flax import linen as nn
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from meshpar.errors import RuleError, UnannotatedParameterError
+from meshpar.rules import LogicalAxes, Resolution, Rules
+
+
+@dataclasses.dataclass(frozen=True)
+class ParamPlacement:
+    """How one parameter (or other state leaf) was placed."""
+
+    path: str
+    shape: tuple[int, ...]
+    dtype: str
+    logical: LogicalAxes | None
+    source: str  # "annotation", "path rule '<regex>'", "unannotated" or "state"
+    resolution: Resolution
+    sharding: NamedSharding
+
+    @property
+    def spec(self) -> PartitionSpec:
+        return self.resolution.spec
+
+    @property
+    def per_device_shape(self) -> tuple[int, ...]:
+        return tuple(self.sharding.shard_shape(self.shape))
+
+    @property
+    def itemsize(self) -> int:
+        return np.dtype(self.dtype).itemsize
+
+    @property
+    def bytes_total(self) -> int:
+        return math.prod(self.shape) * self.itemsize
+
+    @property
+    def bytes_per_device(self) -> int:
+        return math.prod(self.per_device_shape) * self.itemsize
+
+    @property
+    def replicated(self) -> bool:
+        return self.bytes_per_device == self.bytes_total and self.sharding.mesh.size > 1
+
+
+@dataclasses.dataclass(frozen=True)
+class ShardingPlan:
+    """The placement of every leaf of a model's state on one mesh."""
+
+    mesh: Mesh
+    rules: Rules
+    entries: tuple[ParamPlacement, ...]
+
+    @property
+    def fallbacks(self) -> tuple[str, ...]:
+        """Every replication the rules did not ask for: indivisible dims and unannotated params."""
+        out = []
+        for e in self.entries:
+            out += [f"{e.path}: {f} -> replicated" for f in e.resolution.fallbacks]
+            if e.source == "unannotated":
+                out.append(f"{e.path}: no logical axes and no path rule -> replicated")
+        return tuple(out)
+
+    @property
+    def bytes_total(self) -> int:
+        return sum(e.bytes_total for e in self.entries)
+
+    @property
+    def bytes_per_device(self) -> int:
+        return sum(e.bytes_per_device for e in self.entries)
+
+    def __getitem__(self, path: str) -> ParamPlacement:
+        for e in self.entries:
+            if e.path == path:
+                return e
+        raise KeyError(path)
+
+
+def path_str(path: Sequence[Any]) -> str:
+    """``('blocks', 'attn', 'q')`` or a jax key path -> ``"blocks/attn/q"``."""
+    parts = []
+    for key in path:
+        for attr in ("key", "name", "idx"):
+            if hasattr(key, attr):
+                key = getattr(key, attr)
+                break
+        parts.append(str(key))
+    return "/".join(parts)
+
+
+def _place(
+    path: str,
+    shape: tuple[int, ...],
+    dtype: Any,
+    logical: LogicalAxes | None,
+    *,
+    is_param: bool,
+    mesh: Mesh,
+    rules: Rules,
+    skip_axes: Sequence[str],
+) -> ParamPlacement:
+    source = "annotation"
+    if logical is None:
+        match = rules.path_axes(path) if is_param else None
+        if match is not None:
+            rule, logical = match
+            source = f"path rule {rule.pattern!r}"
+        elif not is_param:
+            source = "state"
+        else:
+            if rules.strict:
+                raise UnannotatedParameterError(
+                    f"parameter {path} (shape {shape}) has no logical axes and no path rule "
+                    "matches it; annotate it (nnx.Param(..., out_sharding=(...)) or "
+                    "nn.with_logical_partitioning) or add a path rule, e.g. "
+                    f"Rules.table(..., paths=[({path.split('/')[-1]!r}, {(None,) * len(shape)})])"
+                )
+            source = "unannotated"
+    axes = logical if logical is not None else (None,) * len(shape)
+    if len(axes) != len(shape):
+        raise RuleError(
+            f"parameter {path} has shape {shape} (rank {len(shape)}) but {len(axes)} logical "
+            f"axes {tuple(axes)} ({source})"
+        )
+    resolution = rules.resolve(axes, shape, mesh, name=path, skip_axes=skip_axes)
+    return ParamPlacement(
+        path, shape, np.dtype(dtype).name, logical, source, resolution,
+        NamedSharding(mesh, resolution.spec),
+    )
+
+
+def _nnx_logical(variable: nnx.Variable) -> LogicalAxes | None:
+    meta = variable.get_metadata()
+    # 'out_sharding' is the current key; the two older ones still work in flax 0.12 with a warning.
+    for key in ("out_sharding", "sharding_names", "sharding"):
+        names = meta.get(key)
+        if names is not None:
+            return tuple(names)
+    return None
+
+
+def plan_nnx_state(
+    state: nnx.State, /, *, mesh: Mesh, rules: Rules, skip_axes: Sequence[str] = ()
+) -> tuple[nnx.State, ShardingPlan]:
+    """Shardings for an (abstract) NNX state, and the plan that explains them.
+
+    Returns:
+        ``(shardings, plan)``: ``shardings`` has the structure of ``state`` with a
+        ``NamedSharding`` in place of each array, ready for ``jax.jit(out_shardings=...)``.
+
+    Example:
+        >>> graphdef, state = nnx.split(nnx.eval_shape(make_model))
+        >>> shardings, plan = plan_nnx_state(state, mesh=mesh, rules=rules)
+    """
+    rules.validate(mesh)
+    entries: list[ParamPlacement] = []
+
+    def one(path, variable):
+        value = variable.get_value()
+        entry = _place(
+            path_str(path), tuple(value.shape), value.dtype, _nnx_logical(variable),
+            is_param=isinstance(variable, nnx.Param), mesh=mesh, rules=rules, skip_axes=skip_axes,
+        )
+        entries.append(entry)
+        return variable.replace(entry.sharding)
+
+    shardings = jax.tree_util.tree_map_with_path(
+        one, state, is_leaf=lambda x: isinstance(x, nnx.Variable)
+    )
+    return shardings, ShardingPlan(mesh, rules, tuple(entries))
+
+
+def init_nnx(
+    factory: Callable[[], nnx.Module], /, *, mesh: Mesh, rules: Rules
+) -> tuple[nnx.Module, ShardingPlan]:
+    """Build an NNX module with every variable created directly in its sharding.
+
+    Args:
+        factory: a no-argument callable that builds the module (it owns its ``nnx.Rngs``).
+        mesh: the device mesh.
+        rules: the parameter rules.
+
+    Returns:
+        ``(model, plan)``: the module holding sharded arrays, and how each was placed.
+
+    Example:
+        >>> model, plan = init_nnx(lambda: GPT(cfg, rngs=nnx.Rngs(0)), mesh=mesh, rules=rules)
+    """
+    with nnx.use_eager_sharding(False):
+        abstract = nnx.eval_shape(factory)
+    graphdef, abstract_state = nnx.split(abstract)
+    shardings, plan = plan_nnx_state(abstract_state, mesh=mesh, rules=rules)
+
+    def build():
+        with nnx.use_eager_sharding(False):
+            return nnx.split(factory())[1]
+
+    state = jax.jit(build, out_shardings=shardings)()
+    return nnx.merge(graphdef, state), plan
+
+
+def plan_linen(
+    boxed: Any, /, *, mesh: Mesh, rules: Rules, skip_axes: Sequence[str] = ()
+) -> tuple[Any, ShardingPlan]:
+    """Shardings for (abstract) Linen variables boxed with ``nn.with_logical_partitioning``.
+
+    Returns:
+        ``(shardings, plan)``, ``shardings`` shaped like the *unboxed* variables.
+    """
+    rules.validate(mesh)
+    entries: list[ParamPlacement] = []
+    is_box = lambda x: isinstance(x, nn.meta.AxisMetadata)  # noqa: E731
+
+    def one(path, leaf):
+        names = tuple(leaf.names) if isinstance(leaf, nn.Partitioned) else None
+        value = leaf.unbox() if is_box(leaf) else leaf
+        collection = path_str(path[:1])
+        entry = _place(
+            path_str(path), tuple(value.shape), value.dtype, names,
+            is_param=collection == "params", mesh=mesh, rules=rules, skip_axes=skip_axes,
+        )
+        entries.append(entry)
+        return entry.sharding
+
+    shardings = jax.tree_util.tree_map_with_path(one, boxed, is_leaf=is_box)
+    return shardings, ShardingPlan(mesh, rules, tuple(entries))
+
+
+def init_linen(
+    module: nn.Module, rng: jax.Array, /, *args: Any, mesh: Mesh, rules: Rules
+) -> tuple[Any, ShardingPlan]:
+    """Initialise a Linen module with every variable created directly in its sharding.
+
+    Args:
+        module: the Linen module (annotated with ``nn.with_logical_partitioning``).
+        rng: the init PRNG key.
+        *args: example inputs for ``module.init``.
+        mesh: the device mesh (meshpar meshes have Auto axes, which Linen needs).
+        rules: the parameter rules.
+
+    Returns:
+        ``(variables, plan)``: unboxed variables holding sharded arrays, and the plan.
+
+    Example:
+        >>> variables, plan = init_linen(MLP(), jax.random.key(0), x, mesh=mesh, rules=rules)
+    """
+    abstract = jax.eval_shape(module.init, rng, *args)
+    shardings, plan = plan_linen(abstract, mesh=mesh, rules=rules)
+    init = jax.jit(lambda r, *a: nn.meta.unbox(module.init(r, *a)), out_shardings=shardings)
+    return init(rng, *args), plan
+
+
+def abstract_nnx(factory: Callable[[], nnx.Module], /) -> tuple[nnx.GraphDef, nnx.State, nnx.State]:
+    """``nnx.split(model, nnx.Param, ...)`` of the module ``factory`` would build, allocating nothing.
+
+    Returns:
+        ``(graphdef, params, rest)`` with ``jax.ShapeDtypeStruct`` values.
+
+    Example:
+        >>> graphdef, params, rest = abstract_nnx(lambda: GPT(cfg, rngs=nnx.Rngs(0)))
+    """
+    with nnx.use_eager_sharding(False):
+        return nnx.split(nnx.eval_shape(factory), nnx.Param, ...)

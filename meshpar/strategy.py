@@ -1,0 +1,187 @@
+"""Parallel strategies as data: parameter, compute, gradient and optimizer-state rules.
+
+A :class:`Strategy` does not run anything; it turns a mesh into rule tables. Which mesh axes
+exist decides which kinds of parallelism are on, and the strategy's few fields decide how the
+``fsdp`` axis is used:
+
+=========  =====================================================================================
+mesh axis  effect
+=========  =====================================================================================
+``data``   data parallel: the batch is split over it, parameters and optimizer state replicated
+``fsdp``   ZeRO over it: stage 1 shards optimizer state, 2 also gradients (the accumulation
+           buffer lives sharded), 3 also parameters (gathered per layer where they are used).
+           It also splits the batch, as FSDP does.
+``tensor`` Megatron tensor parallel: heads and MLP hidden split column-then-row, vocab split for
+           the (un)embedding; with ``sequence_parallel`` the activations between blocks are split
+           over ``seq`` on the same axis.
+``pipe``   pipeline stages (see :mod:`meshpar.pipeline`); never used by these rules.
+=========  =====================================================================================
+
+Presets are small values: ``dp``, ``zero1``, ``zero2``, ``zero3``, ``tp``, ``tp_sp``, and
+``auto`` (ZeRO-3 over ``fsdp`` if present, TP over ``tensor`` if present, DP over ``data``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Literal
+
+from jax.sharding import Mesh
+
+from meshpar.errors import StrategyError
+from meshpar.rules import MeshAxes, Rules
+
+DATA, FSDP, TENSOR, PIPE = "data", "fsdp", "tensor", "pipe"
+
+# Logical names meshpar's rules know. Models may use others; they are replicated unless the
+# user adds rules for them.
+PARAM_NAMES = ("vocab", "embed", "heads", "head_dim", "mlp", "layers", "seq")
+
+
+@dataclasses.dataclass(frozen=True)
+class Strategy:
+    """How the mesh axes are used.
+
+    Attributes:
+        name: a label for reports.
+        zero_stage: 0 (no ZeRO: DP only over ``fsdp`` too), 1, 2 or 3; acts on the ``fsdp`` axis.
+        sequence_parallel: split activations between blocks over ``seq`` on the ``tensor`` axis.
+        requires: mesh axes this strategy needs (checked by :meth:`check_mesh`).
+        extra_param_rules: user rules tried before the built-in parameter rules.
+        extra_compute_rules: user rules tried before the built-in activation rules.
+
+    Example:
+        >>> strategy = Strategy(zero_stage=3, sequence_parallel=True)
+        >>> strategy.param_rules(make_mesh(fsdp=4, tensor=2)).describe()[:2]
+        ['vocab->tensor', 'heads->tensor']
+    """
+
+    name: str = "custom"
+    zero_stage: Literal[0, 1, 2, 3] = 3
+    sequence_parallel: bool = False
+    requires: tuple[str, ...] = ()
+    extra_param_rules: Rules = Rules()
+    extra_compute_rules: Rules = Rules()
+
+    def __post_init__(self) -> None:
+        if self.zero_stage not in (0, 1, 2, 3):
+            raise StrategyError(f"zero_stage={self.zero_stage!r}; ZeRO stages are 0, 1, 2 and 3")
+
+    # -- mesh checks -------------------------------------------------------------------------
+
+    def check_mesh(self, mesh: Mesh, /) -> None:
+        """Raise :class:`StrategyError` if the mesh lacks an axis this strategy needs."""
+        for axis in self.requires + ((TENSOR,) if self.sequence_parallel else ()):
+            if axis not in mesh.shape:
+                raise StrategyError(
+                    f"strategy {self.name!r} needs a {axis!r} mesh axis, but the mesh has "
+                    f"{dict(mesh.shape)}; add e.g. {axis}=2 to the mesh"
+                )
+
+    @staticmethod
+    def batch_axes(mesh: Mesh, /) -> tuple[str, ...]:
+        """The mesh axes the batch is split over: ``data`` and ``fsdp`` where present."""
+        return tuple(a for a in (DATA, FSDP) if a in mesh.shape)
+
+    # -- rule tables -------------------------------------------------------------------------
+
+    def param_rules(self, mesh: Mesh, /) -> Rules:
+        """Where parameters live."""
+        return self._weights(mesh, shard_fsdp=self.zero_stage >= 3, extra=self.extra_param_rules)
+
+    def optimizer_rules(self, mesh: Mesh, /) -> Rules:
+        """Where optimizer state lives (sharded over ``fsdp`` from ZeRO-1 on)."""
+        return self._weights(mesh, shard_fsdp=self.zero_stage >= 1, extra=self.extra_param_rules)
+
+    def gradient_rules(self, mesh: Mesh, /) -> Rules:
+        """Where gradients and the accumulation buffer live (sharded from ZeRO-2 on)."""
+        return self._weights(mesh, shard_fsdp=self.zero_stage >= 2, extra=self.extra_param_rules)
+
+    def compute_rules(self, mesh: Mesh, /) -> Rules:
+        """How activations, and weights at the moment they are used, are laid out.
+
+        Weights resolved through these rules lose their ``fsdp`` split: a constraint with these
+        rules inside a layer is the ZeRO-3 all-gather.
+        """
+        self.check_mesh(mesh)
+        t = TENSOR in mesh.shape
+        rows: list[tuple[str, MeshAxes]] = []
+        batch = self.batch_axes(mesh)
+        if batch:
+            rows.append(("batch", batch if len(batch) > 1 else batch[0]))
+        if self.sequence_parallel:
+            rows.append(("seq", TENSOR))
+        if t:
+            rows += [("heads", TENSOR), ("mlp", TENSOR), ("vocab", TENSOR)]
+        # Explicit fallbacks: under sequence parallel, a tensor with both 'seq' and 'vocab'
+        # (the logits) keeps the sequence split and replicates the vocabulary.
+        rows += [(name, None) for name in ("seq", "heads", "mlp", "vocab")]
+        return _with_extra(self.extra_compute_rules, Rules.table(rows))
+
+    def _weights(self, mesh: Mesh, *, shard_fsdp: bool, extra: Rules) -> Rules:
+        self.check_mesh(mesh)
+        t = TENSOR in mesh.shape
+        f = shard_fsdp and FSDP in mesh.shape
+        rows: list[tuple[str, MeshAxes]] = []
+        if t:
+            # Megatron: column-parallel in (heads, mlp), row-parallel out, vocab-parallel
+            # (un)embedding. The same names on both matmuls make the pairing automatic.
+            rows += [("vocab", TENSOR), ("heads", TENSOR), ("mlp", TENSOR)]
+        if f:
+            # ZeRO/FSDP: split the model dimension; tensors without one (the MLP bias) split
+            # their mlp dimension instead.
+            rows += [("embed", FSDP), ("mlp", FSDP)]
+        rows += [(name, None) for name in ("embed", "mlp", "heads", "vocab")]
+        return _with_extra(extra, Rules.table(rows))
+
+
+def _with_extra(extra: Rules, base: Rules) -> Rules:
+    # User rules come first, so under first-free semantics they take precedence per name; the
+    # merge raises if the user gave a different rule list for a name the base also maps.
+    if not (extra.logical or extra.paths):
+        return base
+    names = {r.logical for r in extra.logical}
+    base = dataclasses.replace(base, logical=tuple(r for r in base.logical if r.logical not in names))
+    return extra.merge(dataclasses.replace(base, on_indivisible=extra.on_indivisible, strict=extra.strict))
+
+
+PRESETS: dict[str, Strategy] = {
+    "auto": Strategy("auto", zero_stage=3),
+    "dp": Strategy("dp", zero_stage=0),
+    "zero1": Strategy("zero1", zero_stage=1, requires=(FSDP,)),
+    "zero2": Strategy("zero2", zero_stage=2, requires=(FSDP,)),
+    "zero3": Strategy("zero3", zero_stage=3, requires=(FSDP,)),
+    "tp": Strategy("tp", zero_stage=0, requires=(TENSOR,)),
+    "tp_sp": Strategy("tp_sp", zero_stage=0, sequence_parallel=True, requires=(TENSOR,)),
+}
+
+
+def get_strategy(
+    strategy: str | Strategy = "auto", /, *, zero_stage: int | None = None,
+    sequence_parallel: bool | None = None,
+) -> Strategy:
+    """A preset by name (or a Strategy), with optional overrides.
+
+    Raises:
+        StrategyError: unknown preset name or ZeRO stage.
+
+    Example:
+        >>> get_strategy("tp", zero_stage=3).zero_stage
+        3
+    """
+    if isinstance(strategy, str):
+        if strategy not in PRESETS:
+            raise StrategyError(
+                f"unknown strategy {strategy!r}; presets are {', '.join(PRESETS)}"
+            )
+        strategy = PRESETS[strategy]
+    elif not isinstance(strategy, Strategy):
+        raise StrategyError(f"strategy must be a preset name or a Strategy, got {strategy!r}")
+    changes = {}
+    if zero_stage is not None:
+        if zero_stage not in (0, 1, 2, 3):
+            raise StrategyError(f"unknown ZeRO stage {zero_stage!r}; stages are 0, 1, 2 and 3")
+        changes["zero_stage"] = zero_stage
+    if sequence_parallel is not None:
+        changes["sequence_parallel"] = sequence_parallel
+    return dataclasses.replace(strategy, **changes) if changes else strategy

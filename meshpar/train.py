@@ -1,0 +1,340 @@
+"""One jitted train step for any Flax NNX model, any optax optimizer and any strategy.
+
+The step is a single ``jax.jit`` with explicit in/out shardings and the state donated:
+
+* parameters live where :meth:`Strategy.param_rules` says (replicated, or ZeRO-3 sharded);
+* gradients and the accumulation buffer where :meth:`Strategy.gradient_rules` says (ZeRO-2 keeps
+  the buffer sharded: each microbatch's gradient is reduced straight into its shard);
+* optimizer state where :meth:`Strategy.optimizer_rules` says (ZeRO-1 and up shard it), optionally
+  in host memory (``offload_optimizer=True``; on CPU only plumbing and numerics can be checked —
+  XLA lowers memory placement for TPU and GPU only);
+* activations where :meth:`Strategy.compute_rules` says, through :func:`meshpar.constrain` calls in
+  the model, activated inside the traced step.
+
+Microbatches run under ``lax.scan``; each is a strided slice of the global batch (rows ``m, m+M,
+...``) so that no device has to send its rows to another. Mixed precision casts the fp32 master
+parameters to bf16 for the forward and backward passes; gradients, the accumulator and the
+optimizer state stay fp32. A non-finite loss never updates the state: the step either raises
+:class:`TrainingError` naming the step (default) or skips the update and reports it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections.abc import Callable, Mapping
+from typing import Any, Literal
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from meshpar.errors import StrategyError, TrainingError
+from meshpar.layout import activate
+from meshpar.shard import ShardingPlan, abstract_nnx, plan_nnx_state
+from meshpar.strategy import Strategy, get_strategy
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    """Options of the train step.
+
+    Attributes:
+        microbatches: gradient-accumulation steps per optimizer step (``lax.scan``).
+        precision: ``"fp32"``, or ``"bf16"`` for bf16 compute with fp32 parameters, gradients
+            and optimizer state.
+        offload_optimizer: keep optimizer state in ``pinned_host`` memory.
+        on_nonfinite: ``"raise"`` (stop with the step number; the state is left as it was before
+            the step) or ``"skip"`` (drop that update, count it in the metrics).
+        donate: donate the state buffers to the step.
+    """
+
+    microbatches: int = 1
+    precision: Literal["fp32", "bf16"] = "fp32"
+    offload_optimizer: bool = False
+    on_nonfinite: Literal["raise", "skip"] = "raise"
+    donate: bool = True
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.microbatches, int) or self.microbatches < 1:
+            raise StrategyError(f"microbatches={self.microbatches!r}; expected an int >= 1")
+        if self.precision not in ("fp32", "bf16"):
+            raise StrategyError(f"precision={self.precision!r}; expected 'fp32' or 'bf16'")
+        if self.on_nonfinite not in ("raise", "skip"):
+            raise StrategyError(f"on_nonfinite={self.on_nonfinite!r}; expected 'raise' or 'skip'")
+
+
+def _is_var(x: Any) -> bool:
+    return isinstance(x, nnx.Variable)
+
+
+def place_like_params(
+    tree: Any, params_abstract: Any, param_shardings: Any, *, mesh: Mesh, what: str
+) -> Any:
+    """Shardings for a pytree whose array leaves mirror parameters (optimizer state).
+
+    Each leaf is matched to the parameter whose key path is a suffix of the leaf's path and has
+    the same shape; scalars (step counts) are replicated.
+
+    Raises:
+        StrategyError: a non-scalar leaf mirrors no parameter, so it cannot be placed.
+    """
+    by_path: dict[tuple, tuple[tuple[int, ...], NamedSharding]] = {}
+    flat_p, _ = jax.tree_util.tree_flatten_with_path(params_abstract)
+    flat_s = jax.tree_util.tree_leaves(param_shardings)
+    for (path, leaf), sharding in zip(flat_p, flat_s):
+        by_path[tuple(path)] = (tuple(leaf.shape), sharding)
+    replicated = NamedSharding(mesh, PartitionSpec())
+
+    def one(path, leaf):
+        path = tuple(path)
+        for i in range(len(path)):
+            hit = by_path.get(path[i:])
+            if hit is not None and hit[0] == tuple(leaf.shape):
+                return hit[1]
+        if len(leaf.shape) == 0:
+            return replicated
+        raise StrategyError(
+            f"{what} leaf {jax.tree_util.keystr(path)} with shape {tuple(leaf.shape)} mirrors no "
+            "parameter, so the strategy cannot place it; use an optimizer whose state has the "
+            "parameters' structure (optax transformations do) or place it yourself"
+        )
+
+    return jax.tree_util.tree_map_with_path(one, tree)
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class TrainState:
+    """Everything a step reads and writes: a pytree, donated to the step."""
+
+    step: jax.Array
+    params: nnx.State
+    rest: nnx.State  # non-parameter model state (RNG counters, batch stats, ...)
+    opt_state: Any
+
+
+class Trainer:
+    """Trains any Flax NNX module with a strategy on a mesh.
+
+    Args:
+        make_model: no-argument factory of the NNX module (it owns its ``nnx.Rngs``); the
+            module is built directly in its shardings, never whole on one device.
+        tx: any optax optimizer.
+        loss_fn: ``loss_fn(model, batch) -> scalar``.
+        mesh: the device mesh.
+        strategy: a preset name (``"auto"``, ``"dp"``, ``"zero1"``..``"zero3"``, ``"tp"``,
+            ``"tp_sp"``) or a :class:`Strategy`.
+        config: step options (:class:`TrainConfig`).
+
+    Example:
+        >>> trainer = Trainer(lambda: GPT(cfg, rngs=nnx.Rngs(0)), optax.adamw(3e-4), lm_loss,
+        ...                   mesh=make_mesh(data=2, fsdp=2, tensor=2), strategy="zero3")
+        >>> metrics = trainer.step(batch)       # batch: dict of host arrays, global batch
+    """
+
+    def __init__(
+        self,
+        make_model: Callable[[], nnx.Module],
+        tx: optax.GradientTransformation,
+        loss_fn: Callable[[nnx.Module, Any], jax.Array],
+        *,
+        mesh: Mesh,
+        strategy: str | Strategy = "auto",
+        config: TrainConfig = TrainConfig(),
+    ) -> None:
+        self.mesh = mesh
+        self.strategy = get_strategy(strategy)
+        self.strategy.check_mesh(mesh)
+        self.config = config
+        self.tx = tx
+        self.loss_fn = loss_fn
+        self.param_rules = self.strategy.param_rules(mesh)
+        self.compute_rules = self.strategy.compute_rules(mesh)
+
+        self.graphdef, abs_params, abs_rest = abstract_nnx(make_model)
+        param_shardings, self.plan = plan_nnx_state(abs_params, mesh=mesh, rules=self.param_rules)
+        rest_shardings, _ = plan_nnx_state(abs_rest, mesh=mesh, rules=self.param_rules)
+        grad_shardings, self.grad_plan = plan_nnx_state(
+            abs_params, mesh=mesh, rules=self.strategy.gradient_rules(mesh)
+        )
+        opt_param_shardings, self.optimizer_plan = plan_nnx_state(
+            abs_params, mesh=mesh, rules=self.strategy.optimizer_rules(mesh)
+        )
+        abs_opt = jax.eval_shape(tx.init, abs_params)
+        opt_shardings = place_like_params(
+            abs_opt, abs_params, opt_param_shardings, mesh=mesh, what="optimizer state"
+        )
+        if config.offload_optimizer:
+            opt_shardings = jax.tree.map(lambda s: s.with_memory_kind("pinned_host"), opt_shardings)
+        self._grad_shardings = grad_shardings
+        self._opt_device_shardings = jax.tree.map(
+            lambda s: s.with_memory_kind("device"), opt_shardings
+        )
+        replicated = NamedSharding(mesh, PartitionSpec())
+        self.state_shardings = TrainState(replicated, param_shardings, rest_shardings, opt_shardings)
+        self.batch_axes = self.strategy.batch_axes(mesh)
+        self._batch_spec = PartitionSpec(self.batch_axes if self.batch_axes else None)
+
+        def init():
+            with nnx.use_eager_sharding(False):
+                _, params, rest = nnx.split(make_model(), nnx.Param, ...)
+            opt_state = tx.init(params)
+            return TrainState(jnp.zeros((), jnp.int32), params, rest, opt_state)
+
+        self.state: TrainState = jax.jit(init, out_shardings=self.state_shardings)()
+        self._jitted = jax.jit(
+            self._step_fn,
+            in_shardings=(self.state_shardings, None),
+            out_shardings=(self.state_shardings, replicated),
+            donate_argnums=(0,) if config.donate else (),
+        )
+        self._batch_shardings: Any = None
+
+    # -- the step ------------------------------------------------------------------------------
+
+    def _loss(self, params, rest, batch):
+        if self.config.precision == "bf16":
+            params = jax.tree.map(
+                lambda x: x.astype(jnp.bfloat16) if jnp.issubdtype(x.dtype, jnp.floating) else x,
+                params,
+            )
+        model = nnx.merge(self.graphdef, params, rest)
+        loss = self.loss_fn(model, batch)
+        new_rest = nnx.state(model, nnx.Not(nnx.Param))
+        return jnp.asarray(loss, jnp.float32), new_rest
+
+    def _constrain_grads(self, grads):
+        return jax.lax.with_sharding_constraint(grads, self._grad_shardings)
+
+    def _step_fn(self, state: TrainState, batch):
+        m = self.config.microbatches
+        grad_fn = jax.value_and_grad(self._loss, has_aux=True)
+        with activate(self.mesh, self.compute_rules):
+            if m == 1:
+                (loss, rest), grads = grad_fn(state.params, state.rest, batch)
+                grads = self._constrain_grads(grads)
+            else:
+                # Microbatch k takes rows k, k+M, k+2M, ...: every device keeps its own rows.
+                micro = jax.tree.map(
+                    lambda x: jnp.swapaxes(x.reshape(x.shape[0] // m, m, *x.shape[1:]), 0, 1), batch
+                )
+                micro = jax.tree.map(
+                    lambda x: jax.lax.with_sharding_constraint(
+                        x, NamedSharding(self.mesh, PartitionSpec(None, *self._batch_spec))
+                    ),
+                    micro,
+                )
+                zeros = self._constrain_grads(
+                    jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), state.params)
+                )
+
+                def body(carry, mb):
+                    acc, loss_sum, rest = carry
+                    (loss, rest), grads = grad_fn(state.params, rest, mb)
+                    acc = self._constrain_grads(
+                        jax.tree.map(lambda a, g: a + g.astype(jnp.float32), acc, grads)
+                    )
+                    return (acc, loss_sum + loss, rest), None
+
+                (acc, loss_sum, rest), _ = jax.lax.scan(
+                    body, (zeros, jnp.zeros((), jnp.float32), state.rest), micro
+                )
+                grads = jax.tree.map(lambda a: a / m, acc)
+                loss = loss_sum / m
+            opt_state = state.opt_state
+            if self.config.offload_optimizer:
+                opt_state = jax.device_put(opt_state, self._opt_device_shardings)
+            updates, new_opt = self.tx.update(grads, opt_state, state.params)
+            new_params = optax.apply_updates(state.params, updates)
+            finite = jnp.isfinite(loss)
+            keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)  # noqa: E731
+            new_state = TrainState(
+                state.step + finite.astype(jnp.int32),
+                keep(new_params, state.params),
+                keep(rest, state.rest),
+                keep(new_opt, opt_state),
+            )
+            metrics = {
+                "loss": loss,
+                "grad_norm": optax.global_norm(grads),
+                "finite": finite,
+            }
+        return new_state, metrics
+
+    # -- host side -----------------------------------------------------------------------------
+
+    def batch_sharding(self, ndim: int) -> NamedSharding:
+        """The sharding of a batch leaf: leading dim over the batch axes (``data``, ``fsdp``)."""
+        return NamedSharding(self.mesh, PartitionSpec(*self._batch_spec, *([None] * (ndim - 1))))
+
+    def check_batch(self, global_batch_size: int) -> None:
+        """Raise :class:`StrategyError` if the batch does not divide over devices × microbatches."""
+        ways = int(np.prod([self.mesh.shape[a] for a in self.batch_axes])) if self.batch_axes else 1
+        need = ways * self.config.microbatches
+        if global_batch_size % need:
+            axes = " x ".join(f"{a}={self.mesh.shape[a]}" for a in self.batch_axes) or "no batch axes"
+            raise StrategyError(
+                f"global batch size {global_batch_size} is not divisible by the batch-sharding "
+                f"axes ({axes}) times microbatches={self.config.microbatches} = {need}; use a "
+                f"batch size that is a multiple of {need}"
+            )
+
+    def place_batch(self, batch: Mapping[str, Any]) -> Any:
+        """Put a host batch onto the mesh with its sharding.
+
+        ``batch`` holds this process's rows (the whole global batch in a single process), as
+        ``jax.make_array_from_process_local_data`` expects, so the same call works with several
+        processes.
+        """
+        leaves = jax.tree.leaves(batch)
+        if not leaves:
+            raise StrategyError("the batch is empty")
+        global_rows = leaves[0].shape[0] * jax.process_count()
+        self.check_batch(global_rows)
+
+        def one(x):
+            x = np.asarray(x)
+            sharding = self.batch_sharding(x.ndim)
+            return jax.make_array_from_process_local_data(
+                sharding, x, (x.shape[0] * jax.process_count(), *x.shape[1:])
+            )
+
+        return jax.tree.map(one, batch)
+
+    def step(self, batch: Mapping[str, Any]) -> dict[str, float]:
+        """Run one optimizer step on a host batch and return its metrics as floats.
+
+        Raises:
+            TrainingError: the loss is NaN/Inf (unless ``on_nonfinite="skip"``); the state is
+                unchanged.
+        """
+        step = int(self.state.step)
+        placed = self.place_batch(batch)
+        start = time.perf_counter()
+        self.state, metrics = self._jitted(self.state, placed)
+        metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
+        metrics["step_time_s"] = time.perf_counter() - start
+        metrics["skipped"] = not metrics.pop("finite")
+        if metrics["skipped"] and self.config.on_nonfinite == "raise":
+            raise TrainingError(
+                f"non-finite loss ({metrics['loss']}) at step {step}; the update was not applied "
+                "and the state is that of before the step. Lower the learning rate, use fp32, or "
+                "pass on_nonfinite='skip' to drop such updates"
+            )
+        return metrics
+
+    def lower(self, batch: Mapping[str, Any]):
+        """The lowered step for a host batch (``.compile()`` it to read the compiled program)."""
+        return self._jitted.lower(self.state, self.place_batch(batch))
+
+    def model(self) -> nnx.Module:
+        """The current model (sharded arrays), e.g. for evaluation."""
+        return nnx.merge(self.graphdef, self.state.params, self.state.rest)
+
+    @property
+    def params_plan(self) -> ShardingPlan:
+        return self.plan

@@ -1,0 +1,266 @@
+"""The built-in GPT: parameter counts and annotations, numerics, scan/remat, and a sharded run."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from meshpar.errors import MeshparError, StrategyError
+from meshpar.layout import activate
+from meshpar.mesh import make_mesh
+from meshpar.models import GPT, PRESETS, GPTConfig, get_preset, lm_loss
+from meshpar.remat import REMAT_POLICIES, maybe_remat, remat_policy
+from meshpar.rules import Rules
+
+TINY = get_preset("tiny")
+
+
+def build(config: GPTConfig, seed: int = 0) -> GPT:
+    with nnx.use_eager_sharding(False):
+        return GPT(config, rngs=nnx.Rngs(seed))
+
+
+@jax.jit
+def _apply(graphdef, state, tokens):
+    return nnx.merge(graphdef, state)(tokens)
+
+
+def forward(model: nnx.Module, tokens: jax.Array) -> jax.Array:
+    """The model's logits, jitted (eager NNX forward passes are slow to dispatch)."""
+    return _apply(*nnx.split(model), tokens)
+
+
+def abstract(config: GPTConfig) -> GPT:
+    with nnx.use_eager_sharding(False):
+        return nnx.eval_shape(lambda: GPT(config, rngs=nnx.Rngs(0)))
+
+
+def real_count(model: nnx.Module) -> int:
+    return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
+
+
+def random_batch(batch: int, seq: int, seed: int = 0) -> dict[str, jax.Array]:
+    tokens = np.random.default_rng(seed).integers(0, 256, (batch, seq + 1))
+    return {"inputs": jnp.asarray(tokens[:, :-1], jnp.int32),
+            "targets": jnp.asarray(tokens[:, 1:], jnp.int32)}
+
+
+@pytest.fixture(scope="module")
+def tiny() -> GPT:
+    return build(TINY)
+
+
+# -- config ----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", sorted(PRESETS))
+def test_preset_param_count_matches_model(name):
+    config = PRESETS[name]
+    model = abstract(config)  # nothing allocated
+    assert all(isinstance(x, jax.ShapeDtypeStruct)
+               for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
+    assert real_count(model) == config.param_count()
+
+
+def test_20m_preset_size():
+    assert 18e6 < get_preset("20m").param_count() < 21e6
+
+
+def test_untied_param_counts():
+    config = TINY.replace(tie_embeddings=False, head_dim=8)
+    model = abstract(config)
+    assert real_count(model) == config.param_count()
+    assert config.param_count() == TINY.replace(head_dim=8).param_count() + 64 * 256
+    # The unembedding counts once either way; the position table and norms never.
+    assert config.matmul_param_count() == TINY.replace(head_dim=8).matmul_param_count()
+    d, m, l = 64, 256, 2
+    assert TINY.matmul_param_count() == l * (4 * d * d + 2 * d * m) + d * 256
+
+
+@pytest.mark.parametrize(
+    "changes, error, match",
+    [
+        (dict(vocab_size=0), MeshparError, r"vocab_size=0 must be a positive int"),
+        (dict(layers=2.5), MeshparError, r"layers=2.5 must be a positive int"),
+        (dict(heads=True), MeshparError, r"heads=True must be a positive int"),
+        (dict(heads=3), MeshparError, r"d_model=64 is not divisible by heads=3"),
+        (dict(head_dim=0), MeshparError, r"head_dim=0 must be a positive int"),
+        (dict(tie_embeddings="yes"), MeshparError, r"tie_embeddings='yes' must be a bool"),
+        (dict(remat="sometimes"), StrategyError, r"GPTConfig.remat='sometimes'.*'full'"),
+    ],
+)
+def test_config_errors(changes, error, match):
+    with pytest.raises(error, match=match):
+        TINY.replace(**changes)
+
+
+def test_explicit_head_dim_allows_indivisible_heads():
+    config = TINY.replace(heads=3, head_dim=16)
+    assert config.head_size == 16 and TINY.head_size == 16
+
+
+def test_get_preset():
+    assert get_preset("small", remat="none").remat == "none"
+    with pytest.raises(MeshparError, match=r"unknown GPT preset 'huge'.*'tiny'.*'20m'"):
+        get_preset("huge")
+
+
+# -- remat -------------------------------------------------------------------------------------
+
+
+def test_remat_policy_names():
+    assert REMAT_POLICIES == ("none", "full", "dots", "dots_no_batch", "offload")
+    assert remat_policy("none") is None
+    assert remat_policy("full") is jax.checkpoint_policies.nothing_saveable
+    assert remat_policy("dots") is jax.checkpoint_policies.checkpoint_dots
+    assert remat_policy("dots_no_batch") is jax.checkpoint_policies.dots_with_no_batch_dims_saveable
+    assert callable(remat_policy("offload"))
+    fn = lambda x: x  # noqa: E731
+    assert maybe_remat(fn, "none") is fn
+    with pytest.raises(StrategyError, match=r"remat='bogus'.*'none', 'full', 'dots'"):
+        remat_policy("bogus")
+    with pytest.raises(StrategyError, match="bogus"):
+        maybe_remat(fn, "bogus")
+
+
+# -- annotations -----------------------------------------------------------------------------
+
+
+def test_every_param_has_logical_axes(tiny):
+    flat = nnx.to_flat_state(nnx.state(tiny, nnx.Param))
+    assert len(flat) == 16  # 2 embeddings, 12 stacked block params, final norm
+    allowed = {"batch", "seq", "embed", "heads", "head_dim", "mlp", "vocab", "layers"}
+    for path, var in flat:
+        axes = var.get_metadata()["out_sharding"]
+        assert len(axes) == var.get_value().ndim, path
+        assert set(axes) <= allowed, (path, axes)
+        assert (axes[0] == "layers") == (path[0] == "blocks"), (path, axes)
+        if path[0] == "blocks":
+            assert var.get_value().shape[0] == TINY.layers
+    axes = {"/".join(map(str, p)): v.get_metadata()["out_sharding"] for p, v in flat}
+    assert axes["blocks/wq"] == ("layers", "embed", "heads", "head_dim")
+    assert axes["blocks/wo"] == ("layers", "heads", "head_dim", "embed")
+    assert axes["blocks/w_in"] == ("layers", "embed", "mlp")
+    assert axes["tok_embed"] == ("vocab", "embed")
+    assert axes["pos_embed"] == ("seq", "embed")
+
+
+# -- forward numerics ------------------------------------------------------------------------
+
+
+def test_logits_shape_dtype_and_short_sequences(tiny):
+    for seq in (TINY.seq_len, 5):
+        logits = forward(tiny, random_batch(2, seq)["inputs"])
+        assert logits.shape == (2, seq, 256) and logits.dtype == jnp.float32
+        assert bool(jnp.isfinite(logits).all())
+    with pytest.raises(MeshparError, match=r"33 tokens but config.seq_len=32"):
+        tiny(jnp.zeros((1, 33), jnp.int32))
+
+
+def test_causality(tiny):
+    tokens = random_batch(2, 16)["inputs"]
+    t = 9
+    changed = tokens.at[:, t].set((tokens[:, t] + 1) % 256)
+    a, b = forward(tiny, tokens), forward(tiny, changed)
+    np.testing.assert_allclose(a[:, :t], b[:, :t], rtol=0, atol=1e-6)
+    assert float(jnp.abs(a[:, t:] - b[:, t:]).max()) > 1e-4
+
+
+def test_loss_at_init_is_near_uniform(tiny):
+    graphdef, state = nnx.split(tiny)
+    batch = random_batch(4, 32)
+    loss = jax.jit(lambda s: lm_loss(nnx.merge(graphdef, s), batch))(state)
+    assert loss.dtype == jnp.float32 and loss.shape == ()
+    assert abs(float(loss) - np.log(256)) < 0.1
+
+
+def test_bf16_params_give_float32_logits(tiny):
+    graphdef, state = nnx.split(tiny)
+    state16 = jax.tree.map(lambda x: x.astype(jnp.bfloat16), state)
+    tokens = random_batch(2, 16)["inputs"]
+    logits = _apply(graphdef, state16, tokens)
+    assert logits.dtype == jnp.float32
+    # Matmuls ran in bf16 (the parameters' dtype), not silently promoted to float32.
+    jaxpr = str(jax.make_jaxpr(lambda s: nnx.merge(graphdef, s)(tokens))(state16))
+    assert "bf16[2,16,4,16] = dot_general" in jaxpr
+    np.testing.assert_allclose(logits, forward(tiny, tokens), atol=0.05)
+
+
+def test_untied_model_runs():
+    config = TINY.replace(tie_embeddings=False, layers=1)
+
+    @jax.jit
+    def init_and_apply(tokens):  # built inside jit: one compile instead of one per initializer
+        with nnx.use_eager_sharding(False):
+            return GPT(config, rngs=nnx.Rngs(0))(tokens)
+
+    logits = init_and_apply(random_batch(1, 8)["inputs"])
+    assert logits.shape == (1, 8, 256) and bool(jnp.isfinite(logits).all())
+
+
+# -- scan and remat --------------------------------------------------------------------------
+
+
+def lowered_forward_text(config: GPTConfig) -> str:
+    graphdef, state = nnx.split(abstract(config))
+    tokens = jax.ShapeDtypeStruct((2, config.seq_len), jnp.int32)
+    return jax.jit(lambda s, t: nnx.merge(graphdef, s)(t)).lower(state, tokens).as_text()
+
+
+def test_layers_run_in_a_scan_and_hlo_is_flat_in_depth():
+    two = lowered_forward_text(TINY.replace(layers=2))
+    eight = lowered_forward_text(TINY.replace(layers=8))
+    assert "stablehlo.while" in two
+    assert len(eight) / len(two) < 1.5
+
+
+def loss_and_grads(config: GPTConfig, batch):
+    graphdef, state = nnx.split(build(config))
+
+    @jax.jit
+    def fn(state):
+        return jax.value_and_grad(lambda s: lm_loss(nnx.merge(graphdef, s), batch))(state)
+
+    return fn(state)
+
+
+def test_remat_policies_agree():
+    batch = random_batch(4, 16)
+    ref_loss, ref_grads = loss_and_grads(TINY.replace(remat="none"), batch)
+    for name in ("full", "dots", "offload"):
+        loss, grads = loss_and_grads(TINY.replace(remat=name), batch)
+        np.testing.assert_allclose(loss, ref_loss, rtol=1e-6)
+        jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-9),
+                     grads, ref_grads)
+
+
+# -- under a layout --------------------------------------------------------------------------
+
+
+def test_sharded_loss_matches_unsharded(tiny):
+    mesh = make_mesh(data=2, fsdp=2, tensor=2)
+    rules = Rules.table([("batch", ("data", "fsdp")), ("heads", "tensor"), ("mlp", "tensor"),
+                         ("vocab", "tensor")])
+    graphdef, state = nnx.split(tiny)
+    batch = random_batch(8, 32)
+
+    def loss(state, batch, sharded):
+        model = nnx.merge(graphdef, state)
+        if not sharded:
+            return lm_loss(model, batch)
+        with activate(mesh, rules):
+            return lm_loss(model, batch)
+
+    grad = lambda sharded: jax.jit(  # noqa: E731
+        jax.value_and_grad(lambda s, b: loss(s, b, sharded)))
+    ref_loss, ref_grads = grad(False)(state, batch)
+    compiled = grad(True).lower(state, batch).compile()
+    sharded_loss, sharded_grads = compiled(state, batch)
+    np.testing.assert_allclose(sharded_loss, ref_loss, rtol=1e-5)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6),
+                 sharded_grads, ref_grads)
+    # The constraints took effect: the partitioned program communicates.
+    assert "all-reduce" in compiled.as_text()

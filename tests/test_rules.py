@@ -1,0 +1,115 @@
+"""Rule resolution: first-free-axis semantics, tuples, regex rules, conflicts and errors."""
+
+import pytest
+from jax.sharding import PartitionSpec as P
+
+import meshpar as mp
+from meshpar.rules import Rules
+
+
+@pytest.fixture(scope="module")
+def mesh():
+    return mp.make_mesh(data=2, fsdp=2, tensor=2)
+
+
+def test_first_rule_whose_axes_are_free_wins(mesh):
+    rules = Rules.table([("embed", "fsdp"), ("mlp", "fsdp"), ("mlp", "tensor")])
+    # embed takes fsdp first, so mlp falls through to its second rule, whatever the dim order.
+    assert rules.resolve(("embed", "mlp"), (8, 8), mesh).spec == P("fsdp", "tensor")
+    assert rules.resolve(("mlp", "embed"), (8, 8), mesh).spec == P("tensor", "fsdp")
+    # Without an embed dimension, mlp gets its first choice.
+    assert rules.resolve(("mlp",), (8,), mesh).spec == P("fsdp")
+
+
+def test_table_order_is_priority_and_none_is_an_explicit_fallback(mesh):
+    rules = Rules.table([("embed", "fsdp"), ("mlp", "fsdp"), ("mlp", None)])
+    res = rules.resolve(("mlp", "embed"), (8, 8), mesh)
+    assert res.spec == P(None, "fsdp")
+    assert res.dims[0].rule == "mlp->replicated"
+    assert res.rules_text == "mlp->replicated, embed->fsdp"
+
+
+def test_tuple_rules_split_over_the_product(mesh):
+    rules = Rules.table([("batch", ("data", "fsdp")), ("embed", "tensor")])
+    res = rules.resolve(("batch", None, "embed"), (8, 3, 4), mesh)
+    assert res.spec == P(("data", "fsdp"), None, "tensor")
+
+
+def test_names_without_rules_are_replicated(mesh):
+    res = Rules.table([("embed", "tensor")]).resolve(("head_dim", "embed"), (3, 4), mesh)
+    assert res.spec == P(None, "tensor")
+    assert res.rules_text == "embed->tensor"
+
+
+def test_two_dims_needing_the_same_axis_raise(mesh):
+    rules = Rules.table([("embed", "fsdp"), ("mlp", "fsdp")])
+    with pytest.raises(mp.RuleConflictError,
+                       match=r"w \(shape \(8, 8\)\): dimension 1 \('mlp'\) .* 'fsdp' is already used by 'embed'"):
+        rules.resolve(("embed", "mlp"), (8, 8), mesh, name="w")
+
+
+def test_indivisible_names_path_shape_dim_axis_and_size(mesh):
+    rules = Rules.table([("mlp", ("fsdp", "tensor"))])
+    with pytest.raises(
+        mp.IndivisibleError,
+        match=r"blocks/w_in \(shape \(4, 6\)\): dimension 1 \('mlp', size 6\) is not divisible "
+              r"by mesh axes \('fsdp', 'tensor'\) of size 4 \(fsdp=2 x tensor=2\)\. Fix:",
+    ):
+        rules.resolve((None, "mlp"), (4, 6), mesh, name="blocks/w_in")
+
+
+def test_indivisible_replicate_is_opt_in_and_recorded(mesh):
+    rules = Rules.table([("mlp", "tensor")], on_indivisible="replicate")
+    res = rules.resolve(("mlp",), (3,), mesh, name="b")
+    assert res.spec == P()
+    assert len(res.fallbacks) == 1 and "not divisible" in res.fallbacks[0]
+
+
+def test_rule_naming_unknown_mesh_axis(mesh):
+    rules = Rules.table([("embed", "expert")])
+    with pytest.raises(mp.RuleError, match=r"names mesh axis 'expert', but the mesh has axes"):
+        rules.validate(mesh)
+    with pytest.raises(mp.RuleError, match=r"names mesh axis 'expert'"):
+        rules.resolve(("embed",), (8,), mesh)
+
+
+def test_wrong_rank(mesh):
+    with pytest.raises(mp.RuleError, match=r"2 logical axes .* rank 1"):
+        Rules.table().resolve(("a", "b"), (4,), mesh, name="x")
+
+
+def test_malformed_rules():
+    with pytest.raises(mp.RuleError, match=r"not a \(logical_name, mesh_axes\) pair"):
+        Rules.table([("embed",)])
+    with pytest.raises(mp.RuleError, match=r"repeat an axis"):
+        Rules.table([("embed", ("fsdp", "fsdp"))])
+    with pytest.raises(mp.RuleError, match=r"not a valid regex"):
+        Rules.table(paths=[("(", ("embed",))])
+    with pytest.raises(mp.RuleError, match=r"on_indivisible='x'"):
+        Rules(on_indivisible="x")
+
+
+def test_merge_keeps_order_and_detects_conflicts():
+    a = Rules.table([("embed", "fsdp"), ("embed", None)])
+    b = Rules.table([("embed", "fsdp"), ("embed", None), ("mlp", "tensor")])
+    merged = a.merge(b)
+    assert [str(r) for r in merged.logical] == ["embed->fsdp", "embed->replicated", "mlp->tensor"]
+    with pytest.raises(mp.RuleConflictError, match=r"disagree on logical axis 'embed'"):
+        a.merge(Rules.table([("embed", "tensor")]))
+    with pytest.raises(mp.RuleConflictError, match=r"disagree on path rule 'k'"):
+        Rules.table(paths=[("k", ("embed",))]).merge(Rules.table(paths=[("k", ("mlp",))]))
+    with pytest.raises(mp.RuleConflictError, match=r"disagree on options"):
+        a.merge(Rules.table(strict=True))
+
+
+def test_path_rules_first_match_wins():
+    rules = Rules.table(paths=[(r"attn/.*kernel$", ("embed", "heads")), (r"kernel$", ("embed", "mlp"))])
+    assert rules.path_axes("layer0/attn/q/kernel")[1] == ("embed", "heads")
+    assert rules.path_axes("layer0/mlp/kernel")[1] == ("embed", "mlp")
+    assert rules.path_axes("layer0/mlp/bias") is None
+
+
+def test_skip_axes_treats_manual_axes_as_taken():
+    mesh = mp.make_mesh(pipe=2, data=4)
+    rules = Rules.table([("batch", "pipe"), ("batch", "data")])
+    assert rules.resolve(("batch",), (8,), mesh, skip_axes=("pipe",)).spec == P("data")
