@@ -232,8 +232,9 @@ class Rules:
             shape: the tensor's global shape.
             mesh: the mesh the spec is for.
             name: the tensor's name (parameter path), used in error messages.
-            skip_axes: mesh axes not to use (e.g. the manual ``pipe`` axis inside a pipeline
-                stage); rules mapping to them are treated as taken.
+            skip_axes: mesh axes that are manual in the current ``shard_map`` (the pipeline's
+                ``pipe``, the batch axes of a gradient-accumulation loop): a dimension is already
+                local along them, so they are dropped from every rule's mesh axes.
 
         Raises:
             RuleError: wrong number of logical axes, or a rule naming an axis not in the mesh.
@@ -249,11 +250,14 @@ class Rules:
                 f"{len(shape)} (shape {shape})"
             )
         by_name = self._by_name()
-        used: dict[str, str | None] = {axis: "(reserved)" for axis in skip_axes}
+        skip = frozenset(skip_axes)
+        used: dict[str, str | None] = {}
         chosen: dict[int, DimResolution] = {}
         # Rule-major: the table order is the priority order across the whole tensor, so a rule
         # placed earlier claims its mesh axes before a later rule for another dimension does.
         for rule in self.logical:
+            if skip & set(rule.mesh_axes):
+                rule = Rule(rule.logical, tuple(a for a in rule.mesh_axes if a not in skip))
             for dim, (logical, size) in enumerate(zip(logical_axes, shape)):
                 if logical != rule.logical or dim in chosen:
                     continue

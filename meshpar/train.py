@@ -192,7 +192,11 @@ class Trainer:
             out_shardings=(self.state_shardings, replicated),
             donate_argnums=(0,) if config.donate else (),
         )
-        self._batch_shardings: Any = None
+        self._jitted_grads = jax.jit(
+            self._grads_fn,
+            in_shardings=(self.state_shardings, None),
+            out_shardings=(replicated, grad_shardings),
+        )
 
     # -- the step ------------------------------------------------------------------------------
 
@@ -210,41 +214,83 @@ class Trainer:
     def _constrain_grads(self, grads):
         return jax.lax.with_sharding_constraint(grads, self._grad_shardings)
 
-    def _step_fn(self, state: TrainState, batch):
+    def _loss_and_grads(self, state: TrainState, batch):
+        """Mean loss and gradients over the microbatches, gradients in their strategy layout."""
         m = self.config.microbatches
         grad_fn = jax.value_and_grad(self._loss, has_aux=True)
+        if m == 1:
+            (loss, rest), grads = grad_fn(state.params, state.rest, batch)
+            return loss, self._constrain_grads(grads), rest
+        # Microbatch k takes rows k, k+M, k+2M, ...: every device keeps its own rows.
+        micro_spec = NamedSharding(self.mesh, PartitionSpec(None, *self._batch_spec))
+        micro = jax.tree.map(
+            lambda x: jax.lax.with_sharding_constraint(
+                jnp.swapaxes(x.reshape(x.shape[0] // m, m, *x.shape[1:]), 0, 1), micro_spec
+            ),
+            batch,
+        )
+        zeros = self._constrain_grads(
+            jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), state.params)
+        )
+
+        def body(carry, mb):
+            acc, loss_sum, rest = carry
+            (loss, rest), grads = grad_fn(state.params, rest, mb)
+            # Under ZeRO-2 the constraint makes each microbatch's gradient land in its shard.
+            acc = self._constrain_grads(jax.tree.map(lambda a, g: a + g.astype(jnp.float32), acc, grads))
+            return (acc, loss_sum + loss, rest), None
+
+        if self.strategy.zero_stage <= 1 and self.batch_axes:
+            return self._accumulate_locally(state, micro, body)
+        (acc, loss_sum, rest), _ = jax.lax.scan(
+            body, (zeros, jnp.zeros((), jnp.float32), state.rest), micro
+        )
+        return loss_sum / m, jax.tree.map(lambda a: a / m, acc), rest
+
+    def _accumulate_locally(self, state: TrainState, micro, body):
+        """DP / ZeRO-1 accumulation: sum local gradients, reduce once after the loop.
+
+        Under GSPMD a replicated accumulator forces an all-reduce of every microbatch's
+        gradient inside the loop (M times the traffic). Here the loop runs inside a
+        ``shard_map`` that is manual over the batch axes: the parameters are cast to *varying*
+        before the loop, so their gradients stay per-device partial sums (no collective in the
+        transpose), and one ``pmean`` after the loop reduces them.
+        """
+        m = self.config.microbatches
+        axes = self.batch_axes
+
+        def local(params, rest, micro):
+            varying = lambda t: jax.tree.map(lambda x: jax.lax.pcast(x, axes, to="varying"), t)  # noqa: E731
+            params = varying(params)
+            zeros = varying(jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params))
+            loss0 = varying(jnp.zeros((), jnp.float32))
+
+            def local_body(carry, mb):
+                acc, loss_sum, rest = carry
+                (loss, rest), grads = jax.value_and_grad(self._loss, has_aux=True)(params, rest, mb)
+                acc = jax.tree.map(lambda a, g: a + g.astype(jnp.float32), acc, grads)
+                return (acc, loss_sum + loss, rest), None
+
+            (acc, loss_sum, rest), _ = jax.lax.scan(local_body, (zeros, loss0, rest), micro)
+            return jax.lax.pmean(loss_sum / m, axes), jax.lax.pmean(jax.tree.map(lambda a: a / m, acc), axes), rest
+
+        loss, grads, rest = jax.shard_map(
+            local,
+            mesh=self.mesh,
+            in_specs=(PartitionSpec(), PartitionSpec(), PartitionSpec(None, axes)),
+            out_specs=(PartitionSpec(), PartitionSpec(), PartitionSpec()),
+            axis_names=set(axes),
+        )(state.params, state.rest, micro)
+        return loss, self._constrain_grads(grads), rest
+
+    def _grads_fn(self, state: TrainState, batch):
         with activate(self.mesh, self.compute_rules):
-            if m == 1:
-                (loss, rest), grads = grad_fn(state.params, state.rest, batch)
-                grads = self._constrain_grads(grads)
-            else:
-                # Microbatch k takes rows k, k+M, k+2M, ...: every device keeps its own rows.
-                micro = jax.tree.map(
-                    lambda x: jnp.swapaxes(x.reshape(x.shape[0] // m, m, *x.shape[1:]), 0, 1), batch
-                )
-                micro = jax.tree.map(
-                    lambda x: jax.lax.with_sharding_constraint(
-                        x, NamedSharding(self.mesh, PartitionSpec(None, *self._batch_spec))
-                    ),
-                    micro,
-                )
-                zeros = self._constrain_grads(
-                    jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), state.params)
-                )
+            loss, grads, _ = self._loss_and_grads(state, batch)
+        return loss, grads
 
-                def body(carry, mb):
-                    acc, loss_sum, rest = carry
-                    (loss, rest), grads = grad_fn(state.params, rest, mb)
-                    acc = self._constrain_grads(
-                        jax.tree.map(lambda a, g: a + g.astype(jnp.float32), acc, grads)
-                    )
-                    return (acc, loss_sum + loss, rest), None
-
-                (acc, loss_sum, rest), _ = jax.lax.scan(
-                    body, (zeros, jnp.zeros((), jnp.float32), state.rest), micro
-                )
-                grads = jax.tree.map(lambda a: a / m, acc)
-                loss = loss_sum / m
+    def _step_fn(self, state: TrainState, batch):
+        with activate(self.mesh, self.compute_rules):
+            loss, grads, rest = self._loss_and_grads(state, batch)
             opt_state = state.opt_state
             if self.config.offload_optimizer:
                 opt_state = jax.device_put(opt_state, self._opt_device_shardings)
@@ -258,11 +304,7 @@ class Trainer:
                 keep(rest, state.rest),
                 keep(new_opt, opt_state),
             )
-            metrics = {
-                "loss": loss,
-                "grad_norm": optax.global_norm(grads),
-                "finite": finite,
-            }
+            metrics = {"loss": loss, "grad_norm": optax.global_norm(grads), "finite": finite}
         return new_state, metrics
 
     # -- host side -----------------------------------------------------------------------------
@@ -326,6 +368,23 @@ class Trainer:
                 "pass on_nonfinite='skip' to drop such updates"
             )
         return metrics
+
+    def loss_and_grads(self, batch: Mapping[str, Any]) -> tuple[jax.Array, nnx.State]:
+        """Loss and gradients at the current parameters, without updating anything.
+
+        The gradients come in the strategy's gradient layout (sharded from ZeRO-2 on); this is
+        the same computation the step runs before the optimizer update.
+        """
+        return self._jitted_grads(self.state, self.place_batch(batch))
+
+    def lower_loss(self, batch: Mapping[str, Any]):
+        """The lowered forward pass alone (loss at the current parameters), for inspection."""
+
+        def forward(state, batch):
+            with activate(self.mesh, self.compute_rules):
+                return self._loss(state.params, state.rest, batch)[0]
+
+        return jax.jit(forward).lower(self.state, self.place_batch(batch))
 
     def lower(self, batch: Mapping[str, Any]):
         """The lowered step for a host batch (``.compile()`` it to read the compiled program)."""

@@ -109,7 +109,11 @@ def test_path_rules_first_match_wins():
     assert rules.path_axes("layer0/mlp/bias") is None
 
 
-def test_skip_axes_treats_manual_axes_as_taken():
-    mesh = mp.make_mesh(pipe=2, data=4)
-    rules = Rules.table([("batch", "pipe"), ("batch", "data")])
-    assert rules.resolve(("batch",), (8,), mesh, skip_axes=("pipe",)).spec == P("data")
+def test_skip_axes_drops_manual_axes_from_rules():
+    mesh = mp.make_mesh(data=2, fsdp=2, tensor=2)
+    rules = Rules.table([("batch", ("data", "fsdp")), ("embed", "tensor")])
+    # Inside a shard_map manual over data: the batch dim is already local along data.
+    spec = rules.resolve(("batch", "embed"), (4, 8), mesh, skip_axes=("data",)).spec
+    assert spec == P("fsdp", "tensor")
+    spec = rules.resolve(("batch", "embed"), (4, 8), mesh, skip_axes=("data", "fsdp")).spec
+    assert spec == P(None, "tensor")

@@ -1,0 +1,216 @@
+"""Reading the compiled program: collectives, their mesh axes, bytes and loop trip counts.
+
+``compiled.as_text()`` is the partitioned per-device HLO. This module finds every collective in
+it, decodes its replica groups (explicit ``{{0,1},...}``, iota ``[4,2]<=[8]``, or the
+``mesh[...] {'axis'}`` form) into the *mesh axes* it communicates over, sizes it by its result
+shape, and weights it by the trip counts of the ``while`` loops around it, so that a collective
+inside a layer scan counts once per layer. This is how meshpar checks that a strategy's traffic
+is what it promises and that no collective sits inside a loop where it should not.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import re
+from collections import Counter, defaultdict
+from collections.abc import Iterable
+
+import numpy as np
+from jax.sharding import Mesh
+
+COLLECTIVES = ("all-reduce", "all-gather", "reduce-scatter", "collective-permute", "all-to-all")
+
+_DTYPE_BYTES = {
+    "pred": 1, "s8": 1, "u8": 1, "s16": 2, "u16": 2, "f16": 2, "bf16": 2, "s32": 4, "u32": 4,
+    "f32": 4, "s64": 8, "u64": 8, "f64": 8, "c64": 8, "c128": 16, "f8e4m3fn": 1, "f8e5m2": 1,
+}
+_COMP_HEAD = re.compile(r"^(ENTRY )?%?([^\s(]+) .*\{\s*$")
+_INSTR = re.compile(r"^\s+(?:ROOT )?%?([^\s=]+) = (.+?) ([a-z][a-z0-9\-]*)\((.*)$")
+_SHAPE = re.compile(r"([a-z][a-z0-9]*)\[([0-9,]*)\]")
+_CALLED = re.compile(r"(?:to_apply|calls|body|condition|true_computation|false_computation)=%?([^\s,}]+)")
+_BRANCHES = re.compile(r"branch_computations=\{([^}]*)\}")
+
+
+@dataclasses.dataclass(frozen=True)
+class Collective:
+    """One collective op of the compiled program."""
+
+    kind: str
+    name: str
+    computation: str
+    result_bytes: int  # per device, from the result shape
+    group_size: int
+    mesh_axes: tuple[str, ...]
+    trip_count: int  # product of the known trip counts of the loops around it (1 outside)
+    in_loop: bool
+
+    @property
+    def traffic_bytes(self) -> float:
+        """Bytes each device sends with a ring/bidirectional algorithm, per execution."""
+        n = self.group_size
+        if n <= 1:
+            return 0.0
+        if self.kind == "all-reduce":
+            return 2 * (n - 1) / n * self.result_bytes
+        if self.kind == "all-gather":
+            return (n - 1) / n * self.result_bytes
+        if self.kind == "reduce-scatter":
+            return (n - 1) * self.result_bytes
+        if self.kind == "all-to-all":
+            return (n - 1) / n * self.result_bytes
+        return float(self.result_bytes)  # collective-permute: each device sends its buffer
+
+    @property
+    def traffic_per_step(self) -> float:
+        return self.traffic_bytes * self.trip_count
+
+
+def _shape_bytes(text: str) -> int:
+    total = 0
+    # Layouts ({1,0}) and comments never match dtype[dims]; tuple results add up.
+    for dtype, dims in _SHAPE.findall(text):
+        if dtype in _DTYPE_BYTES:
+            total += _DTYPE_BYTES[dtype] * math.prod(int(d) for d in dims.split(",") if d)
+    return total
+
+
+def _iota(dims: list[int], perm: list[int] | None) -> np.ndarray:
+    ids = np.arange(math.prod(dims)).reshape(dims)
+    return ids.transpose(perm) if perm else ids
+
+
+def _ints(text: str) -> list[int]:
+    return [int(x) for x in text.split(",") if x.strip()]
+
+
+def parse_groups(attrs: str) -> list[list[int]] | None:
+    """The device groups of a collective's attribute text, or ``None`` if it has none."""
+    m = re.search(r"source_target_pairs=\{(\{[^=]*?\})\}", attrs)
+    if m:
+        return [_ints(p) for p in re.findall(r"\{([0-9,]+)\}", m.group(1))]
+    m = re.search(r"replica_groups=\{(\{.*?\})\}", attrs)
+    if m:
+        return [_ints(g) for g in re.findall(r"\{([0-9,]*)\}", m.group(1))]
+    m = re.search(r"replica_groups=\[([0-9,]+)\]<=\[([0-9,]+)\](?:T\(([0-9,]+)\))?", attrs)
+    if m:
+        shape = _ints(m.group(1))
+        ids = _iota(_ints(m.group(2)), _ints(m.group(3)) if m.group(3) else None)
+        return ids.reshape(shape[0], -1).tolist()
+    m = re.search(r"replica_groups=mesh\[([^\]]*)\](?:, device_ids=\(\[([0-9,]+)\](?:T\(([0-9,]+)\))?\))? \{([^}]*)\}", attrs)
+    if m:
+        axes = re.findall(r"'([^']+)'=(\d+)", m.group(1))
+        names = [a for a, _ in axes]
+        sizes = [int(s) for _, s in axes]
+        ids = (_iota(_ints(m.group(2)), _ints(m.group(3)) if m.group(3) else None)
+               if m.group(2) else np.arange(math.prod(sizes)))
+        ids = ids.reshape(sizes)
+        group_axes = [names.index(a) for a in re.findall(r"'([^']+)'", m.group(4))]
+        rest = [i for i in range(len(names)) if i not in group_axes]
+        ids = ids.transpose(rest + group_axes)
+        return ids.reshape(-1, math.prod(sizes[i] for i in group_axes) if group_axes else 1).tolist()
+    return None
+
+
+def mesh_axes_of(groups: list[list[int]] | None, mesh: Mesh | None) -> tuple[str, ...]:
+    """The mesh axes along which the members of each group differ (device id = flat index)."""
+    if not groups or mesh is None:
+        return ()
+    shape = tuple(mesh.devices.shape)
+    varying: set[int] = set()
+    for group in groups:
+        coords = np.array(np.unravel_index(np.asarray(group) % math.prod(shape), shape))
+        varying |= {i for i in range(len(shape)) if len(set(coords[i])) > 1}
+    return tuple(mesh.axis_names[i] for i in sorted(varying))
+
+
+def collectives(hlo_text: str, /, *, mesh: Mesh | None = None) -> list[Collective]:
+    """Every collective of a compiled program, with mesh axes, bytes and loop trip counts.
+
+    Args:
+        hlo_text: ``compiled.as_text()``.
+        mesh: the mesh the program was compiled for (to name the axes of each collective).
+
+    Example:
+        >>> ops = collectives(trainer.lower(batch).compile().as_text(), mesh=mesh)
+        >>> [op for op in ops if op.in_loop and op.kind == "all-reduce"]
+    """
+    comps: dict[str, list[str]] = {}
+    entry = None
+    current = None
+    for line in hlo_text.splitlines():
+        if current is None:
+            m = _COMP_HEAD.match(line)
+            if m:
+                current = m.group(2)
+                comps[current] = []
+                if m.group(1):
+                    entry = current
+            continue
+        if line.startswith("}"):
+            current = None
+            continue
+        comps[current].append(line)
+
+    # Weight of each computation: product of the trip counts of the while loops that call it.
+    edges: dict[str, list[tuple[str, int, bool]]] = defaultdict(list)
+    for name, lines in comps.items():
+        for line in lines:
+            m = _INSTR.match(line)
+            if not m:
+                continue
+            op, rest = m.group(3), m.group(4)
+            if op == "while":
+                body = re.search(r"body=%?([^\s,}]+)", rest)
+                trip = re.search(r'known_trip_count":\{"n":"(\d+)"', rest)
+                cond = re.search(r"condition=%?([^\s,}]+)", rest)
+                if body:
+                    edges[name].append((body.group(1), int(trip.group(1)) if trip else 1, True))
+                if cond:
+                    edges[name].append((cond.group(1), 1, True))
+                continue
+            for callee in _CALLED.findall(rest):
+                edges[name].append((callee, 1, False))
+            for branches in _BRANCHES.findall(rest):
+                for callee in re.findall(r"%?([^\s,]+)", branches):
+                    edges[name].append((callee, 1, False))
+    weight: dict[str, tuple[int, bool]] = {}
+    stack = [(entry, 1, False)] if entry else [(n, 1, False) for n in comps]
+    while stack:
+        name, w, loop = stack.pop()
+        if name in weight and weight[name][0] >= w:
+            continue
+        weight[name] = (w, loop)
+        for callee, trip, is_loop in edges.get(name, []):
+            stack.append((callee, w * trip, loop or is_loop))
+
+    out = []
+    for name, lines in comps.items():
+        w, loop = weight.get(name, (1, False))
+        for line in lines:
+            m = _INSTR.match(line)
+            if not m:
+                continue
+            kind = m.group(3).removesuffix("-start")
+            if kind not in COLLECTIVES:
+                continue
+            groups = parse_groups(m.group(4))
+            size = 2 if kind == "collective-permute" else (len(groups[0]) if groups else 1)
+            out.append(Collective(
+                kind, m.group(1), name, _shape_bytes(m.group(2)), size,
+                mesh_axes_of(groups, mesh), w, loop,
+            ))
+    return out
+
+
+def summarize(ops: Iterable[Collective], /) -> dict[str, dict]:
+    """Per ``kind@axes``: count, executions per step, result bytes and traffic per step."""
+    table: dict[str, Counter] = defaultdict(Counter)
+    for op in ops:
+        key = f"{op.kind}@{'+'.join(op.mesh_axes) or '-'}"
+        table[key]["ops"] += 1
+        table[key]["executions"] += op.trip_count
+        table[key]["in_loop"] += int(op.in_loop)
+        table[key]["result_bytes_per_step"] += op.result_bytes * op.trip_count
+        table[key]["traffic_bytes_per_step"] += op.traffic_per_step
+    return {k: dict(v) for k, v in sorted(table.items())}
