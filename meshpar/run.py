@@ -65,12 +65,12 @@ def train_main(args: argparse.Namespace) -> int:
         microbatches=args.microbatches, precision=args.precision,
         on_nonfinite="skip" if args.skip_nonfinite else "raise",
     )
+    strategy.check_batch(mesh, args.batch_size, microbatches=args.microbatches)
     data = TokenBatches(batch_size=args.batch_size, seq_len=seq_len, seed=args.seed)
     trainer = Trainer(
         lambda: GPT(cfg, rngs=nnx.Rngs(args.seed)), make_optimizer(args.lr, args.steps), lm_loss,
         mesh=mesh, strategy=strategy, config=config,
     )
-    trainer.check_batch(args.batch_size)
     main_process = jax.process_index() == 0
     entropy = unigram_entropy(load_corpus())
     if main_process:

@@ -24,6 +24,7 @@ Presets are small values: ``dp``, ``zero1``, ``zero2``, ``zero3``, ``tp``, ``tp_
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Literal
 
 from jax.sharding import Mesh
@@ -82,6 +83,18 @@ class Strategy:
     def batch_axes(mesh: Mesh, /) -> tuple[str, ...]:
         """The mesh axes the batch is split over: ``data`` and ``fsdp`` where present."""
         return tuple(a for a in (DATA, FSDP) if a in mesh.shape)
+
+    def check_batch(self, mesh: Mesh, /, global_batch_size: int, *, microbatches: int = 1) -> None:
+        """Raise :class:`StrategyError` unless the batch divides over batch axes × microbatches."""
+        axes = self.batch_axes(mesh)
+        need = math.prod(mesh.shape[a] for a in axes) * microbatches
+        if global_batch_size % need:
+            split = " x ".join(f"{a}={mesh.shape[a]}" for a in axes) or "no batch axes"
+            raise StrategyError(
+                f"global batch size {global_batch_size} is not divisible by the batch-sharding "
+                f"axes ({split}) times microbatches={microbatches} = {need}; use a batch size "
+                f"that is a multiple of {need}"
+            )
 
     # -- rule tables -------------------------------------------------------------------------
 

@@ -315,15 +315,7 @@ class Trainer:
 
     def check_batch(self, global_batch_size: int) -> None:
         """Raise :class:`StrategyError` if the batch does not divide over devices × microbatches."""
-        ways = int(np.prod([self.mesh.shape[a] for a in self.batch_axes])) if self.batch_axes else 1
-        need = ways * self.config.microbatches
-        if global_batch_size % need:
-            axes = " x ".join(f"{a}={self.mesh.shape[a]}" for a in self.batch_axes) or "no batch axes"
-            raise StrategyError(
-                f"global batch size {global_batch_size} is not divisible by the batch-sharding "
-                f"axes ({axes}) times microbatches={self.config.microbatches} = {need}; use a "
-                f"batch size that is a multiple of {need}"
-            )
+        self.strategy.check_batch(self.mesh, global_batch_size, microbatches=self.config.microbatches)
 
     def place_batch(self, batch: Mapping[str, Any]) -> Any:
         """Put a host batch onto the mesh with its sharding.

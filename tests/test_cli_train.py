@@ -1,0 +1,71 @@
+"""``meshpar train``: metrics file, mesh-independent losses, usage errors with status 2."""
+
+import json
+import re
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from meshpar.cli import main as cli_main
+
+TINY = ["--preset", "tiny", "--steps", "3", "--batch-size", "16", "--no-progress"]
+
+
+def _train(tmp_path, name, *extra):
+    path = tmp_path / f"{name}.jsonl"
+    assert cli_main(["train", *TINY, "--metrics-file", str(path), *extra]) == 0
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def test_metrics_file_has_one_line_per_step_with_the_promised_keys(tmp_path, capsys):
+    rows = _train(tmp_path, "a", "--mesh", "data=2,fsdp=2,tensor=2")
+    assert [r["step"] for r in rows] == [0, 1, 2]
+    for r in rows:
+        assert {"step", "loss", "step_time_s", "tokens_per_s"} <= set(r)
+        assert r["tokens_per_s"] > 0 and np.isfinite(r["loss"])
+    out = capsys.readouterr().out
+    assert "unigram entropy" in out and re.search(r"done: 3 steps", out)
+
+
+def test_same_seed_and_batch_give_the_same_losses_whatever_the_mesh(tmp_path):
+    a = _train(tmp_path, "a", "--mesh", "data=8", "--strategy", "dp")
+    b = _train(tmp_path, "b", "--mesh", "fsdp=4,tensor=2", "--zero", "3", "--sequence-parallel",
+               "--microbatches", "2")
+    np.testing.assert_allclose([r["loss"] for r in a], [r["loss"] for r in b], rtol=2e-5)
+
+
+@pytest.mark.parametrize(
+    "argv, pattern",
+    [
+        (["--batch-size", "6"], r"global batch size 6 is not divisible by the batch-sharding axes \(data=2 x fsdp=2\) times microbatches=1 = 4"),
+        (["--batch-size", "16", "--microbatches", "8"], r"microbatches=8 = 32"),
+        (["--mesh", "tensor=8", "--heads", "4"], r"--heads 4 is not divisible by tensor=8"),
+        (["--mesh", "data=2,tensor=4", "--mlp-dim", "6"], r"--mlp-dim 6 is not divisible by tensor=4"),
+        (["--mesh", "data=2,tensor=4", "--sequence-parallel", "--seq-len", "30"], r"--seq-len 30 is not divisible by tensor=4"),
+        (["--zero", "3", "--mesh", "data=8", "--strategy", "zero3"], r"needs a 'fsdp' mesh axis"),
+        (["--strategy", "nope"], r"unknown strategy 'nope'"),
+        (["--steps", "0"], r"--steps 0: must be >= 1"),
+        (["--vocab-size", "100"], r"needs >= 256"),
+        (["--preset", "huge"], r"unknown preset 'huge'|huge"),
+    ],
+)
+def test_usage_errors_exit_2_with_one_message(argv, pattern, capsys):
+    status = cli_main(["train", "--preset", "tiny", "--steps", "1", "--no-progress", *argv])
+    err = capsys.readouterr().err
+    assert status == 2, err
+    assert re.search(pattern, err), err
+    assert err.startswith("meshpar train: error: ") and err.count("\n") == 1
+
+
+def test_usage_error_in_a_fresh_process_has_no_traceback():
+    proc = subprocess.run(
+        [sys.executable, "-m", "meshpar", "train", "--preset", "tiny", "--batch-size", "6"],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert "global batch size 6 is not divisible" in proc.stderr
+    proc = subprocess.run([sys.executable, "-m", "meshpar", "train", "--zero", "4"],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "invalid choice: 4" in proc.stderr
