@@ -15,6 +15,7 @@ import contextlib
 import contextvars
 import dataclasses
 from collections.abc import Iterator, Sequence
+from typing import Any
 
 import jax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
@@ -24,10 +25,15 @@ from meshpar.rules import Rules
 
 @dataclasses.dataclass(frozen=True)
 class Layout:
-    """A mesh and the compute rules that activation names resolve through."""
+    """A mesh, the compute rules activation names resolve through, and an optional pipeline.
+
+    ``pipeline`` is a :class:`meshpar.schedule.PipelineConfig` when the layer stack runs as
+    pipeline stages (see :func:`meshpar.stack.scan_layers`).
+    """
 
     mesh: Mesh
     rules: Rules
+    pipeline: Any = None
 
     def spec(self, logical_axes: Sequence[str | None], shape: Sequence[int], *,
              name: str = "activation") -> PartitionSpec:
@@ -50,7 +56,7 @@ def _manual_axes() -> tuple[str, ...]:
 
 
 @contextlib.contextmanager
-def activate(mesh: Mesh, rules: Rules, /) -> Iterator[Layout]:
+def activate(mesh: Mesh, rules: Rules, /, *, pipeline: Any = None) -> Iterator[Layout]:
     """Make ``(mesh, rules)`` the layout that :func:`constrain` resolves through.
 
     Use it *inside* the function you jit, so the layout belongs to that trace.
@@ -61,7 +67,7 @@ def activate(mesh: Mesh, rules: Rules, /) -> Iterator[Layout]:
         ...         return model(x)
     """
     rules.validate(mesh)
-    token = _ACTIVE.set(Layout(mesh, rules))
+    token = _ACTIVE.set(Layout(mesh, rules, pipeline))
     try:
         yield _ACTIVE.get()
     finally:

@@ -65,7 +65,7 @@ class Strategy:
     extra_compute_rules: Rules = Rules()
 
     def __post_init__(self) -> None:
-        if self.zero_stage not in (0, 1, 2, 3):
+        if isinstance(self.zero_stage, bool) or self.zero_stage not in (0, 1, 2, 3):
             raise StrategyError(f"zero_stage={self.zero_stage!r}; ZeRO stages are 0, 1, 2 and 3")
 
     # -- mesh checks -------------------------------------------------------------------------
@@ -144,6 +144,9 @@ class Strategy:
             # ZeRO/FSDP: split the model dimension; tensors without one (the MLP bias) split
             # their mlp dimension instead.
             rows += [("embed", FSDP), ("mlp", FSDP)]
+        if PIPE in mesh.shape:
+            # Pipelined stacks are stored [stages, layers/stage, ...] (see meshpar.train).
+            rows.append(("stages", PIPE))
         rows += [(name, None) for name in ("embed", "mlp", "heads", "vocab")]
         return _with_extra(extra, Rules.table(rows))
 
@@ -192,7 +195,7 @@ def get_strategy(
         raise StrategyError(f"strategy must be a preset name or a Strategy, got {strategy!r}")
     changes = {}
     if zero_stage is not None:
-        if zero_stage not in (0, 1, 2, 3):
+        if isinstance(zero_stage, bool) or zero_stage not in (0, 1, 2, 3):
             raise StrategyError(f"unknown ZeRO stage {zero_stage!r}; stages are 0, 1, 2 and 3")
         changes["zero_stage"] = zero_stage
     if sequence_parallel is not None:

@@ -13,8 +13,9 @@ The step is a single ``jax.jit`` with explicit in/out shardings and the state do
 
 Microbatches run under ``lax.scan``; each is a strided slice of the global batch (rows ``m, m+M,
 ...``) so that no device has to send its rows to another. Mixed precision casts the fp32 master
-parameters to bf16 for the forward and backward passes; gradients, the accumulator and the
-optimizer state stay fp32. A non-finite loss never updates the state: the step either raises
+parameters to bf16 for the forward and backward passes (so the backward pass and its reductions
+run in bf16); the gradient returned for each fp32 parameter, the accumulator and the optimizer
+state are fp32. A non-finite loss never updates the state: the step either raises
 :class:`TrainingError` naming the step (default) or skips the update and reports it.
 """
 
@@ -35,6 +36,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from meshpar.errors import StrategyError, TrainingError
 from meshpar.layout import activate
 from meshpar.shard import ShardingPlan, abstract_nnx, plan_nnx_state
+from meshpar.stack import _PIPELINE_USED, pipeline_was_used, reset_pipeline_flag
 from meshpar.strategy import Strategy, get_strategy
 
 
@@ -50,6 +52,9 @@ class TrainConfig:
         on_nonfinite: ``"raise"`` (stop with the step number; the state is left as it was before
             the step) or ``"skip"`` (drop that update, count it in the metrics).
         donate: donate the state buffers to the step.
+        schedule: pipeline schedule, ``"gpipe"`` or ``"circular"``; used when the mesh has a
+            ``pipe`` axis of size > 1, where ``microbatches`` are the pipeline's microbatches.
+        repeats: chunks of layers per stage for the circular schedule (``v``).
     """
 
     microbatches: int = 1
@@ -57,12 +62,18 @@ class TrainConfig:
     offload_optimizer: bool = False
     on_nonfinite: Literal["raise", "skip"] = "raise"
     donate: bool = True
+    schedule: Literal["gpipe", "circular"] = "gpipe"
+    repeats: int = 1
 
     def __post_init__(self) -> None:
-        if not isinstance(self.microbatches, int) or self.microbatches < 1:
+        if isinstance(self.microbatches, bool) or not isinstance(self.microbatches, int) or self.microbatches < 1:
             raise StrategyError(f"microbatches={self.microbatches!r}; expected an int >= 1")
         if self.precision not in ("fp32", "bf16"):
             raise StrategyError(f"precision={self.precision!r}; expected 'fp32' or 'bf16'")
+        if self.schedule not in ("gpipe", "circular"):
+            raise StrategyError(f"schedule={self.schedule!r}; expected 'gpipe' or 'circular'")
+        if isinstance(self.repeats, bool) or not isinstance(self.repeats, int) or self.repeats < 1:
+            raise StrategyError(f"repeats={self.repeats!r}; expected an int >= 1")
         if self.on_nonfinite not in ("raise", "skip"):
             raise StrategyError(f"on_nonfinite={self.on_nonfinite!r}; expected 'raise' or 'skip'")
 
@@ -156,6 +167,9 @@ class Trainer:
         self.compute_rules = self.strategy.compute_rules(mesh)
 
         self.graphdef, abs_params, abs_rest = abstract_nnx(make_model)
+        self.pipeline = self._pipeline_config(abs_params)
+        to_model_layout = self._to_stage_layout if self.pipeline else (lambda params: params)
+        abs_params = jax.eval_shape(to_model_layout, abs_params)
         param_shardings, self.plan = plan_nnx_state(abs_params, mesh=mesh, rules=self.param_rules)
         rest_shardings, _ = plan_nnx_state(abs_rest, mesh=mesh, rules=self.param_rules)
         grad_shardings, self.grad_plan = plan_nnx_state(
@@ -182,6 +196,7 @@ class Trainer:
         def init():
             with nnx.use_eager_sharding(False):
                 _, params, rest = nnx.split(make_model(), nnx.Param, ...)
+            params = to_model_layout(params)
             opt_state = tx.init(params)
             return TrainState(jnp.zeros((), jnp.int32), params, rest, opt_state)
 
@@ -198,6 +213,73 @@ class Trainer:
             out_shardings=(replicated, grad_shardings),
         )
 
+    # -- pipeline layout -------------------------------------------------------------------------
+
+    def _pipeline_config(self, abs_params):
+        from meshpar.schedule import PipelineConfig
+
+        stages = self.mesh.shape.get("pipe", 1)
+        if stages == 1:
+            return None
+        lengths = {
+            v.get_value().shape[0]
+            for v in jax.tree.leaves(abs_params, is_leaf=_is_var)
+            if _is_var(v) and (v.get_metadata().get("out_sharding") or (None,))[0] == "layers"
+        }
+        if not lengths:
+            raise StrategyError(
+                f"the mesh has pipe={stages}, but the model has no repeated block: no parameter's "
+                "first logical axis is 'layers'. Create the block stack with nnx.vmap and "
+                "transform_metadata={nnx.PARTITION_NAME: 'layers'} and run it with "
+                "meshpar.scan_layers, or drop the pipe axis"
+            )
+        if len(lengths) > 1:
+            raise StrategyError(f"parameters with a leading 'layers' axis disagree on its size: {sorted(lengths)}")
+        config = PipelineConfig(
+            stages=stages, microbatches=self.config.microbatches, schedule=self.config.schedule,
+            repeats=self.config.repeats, batch_axes=("data",) if "data" in self.mesh.shape else (),
+        )
+        self.num_layers = lengths.pop()
+        config.layers_per_chunk(self.num_layers)
+        return config
+
+    def _stage_axes(self) -> tuple[str, ...]:
+        return ("stages",) if self.pipeline.repeats == 1 else ("repeats", "stages")
+
+    def _to_stage_layout(self, params):
+        """``[layers, ...]`` stack parameters -> ``[(repeats,) stages, layers/stage, ...]``."""
+        from meshpar.pipeline import stack_stages
+
+        def one(v):
+            axes = v.get_metadata().get("out_sharding")
+            if not (_is_var(v) and axes and axes[0] == "layers"):
+                return v
+            value = stack_stages(v.get_value(), stages=self.pipeline.stages, repeats=self.pipeline.repeats)
+            return v.replace(value, out_sharding=(*self._stage_axes(), *axes))
+
+        return jax.tree.map(one, params, is_leaf=_is_var)
+
+    def _to_flat_layout(self, params):
+        """The inverse of :meth:`_to_stage_layout`: the model's own ``[layers, ...]`` layout."""
+        from meshpar.pipeline import unstack_stages
+
+        lead = len(self._stage_axes())
+
+        def one(v):
+            axes = v.get_metadata().get("out_sharding")
+            if not (_is_var(v) and axes and axes[0] in ("stages", "repeats")):
+                return v
+            value = unstack_stages(v.get_value(), stages=self.pipeline.stages, repeats=self.pipeline.repeats)
+            return v.replace(value, out_sharding=tuple(axes[lead:]))
+
+        return jax.tree.map(one, params, is_leaf=_is_var)
+
+    def flat_params(self) -> nnx.State:
+        """The parameters in the model's own layout (pipeline stages merged back into layers)."""
+        if self.pipeline is None:
+            return self.state.params
+        return jax.jit(self._to_flat_layout)(self.state.params)
+
     # -- the step ------------------------------------------------------------------------------
 
     def _loss(self, params, rest, batch):
@@ -207,7 +289,15 @@ class Trainer:
                 params,
             )
         model = nnx.merge(self.graphdef, params, rest)
+        token = reset_pipeline_flag()
         loss = self.loss_fn(model, batch)
+        used, _ = pipeline_was_used(), _PIPELINE_USED.reset(token)
+        if self.pipeline is not None and not used:
+            raise StrategyError(
+                "the mesh has a pipe axis, but the loss never ran the model's layer stack through "
+                "meshpar.scan_layers, so there is nothing to pipeline; call scan_layers on the "
+                "stacked block module in the model's forward pass"
+            )
         new_rest = nnx.state(model, nnx.Not(nnx.Param))
         return jnp.asarray(loss, jnp.float32), new_rest
 
@@ -216,7 +306,8 @@ class Trainer:
 
     def _loss_and_grads(self, state: TrainState, batch):
         """Mean loss and gradients over the microbatches, gradients in their strategy layout."""
-        m = self.config.microbatches
+        # In a pipelined layout the microbatches belong to the pipeline, not to accumulation.
+        m = 1 if self.pipeline is not None else self.config.microbatches
         grad_fn = jax.value_and_grad(self._loss, has_aux=True)
         if m == 1:
             (loss, rest), grads = grad_fn(state.params, state.rest, batch)
@@ -284,12 +375,12 @@ class Trainer:
         return loss, self._constrain_grads(grads), rest
 
     def _grads_fn(self, state: TrainState, batch):
-        with activate(self.mesh, self.compute_rules):
+        with activate(self.mesh, self.compute_rules, pipeline=self.pipeline):
             loss, grads, _ = self._loss_and_grads(state, batch)
         return loss, grads
 
     def _step_fn(self, state: TrainState, batch):
-        with activate(self.mesh, self.compute_rules):
+        with activate(self.mesh, self.compute_rules, pipeline=self.pipeline):
             loss, grads, rest = self._loss_and_grads(state, batch)
             opt_state = state.opt_state
             if self.config.offload_optimizer:
@@ -316,6 +407,8 @@ class Trainer:
     def check_batch(self, global_batch_size: int) -> None:
         """Raise :class:`StrategyError` if the batch does not divide over devices × microbatches."""
         self.strategy.check_batch(self.mesh, global_batch_size, microbatches=self.config.microbatches)
+        if self.pipeline is not None:
+            self.pipeline.validate(self.num_layers, global_batch_size, self.mesh)
 
     def place_batch(self, batch: Mapping[str, Any]) -> Any:
         """Put a host batch onto the mesh with its sharding.
@@ -373,7 +466,7 @@ class Trainer:
         """The lowered forward pass alone (loss at the current parameters), for inspection."""
 
         def forward(state, batch):
-            with activate(self.mesh, self.compute_rules):
+            with activate(self.mesh, self.compute_rules, pipeline=self.pipeline):
                 return self._loss(state.params, state.rest, batch)[0]
 
         return jax.jit(forward).lower(self.state, self.place_batch(batch))
@@ -384,7 +477,7 @@ class Trainer:
 
     def model(self) -> nnx.Module:
         """The current model (sharded arrays), e.g. for evaluation."""
-        return nnx.merge(self.graphdef, self.state.params, self.state.rest)
+        return nnx.merge(self.graphdef, self.flat_params(), self.state.rest)
 
     @property
     def params_plan(self) -> ShardingPlan:

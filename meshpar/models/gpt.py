@@ -41,7 +41,8 @@ from flax import nnx
 
 from meshpar.errors import MeshparError
 from meshpar.layout import constrain
-from meshpar.remat import check_remat_name, maybe_remat
+from meshpar.remat import check_remat_name
+from meshpar.stack import scan_layers
 
 _INT_FIELDS = ("vocab_size", "seq_len", "layers", "d_model", "heads", "mlp_dim")
 
@@ -364,14 +365,7 @@ class GPT(nnx.Module):
         The scan body is wrapped with the config's remat policy, so under ZeRO-3 each layer's
         weights are gathered in the forward pass and again in the backward pass, never all kept.
         """
-        graphdef, stacked = nnx.split(self.blocks)
-
-        def body(carry_BTD: jax.Array, layer_state: Any) -> tuple[jax.Array, None]:
-            block = nnx.merge(graphdef, layer_state)
-            return block(carry_BTD), None
-
-        x_BTD, _ = jax.lax.scan(maybe_remat(body, self.config.remat), x_BTD, stacked)
-        return x_BTD
+        return scan_layers(self.blocks, x_BTD, remat=self.config.remat)
 
     def unembed_logits(self, x_BTD: jax.Array) -> jax.Array:
         """Final LayerNorm and the projection to ``float32`` logits ``[B, T, V]``."""

@@ -1,0 +1,73 @@
+"""Running a stack of identical layers: a ``lax.scan``, or a pipeline when one is active.
+
+Models call :func:`scan_layers` on their repeated block (an NNX module created with ``nnx.vmap``,
+parameters stacked on a leading ``layers`` axis). Without a pipeline it is a plain scan, so
+compile time stays flat in depth. When the trainer runs a pipelined layout, the same call runs
+the stack as pipeline stages (:func:`meshpar.pipeline.pipeline_apply`): the parameters then
+arrive already in stage layout (``[stages, layers_per_stage, ...]`` or ``[repeats, stages, ...]``)
+and the batch is cut into the pipeline's microbatches here. The model does not change.
+"""
+
+from __future__ import annotations
+
+import contextvars
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from meshpar.layout import active_layout
+from meshpar.remat import maybe_remat
+
+# Set when a pipelined trace ran a stack, so the trainer can tell a model that never did.
+_PIPELINE_USED: contextvars.ContextVar[bool] = contextvars.ContextVar("meshpar_stack_used", default=False)
+
+
+def _scan(graphdef, state, x, remat: str):
+    def body(h, layer_state):
+        return nnx.merge(graphdef, layer_state)(h), None
+
+    return jax.lax.scan(maybe_remat(body, remat), x, state)[0]
+
+
+def scan_layers(stack: nnx.Module, x: jax.Array, /, *, remat: str = "full") -> jax.Array:
+    """Apply every layer of a stacked module to ``x`` in order (``x = layer_i(x)``).
+
+    Args:
+        stack: a module whose parameters carry a leading layer axis; one slice of it, merged
+            back, must map ``x`` to an array of the same shape (a residual block).
+        x: the activations, batch first.
+        remat: the remat policy of one layer (:data:`meshpar.remat.REMAT_POLICIES`).
+
+    Returns:
+        The activations after the last layer.
+
+    Example:
+        >>> x = scan_layers(self.blocks, x, remat="full")   # inside a model's __call__
+    """
+    graphdef, state = nnx.split(stack)
+    layout = active_layout()
+    if layout is None or layout.pipeline is None:
+        return _scan(graphdef, state, x, remat)
+
+    from meshpar.pipeline import pipeline_apply
+
+    config = layout.pipeline
+    _PIPELINE_USED.set(True)
+    m = config.microbatches
+    # Microbatch k takes rows k, k+M, ...: the batch sharding stays where it is (no traffic).
+    xs = jnp.swapaxes(x.reshape(x.shape[0] // m, m, *x.shape[1:]), 0, 1)
+    out = pipeline_apply(
+        lambda chunk, h: _scan(graphdef, chunk, h, remat), state, xs,
+        mesh=layout.mesh, config=config,
+    )
+    return jnp.swapaxes(out, 0, 1).reshape(x.shape)
+
+
+def pipeline_was_used() -> bool:
+    """Whether a pipelined :func:`scan_layers` ran in the current context."""
+    return _PIPELINE_USED.get()
+
+
+def reset_pipeline_flag() -> contextvars.Token:
+    return _PIPELINE_USED.set(False)
