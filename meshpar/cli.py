@@ -39,6 +39,13 @@ def _add_layout_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--strategy", default="auto", help="preset: auto, dp, zero1, zero2, zero3, tp, tp_sp")
     g.add_argument("--zero", type=int, choices=(0, 1, 2, 3), help="ZeRO stage over the fsdp axis")
     g.add_argument("--sequence-parallel", action="store_true", help="split activations over seq on tensor")
+    g.add_argument("--microbatches", type=int, default=1,
+                   help="gradient-accumulation microbatches; with a pipe axis, the pipeline's")
+    g.add_argument("--schedule", choices=("gpipe", "circular"), default="gpipe",
+                   help="pipeline schedule when the mesh has a pipe axis (default gpipe)")
+    g.add_argument("--repeats", type=int, default=1,
+                   help="layer chunks per stage for the circular schedule (default 1)")
+    g.add_argument("--batch-size", type=int, default=32, help="global batch size (default 32)")
     g.add_argument("--cpu-devices", type=int, default=8,
                    help="CPU devices to emulate (default 8; only the CPU backend is affected)")
 
@@ -56,8 +63,6 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_args(tr)
     _add_layout_args(tr)
     tr.add_argument("--steps", type=int, default=150, help="optimizer steps (default 150)")
-    tr.add_argument("--batch-size", type=int, default=32, help="global batch size (default 32)")
-    tr.add_argument("--microbatches", type=int, default=1, help="gradient-accumulation microbatches")
     tr.add_argument("--precision", choices=("fp32", "bf16"), default="fp32")
     tr.add_argument("--seed", type=int, default=0)
     tr.add_argument("--lr", type=float, default=3e-3, help="peak AdamW learning rate (default 3e-3)")
@@ -96,31 +101,6 @@ def _layout(args):
     return mesh, strategy
 
 
-def _inspect(args) -> int:
-    from flax import nnx
-
-    from meshpar.models import GPT
-    from meshpar.report import format_plan, plan_to_dict
-    from meshpar.shard import abstract_nnx, plan_nnx_state
-
-    cfg = _model_config(args)
-    mesh, strategy = _layout(args)
-    _, params, _ = abstract_nnx(lambda: GPT(cfg, rngs=nnx.Rngs(0)))
-    _, plan = plan_nnx_state(params, mesh=mesh, rules=strategy.param_rules(mesh))
-    if args.json:
-        data = plan_to_dict(plan)
-        data["model"] = dataclasses.asdict(cfg)
-        data["strategy"] = {"name": strategy.name, "zero_stage": strategy.zero_stage,
-                            "sequence_parallel": strategy.sequence_parallel}
-        print(json.dumps(data, indent=1))
-    else:
-        title = (f"GPT preset {args.preset} ({cfg.param_count():,} parameters), strategy "
-                 f"{strategy.name} (ZeRO-{strategy.zero_stage}"
-                 f"{', sequence parallel' if strategy.sequence_parallel else ''})")
-        print(format_plan(plan, title=title))
-    return 0
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``meshpar`` command."""
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -137,7 +117,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise UsageError(f"--cpu-devices {args.cpu_devices}: must be >= 1")
         emulate_devices(args.cpu_devices)
         if args.command == "inspect":
-            return _inspect(args)
+            from meshpar.inspect_cmd import inspect_main
+
+            return inspect_main(args)
         if args.command == "train":
             from meshpar.run import train_main
 

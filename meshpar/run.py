@@ -31,7 +31,7 @@ def make_optimizer(lr: float, steps: int) -> optax.GradientTransformation:
 def _check_args(args: argparse.Namespace, cfg) -> None:
     from meshpar.cli import UsageError
 
-    for flag in ("steps", "batch_size", "microbatches"):
+    for flag in ("steps", "batch_size", "microbatches", "repeats"):
         if getattr(args, flag) < 1:
             raise UsageError(f"--{flag.replace('_', '-')} {getattr(args, flag)}: must be >= 1")
     if not args.lr > 0:
@@ -64,6 +64,7 @@ def train_main(args: argparse.Namespace) -> int:
     config = TrainConfig(
         microbatches=args.microbatches, precision=args.precision,
         on_nonfinite="skip" if args.skip_nonfinite else "raise",
+        schedule=args.schedule, repeats=args.repeats,
     )
     strategy.check_batch(mesh, args.batch_size, microbatches=args.microbatches)
     data = TokenBatches(batch_size=args.batch_size, seq_len=seq_len, seed=args.seed)
@@ -79,7 +80,10 @@ def train_main(args: argparse.Namespace) -> int:
             f" mesh {format_mesh(mesh)} on {jax.device_count()} {jax.devices()[0].platform} "
             f"devices, strategy {strategy.name} (ZeRO-{strategy.zero_stage}"
             f"{', SP' if strategy.sequence_parallel else ''}), batch {args.batch_size}x{seq_len}, "
-            f"{args.microbatches} microbatch(es), {args.precision}; corpus unigram entropy "
+            f"{args.microbatches} microbatch(es), {args.precision}"
+            + (f", pipeline {trainer.pipeline.schedule} x{trainer.pipeline.stages} stages "
+               f"(bubble {trainer.pipeline.bubble_fraction:.1%})" if trainer.pipeline else "")
+            + "; corpus unigram entropy "
             f"{entropy:.3f} nats",
             flush=True,
         )

@@ -35,7 +35,8 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from meshpar.errors import StrategyError, TrainingError
 from meshpar.layout import activate
-from meshpar.shard import ShardingPlan, abstract_nnx, plan_nnx_state
+from meshpar.plan import plan_training, to_flat_layout, to_stage_layout
+from meshpar.shard import ShardingPlan
 from meshpar.stack import _PIPELINE_USED, pipeline_was_used, reset_pipeline_flag
 from meshpar.strategy import Strategy, get_strategy
 
@@ -76,45 +77,6 @@ class TrainConfig:
             raise StrategyError(f"repeats={self.repeats!r}; expected an int >= 1")
         if self.on_nonfinite not in ("raise", "skip"):
             raise StrategyError(f"on_nonfinite={self.on_nonfinite!r}; expected 'raise' or 'skip'")
-
-
-def _is_var(x: Any) -> bool:
-    return isinstance(x, nnx.Variable)
-
-
-def place_like_params(
-    tree: Any, params_abstract: Any, param_shardings: Any, *, mesh: Mesh, what: str
-) -> Any:
-    """Shardings for a pytree whose array leaves mirror parameters (optimizer state).
-
-    Each leaf is matched to the parameter whose key path is a suffix of the leaf's path and has
-    the same shape; scalars (step counts) are replicated.
-
-    Raises:
-        StrategyError: a non-scalar leaf mirrors no parameter, so it cannot be placed.
-    """
-    by_path: dict[tuple, tuple[tuple[int, ...], NamedSharding]] = {}
-    flat_p, _ = jax.tree_util.tree_flatten_with_path(params_abstract)
-    flat_s = jax.tree_util.tree_leaves(param_shardings)
-    for (path, leaf), sharding in zip(flat_p, flat_s):
-        by_path[tuple(path)] = (tuple(leaf.shape), sharding)
-    replicated = NamedSharding(mesh, PartitionSpec())
-
-    def one(path, leaf):
-        path = tuple(path)
-        for i in range(len(path)):
-            hit = by_path.get(path[i:])
-            if hit is not None and hit[0] == tuple(leaf.shape):
-                return hit[1]
-        if len(leaf.shape) == 0:
-            return replicated
-        raise StrategyError(
-            f"{what} leaf {jax.tree_util.keystr(path)} with shape {tuple(leaf.shape)} mirrors no "
-            "parameter, so the strategy cannot place it; use an optimizer whose state has the "
-            "parameters' structure (optax transformations do) or place it yourself"
-        )
-
-    return jax.tree_util.tree_map_with_path(one, tree)
 
 
 @jax.tree_util.register_dataclass
@@ -163,33 +125,27 @@ class Trainer:
         self.config = config
         self.tx = tx
         self.loss_fn = loss_fn
-        self.param_rules = self.strategy.param_rules(mesh)
         self.compute_rules = self.strategy.compute_rules(mesh)
 
-        self.graphdef, abs_params, abs_rest = abstract_nnx(make_model)
-        self.pipeline = self._pipeline_config(abs_params)
-        to_model_layout = self._to_stage_layout if self.pipeline else (lambda params: params)
-        abs_params = jax.eval_shape(to_model_layout, abs_params)
-        param_shardings, self.plan = plan_nnx_state(abs_params, mesh=mesh, rules=self.param_rules)
-        rest_shardings, _ = plan_nnx_state(abs_rest, mesh=mesh, rules=self.param_rules)
-        grad_shardings, self.grad_plan = plan_nnx_state(
-            abs_params, mesh=mesh, rules=self.strategy.gradient_rules(mesh)
+        layout = plan_training(
+            make_model, mesh=mesh, strategy=self.strategy, tx=tx,
+            microbatches=config.microbatches, schedule=config.schedule, repeats=config.repeats,
+            offload_optimizer=config.offload_optimizer,
         )
-        opt_param_shardings, self.optimizer_plan = plan_nnx_state(
-            abs_params, mesh=mesh, rules=self.strategy.optimizer_rules(mesh)
-        )
-        abs_opt = jax.eval_shape(tx.init, abs_params)
-        opt_shardings = place_like_params(
-            abs_opt, abs_params, opt_param_shardings, mesh=mesh, what="optimizer state"
-        )
-        if config.offload_optimizer:
-            opt_shardings = jax.tree.map(lambda s: s.with_memory_kind("pinned_host"), opt_shardings)
-        self._grad_shardings = grad_shardings
+        self.layout = layout
+        self.graphdef, self.pipeline, self.num_layers = layout.graphdef, layout.pipeline, layout.num_layers
+        self.plan, self.grad_plan, self.optimizer_plan = layout.params, layout.gradients, layout.optimizer
+        self._grad_shardings = grad_shardings = layout.grad_shardings
+        opt_shardings = layout.opt_shardings
         self._opt_device_shardings = jax.tree.map(
             lambda s: s.with_memory_kind("device"), opt_shardings
         )
+        pipeline = self.pipeline
+        to_model_layout = (lambda p: to_stage_layout(p, pipeline)) if pipeline else (lambda p: p)
         replicated = NamedSharding(mesh, PartitionSpec())
-        self.state_shardings = TrainState(replicated, param_shardings, rest_shardings, opt_shardings)
+        self.state_shardings = TrainState(
+            replicated, layout.param_shardings, layout.rest_shardings, opt_shardings
+        )
         self.batch_axes = self.strategy.batch_axes(mesh)
         self._batch_spec = PartitionSpec(self.batch_axes if self.batch_axes else None)
 
@@ -213,72 +169,13 @@ class Trainer:
             out_shardings=(replicated, grad_shardings),
         )
 
-    # -- pipeline layout -------------------------------------------------------------------------
-
-    def _pipeline_config(self, abs_params):
-        from meshpar.schedule import PipelineConfig
-
-        stages = self.mesh.shape.get("pipe", 1)
-        if stages == 1:
-            return None
-        lengths = {
-            v.get_value().shape[0]
-            for v in jax.tree.leaves(abs_params, is_leaf=_is_var)
-            if _is_var(v) and (v.get_metadata().get("out_sharding") or (None,))[0] == "layers"
-        }
-        if not lengths:
-            raise StrategyError(
-                f"the mesh has pipe={stages}, but the model has no repeated block: no parameter's "
-                "first logical axis is 'layers'. Create the block stack with nnx.vmap and "
-                "transform_metadata={nnx.PARTITION_NAME: 'layers'} and run it with "
-                "meshpar.scan_layers, or drop the pipe axis"
-            )
-        if len(lengths) > 1:
-            raise StrategyError(f"parameters with a leading 'layers' axis disagree on its size: {sorted(lengths)}")
-        config = PipelineConfig(
-            stages=stages, microbatches=self.config.microbatches, schedule=self.config.schedule,
-            repeats=self.config.repeats, batch_axes=("data",) if "data" in self.mesh.shape else (),
-        )
-        self.num_layers = lengths.pop()
-        config.layers_per_chunk(self.num_layers)
-        return config
-
-    def _stage_axes(self) -> tuple[str, ...]:
-        return ("stages",) if self.pipeline.repeats == 1 else ("repeats", "stages")
-
-    def _to_stage_layout(self, params):
-        """``[layers, ...]`` stack parameters -> ``[(repeats,) stages, layers/stage, ...]``."""
-        from meshpar.pipeline import stack_stages
-
-        def one(v):
-            axes = v.get_metadata().get("out_sharding")
-            if not (_is_var(v) and axes and axes[0] == "layers"):
-                return v
-            value = stack_stages(v.get_value(), stages=self.pipeline.stages, repeats=self.pipeline.repeats)
-            return v.replace(value, out_sharding=(*self._stage_axes(), *axes))
-
-        return jax.tree.map(one, params, is_leaf=_is_var)
-
-    def _to_flat_layout(self, params):
-        """The inverse of :meth:`_to_stage_layout`: the model's own ``[layers, ...]`` layout."""
-        from meshpar.pipeline import unstack_stages
-
-        lead = len(self._stage_axes())
-
-        def one(v):
-            axes = v.get_metadata().get("out_sharding")
-            if not (_is_var(v) and axes and axes[0] in ("stages", "repeats")):
-                return v
-            value = unstack_stages(v.get_value(), stages=self.pipeline.stages, repeats=self.pipeline.repeats)
-            return v.replace(value, out_sharding=tuple(axes[lead:]))
-
-        return jax.tree.map(one, params, is_leaf=_is_var)
+    # -- layouts -------------------------------------------------------------------------------
 
     def flat_params(self) -> nnx.State:
         """The parameters in the model's own layout (pipeline stages merged back into layers)."""
         if self.pipeline is None:
             return self.state.params
-        return jax.jit(self._to_flat_layout)(self.state.params)
+        return jax.jit(lambda p: to_flat_layout(p, self.pipeline))(self.state.params)
 
     # -- the step ------------------------------------------------------------------------------
 

@@ -1,0 +1,216 @@
+"""The layout of a training run, worked out without compiling or allocating anything.
+
+:func:`plan_training` is what :class:`meshpar.Trainer` does before it builds anything, and what
+``meshpar inspect`` reports: the abstract model, the pipeline (when the mesh has a ``pipe`` axis),
+and the shardings of parameters, gradients, optimizer state and non-parameter model state.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import optax
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from meshpar.errors import StrategyError
+from meshpar.shard import ShardingPlan, abstract_nnx, plan_nnx_state
+from meshpar.strategy import Strategy
+
+
+def _is_var(x: Any) -> bool:
+    return isinstance(x, nnx.Variable)
+
+
+def _axes(v: nnx.Variable) -> tuple:
+    return tuple(v.get_metadata().get("out_sharding") or ())
+
+
+def pipeline_config(abs_params: nnx.State, /, *, mesh: Mesh, microbatches: int, schedule: str,
+                    repeats: int):
+    """The pipeline for a mesh with a ``pipe`` axis of size > 1 (else ``None``), and the depth.
+
+    Raises:
+        StrategyError: no parameter has a leading ``layers`` axis (no repeated block), stacks
+            disagree on their depth, or the depth does not split into ``stages × repeats``.
+    """
+    from meshpar.schedule import PipelineConfig
+
+    stages = mesh.shape.get("pipe", 1)
+    if stages == 1:
+        return None, None
+    lengths = {
+        v.get_value().shape[0]
+        for v in jax.tree.leaves(abs_params, is_leaf=_is_var)
+        if _is_var(v) and _axes(v)[:1] == ("layers",)
+    }
+    if not lengths:
+        raise StrategyError(
+            f"the mesh has pipe={stages}, but the model has no repeated block: no parameter's "
+            "first logical axis is 'layers'. Create the block stack with nnx.vmap and "
+            "transform_metadata={nnx.PARTITION_NAME: 'layers'} and run it with "
+            "meshpar.scan_layers, or drop the pipe axis"
+        )
+    if len(lengths) > 1:
+        raise StrategyError(
+            f"parameters with a leading 'layers' axis disagree on its size: {sorted(lengths)}"
+        )
+    config = PipelineConfig(
+        stages=stages, microbatches=microbatches, schedule=schedule, repeats=repeats,
+        # Data parallelism inside the stages runs manual, so weight gradients are summed once
+        # after the loop (see meshpar.pipeline); fsdp and tensor stay automatic.
+        batch_axes=("data",) if "data" in mesh.shape else (),
+    )
+    num_layers = lengths.pop()
+    config.layers_per_chunk(num_layers)
+    return config, num_layers
+
+
+def _stage_axes(pipeline) -> tuple[str, ...]:
+    return ("stages",) if pipeline.repeats == 1 else ("repeats", "stages")
+
+
+def to_stage_layout(params: nnx.State, pipeline, /) -> nnx.State:
+    """``[layers, ...]`` stack parameters -> ``[(repeats,) stages, layers/chunk, ...]``."""
+    from meshpar.pipeline import stack_stages
+
+    def one(v):
+        axes = _axes(v)
+        if not (_is_var(v) and axes[:1] == ("layers",)):
+            return v
+        value = stack_stages(v.get_value(), stages=pipeline.stages, repeats=pipeline.repeats)
+        return v.replace(value, out_sharding=(*_stage_axes(pipeline), *axes))
+
+    return jax.tree.map(one, params, is_leaf=_is_var)
+
+
+def to_flat_layout(params: nnx.State, pipeline, /) -> nnx.State:
+    """The inverse of :func:`to_stage_layout`: the model's own ``[layers, ...]`` layout."""
+    from meshpar.pipeline import unstack_stages
+
+    lead = len(_stage_axes(pipeline))
+
+    def one(v):
+        axes = _axes(v)
+        if not (_is_var(v) and axes[:1] in (("stages",), ("repeats",))):
+            return v
+        value = unstack_stages(v.get_value(), stages=pipeline.stages, repeats=pipeline.repeats)
+        return v.replace(value, out_sharding=axes[lead:])
+
+    return jax.tree.map(one, params, is_leaf=_is_var)
+
+
+def place_like_params(
+    tree: Any, params_abstract: Any, param_shardings: Any, *, mesh: Mesh, what: str
+) -> Any:
+    """Shardings for a pytree whose array leaves mirror parameters (optimizer state).
+
+    Each leaf is matched to the parameter whose key path is a suffix of the leaf's path and has
+    the same shape; scalars (step counts) are replicated.
+
+    Raises:
+        StrategyError: a non-scalar leaf mirrors no parameter, so it cannot be placed.
+    """
+    by_path: dict[tuple, tuple[tuple[int, ...], NamedSharding]] = {}
+    flat_p, _ = jax.tree_util.tree_flatten_with_path(params_abstract)
+    flat_s = jax.tree_util.tree_leaves(param_shardings)
+    for (path, leaf), sharding in zip(flat_p, flat_s):
+        by_path[tuple(path)] = (tuple(leaf.shape), sharding)
+    replicated = NamedSharding(mesh, PartitionSpec())
+
+    def one(path, leaf):
+        path = tuple(path)
+        for i in range(len(path)):
+            hit = by_path.get(path[i:])
+            if hit is not None and hit[0] == tuple(leaf.shape):
+                return hit[1]
+        if len(leaf.shape) == 0:
+            return replicated
+        raise StrategyError(
+            f"{what} leaf {jax.tree_util.keystr(path)} with shape {tuple(leaf.shape)} mirrors no "
+            "parameter, so the strategy cannot place it; use an optimizer whose state has the "
+            "parameters' structure (optax transformations do) or place it yourself"
+        )
+
+    return jax.tree_util.tree_map_with_path(one, tree)
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainingPlan:
+    """Everything about a run's layout, decided before anything is compiled.
+
+    Attributes:
+        graphdef: the model's graph definition (split as ``nnx.Param, ...``).
+        abs_params: abstract parameters in the layout the step uses (stage layout if pipelined).
+        abs_rest: abstract non-parameter model state.
+        pipeline: the :class:`~meshpar.schedule.PipelineConfig`, or ``None``.
+        num_layers: depth of the pipelined stack (``None`` without a pipeline).
+        params, gradients, optimizer, rest: the :class:`ShardingPlan` of each.
+        opt_shardings: shardings of the optimizer state (``None`` without an optimizer).
+    """
+
+    graphdef: Any
+    abs_params: nnx.State
+    abs_rest: nnx.State
+    pipeline: Any
+    num_layers: int | None
+    params: ShardingPlan
+    param_shardings: Any
+    gradients: ShardingPlan
+    grad_shardings: Any
+    optimizer: ShardingPlan
+    rest_shardings: Any
+    abs_opt_state: Any
+    opt_shardings: Any
+
+
+def plan_training(
+    make_model: Callable[[], nnx.Module],
+    /,
+    *,
+    mesh: Mesh,
+    strategy: Strategy,
+    tx: optax.GradientTransformation | None = None,
+    microbatches: int = 1,
+    schedule: str = "gpipe",
+    repeats: int = 1,
+    offload_optimizer: bool = False,
+) -> TrainingPlan:
+    """Work out where every parameter, gradient and optimizer-state leaf lives.
+
+    Example:
+        >>> plan = plan_training(make_model, mesh=mesh, strategy=get_strategy("zero3"),
+        ...                      tx=optax.adamw(1e-3))
+        >>> plan.params.bytes_per_device
+    """
+    strategy.check_mesh(mesh)
+    graphdef, abs_params, abs_rest = abstract_nnx(make_model)
+    pipeline, num_layers = pipeline_config(
+        abs_params, mesh=mesh, microbatches=microbatches, schedule=schedule, repeats=repeats
+    )
+    if pipeline is not None:
+        abs_params = jax.eval_shape(lambda p: to_stage_layout(p, pipeline), abs_params)
+    param_rules = strategy.param_rules(mesh)
+    param_shardings, params = plan_nnx_state(abs_params, mesh=mesh, rules=param_rules)
+    rest_shardings, _ = plan_nnx_state(abs_rest, mesh=mesh, rules=param_rules)
+    grad_shardings, gradients = plan_nnx_state(
+        abs_params, mesh=mesh, rules=strategy.gradient_rules(mesh)
+    )
+    opt_param_shardings, optimizer = plan_nnx_state(
+        abs_params, mesh=mesh, rules=strategy.optimizer_rules(mesh)
+    )
+    abs_opt = opt_shardings = None
+    if tx is not None:
+        abs_opt = jax.eval_shape(tx.init, abs_params)
+        opt_shardings = place_like_params(
+            abs_opt, abs_params, opt_param_shardings, mesh=mesh, what="optimizer state"
+        )
+        if offload_optimizer:
+            opt_shardings = jax.tree.map(lambda s: s.with_memory_kind("pinned_host"), opt_shardings)
+    return TrainingPlan(
+        graphdef, abs_params, abs_rest, pipeline, num_layers, params, param_shardings,
+        gradients, grad_shardings, optimizer, rest_shardings, abs_opt, opt_shardings,
+    )
