@@ -70,6 +70,13 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--skip-nonfinite", action="store_true",
                     help="skip updates whose loss is NaN/Inf instead of stopping")
     tr.add_argument("--no-progress", action="store_true", help="no progress bar")
+    ck = tr.add_argument_group("checkpoints")
+    ck.add_argument("--checkpoint-dir", help="save checkpoints (Orbax, sharded, async, atomic) here")
+    ck.add_argument("--checkpoint-every", type=int, default=0,
+                    help="save every K steps (and at the end); 0: only at the end")
+    ck.add_argument("--keep-checkpoints", type=int, default=3, help="keep the last N (default 3)")
+    ck.add_argument("--resume", action="store_true",
+                    help="continue from the latest complete checkpoint in --checkpoint-dir")
     return parser
 
 
@@ -111,11 +118,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
-        from meshpar.devices import emulate_devices
+        import os
 
         if args.cpu_devices < 1:
             raise UsageError(f"--cpu-devices {args.cpu_devices}: must be >= 1")
-        emulate_devices(args.cpu_devices)
+        if os.environ.get("MESHPAR_NUM_PROCESSES"):
+            # Started by `meshpar launch` (or a scheduler setting MESHPAR_*): join the job first;
+            # initialize() sets this process's CPU device count from MESHPAR_CPU_DEVICES.
+            from meshpar import distributed
+
+            distributed.initialize()
+        else:
+            from meshpar.devices import emulate_devices
+
+            emulate_devices(args.cpu_devices)
         if args.command == "inspect":
             from meshpar.inspect_cmd import inspect_main
 

@@ -25,7 +25,9 @@ def _is_var(x: Any) -> bool:
     return isinstance(x, nnx.Variable)
 
 
-def _axes(v: nnx.Variable) -> tuple:
+def _axes(v: Any) -> tuple:
+    if not _is_var(v):
+        return ()
     return tuple(v.get_metadata().get("out_sharding") or ())
 
 

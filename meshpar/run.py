@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import math
 import sys
 import time
 
@@ -31,9 +30,13 @@ def make_optimizer(lr: float, steps: int) -> optax.GradientTransformation:
 def _check_args(args: argparse.Namespace, cfg) -> None:
     from meshpar.cli import UsageError
 
-    for flag in ("steps", "batch_size", "microbatches", "repeats"):
+    for flag in ("steps", "batch_size", "microbatches", "repeats", "keep_checkpoints"):
         if getattr(args, flag) < 1:
             raise UsageError(f"--{flag.replace('_', '-')} {getattr(args, flag)}: must be >= 1")
+    if args.checkpoint_every < 0:
+        raise UsageError(f"--checkpoint-every {args.checkpoint_every}: must be >= 0")
+    if (args.resume or args.checkpoint_every) and not args.checkpoint_dir:
+        raise UsageError("--resume and --checkpoint-every need --checkpoint-dir")
     if not args.lr > 0:
         raise UsageError(f"--lr {args.lr}: must be > 0")
     if cfg.vocab_size < 256:
@@ -73,6 +76,7 @@ def train_main(args: argparse.Namespace) -> int:
         mesh=mesh, strategy=strategy, config=config,
     )
     main_process = jax.process_index() == 0
+    checkpointer, start = _open_checkpoints(args, trainer, cfg, mesh, strategy)
     entropy = unigram_entropy(load_corpus())
     if main_process:
         print(
@@ -95,11 +99,13 @@ def train_main(args: argparse.Namespace) -> int:
         bar = tqdm(total=args.steps, desc="train", unit="step", file=sys.stderr, dynamic_ncols=True)
     tokens_per_step = args.batch_size * seq_len
     losses = []
-    start = time.perf_counter()
+    t0 = time.perf_counter()
     try:
-        for step in range(args.steps):
+        if bar is not None:
+            bar.update(start)
+        for step in range(start, args.steps):
             batch = data.batch(step)
-            m = trainer.step(_local_rows(batch))
+            m = trainer.step(_local_rows(batch, trainer))
             losses.append(m["loss"])
             record = {
                 "step": step, "loss": m["loss"], "grad_norm": m["grad_norm"],
@@ -112,27 +118,98 @@ def train_main(args: argparse.Namespace) -> int:
             if bar is not None:
                 bar.set_postfix(loss=f"{m['loss']:.3f}", tok_s=f"{record['tokens_per_s']:,.0f}")
                 bar.update(1)
+            done = step + 1
+            if checkpointer and (done == args.steps or (args.checkpoint_every and done % args.checkpoint_every == 0)):
+                checkpointer.save(done, trainer.checkpoint_state(), meta=_meta(args, cfg, mesh, strategy, done))
     finally:
+        if checkpointer:
+            checkpointer.close()  # waits for the last asynchronous save
         if bar is not None:
             bar.close()
         if metrics_file:
             metrics_file.close()
-    elapsed = time.perf_counter() - start
-    if main_process:
+    elapsed = time.perf_counter() - t0
+    if main_process and losses:
         tail = losses[-min(10, len(losses)):]
         final = float(np.mean(tail))
         print(
-            f"done: {args.steps} steps in {elapsed:.1f} s; loss {losses[0]:.3f} -> {final:.3f} "
+            f"done: {args.steps - start} steps in {elapsed:.1f} s; loss {losses[0]:.3f} -> {final:.3f} "
             f"(mean of last {len(tail)}), {final / entropy:.2f}x the unigram entropy "
-            f"{entropy:.3f}; {tokens_per_step * args.steps / elapsed:,.0f} tokens/s",
+            f"{entropy:.3f}; {tokens_per_step * (args.steps - start) / elapsed:,.0f} tokens/s",
             flush=True,
         )
     return 0
 
 
-def _local_rows(batch):
+def _local_rows(batch, trainer):
     """This process's rows of a global host batch (all of it in a single process)."""
-    n, i = jax.process_count(), jax.process_index()
-    if n == 1:
+    if jax.process_count() == 1:
         return batch
-    return {k: np.array_split(v, n)[i] for k, v in batch.items()}
+    from meshpar.distributed import local_slice
+
+    return local_slice(batch, {k: trainer.batch_sharding(v.ndim) for k, v in batch.items()})
+
+
+# Settings that must match for a resumed run to continue the same run exactly.
+_RESUME_KEYS = ("seed", "batch_size", "seq_len")
+
+
+def _meta(args, cfg, mesh, strategy, step: int) -> dict:
+    from meshpar.mesh import format_mesh
+
+    return {
+        "step": step, "data_step": step, "seed": args.seed, "batch_size": args.batch_size,
+        "seq_len": cfg.seq_len, "steps": args.steps, "model": dataclasses.asdict(cfg),
+        "mesh": format_mesh(mesh), "strategy": strategy.name, "zero_stage": strategy.zero_stage,
+    }
+
+
+def _open_checkpoints(args, trainer, cfg, mesh, strategy):
+    """The checkpointer (or None) and the step to start from (restoring if --resume)."""
+    from meshpar.checkpoint import Checkpointer, CheckpointError
+
+    if not args.checkpoint_dir:
+        return None, 0
+    if args.resume:
+        import os
+
+        if not os.path.isdir(args.checkpoint_dir):
+            raise CheckpointError(
+                f"--resume: checkpoint directory {args.checkpoint_dir!r} does not exist"
+            )
+    checkpointer = Checkpointer(args.checkpoint_dir, keep=args.keep_checkpoints)
+    if not args.resume:
+        if checkpointer.latest_step() is not None:
+            raise CheckpointError(
+                f"{args.checkpoint_dir!r} already holds checkpoints (latest step "
+                f"{checkpointer.latest_step()}); pass --resume to continue that run, or use "
+                "another directory"
+            )
+        return checkpointer, 0
+    if checkpointer.latest_step() is None:
+        raise CheckpointError(
+            f"--resume: no complete checkpoint in {args.checkpoint_dir!r} (empty, or only "
+            "partial saves, which are ignored)"
+        )
+    state, meta = checkpointer.restore(trainer.checkpoint_target())
+    if meta.get("model") != dataclasses.asdict(cfg):
+        saved = meta.get("model") or {}
+        differ = ", ".join(
+            f"{k}={saved.get(k)!r} there, {getattr(cfg, k)!r} here"
+            for k in dataclasses.asdict(cfg) if saved.get(k) != getattr(cfg, k)
+        )
+        raise CheckpointError(
+            f"--resume: the checkpoint at step {meta.get('step')} is of a different model ({differ})"
+        )
+    for key in _RESUME_KEYS:
+        here = cfg.seq_len if key == "seq_len" else getattr(args, key)
+        if meta.get(key) != here:
+            raise CheckpointError(
+                f"--resume: --{key.replace('_', '-')} {here} differs from the checkpoint's "
+                f"{meta.get(key)}; an exact resume needs the same value"
+            )
+    trainer.load_checkpoint_state(state)
+    if jax.process_index() == 0:
+        print(f"resumed from step {meta['step']} (saved on mesh {meta.get('mesh')}, strategy "
+              f"{meta.get('strategy')})", flush=True)
+    return checkpointer, int(meta["step"])
