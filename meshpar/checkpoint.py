@@ -40,6 +40,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from meshpar.errors import MeshparError
+from meshpar.shard import path_str
 
 logger = logging.getLogger(__name__)
 
@@ -60,17 +61,10 @@ class CheckpointError(MeshparError):
 # --------------------------------------------------------------------------- tree helpers
 
 
-def _key_str(key: Any) -> str:
-    for attr in ("key", "name", "idx"):
-        if hasattr(key, attr):
-            return str(getattr(key, attr))
-    return str(key)
-
-
 def _path_str(path: tuple) -> str:
     # Orbax stores NamedTuples as dicts and tuples as lists, so attribute names, dict keys and
     # sequence indices must all compare as plain strings.
-    return "/".join(_key_str(k) for k in path)
+    return path_str(path)
 
 
 def _flat(tree: Any) -> dict[str, Any]:

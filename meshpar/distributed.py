@@ -50,6 +50,7 @@ import jax
 import numpy as np
 
 from meshpar.errors import MeshparError
+from meshpar.shard import path_str
 
 __all__ = [
     "DistributedError",
@@ -301,14 +302,7 @@ def _broadcast_shardings(shardings: Any, tree: Any) -> Any:
 
 
 def _leaf_name(path: Sequence[Any]) -> str:
-    parts = []
-    for key in path:
-        for attr in ("key", "name", "idx"):
-            if hasattr(key, attr):
-                key = getattr(key, attr)
-                break
-        parts.append(str(key))
-    return "/".join(parts) or "<root>"
+    return path_str(path) or "<root>"
 
 
 def _process_indices(sharding: jax.sharding.Sharding, shape: tuple[int, ...], process: int) -> list[np.ndarray]:

@@ -214,3 +214,13 @@ def summarize(ops: Iterable[Collective], /) -> dict[str, dict]:
         table[key]["result_bytes_per_step"] += op.result_bytes * op.trip_count
         table[key]["traffic_bytes_per_step"] += op.traffic_per_step
     return {k: dict(v) for k, v in sorted(table.items())}
+
+
+def collectives_in_loops(hlo_text: str, /) -> dict[str, int]:
+    """Static count of collective ops, by kind, inside ``while`` loops (and what they call).
+
+    Example:
+        >>> collectives_in_loops(jax.jit(jax.grad(loss)).lower(params, x).compile().as_text())
+        {'collective-permute': 4}
+    """
+    return dict(Counter(op.kind for op in collectives(hlo_text) if op.in_loop))

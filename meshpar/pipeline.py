@@ -80,7 +80,6 @@ from meshpar.schedule import PipelineConfig, repeat_table, schedule_table
 
 __all__ = [
     "PipelineConfig",
-    "collectives_in_loops",
     "pipeline_apply",
     "repeat_table",
     "schedule_table",
@@ -396,68 +395,3 @@ def pipeline_apply(
 
 
 # --- compiled-program check -------------------------------------------------------------------
-
-_COLLECTIVES = ("all-reduce", "all-gather", "reduce-scatter", "collective-permute", "all-to-all")
-_COMPUTATION = re.compile(r"^(?:ENTRY\s+)?%?([\w.\-]+)\s.*\{\s*$")
-_OPCODE = re.compile(r"=\s*[^=]*?\s([a-z][a-z0-9\-]*)\(")
-_WHILE_BODY = re.compile(r"\bbody=%?([\w.\-]+)")
-_CALLED = re.compile(
-    r"\b(?:body|condition|calls|to_apply|true_computation|false_computation)=%?([\w.\-]+)"
-    r"|\bbranch_computations=\{([^}]*)\}"
-)
-
-
-def _computations(hlo_text: str) -> dict[str, list[str]]:
-    comps: dict[str, list[str]] = {}
-    current = None
-    for line in hlo_text.splitlines():
-        if current is None:
-            match = _COMPUTATION.match(line)
-            if match and "->" in line:
-                current = match.group(1)
-                comps[current] = []
-        elif line.strip() == "}":
-            current = None
-        else:
-            comps[current].append(line)
-    return comps
-
-
-def collectives_in_loops(hlo_text: str, /) -> dict[str, int]:
-    """Count collective ops inside ``while`` loop bodies of a compiled HLO module.
-
-    Walks every while body and the computations it calls (fusions, conditionals, nested loops),
-    each computation once, and counts instructions per collective opcode (async ``-start`` forms
-    count as their op). Counts are static: an op in a loop of 7 trips counts once.
-
-    Args:
-        hlo_text: ``jax.jit(f).lower(...).compile().as_text()``.
-
-    Returns:
-        ``{opcode: count}`` for ``all-reduce``, ``all-gather``, ``reduce-scatter``,
-        ``collective-permute`` and ``all-to-all`` (only those present).
-
-    Example:
-        >>> hlo = jax.jit(jax.grad(loss)).lower(params, x).compile().as_text()
-        >>> collectives_in_loops(hlo)
-        {'collective-permute': 4}
-    """
-    comps = _computations(hlo_text)
-    pending = [name for lines in comps.values() for line in lines
-               for name in _WHILE_BODY.findall(line)]
-    seen: set[str] = set()
-    counts: Counter[str] = Counter()
-    while pending:
-        name = pending.pop()
-        if name in seen or name not in comps:
-            continue
-        seen.add(name)
-        for line in comps[name]:
-            op = _OPCODE.search(line)
-            if op:
-                base = op.group(1).removesuffix("-start")
-                if base in _COLLECTIVES:
-                    counts[base] += 1
-            for single, group in _CALLED.findall(line):
-                pending += [single] if single else [g.strip().lstrip("%") for g in group.split(",")]
-    return dict(counts)

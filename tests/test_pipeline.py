@@ -20,9 +20,9 @@ from jax.sharding import PartitionSpec as P
 from meshpar.errors import StrategyError
 from meshpar.layout import activate, constrain
 from meshpar.mesh import make_mesh
+from meshpar.hlo import collectives_in_loops
 from meshpar.pipeline import (
     PipelineConfig,
-    collectives_in_loops,
     pipeline_apply,
     repeat_table,
     schedule_table,
@@ -411,47 +411,3 @@ def test_apply_errors():
     with pytest.raises(StrategyError, match=r"closes over 1 traced value\(s\) \(float32\[\]\)"):
         jax.jit(jax.grad(closes_over_traced))(2.0)
 
-
-def test_collectives_in_loops_parser():
-    hlo = """HloModule m
-
-%add (a: f32[], b: f32[]) -> f32[] {
-  %a = f32[] parameter(0)
-  ROOT %s = f32[] add(%a, %a)
-}
-
-%fused (p: f32[4]) -> f32[4] {
-  %p = f32[4] parameter(0)
-  ROOT %ag = f32[4]{0} all-gather(%p), replica_groups={{0,1}}, dimensions={0}
-}
-
-%inner_body (t: (s32[], f32[4])) -> (s32[], f32[4]) {
-  %t = (s32[], f32[4]) parameter(0)
-  %x = f32[4] get-tuple-element(%t), index=1
-  %ar = f32[4]{0} all-reduce(%x), replica_groups={{0,1}}, to_apply=%add
-  ROOT %r = (s32[], f32[4]) tuple(%x, %ar)
-}
-
-%body (t: (s32[], f32[4])) -> (s32[], f32[4]) {
-  %t = (s32[], f32[4]) parameter(0)
-  %x = f32[4] get-tuple-element(%t), index=1
-  %cp = f32[4]{0} collective-permute-start(%x), source_target_pairs={{0,1},{1,0}}
-  %f = f32[4]{0} fusion(%x), kind=kLoop, calls=%fused
-  %w = (s32[], f32[4]) while(%t), condition=%cond, body=%inner_body
-  ROOT %r = (s32[], f32[4]) tuple(%x, %cp)
-}
-
-%cond (t: (s32[], f32[4])) -> pred[] {
-  %t = (s32[], f32[4]) parameter(0)
-  ROOT %c = pred[] constant(true)
-}
-
-ENTRY %main (x: f32[4]) -> f32[4] {
-  %x = f32[4] parameter(0)
-  %ar0 = f32[4]{0} all-reduce(%x), replica_groups={{0,1}}, to_apply=%add
-  %w = (s32[], f32[4]) while(%x), condition=%cond, body=%body, metadata={op_name="a=b"}
-  ROOT %o = f32[4] get-tuple-element(%w), index=1
-}
-"""
-    assert collectives_in_loops(hlo) == {"collective-permute": 1, "all-gather": 1,
-                                         "all-reduce": 1}

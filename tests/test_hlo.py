@@ -1,0 +1,86 @@
+"""Reading compiled HLO: replica-group formats, mesh axes, loop trip counts."""
+
+import numpy as np
+import pytest
+
+import meshpar as mp
+from meshpar.hlo import collectives, collectives_in_loops, mesh_axes_of, parse_groups
+
+
+@pytest.fixture(scope="module")
+def mesh():
+    return mp.make_mesh(data=2, fsdp=2, tensor=2)
+
+
+def test_explicit_iota_and_mesh_replica_groups(mesh):
+    assert parse_groups("replica_groups={{0,1},{2,3}}, to_apply=%add") == [[0, 1], [2, 3]]
+    # [4,2]<=[4,2]T(1,0): ids 0..7 as 4x2, transposed, then 4 groups of 2.
+    groups = parse_groups("replica_groups=[4,2]<=[4,2]T(1,0), dimensions={1}")
+    assert groups == np.arange(8).reshape(4, 2).T.reshape(4, 2).tolist()
+    groups = parse_groups(
+        "replica_groups=mesh['axis_0'=2,'axis_1'=4], device_ids=([2,2,2]T(1,0,2)) {'axis_0'}, dimensions={0}")
+    ids = np.arange(8).reshape(2, 2, 2).transpose(1, 0, 2).reshape(2, 4)
+    assert groups == ids.T.reshape(4, 2).tolist()
+    assert parse_groups("source_target_pairs={{0,1},{1,0}}") == [[0, 1], [1, 0]]
+
+
+def test_groups_map_to_mesh_axes(mesh):
+    # Device ids are flat indices into the mesh: data is the slowest axis, tensor the fastest.
+    assert mesh_axes_of([[0, 1], [2, 3], [4, 5], [6, 7]], mesh) == ("tensor",)
+    assert mesh_axes_of([[0, 4], [1, 5]], mesh) == ("data",)
+    assert mesh_axes_of([[0, 2, 4, 6]], mesh) == ("data", "fsdp")
+
+
+HLO = """HloModule m
+
+%add (a: f32[], b: f32[]) -> f32[] {
+  %a = f32[] parameter(0)
+  ROOT %s = f32[] add(%a, %a)
+}
+
+%fused (p: f32[4]) -> f32[4] {
+  %p = f32[4] parameter(0)
+  ROOT %ag = f32[4]{0} all-gather(%p), replica_groups={{0,1}}, dimensions={0}
+}
+
+%inner_body (t: (s32[], f32[4])) -> (s32[], f32[4]) {
+  %t = (s32[], f32[4]) parameter(0)
+  %x = f32[4] get-tuple-element(%t), index=1
+  %ar = f32[4]{0} all-reduce(%x), replica_groups={{0,1}}, to_apply=%add
+  ROOT %r = (s32[], f32[4]) tuple(%x, %ar)
+}
+
+%body (t: (s32[], f32[4])) -> (s32[], f32[4]) {
+  %t = (s32[], f32[4]) parameter(0)
+  %x = f32[4] get-tuple-element(%t), index=1
+  %cp = f32[4]{0} collective-permute-start(%x), source_target_pairs={{0,1},{1,0}}
+  %f = f32[4]{0} fusion(%x), kind=kLoop, calls=%fused
+  %w = (s32[], f32[4]) while(%t), condition=%cond, body=%inner_body, backend_config={"known_trip_count":{"n":"3"}}
+  ROOT %r = (s32[], f32[4]) tuple(%x, %cp)
+}
+
+%cond (t: (s32[], f32[4])) -> pred[] {
+  %t = (s32[], f32[4]) parameter(0)
+  ROOT %c = pred[] constant(true)
+}
+
+ENTRY %main (x: f32[4]) -> f32[4] {
+  %x = f32[4] parameter(0)
+  %ar0 = f32[4]{0} all-reduce(%x), replica_groups={{0,1}}, to_apply=%add
+  %w = (s32[], f32[4]) while(%x), condition=%cond, body=%body, backend_config={"known_trip_count":{"n":"5"}}, metadata={op_name="a=b"}
+  ROOT %o = f32[4] get-tuple-element(%w), index=1
+}
+"""
+
+
+def test_collectives_in_loops_walks_called_computations():
+    assert collectives_in_loops(HLO) == {"collective-permute": 1, "all-gather": 1, "all-reduce": 1}
+
+
+def test_trip_counts_multiply_through_nested_loops():
+    ops = {op.name: op for op in collectives(HLO)}
+    assert ops["ar0"].trip_count == 1 and not ops["ar0"].in_loop
+    assert ops["cp"].trip_count == 5 and ops["ag"].trip_count == 5
+    assert ops["ar"].trip_count == 15
+    assert ops["ar"].result_bytes == 16
+    assert ops["ar"].traffic_bytes == pytest.approx(16.0)  # 2(n-1)/n x 16 with n = 2
