@@ -429,6 +429,56 @@ class Checkpointer:
             self._closed = True
             _OPEN.discard(self)
 
+    def read_meta(self, *, step: int | None = None) -> tuple[int, dict[str, Any]]:
+        """The JSON metadata of a complete checkpoint (default: the latest), reading no array.
+
+        Returns:
+            ``(step, meta)``.
+
+        Raises:
+            CheckpointError: the directory is missing or has no complete checkpoint, ``step`` is
+                not one, or the metadata cannot be read or is not a JSON object.
+
+        Example:
+            >>> step, meta = ckpt.read_meta()
+        """
+        step, steps = self._complete_step(step)
+        where = f"checkpoint step {step} in {self._directory}"
+        try:
+            meta = self._get_manager().restore(
+                step, args=ocp.args.Composite(**{_META: ocp.args.JsonRestore()})
+            )[_META]
+        except Exception as e:  # noqa: BLE001
+            raise CheckpointError(
+                f"{where}: its metadata cannot be read ({type(e).__name__}: {_first_line(e)})"
+            ) from e
+        if not isinstance(meta, dict):
+            raise CheckpointError(f"{where}: its metadata item is not a JSON object")
+        return step, meta
+
+    def _complete_step(self, step: int | None) -> tuple[int, list[int]]:
+        if not os.path.isdir(self._directory):
+            raise CheckpointError(
+                f"checkpoint directory {self._directory} does not exist; nothing to restore "
+                "(check the path, or start without restoring)"
+            )
+        self.wait()  # a save of ours still in flight must land before we list the steps
+        steps, partial = self._scan()
+        if not steps:
+            extra = f" (only partial saves: {', '.join(partial)})" if partial else ""
+            raise CheckpointError(
+                f"checkpoint directory {self._directory} has no complete checkpoint{extra}; "
+                "nothing to restore"
+            )
+        if step is None:
+            step = steps[-1]
+        elif step not in steps:
+            raise CheckpointError(
+                f"step {step} is not a complete checkpoint in {self._directory}; complete steps: "
+                f"{steps}"
+            )
+        return step, steps
+
     def restore(self, target: Any, *, step: int | None = None) -> tuple[Any, dict[str, Any]]:
         """Read a checkpoint into the shardings given by ``target``.
 
@@ -456,26 +506,7 @@ class Checkpointer:
             >>> state, meta = ckpt.restore(target)
             >>> start_step = meta["step"]
         """
-        if not os.path.isdir(self._directory):
-            raise CheckpointError(
-                f"checkpoint directory {self._directory} does not exist; nothing to restore "
-                "(check the path, or start without restoring)"
-            )
-        self.wait()  # a save of ours still in flight must land before we list the steps
-        steps, partial = self._scan()
-        if not steps:
-            extra = f" (only partial saves: {', '.join(partial)})" if partial else ""
-            raise CheckpointError(
-                f"checkpoint directory {self._directory} has no complete checkpoint{extra}; "
-                "nothing to restore"
-            )
-        if step is None:
-            step = steps[-1]
-        elif step not in steps:
-            raise CheckpointError(
-                f"step {step} is not a complete checkpoint in {self._directory}; complete steps: "
-                f"{steps}"
-            )
+        step, steps = self._complete_step(step)
         target = restore_target(target)
         where = f"checkpoint step {step} in {self._directory}"
         manager = self._get_manager()
@@ -520,13 +551,14 @@ class Checkpointer:
         )
         missing = [name for name in wanted if name not in saved]
         extra = [name for name in saved if name not in wanted]
-        mismatched = [
+        # Name a parameter before optimizer state that mirrors it: that is what a user recognises.
+        mismatched = sorted([
             name for name in wanted
             if name in saved and (
                 tuple(saved[name].shape) != tuple(wanted[name].shape)
                 or np.dtype(saved[name].dtype) != np.dtype(wanted[name].dtype)
             )
-        ]
+        ], key=lambda name: ("params" not in name.split("/")[:2], name))
         problems = len(missing) + len(extra) + len(mismatched)
         if not problems:
             return

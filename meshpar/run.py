@@ -159,24 +159,28 @@ def _meta(args, cfg, mesh, strategy, step: int) -> dict:
 
     return {
         "step": step, "data_step": step, "seed": args.seed, "batch_size": args.batch_size,
-        "seq_len": cfg.seq_len, "steps": args.steps, "model": dataclasses.asdict(cfg),
-        "mesh": format_mesh(mesh), "strategy": strategy.name, "zero_stage": strategy.zero_stage,
+        "seq_len": cfg.seq_len, "steps": args.steps, "lr": args.lr,
+        "model": dataclasses.asdict(cfg), "mesh": format_mesh(mesh), "strategy": strategy.name,
+        "zero_stage": strategy.zero_stage,
     }
+
+
+# GPTConfig fields that change how the model computes, not what its parameters are.
+_COMPUTE_ONLY = ("remat",)
 
 
 def _open_checkpoints(args, trainer, cfg, mesh, strategy):
     """The checkpointer (or None) and the step to start from (restoring if --resume)."""
+    import os
+
     from meshpar.checkpoint import Checkpointer, CheckpointError
 
     if not args.checkpoint_dir:
         return None, 0
-    if args.resume:
-        import os
-
-        if not os.path.isdir(args.checkpoint_dir):
-            raise CheckpointError(
-                f"--resume: checkpoint directory {args.checkpoint_dir!r} does not exist"
-            )
+    if os.path.exists(args.checkpoint_dir) and not os.path.isdir(args.checkpoint_dir):
+        raise CheckpointError(f"--checkpoint-dir {args.checkpoint_dir!r} is a file, not a directory")
+    if args.resume and not os.path.isdir(args.checkpoint_dir):
+        raise CheckpointError(f"--resume: checkpoint directory {args.checkpoint_dir!r} does not exist")
     checkpointer = Checkpointer(args.checkpoint_dir, keep=args.keep_checkpoints)
     if not args.resume:
         if checkpointer.latest_step() is not None:
@@ -191,15 +195,27 @@ def _open_checkpoints(args, trainer, cfg, mesh, strategy):
             f"--resume: no complete checkpoint in {args.checkpoint_dir!r} (empty, or only "
             "partial saves, which are ignored)"
         )
-    state, meta = checkpointer.restore(trainer.checkpoint_target())
-    if meta.get("model") != dataclasses.asdict(cfg):
-        saved = meta.get("model") or {}
-        differ = ", ".join(
-            f"{k}={saved.get(k)!r} there, {getattr(cfg, k)!r} here"
-            for k in dataclasses.asdict(cfg) if saved.get(k) != getattr(cfg, k)
-        )
+    # The metadata first: a different model is named by its config, before any array is read.
+    step, meta = checkpointer.read_meta()
+    if not isinstance(meta.get("step"), int) or meta["step"] != step:
         raise CheckpointError(
-            f"--resume: the checkpoint at step {meta.get('step')} is of a different model ({differ})"
+            f"--resume: checkpoint step {step} has no valid 'step' in its metadata "
+            f"({meta.get('step')!r}); it was not written by meshpar train"
+        )
+    saved = meta.get("model") if isinstance(meta.get("model"), dict) else {}
+    differ = ", ".join(
+        f"{k}={saved.get(k)!r} there, {getattr(cfg, k)!r} here"
+        for k in dataclasses.asdict(cfg)
+        if k not in _COMPUTE_ONLY and saved.get(k) != getattr(cfg, k)
+    )
+    if differ:
+        detail = ""
+        try:  # name the first parameter whose shape differs too (no array is read)
+            checkpointer.restore(trainer.checkpoint_target(), step=step)
+        except CheckpointError as err:
+            detail = f": {err}"
+        raise CheckpointError(
+            f"--resume: the checkpoint at step {step} is of a different model ({differ}){detail}"
         )
     for key in _RESUME_KEYS:
         here = cfg.seq_len if key == "seq_len" else getattr(args, key)
@@ -208,8 +224,17 @@ def _open_checkpoints(args, trainer, cfg, mesh, strategy):
                 f"--resume: --{key.replace('_', '-')} {here} differs from the checkpoint's "
                 f"{meta.get(key)}; an exact resume needs the same value"
             )
+    state, _ = checkpointer.restore(trainer.checkpoint_target(), step=step)
     trainer.load_checkpoint_state(state)
     if jax.process_index() == 0:
-        print(f"resumed from step {meta['step']} (saved on mesh {meta.get('mesh')}, strategy "
+        print(f"resumed from step {step} (saved on mesh {meta.get('mesh')}, strategy "
               f"{meta.get('strategy')})", flush=True)
-    return checkpointer, int(meta["step"])
+        if (meta.get("steps"), meta.get("lr")) != (args.steps, args.lr):
+            print(
+                f"note: --steps/--lr ({args.steps}, {args.lr}) differ from the saved run's "
+                f"({meta.get('steps')}, {meta.get('lr')}); the learning-rate schedule changes, so "
+                "this resume does not reproduce an uninterrupted run", flush=True,
+            )
+        if step >= args.steps:
+            print(f"the checkpoint is at step {step} >= --steps {args.steps}: nothing to train", flush=True)
+    return checkpointer, step
