@@ -58,6 +58,12 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_args(ins)
     _add_layout_args(ins)
     ins.add_argument("--json", action="store_true", help="print the report as JSON")
+    ins.add_argument("--compiled", action="store_true",
+                     help="also compile one train step (--batch-size, --microbatches) and report "
+                          "its memory, FLOPs and collectives beside the strategy's formulas")
+    ins.add_argument("--plots", metavar="DIR",
+                     help="write PNGs to DIR: sharding.png, memory.png, and schedule.png with a "
+                          "pipe axis")
 
     tr = sub.add_parser("train", help="train the built-in GPT on the embedded corpus")
     _add_model_args(tr)

@@ -1,10 +1,19 @@
-"""``meshpar inspect``: how a layout places the built-in GPT, and what it costs."""
+"""``meshpar inspect``: how a layout places the built-in GPT, and what it costs.
+
+Without options it prints the parameter table (:func:`meshpar.report.format_plan`). With
+``--compiled`` it also compiles one train step for the layout and prints
+:func:`meshpar.explain.format_explain` (memory, FLOPs, collectives beside the strategy's analytic
+figures); ``--plots DIR`` writes PNGs (:mod:`meshpar.plots`): ``sharding.png``, ``memory.png``
+and, for a mesh with a ``pipe`` axis, ``schedule.png``.
+"""
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
 import json
+import os
+import sys
 
 
 def inspect_main(args: argparse.Namespace) -> int:
@@ -13,23 +22,40 @@ def inspect_main(args: argparse.Namespace) -> int:
 
     from meshpar.cli import _layout, _model_config
     from meshpar.models import GPT
-    from meshpar.report import format_plan, plan_to_dict
     from meshpar.plan import plan_training
+    from meshpar.report import format_plan, plan_to_dict
 
     cfg = _model_config(args)
     mesh, strategy = _layout(args)
+    make_model = lambda: GPT(cfg, rngs=nnx.Rngs(0))  # noqa: E731
     layout = plan_training(
-        lambda: GPT(cfg, rngs=nnx.Rngs(0)), mesh=mesh, strategy=strategy,
+        make_model, mesh=mesh, strategy=strategy,
         microbatches=args.microbatches, schedule=args.schedule, repeats=args.repeats,
     )
     plan = layout.params
     pipeline = _pipeline_summary(layout)
+    compiled = None
+    if getattr(args, "compiled", False):
+        from meshpar.explain import explain_gpt
+
+        compiled = explain_gpt(
+            cfg, mesh=mesh, strategy=strategy, microbatches=args.microbatches,
+            schedule=args.schedule, repeats=args.repeats, batch_size=args.batch_size,
+        )
+    plots = []
+    if getattr(args, "plots", None):
+        plots = write_plots(args.plots, make_model=make_model, layout=layout, mesh=mesh,
+                            strategy=strategy, config=cfg, args=args, compiled=compiled)
     if args.json:
         data = plan_to_dict(plan)
         data["pipeline"] = pipeline
         data["model"] = dataclasses.asdict(cfg)
         data["strategy"] = {"name": strategy.name, "zero_stage": strategy.zero_stage,
                             "sequence_parallel": strategy.sequence_parallel}
+        if compiled is not None:
+            data["compiled"] = compiled
+        if plots:
+            data["plots"] = plots
         print(json.dumps(data, indent=1))
     else:
         title = (f"GPT preset {args.preset} ({cfg.param_count():,} parameters), strategy "
@@ -44,6 +70,13 @@ def inspect_main(args: argparse.Namespace) -> int:
                 f"microbatches, {pipeline['iterations']} iterations, bubble fraction "
                 f"(P-1)/(v*M+P-1) = {pipeline['bubble_fraction']:.3f}"
             )
+        if compiled is not None:
+            from meshpar.explain import format_explain
+
+            print()
+            print(format_explain(compiled))
+        for path in plots:
+            print(f"wrote {path}")
     return 0
 
 
@@ -60,3 +93,79 @@ def _pipeline_summary(layout) -> dict | None:
     }
 
 
+def comparison_layouts(config, /, *, devices: int) -> dict:
+    """``{label: (mesh, strategy)}``: DP, ZeRO-1/2/3 and TP of one model on ``devices`` devices.
+
+    TP takes the largest tensor size that divides the heads, the MLP width and the vocabulary
+    (the rest of the devices go to ``data``); it is left out if that size is 1.
+
+    Example:
+        >>> list(comparison_layouts(get_preset("tiny"), devices=8))
+        ['DP', 'ZeRO-1', 'ZeRO-2', 'ZeRO-3', 'TP']
+    """
+    from meshpar.mesh import make_mesh
+
+    out = {"DP": (make_mesh(data=devices), "dp")}
+    for stage in (1, 2, 3):
+        out[f"ZeRO-{stage}"] = (make_mesh(fsdp=devices), f"zero{stage}")
+    tensor = max(t for t in range(1, devices + 1) if devices % t == 0 and config.heads % t == 0
+                 and config.mlp_dim % t == 0 and config.vocab_size % t == 0)
+    if tensor > 1:
+        mesh = make_mesh(data=devices // tensor, tensor=tensor) if tensor < devices else \
+            make_mesh(tensor=tensor)
+        out["TP"] = (mesh, "tp")
+    return out
+
+
+def write_plots(directory, *, make_model, layout, mesh, strategy, config, args,
+                compiled=None) -> list[str]:
+    """Write ``sharding.png``, ``memory.png`` and (pipelined) ``schedule.png``; returns paths.
+
+    ``memory.png`` compares DP, ZeRO-1/2/3 and TP of the same model on as many devices
+    (:func:`comparison_layouts`) with this layout, marking the compiled figure when ``compiled``
+    (an :func:`meshpar.explain.explain_gpt` report) is given.
+
+    Example:
+        >>> write_plots("out", make_model=make_model, layout=plan_training(...), mesh=mesh,
+        ...             strategy=strategy, config=cfg, args=args)    # doctest: +SKIP
+        ['out/sharding.png', 'out/memory.png']
+    """
+    from meshpar.errors import MeshparError
+    from meshpar.mesh import format_mesh
+    from meshpar.plots import (plot_param_sharding, plot_pipeline_schedule,
+                               plot_strategy_memory, strategy_memory)
+
+    os.makedirs(directory, exist_ok=True)
+    written = []
+    path = os.path.join(directory, "sharding.png")
+    plot_param_sharding(layout.params, path, title=(
+        f"GPT {args.preset}, strategy {strategy.name}, mesh {format_mesh(mesh)}: devices holding "
+        "each block of each parameter"))
+    written.append(path)
+
+    layouts = comparison_layouts(config, devices=mesh.size)
+    rows = []
+    for label, (m, s) in layouts.items():
+        try:
+            rows += strategy_memory(make_model, {label: (m, s)})
+        except MeshparError as err:  # e.g. a size this model does not divide: say so, go on
+            print(f"meshpar inspect: memory plot leaves out {label}: {err}", file=sys.stderr)
+    mine = strategy_memory(make_model, {"this layout": (mesh, strategy)},
+                           microbatches=args.microbatches, schedule=args.schedule,
+                           repeats=args.repeats)[0]
+    mine["label"] = f"this layout\n({strategy.name})"
+    if compiled is not None:
+        mine["compiled"] = compiled["checks"][0]["measured"]  # params + optimizer state
+    rows.append(mine)
+    path = os.path.join(directory, "memory.png")
+    plot_strategy_memory(rows, path, title=(
+        f"GPT {args.preset} ({config.param_count():,} params), Adam fp32: model state per "
+        f"device on {mesh.size} devices"))
+    written.append(path)
+
+    if layout.pipeline is not None:
+        path = os.path.join(directory, "schedule.png")
+        plot_pipeline_schedule(layout.pipeline, path, title=(
+            f"pipeline schedule, mesh {format_mesh(mesh)}, {layout.num_layers} layers"))
+        written.append(path)
+    return written
