@@ -110,8 +110,7 @@ def _layout(args):
         args.strategy, zero_stage=args.zero,
         sequence_parallel=True if args.sequence_parallel else None,
     )
-    strategy.check_mesh(mesh)
-    return mesh, strategy
+    return mesh, strategy.for_mesh(mesh)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -32,7 +32,7 @@ def _axes(v: Any) -> tuple:
 
 
 def pipeline_config(abs_params: nnx.State, /, *, mesh: Mesh, microbatches: int, schedule: str,
-                    repeats: int):
+                    repeats: int, zero_stage: int = 0):
     """The pipeline for a mesh with a ``pipe`` axis of size > 1 (else ``None``), and the depth.
 
     Raises:
@@ -62,9 +62,12 @@ def pipeline_config(abs_params: nnx.State, /, *, mesh: Mesh, microbatches: int, 
         )
     config = PipelineConfig(
         stages=stages, microbatches=microbatches, schedule=schedule, repeats=repeats,
-        # Data parallelism inside the stages runs manual, so weight gradients are summed once
-        # after the loop (see meshpar.pipeline); fsdp and tensor stay automatic.
-        batch_axes=("data",) if "data" in mesh.shape else (),
+        # The batch axes that replicate the weights run manual inside the stages, so weight
+        # gradients are summed once after the loop instead of in every backward iteration (see
+        # meshpar.pipeline). fsdp replicates them too below ZeRO-3; tensor stays automatic.
+        batch_axes=tuple(
+            a for a in ("data", "fsdp") if a in mesh.shape and (a == "data" or zero_stage < 3)
+        ),
     )
     num_layers = lengths.pop()
     config.layers_per_chunk(num_layers)
@@ -145,6 +148,7 @@ class TrainingPlan:
     """Everything about a run's layout, decided before anything is compiled.
 
     Attributes:
+        strategy: the strategy as applied to this mesh (see :meth:`Strategy.for_mesh`).
         graphdef: the model's graph definition (split as ``nnx.Param, ...``).
         abs_params: abstract parameters in the layout the step uses (stage layout if pipelined).
         abs_rest: abstract non-parameter model state.
@@ -154,6 +158,7 @@ class TrainingPlan:
         opt_shardings: shardings of the optimizer state (``None`` without an optimizer).
     """
 
+    strategy: Strategy
     graphdef: Any
     abs_params: nnx.State
     abs_rest: nnx.State
@@ -188,10 +193,11 @@ def plan_training(
         ...                      tx=optax.adamw(1e-3))
         >>> plan.params.bytes_per_device
     """
-    strategy.check_mesh(mesh)
+    strategy = strategy.for_mesh(mesh)
     graphdef, abs_params, abs_rest = abstract_nnx(make_model)
     pipeline, num_layers = pipeline_config(
-        abs_params, mesh=mesh, microbatches=microbatches, schedule=schedule, repeats=repeats
+        abs_params, mesh=mesh, microbatches=microbatches, schedule=schedule, repeats=repeats,
+        zero_stage=strategy.zero_stage,
     )
     if pipeline is not None:
         abs_params = jax.eval_shape(lambda p: to_stage_layout(p, pipeline), abs_params)
@@ -213,6 +219,6 @@ def plan_training(
         if offload_optimizer:
             opt_shardings = jax.tree.map(lambda s: s.with_memory_kind("pinned_host"), opt_shardings)
     return TrainingPlan(
-        graphdef, abs_params, abs_rest, pipeline, num_layers, params, param_shardings,
+        strategy, graphdef, abs_params, abs_rest, pipeline, num_layers, params, param_shardings,
         gradients, grad_shardings, optimizer, rest_shardings, abs_opt, opt_shardings,
     )

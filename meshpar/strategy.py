@@ -79,6 +79,19 @@ class Strategy:
                     f"{dict(mesh.shape)}; add e.g. {axis}=2 to the mesh"
                 )
 
+    def for_mesh(self, mesh: Mesh, /) -> Strategy:
+        """This strategy as applied to ``mesh``: checks the axes and settles ``auto``.
+
+        ``auto`` is ZeRO-3 over ``fsdp``, except on a pipelined mesh, where it is ZeRO-1:
+        ZeRO-3 re-gathers every stage's weights for every microbatch of the pipeline (DeepSpeed
+        does not combine them at all), while ZeRO-1 keeps the optimizer-state saving and lets the
+        pipeline sum gradients once per step. Ask for ``zero3`` explicitly to get it anyway.
+        """
+        self.check_mesh(mesh)
+        if self.name == "auto" and mesh.shape.get(PIPE, 1) > 1 and self.zero_stage > 1:
+            return dataclasses.replace(self, zero_stage=1)
+        return self
+
     @staticmethod
     def batch_axes(mesh: Mesh, /) -> tuple[str, ...]:
         """The mesh axes the batch is split over: ``data`` and ``fsdp`` where present."""

@@ -120,8 +120,7 @@ class Trainer:
         config: TrainConfig = TrainConfig(),
     ) -> None:
         self.mesh = mesh
-        self.strategy = get_strategy(strategy)
-        self.strategy.check_mesh(mesh)
+        self.strategy = get_strategy(strategy).for_mesh(mesh)
         self.config = config
         self.tx = tx
         self.loss_fn = loss_fn
