@@ -110,6 +110,13 @@ def _layout(args):
         args.strategy, zero_stage=args.zero,
         sequence_parallel=True if args.sequence_parallel else None,
     )
+    if mesh.shape.get("pipe", 1) == 1 and (args.schedule != "gpipe" or args.repeats != 1):
+        raise UsageError(
+            f"--schedule {args.schedule} --repeats {args.repeats} need a pipe axis of size > 1 "
+            f"in the mesh, e.g. --mesh pipe=2,{args.mesh}"
+        )
+    if args.schedule == "gpipe" and args.repeats != 1:
+        raise UsageError(f"--repeats {args.repeats} needs --schedule circular")
     return mesh, strategy.for_mesh(mesh)
 
 

@@ -75,6 +75,11 @@ class TrainConfig:
             raise StrategyError(f"schedule={self.schedule!r}; expected 'gpipe' or 'circular'")
         if isinstance(self.repeats, bool) or not isinstance(self.repeats, int) or self.repeats < 1:
             raise StrategyError(f"repeats={self.repeats!r}; expected an int >= 1")
+        if self.schedule == "gpipe" and self.repeats != 1:
+            raise StrategyError(
+                f"repeats={self.repeats} needs schedule='circular'; gpipe runs each stage's "
+                "layers once"
+            )
         if self.on_nonfinite not in ("raise", "skip"):
             raise StrategyError(f"on_nonfinite={self.on_nonfinite!r}; expected 'raise' or 'skip'")
 
@@ -241,14 +246,23 @@ class Trainer:
             )
         model = nnx.merge(self.graphdef, params, rest)
         token = reset_pipeline_flag()
-        loss = self.loss_fn(model, batch)
-        used, _ = pipeline_was_used(), _PIPELINE_USED.reset(token)
+        not_pipelined = StrategyError(
+            "the mesh has a pipe axis, but the loss never ran the model's layer stack through "
+            "meshpar.scan_layers, so there is nothing to pipeline; call scan_layers on the "
+            "stacked block module in the model's forward pass"
+        )
+        try:
+            loss = self.loss_fn(model, batch)
+        except Exception as err:
+            # A model that scans its stage-layout stack itself fails inside its own scan first.
+            if self.pipeline is not None and not pipeline_was_used():
+                raise not_pipelined from err
+            raise
+        finally:
+            used = pipeline_was_used()
+            _PIPELINE_USED.reset(token)
         if self.pipeline is not None and not used:
-            raise StrategyError(
-                "the mesh has a pipe axis, but the loss never ran the model's layer stack through "
-                "meshpar.scan_layers, so there is nothing to pipeline; call scan_layers on the "
-                "stacked block module in the model's forward pass"
-            )
+            raise not_pipelined
         new_rest = nnx.state(model, nnx.Not(nnx.Param))
         return jnp.asarray(loss, jnp.float32), new_rest
 
@@ -336,15 +350,24 @@ class Trainer:
             opt_state = state.opt_state
             if self.config.offload_optimizer:
                 opt_state = jax.device_put(opt_state, self._opt_device_shardings)
-            updates, new_opt = self.tx.update(grads, opt_state, state.params)
-            new_params = optax.apply_updates(state.params, updates)
             finite = jnp.isfinite(loss)
-            keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)  # noqa: E731
+
+            def apply(args):
+                grads, opt_state, params, rest, _ = args
+                updates, new_opt = self.tx.update(grads, opt_state, params)
+                return optax.apply_updates(params, updates), new_opt, rest
+
+            def skip(args):
+                _, opt_state, params, _, old_rest = args
+                return params, opt_state, old_rest
+
+            # A cond, not a select after the update: with jnp.where XLA keeps both the old and
+            # the new state alive and makes extra passes over them (+2x temporaries for DP).
+            new_params, new_opt, new_rest = jax.lax.cond(
+                finite, apply, skip, (grads, opt_state, state.params, rest, state.rest)
+            )
             new_state = TrainState(
-                state.step + finite.astype(jnp.int32),
-                keep(new_params, state.params),
-                keep(rest, state.rest),
-                keep(new_opt, opt_state),
+                state.step + finite.astype(jnp.int32), new_params, new_rest, new_opt
             )
             metrics = {"loss": loss, "grad_norm": optax.global_norm(grads), "finite": finite}
         return new_state, metrics

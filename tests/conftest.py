@@ -11,7 +11,11 @@ import jax
 jax.config.update("jax_num_cpu_devices", 8)
 jax.config.update("jax_enable_x64", False)
 # A persistent compilation cache makes subprocess tests and re-runs cheap (2.3 s -> 0.1 s seen).
-_cache = pathlib.Path(os.environ.get("MESHPAR_TEST_CACHE", pathlib.Path(__file__).parent.parent / ".jax_cache"))
+# It lives outside the checkout so that a fresh clone on the same machine (CI) reuses it; it is
+# only a cache: a cold one gives the same results, slower (MESHPAR_TEST_CACHE moves it).
+_cache = pathlib.Path(os.environ.get(
+    "MESHPAR_TEST_CACHE", pathlib.Path.home() / ".cache" / "meshpar" / "jax-test-cache"))
+os.environ["MESHPAR_TEST_CACHE"] = str(_cache)  # the subprocess tests share it
 jax.config.update("jax_compilation_cache_dir", str(_cache))
 jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
 jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
