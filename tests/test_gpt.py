@@ -185,7 +185,7 @@ def test_bf16_params_give_float32_logits(tiny):
     assert logits.dtype == jnp.float32
     # Matmuls ran in bf16 (the parameters' dtype), not silently promoted to float32.
     jaxpr = str(jax.make_jaxpr(lambda s: nnx.merge(graphdef, s)(tokens))(state16))
-    assert "bf16[3,2,16,4,16] = dot_general" in jaxpr  # the fused q/k/v projection
+    assert "bf16[3,4,16,2,16] = dot_general" in jaxpr  # the fused q/k/v projection
     np.testing.assert_allclose(logits, forward(tiny, tokens), atol=0.05)
 
 
