@@ -48,8 +48,9 @@ class Strategy:
         zero_stage: 0 (no ZeRO: DP only over ``fsdp`` too), 1, 2 or 3; acts on the ``fsdp`` axis.
         sequence_parallel: split activations between blocks over ``seq`` on the ``tensor`` axis.
         requires: mesh axes this strategy needs (checked by :meth:`check_mesh`).
-        extra_param_rules: user rules tried before the built-in parameter rules.
-        extra_compute_rules: user rules tried before the built-in activation rules.
+        extra_param_rules: user parameter rules; they come first and replace the built-in
+            rules for every logical name they mention.
+        extra_compute_rules: user activation rules, likewise.
 
     Example:
         >>> strategy = Strategy(zero_stage=3, sequence_parallel=True)
