@@ -44,11 +44,9 @@ import json
 import math
 import os
 import platform
-import re
 import statistics
 import sys
 import time
-from collections import defaultdict
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -62,108 +60,14 @@ def bubble_fraction(stages: int, microbatches: int, repeats: int = 1) -> float:
 # Trip-count-weighted dot FLOPs of a compiled module
 # ------------------------------------------------------------------------------------------------
 
-_COMP_HEAD = re.compile(r"^(ENTRY )?%?([^\s(]+) .*\{\s*$")
-_INSTR = re.compile(r"^\s+(?:ROOT )?%?([^\s=]+) = (.+?) ([a-z][a-z0-9\-]*)\((.*)$")
-_SHAPE = re.compile(r"^\(?([a-z][a-z0-9]*)\[([0-9,]*)\]")
-_CALLS = re.compile(r"(?:to_apply|calls|body|condition|true_computation|false_computation)=%?([^\s,}]+)")
 
 
 def dot_flops(hlo_text: str, /) -> dict[str, float]:
-    """Per-device FLOPs of every ``dot``, weighted by how often its computation runs per step.
+    """``{"total", "in_loops", "outside_loops"}`` dot FLOPs per device and step (meshpar.hlo)."""
+    from meshpar import hlo
 
-    ``2 * prod(result dims) * prod(contracting dims)`` per dot, times the product of the known
-    trip counts of the ``while`` loops around it (summed over call sites). Every branch of a
-    ``conditional`` counts as if it ran (a static count: the pipeline's bubble branch has no dots,
-    its compute branch counts in every iteration).
-
-    Returns:
-        ``{"total", "in_loops", "outside_loops"}`` FLOPs per device and step.
-    """
-    comps: dict[str, list[str]] = {}
-    entry = current = None
-    for line in hlo_text.splitlines():
-        if current is None:
-            m = _COMP_HEAD.match(line)
-            if m:
-                current = m.group(2)
-                comps[current] = []
-                entry = current if m.group(1) else entry
-            continue
-        if line.startswith("}"):
-            current = None
-            continue
-        comps[current].append(line)
-
-    callees: dict[str, list[tuple[str, int, bool]]] = defaultdict(list)
-    dots: dict[str, float] = defaultdict(float)
-    for name, lines in comps.items():
-        shapes: dict[str, tuple[int, ...]] = {}
-        for line in lines:
-            m = _INSTR.match(line)
-            if not m:
-                continue
-            iname, result, op, rest = m.groups()
-            sm = _SHAPE.match(result)
-            if sm:
-                shapes[iname] = tuple(int(d) for d in sm.group(2).split(",") if d)
-            if op == "while":
-                trip = re.search(r'known_trip_count":\{"n":"(\d+)"', rest)
-                body = re.search(r"body=%?([^\s,}]+)", rest)
-                if body:
-                    callees[name].append((body.group(1), int(trip.group(1)) if trip else 1, True))
-                continue
-            for callee in _CALLS.findall(rest):
-                callees[name].append((callee, 1, False))
-            for group in re.findall(r"branch_computations=\{([^}]*)\}", rest):
-                for callee in re.findall(r"%?([^\s,]+)", group):
-                    callees[name].append((callee, 1, False))
-            if op == "dot" and sm:
-                operands = rest.split(")", 1)[0]
-                inline = re.match(r"\s*([a-z][a-z0-9]*)\[([0-9,]*)\]", operands)
-                if inline:
-                    lhs = tuple(int(d) for d in inline.group(2).split(",") if d)
-                else:
-                    lhs = shapes.get(operands.split(",")[0].strip().lstrip("%"))
-                cdims = re.search(r"lhs_contracting_dims=\{([0-9,]*)\}", rest)
-                if lhs is None or cdims is None:
-                    continue
-                k = math.prod(lhs[int(i)] for i in cdims.group(1).split(",") if i)
-                dots[name] += 2.0 * math.prod(int(d) for d in sm.group(2).split(",") if d) * k
-
-    # Executions per step (and whether inside a loop) of each computation, callers first.
-    order: list[str] = []
-    seen: set[str] = set()
-
-    def topo(name: str) -> None:
-        if name in seen:
-            return
-        seen.add(name)
-        for callee, _, _ in callees.get(name, []):
-            topo(callee)
-        order.append(name)
-
-    roots = [entry] if entry else list(comps)
-    for root in roots:
-        topo(root)
-    runs_out: dict[str, float] = defaultdict(float)   # executions not inside any loop
-    runs_in: dict[str, float] = defaultdict(float)    # executions inside some loop
-    for root in roots:
-        runs_out[root] = 1.0
-    for name in reversed(order):
-        for callee, trip, is_loop in callees.get(name, []):
-            if is_loop:
-                runs_in[callee] += (runs_out[name] + runs_in[name]) * trip
-            else:
-                runs_out[callee] += runs_out[name]
-                runs_in[callee] += runs_in[name]
-    inside = sum(runs_in[c] * f for c, f in dots.items())
-    outside = sum(runs_out[c] * f for c, f in dots.items())
-    return {"total": inside + outside, "in_loops": inside, "outside_loops": outside}
-
-
-# ------------------------------------------------------------------------------------------------
-# Measurement
-# ------------------------------------------------------------------------------------------------
+    got = hlo.dot_flops(hlo_text)
+    return {k: got[k] for k in ("total", "in_loops", "outside_loops")}
 
 
 def _block(x: Any) -> Any:

@@ -31,7 +31,6 @@ import json
 import math
 import os
 import platform
-import re
 import statistics
 import sys
 import time
@@ -181,107 +180,18 @@ def analytic_collectives(*, mesh_shape: dict[str, int], zero_stage: int,
 # The compiled program's FLOPs with loop trip counts (XLA's cost_analysis counts a while body once)
 # ------------------------------------------------------------------------------------------------
 
-_COMP_HEAD = re.compile(r"^(ENTRY )?%?([^\s(]+) .*\{\s*$")
-_INSTR = re.compile(r"^\s+(?:ROOT )?%?([^\s=]+) = (.+?) ([a-z][a-z0-9\-]*)\((.*)$")
-_SHAPE = re.compile(r"^\(?([a-z][a-z0-9]*)\[([0-9,]*)\]")
-_CALLS = re.compile(
-    r"(?:to_apply|calls|body|condition|true_computation|false_computation)=%?([^\s,}]+)")
 
 
 def hlo_dot_flops(hlo_text: str, /) -> dict:
-    """FLOPs of every ``dot`` of a compiled (per-device) HLO module, weighted by trip counts.
-
-    ``2 * prod(result dims) * prod(contracting dims)`` per dot, times the number of times its
-    computation runs per step (summed over call sites, multiplied by ``known_trip_count`` of each
-    enclosing ``while``). This is the count ``cost_analysis()`` would give if it weighted loop
-    bodies by their trip counts; on jax 0.10.2 it counts a ``while`` body once.
+    """Dot FLOPs per device weighted by loop trips (:func:`meshpar.hlo.dot_flops`).
 
     Returns:
         ``{"flops": float, "dots": int, "unweighted_flops": float}`` per device.
     """
-    comps: dict[str, list[str]] = {}
-    entry = None
-    current = None
-    for line in hlo_text.splitlines():
-        if current is None:
-            m = _COMP_HEAD.match(line)
-            if m:
-                current = m.group(2)
-                comps[current] = []
-                entry = current if m.group(1) else entry
-            continue
-        if line.startswith("}"):
-            current = None
-            continue
-        comps[current].append(line)
+    from meshpar import hlo
 
-    callees: dict[str, list[tuple[str, int]]] = defaultdict(list)
-    dots: dict[str, list[float]] = defaultdict(list)
-    for name, lines in comps.items():
-        shapes: dict[str, tuple[int, ...]] = {}
-        for line in lines:
-            m = _INSTR.match(line)
-            if not m:
-                continue
-            iname, result, op, rest = m.groups()
-            sm = _SHAPE.match(result)
-            if sm:
-                shapes[iname] = tuple(int(d) for d in sm.group(2).split(",") if d)
-            if op == "while":
-                trip = re.search(r'known_trip_count":\{"n":"(\d+)"', rest)
-                body = re.search(r"body=%?([^\s,}]+)", rest)
-                if body:
-                    callees[name].append((body.group(1), int(trip.group(1)) if trip else 1))
-                continue
-            for callee in _CALLS.findall(rest):
-                callees[name].append((callee, 1))
-            for group in re.findall(r"branch_computations=\{([^}]*)\}", rest):
-                for callee in re.findall(r"%?([^\s,]+)", group):
-                    callees[name].append((callee, 1))
-            if op == "dot" and sm:
-                operands = rest.split(")", 1)[0]
-                # Operands print as "%a, %b" or, in some dumps, "f32[..]{..} %a, f32[..] %b".
-                inline = re.match(r"\s*([a-z][a-z0-9]*)\[([0-9,]*)\]", operands)
-                if inline:
-                    lhs = tuple(int(d) for d in inline.group(2).split(",") if d)
-                else:
-                    lhs = shapes.get(operands.split(",")[0].strip().lstrip("%"))
-                cdims = re.search(r"lhs_contracting_dims=\{([0-9,]*)\}", rest)
-                if lhs is None or cdims is None:
-                    continue
-                k = math.prod(lhs[int(i)] for i in cdims.group(1).split(",") if i)
-                out = math.prod(int(d) for d in sm.group(2).split(",") if d)
-                dots[name].append(2.0 * out * k)
-
-    # Executions per step of each computation: sum over call sites (a DAG from ENTRY).
-    order: list[str] = []
-    seen: set[str] = set()
-
-    def topo(name: str) -> None:
-        if name in seen:
-            return
-        seen.add(name)
-        for callee, _ in callees.get(name, []):
-            topo(callee)
-        order.append(name)
-
-    roots = [entry] if entry else list(comps)
-    for r in roots:
-        topo(r)
-    runs: dict[str, float] = defaultdict(float)
-    for r in roots:
-        runs[r] = 1.0
-    for name in reversed(order):  # callers before callees
-        for callee, trip in callees.get(name, []):
-            runs[callee] += runs[name] * trip
-    flops = sum(runs[c] * sum(v) for c, v in dots.items())
-    return {"flops": flops, "dots": sum(len(v) for v in dots.values()),
-            "unweighted_flops": sum(sum(v) for v in dots.values())}
-
-
-# ------------------------------------------------------------------------------------------------
-# Measurement
-# ------------------------------------------------------------------------------------------------
+    got = hlo.dot_flops(hlo_text)
+    return {"flops": got["total"], "dots": got["dots"], "unweighted_flops": got["unweighted"]}
 
 
 def _block(x: Any) -> Any:

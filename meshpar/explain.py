@@ -54,7 +54,6 @@ from meshpar.report import human_bytes
 
 _BATCH_AXES = ("data", "fsdp")
 _OP_NAME = re.compile(r'op_name="([^"]*)"')
-_DIMS = re.compile(r"lhs_contracting_dims=\{([0-9,]*)\}")
 _PHASES = ("forward", "backward", "update")
 
 
@@ -85,52 +84,14 @@ def _instructions(hlo_text: str):
 
 
 def dot_flops(hlo_text: str, /) -> float:
-    """Matmul FLOPs of a compiled (per-device) program, each ``dot`` weighted by its loop trips.
-
-    ``cost_analysis()`` counts the body of a ``while`` loop once; a layer scan runs it once per
-    layer, so this count is the one to compare with an analytic figure.
+    """Matmul FLOPs per device, each ``dot`` weighted by its loop trips (see :func:`meshpar.hlo.dot_flops`).
 
     Example:
         >>> f = jax.jit(lambda x, w: jax.lax.scan(lambda c, _: (c @ w, None), x, None, length=5)[0])
         >>> dot_flops(f.lower(jnp.ones((8, 16)), jnp.ones((16, 16))).compile().as_text())
         20480.0
     """
-    shapes: dict[str, list[int]] = {}
-    dots = []
-    for comp, name, result, op, rest in _instructions(hlo_text):
-        found = hlo._SHAPE.search(result)
-        if found:
-            shapes[name] = [int(d) for d in found.group(2).split(",") if d]
-        if op == "dot":
-            dots.append((comp, result, rest))
-    weights = _computation_weights(hlo_text)
-    total = 0.0
-    for comp, result, rest in dots:
-        lhs = re.match(r"\s*%?([^\s,)]+)", rest)
-        dims = _DIMS.search(rest)
-        out = hlo._SHAPE.search(result)
-        if not (lhs and dims and out) or lhs.group(1) not in shapes:
-            continue
-        lhs_shape = shapes[lhs.group(1)]
-        contracted = math.prod(lhs_shape[int(d)] for d in dims.group(1).split(",") if d)
-        out_elems = math.prod(int(d) for d in out.group(2).split(",") if d)
-        total += 2.0 * out_elems * contracted * weights.get(comp, 1)
-    return total
-
-
-def _computation_weights(hlo_text: str) -> dict[str, int]:
-    # meshpar.hlo already weighs each collective by the trip counts of the loops around it.
-    # Rather than copy that call-graph walk, tag every computation with a marker collective
-    # (zero bytes, never executed: this text is only parsed), let hlo.collectives weigh the
-    # markers, and read the weight of each computation back from its marker.
-    marked = []
-    for line in hlo_text.splitlines():
-        marked.append(line)
-        m = hlo._COMP_HEAD.match(line)
-        if m:
-            marked.append(f"  %__w_{len(marked)} = f32[] all-reduce(), replica_groups={{}}")
-    return {op.computation: op.trip_count for op in hlo.collectives("\n".join(marked))
-            if op.name.startswith("__w_")}
+    return hlo.dot_flops(hlo_text)["total"]
 
 
 def _volume(op: hlo.Collective) -> int:

@@ -124,20 +124,9 @@ def mesh_axes_of(groups: list[list[int]] | None, mesh: Mesh | None) -> tuple[str
     return tuple(mesh.axis_names[i] for i in sorted(varying))
 
 
-def collectives(hlo_text: str, /, *, mesh: Mesh | None = None) -> list[Collective]:
-    """Every collective of a compiled program, with mesh axes, bytes and loop trip counts.
-
-    Args:
-        hlo_text: ``compiled.as_text()``.
-        mesh: the mesh the program was compiled for (to name the axes of each collective).
-
-    Example:
-        >>> ops = collectives(trainer.lower(batch).compile().as_text(), mesh=mesh)
-        >>> [op for op in ops if op.in_loop and op.kind == "all-reduce"]
-    """
+def _computations(hlo_text: str) -> tuple[dict[str, list[str]], str | None]:
     comps: dict[str, list[str]] = {}
-    entry = None
-    current = None
+    entry = current = None
     for line in hlo_text.splitlines():
         if current is None:
             m = _COMP_HEAD.match(line)
@@ -151,8 +140,20 @@ def collectives(hlo_text: str, /, *, mesh: Mesh | None = None) -> list[Collectiv
             current = None
             continue
         comps[current].append(line)
+    return comps, entry
 
-    # Weight of each computation: product of the trip counts of the while loops that call it.
+
+def computation_weights(hlo_text: str, /) -> dict[str, tuple[int, bool]]:
+    """Executions per run of each computation, and whether it runs inside a ``while`` loop.
+
+    A loop body runs ``known_trip_count`` times per execution of its caller; counts add up over
+    call sites and multiply through nested loops.
+
+    Example:
+        >>> computation_weights(compiled.as_text())["region_2.8_spmd"]
+        (6, True)
+    """
+    comps, entry = _computations(hlo_text)
     edges: dict[str, list[tuple[str, int, bool]]] = defaultdict(list)
     for name, lines in comps.items():
         for line in lines:
@@ -174,19 +175,47 @@ def collectives(hlo_text: str, /, *, mesh: Mesh | None = None) -> list[Collectiv
             for branches in _BRANCHES.findall(rest):
                 for callee in re.findall(r"%?([^\s,]+)", branches):
                     edges[name].append((callee, 1, False))
-    weight: dict[str, tuple[int, bool]] = {}
-    stack = [(entry, 1, False)] if entry else [(n, 1, False) for n in comps]
-    while stack:
-        name, w, loop = stack.pop()
-        if name in weight and weight[name][0] >= w:
-            continue
-        weight[name] = (w, loop)
-        for callee, trip, is_loop in edges.get(name, []):
-            stack.append((callee, w * trip, loop or is_loop))
+    # Callers before callees (the call graph is a DAG from ENTRY), then sum over call sites.
+    order: list[str] = []
+    seen: set[str] = set()
 
+    def visit(name: str) -> None:
+        if name in seen:
+            return
+        seen.add(name)
+        for callee, _, _ in edges.get(name, []):
+            visit(callee)
+        order.append(name)
+
+    for root in [entry] if entry else list(comps):
+        visit(root)
+    weight: dict[str, int] = defaultdict(int)
+    loop: dict[str, bool] = defaultdict(bool)
+    for root in [entry] if entry else list(comps):
+        weight[root] = max(weight[root], 1)
+    for name in reversed(order):
+        for callee, trip, is_loop in edges.get(name, []):
+            weight[callee] += weight[name] * trip
+            loop[callee] |= loop[name] or is_loop
+    return {name: (weight[name] or 1, loop[name]) for name in comps}
+
+
+def collectives(hlo_text: str, /, *, mesh: Mesh | None = None) -> list[Collective]:
+    """Every collective of a compiled program, with mesh axes, bytes and loop trip counts.
+
+    Args:
+        hlo_text: ``compiled.as_text()``.
+        mesh: the mesh the program was compiled for (to name the axes of each collective).
+
+    Example:
+        >>> ops = collectives(trainer.lower(batch).compile().as_text(), mesh=mesh)
+        >>> [op for op in ops if op.in_loop and op.kind == "all-reduce"]
+    """
+    comps, _ = _computations(hlo_text)
+    weights = computation_weights(hlo_text)
     out = []
     for name, lines in comps.items():
-        w, loop = weight.get(name, (1, False))
+        w, loop = weights.get(name, (1, False))
         for line in lines:
             m = _INSTR.match(line)
             if not m:
@@ -200,6 +229,53 @@ def collectives(hlo_text: str, /, *, mesh: Mesh | None = None) -> list[Collectiv
                 kind, m.group(1), name, _shape_bytes(m.group(2)), size,
                 mesh_axes_of(groups, mesh), w, loop,
             ))
+    return out
+
+
+def dot_flops(hlo_text: str, /) -> dict[str, float]:
+    """Matmul FLOPs of a compiled (per-device) program, each ``dot`` weighted by its executions.
+
+    ``2 * prod(result dims) * prod(contracting dims)`` per dot. ``cost_analysis()`` counts a
+    ``while`` body once; a layer scan runs it once per layer, so this is the count to compare
+    with an analytic figure.
+
+    Returns:
+        ``{"total", "in_loops", "outside_loops", "unweighted", "dots"}`` per device and run.
+
+    Example:
+        >>> f = jax.jit(lambda x, w: jax.lax.scan(lambda c, _: (c @ w, None), x, None, length=5)[0])
+        >>> dot_flops(f.lower(jnp.ones((8, 16)), jnp.ones((16, 16))).compile().as_text())["total"]
+        20480.0
+    """
+    comps, _ = _computations(hlo_text)
+    weights = computation_weights(hlo_text)
+    out = {"total": 0.0, "in_loops": 0.0, "outside_loops": 0.0, "unweighted": 0.0, "dots": 0}
+    for name, lines in comps.items():
+        w, loop = weights.get(name, (1, False))
+        shapes: dict[str, tuple[int, ...]] = {}
+        for line in lines:
+            m = _INSTR.match(line)
+            if not m:
+                continue
+            iname, result, op, rest = m.groups()
+            found = _SHAPE.match(result)
+            if found:
+                shapes[iname] = tuple(int(d) for d in found.group(2).split(",") if d)
+            if op != "dot" or not found:
+                continue
+            operands = rest.split(")", 1)[0]
+            # Operands print as "%a, %b" or, in some dumps, "f32[..]{..} %a, f32[..] %b".
+            inline = re.match(r"\s*([a-z][a-z0-9]*)\[([0-9,]*)\]", operands)
+            lhs = (tuple(int(d) for d in inline.group(2).split(",") if d) if inline
+                   else shapes.get(operands.split(",")[0].strip().lstrip("%")))
+            dims = re.search(r"lhs_contracting_dims=\{([0-9,]*)\}", rest)
+            if lhs is None or dims is None:
+                continue
+            flops = 2.0 * math.prod(shapes[iname]) * math.prod(lhs[int(i)] for i in dims.group(1).split(",") if i)
+            out["dots"] += 1
+            out["unweighted"] += flops
+            out["total"] += flops * w
+            out["in_loops" if loop else "outside_loops"] += flops * w
     return out
 
 
