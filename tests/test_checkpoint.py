@@ -267,9 +267,11 @@ def test_missing_and_extra_keys(saved, fsdp_state):
 @pytest.mark.parametrize("damage", ["delete", "truncate"])
 def test_corrupted_array_file(saved, tmp_path, fsdp_state, damage):
     directory = copy_of(saved, tmp_path)
-    # The biggest file holds the ``emb`` chunks (small arrays are inlined in the B-tree nodes).
+    # The biggest file holds ``emb`` chunks (small arrays are inlined in the B-tree nodes). How
+    # the chunks spread over data files varies between runs (76 KB to over 100 KB seen for the
+    # biggest), so the precondition is only that it is far larger than a B-tree node.
     biggest = max(glob.glob(str(directory / "12" / "state" / "**" / "d" / "*"), recursive=True), key=os.path.getsize)
-    assert os.path.getsize(biggest) > 100_000
+    assert os.path.getsize(biggest) > 32_000
     if damage == "delete":
         os.remove(biggest)
     else:
