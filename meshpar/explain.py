@@ -20,7 +20,8 @@ check                             analytic figure (per device, per step)
 ZeRO model state                  params ``G/N`` from stage 3, grads ``G/N`` from 2, Adam
                                   ``2G/N`` from 1 (else ``G``, ``G``, ``2G``): ``16Ψ`` for DP
 gradient reduction                ``G`` bytes reduced over the batch axes (volume: the
-                                  all-reduce result, or reduce-scatter result x group)
+                                  all-reduce result, or reduce-scatter result x group); ZeRO-2/3
+                                  with ``data`` too: + ``G/N`` (shards all-reduced over ``data``)
 ZeRO-1/2 parameter all-gather     ``G`` (updated shards gathered once after the update)
 ZeRO-3 parameter all-gathers      ``2 x G_layers`` in the layer loop (forward, and again in the
                                   backward pass under remat), ``G_rest`` once outside
@@ -33,8 +34,9 @@ pipeline collective-permutes      ``2 x iterations x`` one microbatch's activati
                                   (forward, and the transposed shift in the backward pass)
 ================================  =========================================================
 
-Where XLA does something else than the textbook (all-reduce instead of reduce-scatter on CPU,
-a tied embedding's gradient reduced twice), the ratio shows it and a note explains it.
+Where XLA does something else than the textbook (GSPMD's all-reduce instead of reduce-scatter on
+CPU where meshpar's explicit ZeRO collectives are off, a tied embedding's gradient reduced twice),
+the ratio shows it and a note explains it.
 """
 
 from __future__ import annotations
@@ -248,10 +250,16 @@ def _memory_checks(f: _Facts, batch_bytes: float, k_opt: float, opt_bytes: int) 
 def _reduction_checks(f: _Facts) -> None:
     if f.batch_ways == 1:
         return
-    row = f.check("gradient reduction over " + "+".join(f.batch_axes),
-                  f"G = 4Ψ / model-parallel split = {human_bytes(f.g)}, reduced once per step",
-                  f.g, f.volume(("all-reduce", "reduce-scatter"), _only_batch))
-    excess = row["measured"] - f.g
+    # ZeRO-2/3 with another batch axis (HSDP): G reduce-scattered over fsdp, then every
+    # device's G/N shard all-reduced over the rest of the batch axes.
+    hsdp = f.stage >= 2 and f.batch_ways > f.n_fsdp and f.trainer.explicit_zero
+    analytic = f.g + (f.g / f.n_fsdp if hsdp else 0)
+    what = f"G = 4Ψ / model-parallel split = {human_bytes(f.g)}, reduced once per step"
+    if hsdp:
+        what += f", + G/N = {human_bytes(f.g / f.n_fsdp)}: the fsdp shards summed over the rest"
+    row = f.check("gradient reduction over " + "+".join(f.batch_axes), what, analytic,
+                  f.volume(("all-reduce", "reduce-scatter"), _only_batch))
+    excess = row["measured"] - analytic
     if row["ratio"] and row["ratio"] > 1.02:
         # A layer weight is used once per layer; a weight outside the stack used twice (a tied
         # embedding) is the usual suspect, so name it when exactly one size matches.
@@ -281,7 +289,9 @@ def _reduction_checks(f: _Facts) -> None:
         f.notes.append(
             "GSPMD on CPU reduces the ZeRO-2/3 gradients with all-reduce + slice, not "
             "reduce-scatter: the same volume, but a ring all-reduce sends 2(N-1)/N x G per "
-            "device instead of (N-1)/N x G (design.md; shard_map's psum_scatter would fix it)")
+            "device instead of (N-1)/N x G. meshpar's explicit reduce-scatter (meshpar.zero) "
+            "is off here: a pipeline is active, or a rule splits a parameter over fsdp together "
+            "with another axis on one dimension")
     if len(f.batch_axes) == 1:
         n, axis = f.batch_ways, f.batch_axes[0]
         factor, how = {0: (2, "all-reduce"), 1: (2, "reduce-scatter + all-gather"),

@@ -65,8 +65,6 @@ loop. Inside ``stage_fn``, :func:`meshpar.layout.constrain` leaves manual axes o
 from __future__ import annotations
 
 import functools
-import re
-from collections import Counter
 from collections.abc import Callable, Sequence
 from typing import Any
 

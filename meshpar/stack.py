@@ -18,13 +18,20 @@ from flax import nnx
 
 from meshpar.layout import active_layout
 from meshpar.remat import maybe_remat
+from meshpar.zero import layer_gather
 
 # Set when a pipelined trace ran a stack, so the trainer can tell a model that never did.
 _PIPELINE_USED: contextvars.ContextVar[bool] = contextvars.ContextVar("meshpar_stack_used", default=False)
 
 
 def _scan(graphdef, state, x, remat: str):
+    # Under manual ZeRO-3 (meshpar.zero) the stack arrives as fsdp shards: gather one layer at a
+    # time inside the (rematerialised) body, so at most about one layer is whole.
+    gather = layer_gather(state)
+
     def body(h, layer_state):
+        if gather is not None:
+            layer_state = gather(layer_state)
         return nnx.merge(graphdef, layer_state)(h), None
 
     return jax.lax.scan(maybe_remat(body, remat), x, state)[0]

@@ -39,6 +39,7 @@ from meshpar.plan import plan_training, to_flat_layout, to_stage_layout
 from meshpar.shard import ShardingPlan
 from meshpar.stack import _PIPELINE_USED, pipeline_was_used, reset_pipeline_flag
 from meshpar.strategy import Strategy, get_strategy
+from meshpar.zero import ManualZero, StackNotScanned
 
 
 @dataclasses.dataclass(frozen=True)
@@ -152,6 +153,11 @@ class Trainer:
         )
         self.batch_axes = self.strategy.batch_axes(mesh)
         self._batch_spec = PartitionSpec(self.batch_axes if self.batch_axes else None)
+        self._manual_zero = ManualZero.build(
+            mesh=mesh, batch_axes=self.batch_axes, zero_stage=self.strategy.zero_stage,
+            abs_params=layout.abs_params, param_shardings=layout.param_shardings,
+            grad_shardings=grad_shardings, pipelined=self.pipeline is not None,
+        )
 
         def init():
             with nnx.use_eager_sharding(False):
@@ -238,12 +244,15 @@ class Trainer:
 
     # -- the step ------------------------------------------------------------------------------
 
-    def _loss(self, params, rest, batch):
+    def _loss(self, params, rest, batch, prepare=None):
         if self.config.precision == "bf16":
             params = jax.tree.map(
                 lambda x: x.astype(jnp.bfloat16) if jnp.issubdtype(x.dtype, jnp.floating) else x,
                 params,
             )
+        if prepare is not None:
+            # Manual ZeRO-3 (meshpar.zero): gather shards, after the cast so they travel in bf16.
+            params = prepare(params)
         model = nnx.merge(self.graphdef, params, rest)
         token = reset_pipeline_flag()
         not_pipelined = StrategyError(
@@ -274,17 +283,12 @@ class Trainer:
         # In a pipelined layout the microbatches belong to the pipeline, not to accumulation.
         m = 1 if self.pipeline is not None else self.config.microbatches
         grad_fn = jax.value_and_grad(self._loss, has_aux=True)
+        if self._manual_zero is not None:
+            return self._manual_zero_grads(state, batch)
         if m == 1:
             (loss, rest), grads = grad_fn(state.params, state.rest, batch)
             return loss, self._constrain_grads(grads), rest
-        # Microbatch k takes rows k, k+M, k+2M, ...: every device keeps its own rows.
-        micro_spec = NamedSharding(self.mesh, PartitionSpec(None, *self._batch_spec))
-        micro = jax.tree.map(
-            lambda x: jax.lax.with_sharding_constraint(
-                jnp.swapaxes(x.reshape(x.shape[0] // m, m, *x.shape[1:]), 0, 1), micro_spec
-            ),
-            batch,
-        )
+        micro = self._microbatches(batch)
         zeros = self._constrain_grads(
             jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), state.params)
         )
@@ -302,6 +306,31 @@ class Trainer:
             body, (zeros, jnp.zeros((), jnp.float32), state.rest), micro
         )
         return loss_sum / m, jax.tree.map(lambda a: a / m, acc), rest
+
+    def _microbatches(self, batch):
+        # Microbatch k takes rows k, k+M, k+2M, ...: every device keeps its own rows.
+        m = self.config.microbatches
+        micro_spec = NamedSharding(self.mesh, PartitionSpec(None, *self._batch_spec))
+        return jax.tree.map(
+            lambda x: jax.lax.with_sharding_constraint(
+                jnp.swapaxes(x.reshape(x.shape[0] // m, m, *x.shape[1:]), 0, 1), micro_spec
+            ),
+            batch,
+        )
+
+    def _manual_zero_grads(self, state: TrainState, batch):
+        """ZeRO-2/3 with explicit reduce-scatters (see :mod:`meshpar.zero`)."""
+        try:
+            loss, grads, rest = self._manual_zero.loss_and_grads(
+                self._loss, state.params, state.rest, self._microbatches(batch),
+                microbatches=self.config.microbatches,
+            )
+        except StackNotScanned:
+            # The model runs a layer stack without meshpar.scan_layers, so nothing can gather
+            # it one layer at a time: GSPMD places the gathers (and all-reduces the gradients).
+            self._manual_zero = None
+            return self._loss_and_grads(state, batch)
+        return loss, self._constrain_grads(grads), rest
 
     def _accumulate_locally(self, state: TrainState, micro, body):
         """DP / ZeRO-1 accumulation: sum local gradients, reduce once after the loop.
@@ -452,6 +481,16 @@ class Trainer:
     def model(self) -> nnx.Module:
         """The current model (sharded arrays), e.g. for evaluation."""
         return nnx.merge(self.graphdef, self.flat_params(), self.state.rest)
+
+    @property
+    def explicit_zero(self) -> bool:
+        """Whether the step reduce-scatters ZeRO-2/3 gradients itself (:mod:`meshpar.zero`).
+
+        ``False`` below ZeRO-2, without an ``fsdp`` axis, with a pipeline, or where a rule splits
+        a parameter over ``fsdp`` together with another axis on one dimension: GSPMD then
+        reduces the gradients (with an all-reduce + slice on CPU).
+        """
+        return self._manual_zero is not None
 
     @property
     def params_plan(self) -> ShardingPlan:

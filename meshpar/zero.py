@@ -1,0 +1,323 @@
+"""ZeRO-2/3 gradients with the collectives written out: per-layer gathers, reduce-scattered grads.
+
+Under GSPMD the gradient of an ``fsdp``-split parameter is a per-device partial sum that XLA has
+to reduce into shards. XLA's GPU and TPU pipelines rewrite the all-reduce + slice that GSPMD emits
+into a reduce-scatter; the CPU pipeline does not, and a ring all-reduce sends twice the bytes of
+a reduce-scatter (ZeRO-3 at 4Ψ per device and step instead of the paper's 3Ψ). So the trainer runs
+the loss and its gradient in a ``shard_map`` that is manual over the batch axes (``data``,
+``fsdp``) while ``tensor`` stays automatic, and says what it wants:
+
+* **ZeRO-3**: parameters enter as their ``fsdp`` shards. Those of a layer stack run by
+  :func:`meshpar.scan_layers` are all-gathered inside the scan body, one layer at a time (under
+  remat the backward pass gathers each layer again); all other parameters are gathered once at
+  the start of the forward pass. Autodiff transposes every ``all_gather`` into a
+  ``psum_scatter``, so gradients leave the backward pass reduce-scattered, layer by layer.
+* **ZeRO-2**: parameters are whole; each microbatch's local gradient is ``psum_scatter``-ed into
+  the sharded accumulation buffer.
+* Over ``data``, and for leaves the rules leave unsplit over ``fsdp``, gradients stay per-device
+  partial sums through the microbatch loop and are summed once after it, as for DP.
+
+The manual path is taken when every parameter and gradient is either whole or split over
+``fsdp`` alone on one dimension (never on the ``layers`` dimension of a stack) and no pipeline is
+active, and kept when the model runs its stacks through :func:`meshpar.scan_layers`. Otherwise
+(unusual user rules, a model that scans a stack itself) the step stays with GSPMD, which is
+correct but sends the all-reduce.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import dataclasses
+import math
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+from jax.sharding import Mesh, PartitionSpec
+
+from meshpar.errors import StrategyError
+
+FSDP = "fsdp"
+
+
+class StackNotScanned(StrategyError):
+    """The model used a stacked parameter outside :func:`meshpar.scan_layers` under ZeRO-3.
+
+    The trainer catches it and lets GSPMD reduce the gradients instead (see
+    :attr:`meshpar.Trainer.explicit_zero`).
+    """
+
+
+@dataclasses.dataclass
+class _Stacked:
+    """The stacked parameters of the current trace that wait for a per-layer gather."""
+
+    # id(array the model sees) -> (its dimension split over fsdp, its spec over the auto axes)
+    dims: dict[int, tuple[int, PartitionSpec]]
+    used: set[int]
+
+
+_STACKED: contextvars.ContextVar[_Stacked | None] = contextvars.ContextVar(
+    "meshpar_zero_stacked", default=None
+)
+
+
+def _gather(x: jax.Array, dim: int, auto_spec: PartitionSpec, /) -> jax.Array:
+    """All-gather ``x`` over ``fsdp`` along ``dim``; its transpose is a reduce-scatter.
+
+    ``auto_spec`` is the leaf's split over the axes that are still automatic (``tensor``). An
+    explicit collective in a region where ``tensor`` is automatic makes the partitioner
+    replicate its operand over ``tensor`` first (a ``tensor`` all-gather, and ``tensor`` times
+    the bytes over ``fsdp``), so the gather runs in a nested ``shard_map`` that is manual over
+    those axes too: each device gathers only its own ``tensor`` slice.
+    """
+    auto = _auto_axes()
+    if not auto:
+        return jax.lax.all_gather(x, FSDP, axis=dim, tiled=True)
+    return jax.shard_map(
+        lambda v: jax.lax.all_gather(v, FSDP, axis=dim, tiled=True),
+        mesh=jax.sharding.get_abstract_mesh(), in_specs=auto_spec, out_specs=auto_spec,
+        axis_names=set(auto),
+    )(x)
+
+
+def _auto_axes() -> tuple[str, ...]:
+    abstract = jax.sharding.get_abstract_mesh()
+    if abstract is None or abstract.empty:
+        return ()
+    manual = set(getattr(abstract, "manual_axes", ()))
+    return tuple(a for a, n in abstract.shape.items() if a not in manual and n > 1)
+
+
+def layer_gather(stack_state: Any, /) -> Callable[[Any], Any] | None:
+    """The per-layer ZeRO-3 gather for a layer stack's state, or ``None`` outside manual ZeRO-3.
+
+    :func:`meshpar.scan_layers` calls it with the stacked state (``[layers, ...]`` leaves) before
+    its scan and applies the returned function to each layer's slice inside the scan body.
+    """
+    pending = _STACKED.get()
+    if pending is None:
+        return None
+    leaves, treedef = jax.tree.flatten(stack_state)
+    dims, specs = [], []
+    for leaf in leaves:
+        dim, spec = pending.dims.get(id(leaf), (None, None))
+        if dim is not None:
+            pending.used.add(id(leaf))
+        dims.append(dim)
+        specs.append(spec)
+    if all(d is None for d in dims):
+        return None
+
+    def gather(layer_state: Any) -> Any:
+        layer_leaves = jax.tree.leaves(layer_state)
+        # The scan removed the leading layer axis, so the split dimension moved down by one.
+        return treedef.unflatten([
+            x if d is None else _gather(x, d - 1, PartitionSpec(*spec[1:]))
+            for x, d, spec in zip(layer_leaves, dims, specs)
+        ])
+
+    return gather
+
+
+def _fsdp_dim(spec: PartitionSpec, batch_axes: tuple[str, ...]) -> int | None:
+    """The dimension split over ``fsdp`` alone; ``None`` if none; raises ``ValueError`` when the
+    spec uses the batch axes in a way the manual path does not handle."""
+    found = None
+    for i, entry in enumerate(spec):
+        names = entry if isinstance(entry, tuple) else (entry,)
+        used = [n for n in names if n in batch_axes]
+        if not used:
+            continue
+        if used != [FSDP] or len(names) != 1 or found is not None:
+            raise ValueError(spec)
+        found = i
+    return found
+
+
+def _without(spec: PartitionSpec, axes: tuple[str, ...]) -> PartitionSpec:
+    def keep(entry):
+        names = tuple(n for n in (entry if isinstance(entry, tuple) else (entry,))
+                      if n is not None and n not in axes)
+        return names[0] if len(names) == 1 else (names or None)
+
+    return PartitionSpec(*(keep(e) for e in spec))
+
+
+@dataclasses.dataclass(frozen=True)
+class ManualZero:
+    """How one trainer's ZeRO-2/3 step reduces gradients by hand (see the module docstring).
+
+    Attributes:
+        mesh: the device mesh.
+        batch_axes: the mesh axes the batch is split over (``fsdp`` among them).
+        param_dims: per parameter leaf, the dimension split over ``fsdp`` in storage (ZeRO-3).
+        grad_dims: per parameter leaf, the dimension split over ``fsdp`` in the gradient layout.
+        stacked: per parameter leaf, whether it belongs to a layer stack (leading ``layers``).
+        auto_specs: per parameter leaf, its stored spec without the batch (manual) axes.
+    """
+
+    mesh: Mesh
+    batch_axes: tuple[str, ...]
+    param_dims: tuple[int | None, ...]
+    grad_dims: tuple[int | None, ...]
+    stacked: tuple[bool, ...]
+    auto_specs: tuple[PartitionSpec, ...]
+
+    @classmethod
+    def build(cls, *, mesh: Mesh, batch_axes: tuple[str, ...], zero_stage: int, abs_params: Any,
+              param_shardings: Any, grad_shardings: Any, pipelined: bool) -> ManualZero | None:
+        """The manual plan for a trainer, or ``None`` where the step stays with GSPMD.
+
+        Example:
+            >>> ManualZero.build(mesh=mesh, batch_axes=("fsdp",), zero_stage=3, ...)
+        """
+        if pipelined or zero_stage < 2 or mesh.shape.get(FSDP, 1) == 1:
+            return None
+        variables = jax.tree.leaves(abs_params, is_leaf=lambda v: isinstance(v, nnx.Variable))
+        p_specs = [s.spec for s in jax.tree.leaves(param_shardings)]
+        g_specs = [s.spec for s in jax.tree.leaves(grad_shardings)]
+        if not (len(variables) == len(p_specs) == len(g_specs)):
+            return None
+        try:
+            p_dims = tuple(_fsdp_dim(s, batch_axes) for s in p_specs)
+            g_dims = tuple(_fsdp_dim(s, batch_axes) for s in g_specs)
+        except ValueError:
+            return None
+        stacked = tuple(
+            isinstance(v, nnx.Variable)
+            and tuple(v.get_metadata().get("out_sharding") or ())[:1] == ("layers",)
+            for v in variables
+        )
+        for p, g, s in zip(p_dims, g_dims, stacked):
+            if p is not None and (p != g or (s and p == 0)):
+                return None
+        auto_specs = tuple(_without(s, batch_axes) for s in p_specs)
+        return cls(mesh, batch_axes, p_dims, g_dims, stacked, auto_specs)
+
+    # -- inside the shard_map --------------------------------------------------------------
+
+    def _spec(self, dim: int | None, ndim: int) -> PartitionSpec:
+        if dim is None:
+            return PartitionSpec()
+        return PartitionSpec(*([None] * dim), FSDP, *([None] * (ndim - dim - 1)))
+
+    def _prepare(self, leaves: list[jax.Array], pending: _Stacked) -> list[jax.Array]:
+        # ZeRO-3: gather what is not a stack now; register stacks for scan_layers.
+        out = []
+        for x, d, s, spec in zip(leaves, self.param_dims, self.stacked, self.auto_specs):
+            if d is not None and s:
+                pending.dims[id(x)] = (d, spec)
+            elif d is not None:
+                x = _gather(x, d, spec)
+            out.append(x)
+        return out
+
+    @contextlib.contextmanager
+    def _stacked_scope(self) -> Iterator[_Stacked]:
+        pending = _Stacked({}, set())
+        token = _STACKED.set(pending)
+        try:
+            yield pending
+        finally:
+            _STACKED.reset(token)
+
+    def loss_and_grads(self, loss: Callable[..., tuple[jax.Array, Any]], params: Any, rest: Any,
+                       micro: Any, *, microbatches: int) -> tuple[jax.Array, Any, Any]:
+        """Mean loss and gradients over the microbatches, gradients in their ZeRO layout.
+
+        Args:
+            loss: ``loss(params, rest, batch, prepare) -> (scalar, new_rest)``; it must call
+                ``params = prepare(params)`` after any cast and before building the model.
+            params, rest: the parameters (in their stored shardings) and other model state.
+            micro: the batch as ``[microbatches, rows, ...]`` leaves, rows over the batch axes.
+            microbatches: the number of microbatches.
+
+        Returns:
+            ``(loss, grads, new_rest)``, the gradients summed over every device and microbatch
+            and divided by their count (the gradient of the mean loss).
+        """
+        axes = self.batch_axes
+        others = tuple(a for a in axes if a != FSDP)
+        total = math.prod(self.mesh.shape[a] for a in axes) * microbatches
+        p_leaves, treedef = jax.tree.flatten(params)
+        in_p = [self._spec(d, x.ndim) for d, x in zip(self.param_dims, p_leaves)]
+        out_g = [self._spec(d, x.ndim) for d, x in zip(self.grad_dims, p_leaves)]
+        # A gradient is reduce-scattered over fsdp when its leaf is split there (ZeRO-3 by the
+        # transposed gather, ZeRO-2 by hand); the rest is summed once at the end.
+        scattered = [g is not None for g in self.grad_dims]
+        n_fsdp = self.mesh.shape[FSDP]
+        reduced_shapes = [
+            tuple(n // n_fsdp if i == gd else n for i, n in enumerate(x.shape))
+            for x, gd in zip(p_leaves, self.grad_dims)
+        ]
+
+        def local(p_leaves, rest, micro):
+            # Varying (per-device) copies, taken outside autodiff: the gradients of the copies
+            # are local partial sums, so no reduction is inserted inside the loops.
+            p_leaves = [
+                jax.lax.pcast(x, others if d is not None else axes, to="varying")
+                if (others if d is not None else axes) else x
+                for x, d in zip(p_leaves, self.param_dims)
+            ]
+
+            def grads_of(rest, mb):
+                def f(p_leaves, rest):
+                    with self._stacked_scope() as pending:
+                        prepare = lambda p: treedef.unflatten(  # noqa: E731
+                            self._prepare(jax.tree.leaves(p), pending))
+                        try:
+                            return loss(treedef.unflatten(p_leaves), rest, mb, prepare)
+                        except Exception as err:
+                            unused = set(pending.dims) - pending.used
+                            if unused:
+                                raise StackNotScanned(
+                                    "the parameters of a layer stack (first logical axis "
+                                    "'layers') arrive as fsdp shards to be gathered one layer at "
+                                    "a time by meshpar.scan_layers, but the model used them "
+                                    "without it"
+                                ) from err
+                            raise
+
+                (value, rest), grads = jax.value_and_grad(f, has_aux=True)(p_leaves, rest)
+                grads = [
+                    jax.lax.psum_scatter(g.astype(jnp.float32), FSDP, scatter_dimension=gd,
+                                         tiled=True)
+                    if gd is not None and pd is None else g.astype(jnp.float32)
+                    for g, pd, gd in zip(grads, self.param_dims, self.grad_dims)
+                ]
+                return value, grads, rest
+
+            if microbatches == 1:
+                value, acc, rest = grads_of(rest, jax.tree.map(lambda x: x[0], micro))
+            else:
+                def body(carry, mb):
+                    acc, loss_sum, rest = carry
+                    value, grads, rest = grads_of(rest, mb)
+                    return ([a + g for a, g in zip(acc, grads)], loss_sum + value, rest), None
+
+                # Zero accumulators of the reduced (local) shapes, typed like the gradients.
+                zeros = [
+                    jax.lax.pcast(jnp.zeros(shape, jnp.float32), axes, to="varying")
+                    for shape in reduced_shapes
+                ]
+                zero = jax.lax.pcast(jnp.zeros((), jnp.float32), axes, to="varying")
+                (acc, value, rest), _ = jax.lax.scan(body, (zeros, zero, rest), micro)
+            grads = [
+                (jax.lax.psum(g, others) if others else g) / total if s
+                else jax.lax.psum(g, axes) / total
+                for g, s in zip(acc, scattered)
+            ]
+            return jax.lax.psum(value, axes) / total, grads, rest
+
+        loss_value, g_leaves, rest = jax.shard_map(
+            local,
+            mesh=self.mesh,
+            in_specs=(in_p, PartitionSpec(), PartitionSpec(None, axes)),
+            out_specs=(PartitionSpec(), out_g, PartitionSpec()),
+            axis_names=set(axes),
+        )(p_leaves, rest, micro)
+        return loss_value, treedef.unflatten(g_leaves), rest
