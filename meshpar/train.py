@@ -22,6 +22,7 @@ state are fp32. A non-finite loss never updates the state: the step either raise
 from __future__ import annotations
 
 import dataclasses
+import math
 import time
 from collections.abc import Callable, Mapping
 from typing import Any, Literal
@@ -83,6 +84,49 @@ class TrainConfig:
             )
         if self.on_nonfinite not in ("raise", "skip"):
             raise StrategyError(f"on_nonfinite={self.on_nonfinite!r}; expected 'raise' or 'skip'")
+
+
+def _split_over_free_axes(shape: tuple[int, ...], sharding: Any) -> NamedSharding | None:
+    """``sharding`` further split over the mesh axes it replicates over, on a dimension that
+    divides; ``None`` when that spans fewer than 4 devices (the slice is written and read back,
+    3/ways of a whole read) or no dimension divides."""
+    if not isinstance(sharding, NamedSharding) or not shape:
+        return None
+    sizes = dict(sharding.mesh.shape)
+    spec = [() if e is None else (e if isinstance(e, tuple) else (e,))
+            for e in (*sharding.spec, *[None] * (len(shape) - len(sharding.spec)))]
+    used = {a for e in spec for a in e}
+    free = tuple(a for a, n in sizes.items() if n > 1 and a not in used)
+    ways = math.prod(sizes[a] for a in free)
+    if ways < 4:
+        return None
+    for d, entry in enumerate(spec):
+        if shape[d] % (math.prod(sizes[a] for a in entry) * ways) == 0:
+            spec[d] = entry + free
+            return NamedSharding(sharding.mesh, PartitionSpec(*(e or None for e in spec)),
+                                 memory_kind=sharding.memory_kind)
+    return None
+
+
+def _grad_norm(grads: Any, shardings: Any) -> jax.Array:
+    """The global gradient norm, each device summing the squares of its own part only.
+
+    ``optax.tree.norm`` would read every replicated gradient whole on every device (under DP, one
+    more pass over all gradients: ~1% of a 20m step on CPU). Here a gradient replicated over 4 or
+    more devices is cut over those axes for the sum (a local slice, no communication) and one
+    scalar all-reduce adds the parts.
+    """
+    leaves = jax.tree.leaves(grads)
+    placed = jax.tree.leaves(shardings)
+    if len(placed) != len(leaves):
+        placed = [None] * len(leaves)
+    total = jnp.zeros((), jnp.float32)
+    for g, sharding in zip(leaves, placed):
+        cut = _split_over_free_axes(g.shape, sharding)
+        if cut is not None:
+            g = jax.lax.with_sharding_constraint(g, cut)
+        total = total + optax.tree.norm(g, squared=True)
+    return jnp.sqrt(total)
 
 
 @jax.tree_util.register_dataclass
@@ -398,7 +442,11 @@ class Trainer:
             new_state = TrainState(
                 state.step + finite.astype(jnp.int32), new_params, new_rest, new_opt
             )
-            metrics = {"loss": loss, "grad_norm": optax.global_norm(grads), "finite": finite}
+
+            # Outside the cond on purpose: inside, XLA shares g*g with Adam's second moment and
+            # materialises it (measured: 2x the cost of the update).
+            grad_norm = _grad_norm(grads, self._grad_shardings)
+            metrics = {"loss": loss, "grad_norm": grad_norm, "finite": finite}
         return new_state, metrics
 
     # -- host side -----------------------------------------------------------------------------

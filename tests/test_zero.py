@@ -122,3 +122,13 @@ def test_a_model_that_scans_its_own_stack_trains_under_zero3_through_gspmd():
     assert float(loss) == pytest.approx(float(ref_loss), rel=1e-6)
     for a, b in zip(jax.tree.leaves(grads), jax.tree.leaves(ref_grads)):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("mesh_text", ["data=8", "data=2,tensor=4"])
+def test_grad_norm_metric_reads_each_device_share_and_equals_the_global_norm(mesh_text):
+    # Under data=8 every gradient is replicated 8 ways and each device sums the squares of its
+    # 1/8; under data=2,tensor=4 (2 ways) the leaves are read whole. Same number either way.
+    trainer = _trainer(mesh_text, "auto")
+    _, grads = trainer.loss_and_grads(BATCH)
+    expected = float(optax.tree.norm(jax.tree.map(np.asarray, grads)))
+    assert trainer.step(BATCH)["grad_norm"] == pytest.approx(expected, rel=1e-5)
