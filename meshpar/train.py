@@ -4,7 +4,9 @@ The step is a single ``jax.jit`` with explicit in/out shardings and the state do
 
 * parameters live where :meth:`Strategy.param_rules` says (replicated, or ZeRO-3 sharded);
 * gradients and the accumulation buffer where :meth:`Strategy.gradient_rules` says (ZeRO-2 keeps
-  the buffer sharded: each microbatch's gradient is reduced straight into its shard);
+  the buffer sharded: each microbatch's gradient is reduced straight into its shard); under
+  ZeRO-2/3 the gathers and reduce-scatters are written out in a ``shard_map``
+  (:mod:`meshpar.zero`, :attr:`Trainer.explicit_zero`);
 * optimizer state where :meth:`Strategy.optimizer_rules` says (ZeRO-1 and up shard it), optionally
   in host memory (``offload_optimizer=True``; on CPU only plumbing and numerics can be checked —
   XLA lowers memory placement for TPU and GPU only);
