@@ -181,6 +181,7 @@ class _Launch:
         self.stopped_by_us: set[int] = set()
         self.kill_at: float | None = None
         self.interrupts = 0
+        self.received: int | None = None  # the first SIGINT/SIGTERM the launcher got
 
     def say(self, message: str) -> None:
         with self.lock:
@@ -246,6 +247,8 @@ class _Launch:
             self.say("second interrupt: killing all processes")
             self.signal_all(signal.SIGKILL)
             return
+        if self.received is None:
+            self.received = signum
         self.say(f"received {signal.Signals(signum).name}; forwarding it to the processes")
         self.signal_all(signum)
         if self.kill_at is None:
@@ -298,6 +301,11 @@ class _Launch:
             index, code = first
             self.say(f"failed: process {index} {_describe(code)} first")
             return _status(code)
+        if self.received is not None:
+            # Interrupted: report the signal, whatever the processes did with it. A
+            # KeyboardInterrupt that lands in a garbage-collection callback is swallowed, the
+            # process runs on and the launcher has to kill it (seen in CI).
+            return 128 + self.received
         codes = [proc.returncode for proc in self.procs]
         bad = [c for c in codes if c != 0]
         return _status(bad[0]) if bad else 0
