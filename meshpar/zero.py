@@ -88,8 +88,10 @@ def _auto_axes() -> tuple[str, ...]:
     abstract = jax.sharding.get_abstract_mesh()
     if abstract is None or abstract.empty:
         return ()
+    # Size-1 axes too: a bf16 reduce-scatter next to an automatic axis of any size aborts
+    # XLA:CPU's compiler (AllReducePromotion); inside the nested shard_map it compiles.
     manual = set(getattr(abstract, "manual_axes", ()))
-    return tuple(a for a, n in abstract.shape.items() if a not in manual and n > 1)
+    return tuple(a for a in abstract.shape if a not in manual)
 
 
 def layer_gather(stack_state: Any, /) -> Callable[[Any], Any] | None:
