@@ -326,11 +326,11 @@ class Trainer:
 
     def _loss_and_grads(self, state: TrainState, batch):
         """Mean loss and gradients over the microbatches, gradients in their strategy layout."""
+        if self._manual_zero is not None:
+            return self._manual_zero_grads(state, batch)
         # In a pipelined layout the microbatches belong to the pipeline, not to accumulation.
         m = 1 if self.pipeline is not None else self.config.microbatches
         grad_fn = jax.value_and_grad(self._loss, has_aux=True)
-        if self._manual_zero is not None:
-            return self._manual_zero_grads(state, batch)
         if m == 1:
             (loss, rest), grads = grad_fn(state.params, state.rest, batch)
             return loss, self._constrain_grads(grads), rest

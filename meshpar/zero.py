@@ -39,6 +39,7 @@ from flax import nnx
 from jax.sharding import Mesh, PartitionSpec
 
 from meshpar.errors import StrategyError
+from meshpar.layout import _manual_axes
 
 FSDP = "fsdp"
 
@@ -90,8 +91,7 @@ def _auto_axes() -> tuple[str, ...]:
         return ()
     # Size-1 axes too: a bf16 reduce-scatter next to an automatic axis of any size aborts
     # XLA:CPU's compiler (AllReducePromotion); inside the nested shard_map it compiles.
-    manual = set(getattr(abstract, "manual_axes", ()))
-    return tuple(a for a in abstract.shape if a not in manual)
+    return tuple(a for a in abstract.shape if a not in _manual_axes())
 
 
 def layer_gather(stack_state: Any, /) -> Callable[[Any], Any] | None:
