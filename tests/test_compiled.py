@@ -1,6 +1,5 @@
 """What XLA actually compiled: ZeRO memory formulas, Megatron reductions, collectives in loops."""
 
-import jax
 import optax
 import pytest
 from flax import nnx
