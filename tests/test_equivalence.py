@@ -41,6 +41,9 @@ from meshpar.models import GPT, get_preset, lm_loss
 from meshpar.strategy import Strategy, get_strategy
 from meshpar.train import TrainConfig, Trainer
 
+from helpers.compare import (assert_losses_and_grads_match, deviations, flat, init_params,
+                             mesh_axes, paired, rel_norm, run_steps, single_device_mesh)
+
 # -- tolerances -----------------------------------------------------------------------------------
 #
 # One set of tolerances per precision, chosen once; never loosened per case.
@@ -224,8 +227,7 @@ class Case:
 
 
 def _case(model, strategy, mesh: str, m=1, precision="fp32", zero_stage=None) -> Case:
-    axes = tuple((a, int(n)) for a, n in (p.split("=") for p in mesh.split(",")))
-    return Case(model, strategy, axes, m, precision, zero_stage)
+    return Case(model, strategy, mesh_axes(mesh), m, precision, zero_stage)
 
 
 CASES = [
@@ -260,12 +262,6 @@ CASES = [
 # -- running ----------------------------------------------------------------------------------
 
 
-def flat(tree) -> dict[str, np.ndarray]:
-    """``{key path: host array}`` of a pytree of (possibly sharded) arrays."""
-    leaves, _ = jax.tree_util.tree_flatten_with_path(tree)
-    return {jax.tree_util.keystr(path): np.asarray(leaf) for path, leaf in leaves}
-
-
 @dataclasses.dataclass
 class Result:
     init_loss: float
@@ -278,17 +274,15 @@ class Result:
 def train(model: str, *, mesh, strategy, config: TrainConfig) -> Result:
     make_model, loss_fn, batch_of = MODELS[model]
     trainer = Trainer(make_model, make_tx(), loss_fn, mesh=mesh, strategy=strategy, config=config)
-    loss, grads = trainer.loss_and_grads(batch_of(0))
-    init_loss, init_grads = float(loss), flat(grads)
-    losses = [trainer.step(batch_of(s))["loss"] for s in range(STEPS)]
+    init_loss, init_grads, losses = run_steps(trainer, batch_of, STEPS)
     sharded = tuple(e.path for e in trainer.plan.entries if e.bytes_per_device < e.bytes_total)
     return Result(init_loss, init_grads, losses, flat(trainer.state.params), sharded)
 
 
 @functools.cache
 def reference(model: str, precision: str) -> Result:
-    mesh = make_mesh(data=1, devices=jax.devices()[:1])
-    return train(model, mesh=mesh, strategy="dp", config=TrainConfig(precision=precision))
+    return train(model, mesh=single_device_mesh(), strategy="dp",
+                 config=TrainConfig(precision=precision))
 
 
 @functools.cache
@@ -298,58 +292,22 @@ def run_case(case: Case) -> Result:
     return train(case.model, mesh=mesh, strategy=case.strategy_value(), config=config)
 
 
-def _rel_norm(a: np.ndarray, b: np.ndarray, scale: np.ndarray) -> float:
-    return float(np.linalg.norm(a - b) / np.linalg.norm(scale))
-
-
-def deviations(got: Result, ref: Result, init: dict[str, np.ndarray]) -> dict[str, float]:
-    """Largest deviations over all leaves, each in the unit its tolerance is stated in."""
-    g, p = got.init_grads, got.params
-    return {
-        "init_loss_rel": abs(got.init_loss - ref.init_loss) / abs(ref.init_loss),
-        "step_loss_rel": max(abs(a - b) / abs(b) for a, b in zip(got.losses, ref.losses)),
-        "grad_abs/leaf_max": max(float(np.max(np.abs(g[k] - r)) / np.max(np.abs(r)))
-                                 for k, r in ref.init_grads.items()),
-        "grad_norm_rel": max(_rel_norm(g[k], r, r) for k, r in ref.init_grads.items()),
-        "param_abs": max(float(np.max(np.abs(p[k] - r))) for k, r in ref.params.items()),
-        "param_dev/update": max(_rel_norm(p[k], r, r - init[k]) for k, r in ref.params.items()),
-    }
-
-
 def assert_matches(got: Result, ref: Result, init: dict[str, np.ndarray], precision: str) -> None:
     tol = TOLERANCES[precision]
-    rtol, atol = tol["loss"]
-    np.testing.assert_allclose(got.init_loss, ref.init_loss, rtol=rtol, atol=atol,
-                               err_msg="loss_and_grads loss at init")
-    np.testing.assert_allclose(got.losses, ref.losses, rtol=rtol, atol=atol,
-                               err_msg=f"losses of the {STEPS} steps")
-    assert sorted(got.init_grads) == sorted(ref.init_grads)
-    for key, g_ref in ref.init_grads.items():
-        g = got.init_grads[key]
-        assert g.shape == g_ref.shape and g.dtype == np.float32, key
-        if tol["grad_elem"] is not None:
-            rtol, atol_frac = tol["grad_elem"]
-            np.testing.assert_allclose(g, g_ref, rtol=rtol,
-                                       atol=atol_frac * float(np.max(np.abs(g_ref))),
-                                       err_msg=f"gradient {key} at init")
-        assert _rel_norm(g, g_ref, g_ref) <= tol["grad_norm"], f"gradient {key} at init (norm)"
-    assert sorted(got.params) == sorted(ref.params)
-    for key, p_ref in ref.params.items():
-        p = got.params[key]
-        assert p.shape == p_ref.shape and p.dtype == np.float32, key
+    assert_losses_and_grads_match(got, ref, loss=tol["loss"], grad_elem=tol["grad_elem"],
+                                  grad_norm=tol["grad_norm"])
+    for key, p, p_ref in paired(got.params, ref.params):
         if tol["param_elem"] is not None:
             rtol, atol = tol["param_elem"]
             np.testing.assert_allclose(p, p_ref, rtol=rtol, atol=atol,
                                        err_msg=f"parameter {key} after {STEPS} steps")
-        assert _rel_norm(p, p_ref, p_ref - init[key]) <= tol["param_update"], (
+        assert rel_norm(p, p_ref, p_ref - init[key]) <= tol["param_update"], (
             f"parameter {key} after {STEPS} steps (deviation relative to the update)")
 
 
 @functools.cache
 def reference_init_params(model: str) -> dict[str, np.ndarray]:
-    make_model, _, _ = MODELS[model]
-    with nnx.use_eager_sharding(False):
-        return flat(nnx.state(make_model(), nnx.Param))
+    return init_params(MODELS[model][0])
 
 
 @pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])

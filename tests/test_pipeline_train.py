@@ -45,8 +45,10 @@ from meshpar.hlo import collectives
 from meshpar.mesh import make_mesh
 from meshpar.models import GPT, get_preset, lm_loss
 from meshpar.plan import to_flat_layout
-from meshpar.strategy import get_strategy
 from meshpar.train import TrainConfig, Trainer
+
+from helpers.compare import (assert_losses_and_grads_match, deviations, flat, init_params,
+                             mesh_axes, paired, rel_norm, run_steps, single_device_mesh)
 
 # -- tolerances -----------------------------------------------------------------------------------
 #
@@ -134,8 +136,7 @@ class Case:
 
 
 def _case(layers, mesh: str, strategy, m, schedule="gpipe", repeats=1) -> Case:
-    axes = tuple((a, int(n)) for a, n in (p.split("=") for p in mesh.split(",")))
-    return Case(layers, axes, strategy, m, schedule, repeats)
+    return Case(layers, mesh_axes(mesh), strategy, m, schedule, repeats)
 
 
 CASES = [
@@ -159,12 +160,6 @@ CASES = [
 # -- running ----------------------------------------------------------------------------------
 
 
-def flat(tree) -> dict[str, np.ndarray]:
-    """``{key path: host array}`` of a pytree of (possibly sharded) arrays."""
-    leaves, _ = jax.tree_util.tree_flatten_with_path(tree)
-    return {jax.tree_util.keystr(path): np.asarray(leaf) for path, leaf in leaves}
-
-
 @dataclasses.dataclass
 class Result:
     init_loss: float
@@ -176,11 +171,11 @@ class Result:
 
 def train(make_model, *, mesh, strategy, config: TrainConfig) -> tuple[Result, Trainer]:
     trainer = Trainer(make_model, make_tx(), lm_loss, mesh=mesh, strategy=strategy, config=config)
-    loss, grads = trainer.loss_and_grads(DATA.batch(0))
-    if trainer.pipeline is not None:
-        grads = jax.jit(lambda g: to_flat_layout(g, trainer.pipeline))(grads)
-    init_loss, init_grads = float(loss), flat(grads)
-    losses = [trainer.step(DATA.batch(s))["loss"] for s in range(STEPS)]
+    # The stack's gradients come in stage layout; compare them in the model's own.
+    to_model_layout = (None if trainer.pipeline is None
+                       else lambda g: to_flat_layout(g, trainer.pipeline))
+    init_loss, init_grads, losses = run_steps(trainer, DATA.batch, STEPS,
+                                              grads_layout=to_model_layout)
     specs = {}
     if trainer.pipeline is not None:
         for path, leaf in jax.tree_util.tree_flatten_with_path(trainer.state.params["blocks"])[0]:
@@ -190,8 +185,8 @@ def train(make_model, *, mesh, strategy, config: TrainConfig) -> tuple[Result, T
 
 @functools.cache
 def reference(layers: int) -> Result:
-    mesh = make_mesh(data=1, devices=jax.devices()[:1])
-    return train(gpt_factory(layers), mesh=mesh, strategy="dp", config=TrainConfig())[0]
+    return train(gpt_factory(layers), mesh=single_device_mesh(), strategy="dp",
+                 config=TrainConfig())[0]
 
 
 _TRAINERS: dict[Case, Trainer] = {}
@@ -212,8 +207,7 @@ def trainer_of(case: Case) -> Trainer:
 
 @functools.cache
 def reference_init_params(layers: int) -> dict[str, np.ndarray]:
-    with nnx.use_eager_sharding(False):
-        return flat(nnx.state(gpt_factory(layers)(), nnx.Param))
+    return init_params(gpt_factory(layers))
 
 
 def manual_axes(case: Case) -> tuple[str, ...]:
@@ -223,50 +217,17 @@ def manual_axes(case: Case) -> tuple[str, ...]:
                  if a in dict(case.mesh) and (a == "data" or zero_stage < 3))
 
 
-def _rel_norm(a: np.ndarray, b: np.ndarray, scale: np.ndarray) -> float:
-    return float(np.linalg.norm(a - b) / np.linalg.norm(scale))
-
-
-def deviations(got: Result, ref: Result, init: dict[str, np.ndarray]) -> dict[str, float]:
-    """Largest deviations over all leaves, each in the unit its tolerance is stated in."""
-    g, p = got.init_grads, got.params
-    return {
-        "init_loss_rel": abs(got.init_loss - ref.init_loss) / abs(ref.init_loss),
-        "step_loss_rel": max(abs(a - b) / abs(b) for a, b in zip(got.losses, ref.losses)),
-        "grad_abs/leaf_max": max(float(np.max(np.abs(g[k] - r)) / np.max(np.abs(r)))
-                                 for k, r in ref.init_grads.items()),
-        "grad_norm_rel": max(_rel_norm(g[k], r, r) for k, r in ref.init_grads.items()),
-        "param_abs": max(float(np.max(np.abs(p[k] - r))) for k, r in ref.params.items()),
-        "param_dev/update": max(_rel_norm(p[k], r, r - init[k]) for k, r in ref.params.items()),
-        "param_outliers": max(int(np.sum(np.abs(p[k] - r) > PARAM_RTOL * np.abs(r) + PARAM_ATOL))
-                              for k, r in ref.params.items()),
-    }
-
-
 def assert_matches(got: Result, ref: Result, init: dict[str, np.ndarray]) -> None:
-    np.testing.assert_allclose(got.init_loss, ref.init_loss, rtol=LOSS_RTOL, atol=LOSS_ATOL,
-                               err_msg="loss_and_grads loss at init")
-    np.testing.assert_allclose(got.losses, ref.losses, rtol=LOSS_RTOL, atol=LOSS_ATOL,
-                               err_msg=f"losses of the {STEPS} steps")
-    assert sorted(got.init_grads) == sorted(ref.init_grads)
-    for key, g_ref in ref.init_grads.items():
-        g = got.init_grads[key]
-        assert g.shape == g_ref.shape and g.dtype == np.float32, (key, g.shape, g_ref.shape)
-        np.testing.assert_allclose(g, g_ref, rtol=GRAD_RTOL,
-                                   atol=GRAD_ATOL_FRAC * float(np.max(np.abs(g_ref))),
-                                   err_msg=f"gradient {key} at init")
-        assert _rel_norm(g, g_ref, g_ref) <= GRAD_NORM_RTOL, f"gradient {key} at init (norm)"
-    assert sorted(got.params) == sorted(ref.params)
-    for key, p_ref in ref.params.items():
-        p = got.params[key]
-        assert p.shape == p_ref.shape and p.dtype == np.float32, (key, p.shape, p_ref.shape)
+    assert_losses_and_grads_match(got, ref, loss=(LOSS_RTOL, LOSS_ATOL),
+                                  grad_elem=(GRAD_RTOL, GRAD_ATOL_FRAC), grad_norm=GRAD_NORM_RTOL)
+    for key, p, p_ref in paired(got.params, ref.params):
         dev = np.abs(p - p_ref)
         outliers = int(np.sum(dev > PARAM_RTOL * np.abs(p_ref) + PARAM_ATOL))
         assert outliers <= max(PARAM_OUTLIERS, PARAM_OUTLIER_FRAC * p.size), (
             f"parameter {key} after {STEPS} steps: {outliers} of {p.size} entries off by more "
             f"than {PARAM_ATOL} (max {dev.max():.2e})")
         assert dev.max() <= PARAM_MAX_DEV, f"parameter {key}: max deviation {dev.max():.2e}"
-        assert _rel_norm(p, p_ref, p_ref - init[key]) <= PARAM_UPDATE_RTOL, (
+        assert rel_norm(p, p_ref, p_ref - init[key]) <= PARAM_UPDATE_RTOL, (
             f"parameter {key} after {STEPS} steps (deviation relative to the update)")
 
 
@@ -641,14 +602,16 @@ def main() -> None:
     for case in CASES:
         if not pattern.search(case.id):
             continue
-        dev = deviations(run_case(case), reference(case.layers), reference_init_params(case.layers))
+        dev = deviations(run_case(case), reference(case.layers), reference_init_params(case.layers),
+                         outliers=(PARAM_RTOL, PARAM_ATOL))
         print(f"{case.id:52s} " + " ".join(f"{v:9.1e}" for v in dev.values()), flush=True)
     if "--controls" in sys.argv:
         # The noise floor the parameter tolerances are calibrated on: unpipelined 8-layer runs.
         for mesh, strategy, m in (("data=8", "dp", 1), ("data=2,tensor=4", "tp", 2)):
             got, _ = train(gpt_factory(8), mesh=make_mesh(mesh), strategy=strategy,
                            config=TrainConfig(microbatches=m))
-            dev = deviations(got, reference(8), reference_init_params(8))
+            dev = deviations(got, reference(8), reference_init_params(8),
+                             outliers=(PARAM_RTOL, PARAM_ATOL))
             name = f"control gpt8-{strategy}-{mesh}-m{m} (no pipe)"
             print(f"{name:52s} " + " ".join(f"{v:9.1e}" for v in dev.values()), flush=True)
     for case in HLO_CASES:
