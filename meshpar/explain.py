@@ -69,22 +69,6 @@ def _phase(op_name: str) -> str:
     return "forward" if "jvp(" in op_name else "update"
 
 
-def _instructions(hlo_text: str):
-    """``(computation, name, result text, op, rest)`` for every instruction."""
-    current = None
-    for line in hlo_text.splitlines():
-        if current is None:
-            m = hlo._COMP_HEAD.match(line)
-            current = m.group(2) if m else None
-            continue
-        if line.startswith("}"):
-            current = None
-            continue
-        m = hlo._INSTR.match(line)
-        if m:
-            yield current, m.group(1), m.group(2), m.group(3), m.group(4)
-
-
 def dot_flops(hlo_text: str, /) -> float:
     """Matmul FLOPs per device, each ``dot`` weighted by its loop trips (see :func:`meshpar.hlo.dot_flops`).
 
@@ -127,10 +111,10 @@ def measure(compiled: Any, /, *, mesh: jax.sharding.Mesh) -> dict[str, Any]:
     cost = cost[0] if isinstance(cost, (list, tuple)) else cost
     flops = {"cost_analysis": float(cost.get("flops", 0.0)), "dots_weighted": dot_flops(text)}
     names = {}
-    for _, name, _, op, rest in _instructions(text):
-        if op.removesuffix("-start") in hlo.COLLECTIVES:
-            m = _OP_NAME.search(rest)
-            names[name] = m.group(1) if m else ""
+    for ins in hlo.instructions(text):
+        if ins.op.removesuffix("-start") in hlo.COLLECTIVES:
+            m = _OP_NAME.search(ins.rest)
+            names[ins.name] = m.group(1) if m else ""
     ops, table = [], defaultdict(lambda: defaultdict(float))
     for op in hlo.collectives(text, mesh=mesh):
         phase = _phase(names.get(op.name, ""))

@@ -14,7 +14,8 @@ import dataclasses
 import math
 import re
 from collections import Counter, defaultdict
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from typing import NamedTuple
 
 import numpy as np
 from jax.sharding import Mesh
@@ -84,11 +85,25 @@ def _ints(text: str) -> list[int]:
     return [int(x) for x in text.split(",") if x.strip()]
 
 
-def parse_groups(attrs: str) -> list[list[int]] | None:
-    """The device groups of a collective's attribute text, or ``None`` if it has none."""
+def parse_groups(attrs: str, *, num_devices: int | None = None) -> list[list[int]] | None:
+    """The device groups of a collective's attribute text.
+
+    Args:
+        attrs: the collective's attributes (the instruction's text after the opcode's ``(``
+            will do, as :attr:`Instruction.rest`).
+        num_devices: how many devices the program runs on. Only ``replica_groups={}`` needs it:
+            XLA's notation for one group of all devices, decoded as ``[[0, ..., n - 1]]``.
+
+    Returns:
+        One list of device ids per group (per source-target pair for a collective-permute);
+        ``[]`` for ``replica_groups={}`` when ``num_devices`` is not given (all devices, count
+        unknown); ``None`` if the text has no groups at all.
+    """
     m = re.search(r"source_target_pairs=\{(\{[^=]*?\})\}", attrs)
     if m:
         return [_ints(p) for p in re.findall(r"\{([0-9,]+)\}", m.group(1))]
+    if re.search(r"replica_groups=\{\s*\}", attrs):
+        return [list(range(num_devices))] if num_devices is not None else []
     m = re.search(r"replica_groups=\{(\{.*?\})\}", attrs)
     if m:
         return [_ints(g) for g in re.findall(r"\{([0-9,]*)\}", m.group(1))]
@@ -122,6 +137,30 @@ def mesh_axes_of(groups: list[list[int]] | None, mesh: Mesh | None) -> tuple[str
         coords = np.array(np.unravel_index(np.asarray(group) % math.prod(shape), shape))
         varying |= {i for i in range(len(shape)) if len(set(coords[i])) > 1}
     return tuple(mesh.axis_names[i] for i in sorted(varying))
+
+
+class Instruction(NamedTuple):
+    """One instruction of an HLO text, as :func:`instructions` splits it."""
+
+    computation: str  # the computation it belongs to
+    name: str         # without the leading %
+    result: str       # the result shape text (``f32[4]{0}``, a tuple shape, ...)
+    op: str           # the opcode (``all-reduce``, ``collective-permute-start``, ``dot``, ...)
+    rest: str         # everything after the opcode's "(": operands, then the attributes
+
+
+def instructions(hlo_text: str, /) -> Iterator[Instruction]:
+    """Every instruction of an HLO text (``compiled.as_text()``), computation by computation.
+
+    Example:
+        >>> [(i.computation, i.name) for i in instructions(compiled.as_text()) if i.op == "dot"]
+    """
+    comps, _ = _computations(hlo_text)
+    for computation, lines in comps.items():
+        for line in lines:
+            m = _INSTR.match(line)
+            if m:
+                yield Instruction(computation, *m.groups())
 
 
 def _computations(hlo_text: str) -> tuple[dict[str, list[str]], str | None]:
@@ -223,7 +262,8 @@ def collectives(hlo_text: str, /, *, mesh: Mesh | None = None) -> list[Collectiv
             kind = m.group(3).removesuffix("-start")
             if kind not in COLLECTIVES:
                 continue
-            groups = parse_groups(m.group(4))
+            groups = parse_groups(m.group(4),
+                                  num_devices=mesh.devices.size if mesh is not None else None)
             size = 2 if kind == "collective-permute" else (len(groups[0]) if groups else 1)
             out.append(Collective(
                 kind, m.group(1), name, _shape_bytes(m.group(2)), size,

@@ -4,7 +4,8 @@ import numpy as np
 import pytest
 
 import meshpar as mp
-from meshpar.hlo import collectives, collectives_in_loops, mesh_axes_of, parse_groups
+from meshpar.hlo import (COLLECTIVES, Instruction, collectives, collectives_in_loops,
+                         instructions, mesh_axes_of, parse_groups)
 
 
 @pytest.fixture(scope="module")
@@ -22,6 +23,26 @@ def test_explicit_iota_and_mesh_replica_groups(mesh):
     ids = np.arange(8).reshape(2, 2, 2).transpose(1, 0, 2).reshape(2, 4)
     assert groups == ids.T.reshape(4, 2).tolist()
     assert parse_groups("source_target_pairs={{0,1},{1,0}}") == [[0, 1], [1, 0]]
+
+
+def test_empty_replica_groups_mean_all_devices(mesh):
+    # replica_groups={}: one group of every device, which takes the device count to spell out.
+    attrs = "replica_groups={}, use_global_device_ids=true, to_apply=%add"
+    assert parse_groups(attrs, num_devices=8) == [list(range(8))]
+    assert parse_groups(attrs) == []  # all devices, count unknown
+    assert parse_groups("replica_groups={ }, dimensions={0}", num_devices=2) == [[0, 1]]
+    assert parse_groups("to_apply=%add") is None
+    # The count is only for {}: explicit groups stay as written.
+    assert parse_groups("replica_groups={{0,1},{2,3}}", num_devices=8) == [[0, 1], [2, 3]]
+    # collectives() knows the count from the mesh: the op spans every axis of size > 1.
+    text = HLO.replace("%ar0 = f32[4]{0} all-reduce(%x), replica_groups={{0,1}}",
+                       "%ar0 = f32[4]{0} all-reduce(%x), replica_groups={}")
+    assert "replica_groups={}" in text
+    ops = {op.name: op for op in collectives(text, mesh=mesh)}
+    assert ops["ar0"].group_size == 8
+    assert ops["ar0"].mesh_axes == ("data", "fsdp", "tensor")
+    assert ops["ar0"].traffic_bytes == pytest.approx(2 * 7 / 8 * 16)
+    assert ops["ar"].group_size == 2 and ops["ar"].mesh_axes == ("tensor",)
 
 
 def test_groups_map_to_mesh_axes(mesh):
@@ -84,3 +105,18 @@ def test_trip_counts_multiply_through_nested_loops():
     assert ops["ar"].trip_count == 15
     assert ops["ar"].result_bytes == 16
     assert ops["ar"].traffic_bytes == pytest.approx(16.0)  # 2(n-1)/n x 16 with n = 2
+
+
+def test_instructions_split_every_computation():
+    got = list(instructions(HLO))
+    assert all(isinstance(i, Instruction) for i in got)
+    assert [i.computation for i in got if i.op.removesuffix("-start") in COLLECTIVES] == [
+        "fused", "inner_body", "body", "main"]
+    assert {i.computation for i in got} == {"add", "fused", "inner_body", "body", "cond", "main"}
+    (ar,) = [i for i in got if i.name == "ar"]
+    assert ar == ("inner_body", "ar", "f32[4]{0}", "all-reduce",
+                  "%x), replica_groups={{0,1}}, to_apply=%add")
+    (cp,) = [i for i in got if i.name == "cp"]
+    assert cp.op == "collective-permute-start" and parse_groups(cp.rest) == [[0, 1], [1, 0]]
+    (w,) = [i for i in got if i.computation == "main" and i.op == "while"]
+    assert w.result == "(s32[], f32[4])" and 'op_name="a=b"' in w.rest
