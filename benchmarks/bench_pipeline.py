@@ -39,16 +39,19 @@ are in ``benchmarks/PIPELINE.md``.
 from __future__ import annotations
 
 import argparse
-import datetime
-import json
 import math
 import os
-import platform
 import statistics
 import sys
 import time
 from collections.abc import Callable, Sequence
 from typing import Any
+
+# _common, whether this file runs as a script or is loaded by path (tests/test_benchmarks.py).
+_HERE = os.path.dirname(os.path.abspath(__file__))
+if _HERE not in sys.path:
+    sys.path.insert(0, _HERE)
+import _common  # noqa: E402
 
 
 def bubble_fraction(stages: int, microbatches: int, repeats: int = 1) -> float:
@@ -274,8 +277,7 @@ def format_table(report: dict) -> str:
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = _common.parser(__doc__)
     p.add_argument("--preset", default="tiny", help="GPT preset")
     p.add_argument("--layers", type=int, default=8, help="layers (divisible by stages x repeats)")
     p.add_argument("--remat", default=None, help="override the preset's layer remat policy")
@@ -288,22 +290,15 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--reps", type=int, default=7, help="timed calls per program (interleaved)")
     p.add_argument("--warmup", type=int, default=2, help="untimed calls per program first")
     p.add_argument("--no-core", action="store_true", help="skip (c), the pipeline core timing")
-    p.add_argument("--cpu-devices", type=int, default=8)
-    p.add_argument("--json", default=None, help="write the full results here")
-    return p.parse_args(argv)
+    return _common.parse_args(p, argv)
 
 
 def run(args: argparse.Namespace, log: Callable = print) -> dict:
     """Benchmark every configuration (JAX must already have its devices) and return the report."""
-    import jax
-
     from meshpar.data import TokenBatches
     from meshpar.models import get_preset
 
-    if len(jax.devices()) != args.cpu_devices:
-        raise RuntimeError(f"JAX has {len(jax.devices())} devices, the benchmark wants "
-                           f"{args.cpu_devices}")
-    t0 = time.perf_counter()
+    bench = _common.Run(args, "bench_pipeline.py")
     cfg = get_preset(args.preset).replace(layers=args.layers)
     if args.remat:
         cfg = cfg.replace(remat=args.remat)
@@ -327,14 +322,7 @@ def run(args: argparse.Namespace, log: Callable = print) -> dict:
                 core=not args.no_core, log=log))
     base_times = [t for c in configs for t in c["step_time_s"]["b"]["all"]]
     return {
-        "meta": {
-            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-            "command": " ".join(["python", "benchmarks/bench_pipeline.py", *sys.argv[1:]]),
-            "jax": jax.__version__, "python": platform.python_version(),
-            "host_cpus": os.cpu_count(), "devices": len(jax.devices()),
-            "loadavg": os.getloadavg() if hasattr(os, "getloadavg") else None,
-            "args": vars(args), "wall_s": time.perf_counter() - t0,
-        },
+        "meta": bench.meta(),
         "model": {"preset": args.preset, "layers": cfg.layers, "d_model": cfg.d_model,
                   "seq_len": cfg.seq_len, "remat": cfg.remat},
         "batch_size": args.batch_size,
@@ -355,9 +343,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     print()
     print(format_table(report))
     print(f"\nwall {report['meta']['wall_s']:.0f}s")
-    if args.json:
-        with open(args.json, "w") as fh:
-            json.dump(report, fh, indent=1, default=str)
+    _common.write_json(args.json, report)
     return report
 
 

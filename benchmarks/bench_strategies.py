@@ -25,18 +25,21 @@ column. Eight emulated devices share the host's cores: only ratios taken in one 
 from __future__ import annotations
 
 import argparse
-import datetime
 import gc
-import json
 import math
 import os
-import platform
 import statistics
 import sys
 import time
 from collections import defaultdict
 from collections.abc import Callable, Sequence
 from typing import Any
+
+# _common, whether this file runs as a script or is loaded by path (tests/test_benchmarks.py).
+_HERE = os.path.dirname(os.path.abspath(__file__))
+if _HERE not in sys.path:
+    sys.path.insert(0, _HERE)
+import _common  # noqa: E402
 
 DEFAULT_MESHES = "fsdp=4,tensor=2;data=8;fsdp=8;data=2,tensor=4"
 
@@ -612,8 +615,7 @@ def format_report(report: dict) -> str:
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = _common.parser(__doc__)
     p.add_argument("--preset", default="20m", help="GPT preset (meshpar.models.gpt.PRESETS)")
     p.add_argument("--meshes", default=DEFAULT_MESHES,
                    help="';'-separated meshes, each 'axis=n,...' with an optional ':strategy'")
@@ -629,20 +631,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                         "preset's ('full'). 'dots' saves matmul outputs, so nothing is computed "
                         "twice, while ZeRO-3 still regathers each layer in the backward pass")
     p.add_argument("--peak-n", type=int, default=1024, help="per-device matmul size of the peak")
-    p.add_argument("--cpu-devices", type=int, default=8)
-    p.add_argument("--json", default=None, help="write the full results here")
-    return p.parse_args(argv)
+    return _common.parse_args(p, argv)
 
 
 def run(args: argparse.Namespace, log: Callable = print) -> dict:
     """Benchmark every mesh of ``args`` (JAX must already have its devices); return the report."""
-    import jax
-
-    if len(jax.devices()) != args.cpu_devices:
-        raise RuntimeError(f"JAX has {len(jax.devices())} devices, the benchmark wants "
-                           f"{args.cpu_devices}")
-    t0 = time.perf_counter()
-    started = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+    bench = _common.Run(args, "bench_strategies.py")
     single = measure_single_device_peak(args.peak_n, reps=3)
     layouts = [
         bench_layout(m.strip(), preset=args.preset, batch_size=args.batch_size,
@@ -651,15 +645,7 @@ def run(args: argparse.Namespace, log: Callable = print) -> dict:
         for m in args.meshes.split(";") if m.strip()
     ]
     return {
-        "meta": {
-            "date": started,
-            "command": " ".join([os.path.basename(sys.argv[0] or "bench_strategies.py")]
-                                + list(sys.argv[1:])),
-            "jax": jax.__version__, "python": platform.python_version(),
-            "host_cpus": os.cpu_count(), "devices": len(jax.devices()),
-            "args": vars(args), "wall_s": time.perf_counter() - t0,
-            "single_device_peak_flops_per_s": single,
-        },
+        "meta": bench.meta(single_device_peak_flops_per_s=single),
         "layouts": layouts,
     }
 
@@ -675,9 +661,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     print(f"\nsingle-device {args.peak_n}^3 matmul: "
           f"{report['meta']['single_device_peak_flops_per_s'] / 1e9:.1f} GFLOP/s (reference); "
           f"wall {report['meta']['wall_s']:.0f}s")
-    if args.json:
-        with open(args.json, "w") as fh:
-            json.dump(report, fh, indent=1, default=str)
+    _common.write_json(args.json, report)
     return report
 
 
