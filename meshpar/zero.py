@@ -269,13 +269,22 @@ class ManualZero:
             def grads_of(rest, mb):
                 def f(p_leaves, rest):
                     with self._stacked_scope() as pending:
-                        prepare = lambda p: treedef.unflatten(  # noqa: E731
-                            self._prepare(jax.tree.leaves(p), pending))
+                        failed_inside: list[BaseException] = []
+
+                        def prepare(p):
+                            try:
+                                return treedef.unflatten(self._prepare(jax.tree.leaves(p), pending))
+                            except Exception as err:
+                                failed_inside.append(err)
+                                raise
+
                         try:
                             return loss(treedef.unflatten(p_leaves), rest, mb, prepare)
                         except Exception as err:
                             unused = set(pending.dims) - pending.used
-                            if unused:
+                            # Only a model that failed on a stacked shard is told to fall back;
+                            # an error in meshpar's own gathers must surface as it is.
+                            if unused and not failed_inside:
                                 raise StackNotScanned(
                                     "the parameters of a layer stack (first logical axis "
                                     "'layers') arrive as fsdp shards to be gathered one layer at "

@@ -149,3 +149,19 @@ def test_bf16_zero3_next_to_a_size_one_automatic_axis_compiles_and_matches_gspmd
     for a, b in zip(jax.tree.leaves(grads_a), jax.tree.leaves(grads_b)):
         # bf16 backward passes summed in different orders: agree to bf16 precision.
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=0.05, atol=2e-3)
+
+
+def test_an_error_in_meshpars_own_gathers_surfaces_instead_of_a_silent_fallback(monkeypatch):
+    # The fallback to GSPMD is for models that use a stacked shard outside scan_layers; a bug in
+    # the up-front gathers (which run before the stack is reached, so the stack is "unused")
+    # must not be mistaken for that and hidden.
+    from meshpar import zero
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("gather bug")
+
+    monkeypatch.setattr(zero, "_gather", broken)
+    trainer = _trainer("fsdp=8", "zero3")
+    with pytest.raises(RuntimeError, match="gather bug"):
+        trainer.loss_and_grads(BATCH)
+    assert trainer.explicit_zero
