@@ -18,6 +18,7 @@ whole step, so shares of op time approximate shares of the step).
 
 Usage:
     python benchmarks/profile_step.py --mesh data=8
+    python benchmarks/profile_step.py --mesh fsdp=8 --baseline   # and the hand-written step
     python benchmarks/profile_step.py --mesh fsdp=8 --top 25 --json /tmp/profile.json
 """
 
@@ -158,10 +159,33 @@ def read_trace(trace_dir: str, /) -> list[dict]:
         return [e for e in json.load(f)["traceEvents"] if e.get("ph") == "X"]
 
 
+def _trace(run_step: Callable[[], None], *, warmup: int, steps: int,
+           trace_dir: str | None) -> tuple[list[dict], float, str]:
+    """Run ``warmup`` steps, then trace ``steps`` more: (events, seconds per step, trace dir)."""
+    import jax
+
+    for _ in range(warmup):
+        run_step()
+    trace_dir = trace_dir or tempfile.mkdtemp(prefix="meshpar_profile_")
+    jax.profiler.start_trace(trace_dir)
+    t0 = time.perf_counter()
+    try:
+        for _ in range(steps):
+            run_step()
+    finally:
+        wall = time.perf_counter() - t0
+        jax.profiler.stop_trace()
+    return read_trace(trace_dir), wall / steps, trace_dir
+
+
 def profile(*, mesh_text: str, preset: str, batch_size: int, seq_len: int, remat: str | None,
             strategy: str, warmup: int, steps: int, top: int, trace_dir: str | None = None,
-            log: Callable = print) -> dict:
-    """Trace ``steps`` train steps (after ``warmup``) and sort their op time into kinds."""
+            baseline: bool = False, log: Callable = print) -> dict:
+    """Trace ``steps`` train steps (after ``warmup``) and sort their op time into kinds.
+
+    With ``baseline``, the hand-written ``jax.jit`` step of ``bench_strategies.py`` (same
+    shardings) is traced the same way, and its summary is returned under ``"baseline"``.
+    """
     import jax
     import optax
     from flax import nnx
@@ -178,33 +202,51 @@ def profile(*, mesh_text: str, preset: str, batch_size: int, seq_len: int, remat
     trainer = mp.Trainer(lambda: GPT(cfg, rngs=nnx.Rngs(0)), optax.adamw(3e-4), lm_loss,
                          mesh=mesh, strategy=strategy)
     host_batch = TokenBatches(batch_size=batch_size, seq_len=seq_len, seed=0).batch(0)
+    batch = trainer.place_batch(host_batch)
     table = classify_instructions(trainer.lower(host_batch).compile().as_text())
-    for _ in range(warmup):
-        trainer.step(host_batch)
-    jax.block_until_ready(trainer.state)
-    trace_dir = trace_dir or tempfile.mkdtemp(prefix="meshpar_profile_")
-    jax.profiler.start_trace(trace_dir)
-    t0 = time.perf_counter()
-    try:
-        for _ in range(steps):
-            trainer.step(host_batch)
-        jax.block_until_ready(trainer.state)
-    finally:
-        wall = time.perf_counter() - t0
-        jax.profiler.stop_trace()
-    summary = summarize_trace(read_trace(trace_dir), table, top=top)
+    step_fn, holder = trainer._jitted, {"state": trainer.state}  # Trainer.step minus the transfer
+
+    def run_meshpar():
+        holder["state"], metrics = step_fn(holder["state"], batch)
+        jax.block_until_ready((holder["state"], metrics))
+
+    events, step_s, where = _trace(run_meshpar, warmup=warmup, steps=steps, trace_dir=trace_dir)
+    trainer.state = holder["state"]
+    summary = summarize_trace(events, table, top=top)
     summary.update(mesh=mp.format_mesh(mesh), preset=preset, batch_size=batch_size,
                    seq_len=seq_len, remat=cfg.remat, steps=steps, devices=mesh.size,
-                   step_s=wall / steps, trace_dir=trace_dir,
-                   explicit_zero=bool(getattr(trainer, "explicit_zero", False)))
+                   step_s=step_s, trace_dir=where, program="meshpar",
+                   explicit_zero=bool(trainer.explicit_zero))
     log(format_summary(summary))
+    if baseline:
+        import bench_strategies
+
+        base_step, shardings = bench_strategies.make_baseline_step(
+            trainer, jax.tree.map(lambda x: x.sharding, batch))
+        base = {"state": bench_strategies._copy_state(trainer, shardings)}
+        base_table = classify_instructions(base_step.lower(base["state"], batch).compile().as_text())
+
+        def run_baseline():
+            base["state"], loss = base_step(base["state"], batch)
+            jax.block_until_ready((base["state"], loss))
+
+        events, step_s, where = _trace(
+            run_baseline, warmup=warmup, steps=steps,
+            trace_dir=trace_dir and os.path.join(trace_dir, "baseline"))
+        other = summarize_trace(events, base_table, top=top)
+        other.update({k: summary[k] for k in ("mesh", "preset", "batch_size", "seq_len", "remat",
+                                             "steps", "devices")},
+                     step_s=step_s, trace_dir=where, program="hand-written jax.jit")
+        summary["baseline"] = other
+        log("\n" + format_summary(other))
+        log("\n" + format_comparison(summary, other))
     return summary
 
 
 def format_summary(s: dict, /) -> str:
     """A text table of :func:`profile`'s result."""
     per_dev_step = s["total_us"] / s["devices"] / s["steps"] / 1e6
-    out = [f"{s['mesh']} {s['preset']} batch {s['batch_size']}x{s['seq_len']} remat "
+    out = [f"[{s['program']}] {s['mesh']} {s['preset']} batch {s['batch_size']}x{s['seq_len']} remat "
            f"{s['remat']}: {s['step_s']:.2f} s/step (traced), op time "
            f"{per_dev_step:.2f} s per device and step", "",
            f"{'kind':<20}{'share':>8}{'s/dev/step':>12}"]
@@ -214,6 +256,21 @@ def format_summary(s: dict, /) -> str:
     for t in s["top"]:
         out.append(f"{t['share']:>6.1%} {t['count']:>5}  {t['name']:<36}{t['kind']:<19}"
                    f"{t['shape']:<26}{t['source'][-70:]}")
+    return "\n".join(out)
+
+
+def format_comparison(a: dict, b: dict, /) -> str:
+    """Seconds per device and step of each kind, two programs side by side."""
+    def per(s, kind):
+        return s["by_kind"][kind]["us"] / s["devices"] / s["steps"] / 1e6
+
+    out = [f"{'kind':<20}{a['program']:>12}{'baseline':>12}{'difference':>12}"]
+    for kind in KINDS:
+        out.append(f"{kind:<20}{per(a, kind):>12.3f}{per(b, kind):>12.3f}"
+                   f"{per(a, kind) - per(b, kind):>+12.3f}")
+    ta = a["total_us"] / a["devices"] / a["steps"] / 1e6
+    tb = b["total_us"] / b["devices"] / b["steps"] / 1e6
+    out.append(f"{'all ops':<20}{ta:>12.3f}{tb:>12.3f}{ta - tb:>+12.3f}")
     return "\n".join(out)
 
 
@@ -229,6 +286,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--steps", type=int, default=2, help="steps traced")
     p.add_argument("--top", type=int, default=15, help="single ops listed")
     p.add_argument("--trace-dir", default=None, help="keep the trace here (default: a temp dir)")
+    p.add_argument("--baseline", action="store_true",
+                   help="also trace bench_strategies.py's hand-written jax.jit step")
     return _common.parse_args(p, argv)
 
 
@@ -241,7 +300,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     result = profile(mesh_text=args.mesh, preset=args.preset, batch_size=args.batch_size,
                      seq_len=args.seq_len, remat=None if args.remat == "preset" else args.remat,
                      strategy=args.strategy, warmup=args.warmup, steps=args.steps, top=args.top,
-                     trace_dir=args.trace_dir)
+                     trace_dir=args.trace_dir, baseline=args.baseline)
     result["meta"] = run.meta()
     _common.write_json(args.json, result)
     return result

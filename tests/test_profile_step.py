@@ -72,7 +72,7 @@ def test_profile_a_tiny_zero3_tp_step(prof, tmp_path):
     out = tmp_path / "profile.json"
     result = prof.main(["--mesh", "fsdp=4,tensor=2", "--preset", "tiny", "--batch-size", "16",
                         "--seq-len", "32", "--warmup", "1", "--steps", "1", "--top", "5",
-                        "--trace-dir", str(tmp_path / "trace"), "--json", str(out)])
+                        "--trace-dir", str(tmp_path / "trace"), "--json", str(out), "--baseline"])
     assert json.loads(out.read_text())["by_kind"] == result["by_kind"]
     shares = {k: v["share"] for k, v in result["by_kind"].items()}
     assert sum(shares.values()) == pytest.approx(1.0)
@@ -81,5 +81,12 @@ def test_profile_a_tiny_zero3_tp_step(prof, tmp_path):
         assert shares[kind] > 0, shares
     assert result["explicit_zero"] is True
     assert len(result["top"]) == 5
+    # The hand-written step (GSPMD) is traced too, and its ops
+    # are matched against its own program.
+    base = result["baseline"]
+    assert base["program"] == "hand-written jax.jit"
+    assert sum(v["share"] for v in base["by_kind"].values()) == pytest.approx(1.0)
+    assert base["by_kind"]["matmul"]["us"] > 0 and base["by_kind"]["collective"]["us"] > 0
+    assert base["unmatched_us"] < 0.2 * base["total_us"]
     # Almost all op time is the step's own program (the batch placement is a few tiny ops).
     assert result["unmatched_us"] < 0.2 * result["total_us"]
