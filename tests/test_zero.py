@@ -1,5 +1,7 @@
 """``meshpar.zero``: ZeRO-2/3 gradients reduce-scattered by hand, and where GSPMD takes over."""
 
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -165,3 +167,22 @@ def test_an_error_in_meshpars_own_gathers_surfaces_instead_of_a_silent_fallback(
     with pytest.raises(RuntimeError, match="gather bug"):
         trainer.loss_and_grads(BATCH)
     assert trainer.explicit_zero
+
+
+@pytest.mark.parametrize("strategy", ["zero2", "zero3"])
+def test_gathers_and_reduce_scatters_run_along_the_major_dimension(strategy):
+    # A collective along a minor dimension makes XLA:CPU copy the whole operand (or result)
+    # into a transposed layout, a layer's gradient per reduce-scatter; meshpar moves the split
+    # dimension first instead (a shard-sized transpose XLA folds into the neighbouring dot).
+    trainer = _trainer("fsdp=8", strategy, microbatches=2)
+    assert trainer.explicit_zero
+    text = trainer.lower(BATCH).compile().as_text()
+    # meshpar's own collectives (JAX's all_gather / reduce_scatter primitives); ZeRO-2's gather
+    # of the updated parameters after the optimizer step is GSPMD's, once per step.
+    found = re.findall(r"= \S+ (all-gather|reduce-scatter)\(.*?dimensions=\{(\d+)\}"
+                       r".*?op_name=\"[^\"]*/(?:all_gather|reduce_scatter)\"", text)
+    kinds = {k for k, _ in found}
+    assert "reduce-scatter" in kinds and (strategy == "zero2" or "all-gather" in kinds), found
+    # The GPT splits w_out [mlp, embed] and wo [heads, head, embed] over fsdp on embed, the
+    # last dimension: before this, their collectives ran along it.
+    assert {d for _, d in found} == {"0"}, found
