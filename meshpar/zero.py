@@ -16,6 +16,9 @@ the loss and its gradient in a ``shard_map`` that is manual over the batch axes 
   the sharded accumulation buffer.
 * Over ``data``, and for leaves the rules leave unsplit over ``fsdp``, gradients stay per-device
   partial sums through the microbatch loop and are summed once after it, as for DP.
+* Every gather and reduce-scatter runs along dimension 0: a leaf split over ``fsdp`` on a later
+  dimension has that dimension moved first (a shard-sized transpose) and back after, which XLA
+  folds into the neighbouring dots instead of copying whole gradients into a transposed layout.
 
 The manual path is taken when every parameter and gradient is either whole or split over
 ``fsdp`` alone on one dimension (never on the ``layers`` dimension of a stack) and no pipeline is
