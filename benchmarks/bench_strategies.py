@@ -325,33 +325,48 @@ def _stats(xs: Sequence[float]) -> dict:
     return {"median": statistics.median(xs), "min": min(xs), "max": max(xs), "all": list(xs)}
 
 
-def bench_layout(mesh_text: str, *, preset: str, batch_size: int, seq_len: int, warmup: int,
-                 steps: int, peak_n: int, remat: str | None = None, log: Callable = print) -> dict:
-    """Everything for one mesh: compile, memory, FLOPs, collectives and interleaved timings."""
-    import jax
+def gpt_config(preset: str, *, seq_len: int, remat: str | None) -> Any:
+    """The GPT preset with room for ``seq_len`` positions and, if given, another remat policy."""
+    from meshpar.models.gpt import get_preset
+
+    overrides = {"seq_len": max(seq_len, get_preset(preset).seq_len)}
+    if remat:
+        overrides["remat"] = remat
+    return get_preset(preset, **overrides)
+
+
+def gpt_trainer(cfg: Any, *, mesh: Any, strategy: str) -> Any:
+    """The benchmarks' trainer: the GPT of ``cfg``, AdamW, the LM loss, on ``mesh``."""
     import optax
     from flax import nnx
 
     import meshpar as mp
+    from meshpar.models.gpt import GPT, lm_loss
+
+    return mp.Trainer(lambda: GPT(cfg, rngs=nnx.Rngs(0)), optax.adamw(3e-4), lm_loss,
+                      mesh=mesh, strategy=strategy)
+
+
+def bench_layout(mesh_text: str, *, preset: str, batch_size: int, seq_len: int, warmup: int,
+                 steps: int, peak_n: int, remat: str | None = None, log: Callable = print) -> dict:
+    """Everything for one mesh: compile, memory, FLOPs, collectives and interleaved timings."""
+    import jax
+
+    import meshpar as mp
     from meshpar import hlo
     from meshpar.data import TokenBatches
-    from meshpar.models.gpt import GPT, get_preset, lm_loss
 
     mesh_part, _, strategy = mesh_text.partition(":")
     strategy = strategy.strip() or "auto"
     mesh = mp.make_mesh(mesh_part.strip())
     mesh_shape = {k: int(v) for k, v in mesh.shape.items()}
-    overrides = {"seq_len": max(seq_len, get_preset(preset).seq_len)}
-    if remat:
-        overrides["remat"] = remat
-    cfg = get_preset(preset, **overrides)
+    cfg = gpt_config(preset, seq_len=seq_len, remat=remat)
     active = tuple(a for a, n in mesh_shape.items() if n > 1)
     label = _LABELS.get(active, "+".join(active)) if strategy == "auto" else strategy
     log(f"\n== {mp.format_mesh(mesh)} ({label}, strategy {strategy!r}) ==")
 
     t0 = time.perf_counter()
-    trainer = mp.Trainer(lambda: GPT(cfg, rngs=nnx.Rngs(0)), optax.adamw(3e-4), lm_loss,
-                         mesh=mesh, strategy=strategy)
+    trainer = gpt_trainer(cfg, mesh=mesh, strategy=strategy)
     _block(trainer.state)
     init_s = time.perf_counter() - t0
     host_batch = TokenBatches(batch_size=batch_size, seq_len=seq_len, seed=0).batch(0)

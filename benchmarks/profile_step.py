@@ -187,20 +187,14 @@ def profile(*, mesh_text: str, preset: str, batch_size: int, seq_len: int, remat
     shardings) is traced the same way, and its summary is returned under ``"baseline"``.
     """
     import jax
-    import optax
-    from flax import nnx
 
+    import bench_strategies
     import meshpar as mp
     from meshpar.data import TokenBatches
-    from meshpar.models.gpt import GPT, get_preset, lm_loss
 
-    overrides = {"seq_len": max(seq_len, get_preset(preset).seq_len)}
-    if remat:
-        overrides["remat"] = remat
-    cfg = get_preset(preset, **overrides)
+    cfg = bench_strategies.gpt_config(preset, seq_len=seq_len, remat=remat)
     mesh = mp.make_mesh(mesh_text)
-    trainer = mp.Trainer(lambda: GPT(cfg, rngs=nnx.Rngs(0)), optax.adamw(3e-4), lm_loss,
-                         mesh=mesh, strategy=strategy)
+    trainer = bench_strategies.gpt_trainer(cfg, mesh=mesh, strategy=strategy)
     host_batch = TokenBatches(batch_size=batch_size, seq_len=seq_len, seed=0).batch(0)
     batch = trainer.place_batch(host_batch)
     table = classify_instructions(trainer.lower(host_batch).compile().as_text())
@@ -219,8 +213,6 @@ def profile(*, mesh_text: str, preset: str, batch_size: int, seq_len: int, remat
                    explicit_zero=bool(trainer.explicit_zero))
     log(format_summary(summary))
     if baseline:
-        import bench_strategies
-
         base_step, shardings = bench_strategies.make_baseline_step(
             trainer, jax.tree.map(lambda x: x.sharding, batch))
         base = {"state": bench_strategies._copy_state(trainer, shardings)}

@@ -6,25 +6,20 @@ step, and the analytic formulas against numbers worked out by hand.
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
-import pathlib
 
 import jax
 import jax.numpy as jnp
 import pytest
 from jax.sharding import PartitionSpec as P
 
-_PATH = pathlib.Path(__file__).resolve().parent.parent / "benchmarks" / "bench_strategies.py"
+from helpers.scripts import load_benchmark
 
 
 @pytest.fixture(scope="module")
 def bench():
-    spec = importlib.util.spec_from_file_location("bench_strategies", _PATH)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("bench_strategies")
 
 
 def test_model_flops_by_hand(bench):
