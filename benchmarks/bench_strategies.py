@@ -222,6 +222,75 @@ def make_peak_matmul(n: int) -> tuple[Callable[[], Any], float]:
     return (lambda: f(a, b)), 2.0 * len(devices) * n**3
 
 
+def make_dots_only(hlo_text: str) -> tuple[Callable[[], Any], float, int]:
+    """Every ``dot`` of a compiled per-device program and nothing else, on every device at once.
+
+    Each dot runs with its own operand shapes and dimension numbers, as many times per call as it
+    runs per step (loop trip counts included), on every device in parallel with no
+    communication. Its time is what the step would take if it were *only* its matmuls: model
+    FLOPs over that time, over the peak, is the utilisation ceiling of this model, batch and
+    layout on this machine, whatever the rest of the step costs. Operand layouts are XLA's
+    choice for this program, not necessarily the step's.
+
+    Returns:
+        ``(run, flops, kinds)``: a callable running the program once, its FLOPs on all devices,
+        and how many distinct dot shapes it holds.
+    """
+    import jax
+    import jax.numpy as jnp
+    from jax.sharding import AxisType, NamedSharding, PartitionSpec
+
+    from meshpar import hlo
+
+    counts: dict[tuple, int] = defaultdict(int)
+    flops = 0.0
+    for d in hlo.dots(hlo_text):
+        key = (d.dtype, d.lhs, d.rhs, (d.lhs_contracting, d.rhs_contracting),
+               (d.lhs_batch, d.rhs_batch))
+        counts[key] += d.executions
+        flops += d.flops * d.executions
+    devices = jax.devices()
+    mesh = jax.make_mesh((len(devices),), ("all",), axis_types=(AxisType.Auto,), devices=devices)
+    spec = PartitionSpec("all")
+    keys = sorted(counts)
+    shapes = [(len(devices), *shape) for k in keys for shape in (k[1], k[2])]
+    # HLO spells dtypes as f32, bf16, ...; random operands need a float dtype.
+    named = {"f32": jnp.float32, "bf16": jnp.bfloat16, "f16": jnp.float16, "f64": jnp.float64}
+    dtypes = [named.get(k[0], jnp.float32) for k in keys for _ in range(2)]
+    operands = jax.jit(
+        lambda key: [jax.random.normal(k, s, t) for k, s, t in
+                     zip(jax.random.split(key, len(shapes)), shapes, dtypes)],
+        out_shardings=[NamedSharding(mesh, spec)] * len(shapes))(jax.random.key(2))
+
+    def per_device(*ops):
+        outs = []
+        for i, (dtype, _, _, contracting, batch) in enumerate(keys):
+            a, b = ops[2 * i][0], ops[2 * i + 1][0]
+
+            def body(_, carry, dims=(contracting, batch)):
+                # The barrier makes each iteration's operands opaque, so XLA can neither hoist
+                # the loop-invariant dot out of the loop nor merge the iterations.
+                a, b, _ = jax.lax.optimization_barrier(carry)
+                return a, b, jax.lax.dot_general(a, b, dims)
+
+            init = jax.eval_shape(lambda a, b, dims=(contracting, batch):
+                                  jax.lax.dot_general(a, b, dims), a, b)
+            _, _, out = jax.lax.fori_loop(0, counts[keys[i]], body,
+                                          (a, b, jnp.zeros(init.shape, init.dtype)))
+            outs.append(out[None])
+        return outs
+
+    f = jax.jit(jax.shard_map(per_device, mesh=mesh, in_specs=spec, out_specs=spec,
+                              check_vma=False)).lower(*operands).compile()
+    # Read back what XLA kept: a dot hoisted out of its loop or merged would lower the count.
+    kept = hlo.dot_flops(f.as_text())["total"]
+    if not math.isclose(kept, flops, rel_tol=1e-6):
+        raise RuntimeError(f"the dots-only program runs {kept:.4g} dot FLOPs per device, "
+                           f"the step {flops:.4g}: XLA changed it, its time would mislead")
+    _block(f(*operands))
+    return (lambda: f(*operands)), flops * len(devices), len(keys)
+
+
 def measure_single_device_peak(n: int, reps: int) -> float:
     """FLOP/s of one ``n x n x n`` fp32 matmul on one device (reference only)."""
     import jax
@@ -434,6 +503,7 @@ def bench_layout(mesh_text: str, *, preset: str, batch_size: int, seq_len: int, 
 
     # -- interleaved timing ------------------------------------------------------------------------
     peak_fn, peak_flops = make_peak_matmul(peak_n)
+    dots_fn, dots_only_flops, dot_kinds = make_dots_only(text)
     mp_fn = trainer._jitted  # the trainer's own jitted step (Trainer.step minus host transfer)
     state = trainer.state
     base = base_state
@@ -448,7 +518,7 @@ def bench_layout(mesh_text: str, *, preset: str, batch_size: int, seq_len: int, 
         base, loss = baseline(base, batch)
         _block((base, loss))
 
-    cpu: dict[str, list[float]] = {"meshpar": [], "baseline": [], "peak": []}
+    cpu: dict[str, list[float]] = {"meshpar": [], "baseline": [], "peak": [], "dots": []}
 
     def timed(fn, into=None):
         # Wall time, plus the CPU time of this process (all XLA threads): other processes on a
@@ -463,7 +533,7 @@ def bench_layout(mesh_text: str, *, preset: str, batch_size: int, seq_len: int, 
     for _ in range(warmup):
         run_mp()
         run_base()
-    t_mp, t_base, t_peak, pair = [], [], [], []
+    t_mp, t_base, t_peak, t_dots, pair = [], [], [], [], []
     for i in range(steps):
         if i % 2 == 0:
             a = timed(run_mp, "meshpar")
@@ -474,6 +544,7 @@ def bench_layout(mesh_text: str, *, preset: str, batch_size: int, seq_len: int, 
         # Three back-to-back runs, the fastest kept: one slow run (another process got the
         # cores) must not lower the peak and so inflate the utilisation.
         t_peak.append(min(timed(lambda: _block(peak_fn()), "peak") for _ in range(3)))
+        t_dots.append(timed(lambda: _block(dots_fn()), "dots"))
         t_mp.append(a)
         t_base.append(b)
         pair.append(a / b)
@@ -528,6 +599,14 @@ def bench_layout(mesh_text: str, *, preset: str, batch_size: int, seq_len: int, 
             # Each step against the peak sample taken right after it: cancels slow load drift.
             "mfu_paired_median": statistics.median(
                 analytic["total"] * tp / (tm * peak_flops) for tm, tp in zip(t_mp, t_peak)),
+            # The step's own dots alone (make_dots_only): the most this layout's step could reach
+            # if everything that is not a matmul (norms, softmax, optimizer, collectives) were free.
+            "dots_only_s": _stats(t_dots), "dots_only_flops": dots_only_flops,
+            "dots_only_kinds": dot_kinds,
+            "mfu_ceiling": analytic["total"] / statistics.median(t_dots) / peak,
+            # The fastest dots-only run, as the peak is the fastest matmul sample: load only adds.
+            "mfu_ceiling_best": analytic["total"] / min(t_dots) / peak,
+            "dots_only_over_step": statistics.median(t_dots) / med_mp,
         },
         "collectives": {"meshpar": coll, "baseline": base_coll, "per_axis": per_axis},
         "config": {"preset": preset, "layers": cfg.layers, "d_model": cfg.d_model,
@@ -584,6 +663,17 @@ def format_report(report: dict) -> str:
                    f"{u['achieved_model_flops_per_s'] / 1e9:>11.1f}{u['mfu']:>7.1%}"
                    f"{u['mfu_paired_median']:>7.1%}"
                    f"{u['hfu']:>7.1%}{u['baseline_mfu']:>9.1%}")
+    out.append("")
+    out.append("    ceiling: the step's own dots alone (same shapes and counts, nothing else), timed "
+               "in the same loop")
+    out.append(f"    {'mesh':<18}{'dots s':>8}{'step s':>8}{'dots/step':>10}{'MFU ceiling':>12}"
+               f"{'best':>7}")
+    for r in rows:
+        u = r["utilisation"]
+        out.append(f"    {r['mesh']:<18}{u['dots_only_s']['median']:>8.3f}"
+                   f"{r['step_time_s']['meshpar']['median']:>8.3f}"
+                   f"{u['dots_only_over_step']:>10.1%}{u['mfu_ceiling']:>12.1%}"
+                   f"{u['mfu_ceiling_best']:>7.1%}")
     out.append("")
     out.append("(c) collective traffic per device per step (MB sent, ring algorithms, trip counts "
                "included) vs analytic")

@@ -272,24 +272,44 @@ def collectives(hlo_text: str, /, *, mesh: Mesh | None = None) -> list[Collectiv
     return out
 
 
-def dot_flops(hlo_text: str, /) -> dict[str, float]:
-    """Matmul FLOPs of a compiled (per-device) program, each ``dot`` weighted by its executions.
+class Dot(NamedTuple):
+    """One ``dot`` of a compiled program: operand shapes, dimension numbers and executions."""
 
-    ``2 * prod(result dims) * prod(contracting dims)`` per dot. ``cost_analysis()`` counts a
-    ``while`` body once; a layer scan runs it once per layer, so this is the count to compare
-    with an analytic figure.
+    computation: str                  # the computation it sits in (often a fusion's body)
+    name: str                         # without the leading %
+    dtype: str                        # of the result (``f32``, ``bf16``, ...)
+    lhs: tuple[int, ...]              # operand and result shapes
+    rhs: tuple[int, ...]
+    result: tuple[int, ...]
+    lhs_batch: tuple[int, ...]        # dimension numbers, as ``lax.dot_general`` takes them
+    lhs_contracting: tuple[int, ...]
+    rhs_batch: tuple[int, ...]
+    rhs_contracting: tuple[int, ...]
+    executions: int                   # per run of the program (loop trip counts multiplied in)
+    in_loop: bool
 
-    Returns:
-        ``{"total", "in_loops", "outside_loops", "unweighted", "dots"}`` per device and run.
+    @property
+    def flops(self) -> float:
+        """``2 * prod(result) * prod(contracting dims)`` for one execution."""
+        return 2.0 * math.prod(self.result) * math.prod(self.lhs[i] for i in self.lhs_contracting)
+
+
+def dots(hlo_text: str, /) -> list[Dot]:
+    """Every ``dot`` of a compiled (per-device) program, with the shapes XLA gave its operands.
+
+    A dot fused into a ``fusion`` (XLA:CPU puts most of them there) is found in the fused
+    computation and weighted by how often that fusion runs. Dots whose operand shapes cannot be
+    read from the text are left out.
 
     Example:
         >>> f = jax.jit(lambda x, w: jax.lax.scan(lambda c, _: (c @ w, None), x, None, length=5)[0])
-        >>> dot_flops(f.lower(jnp.ones((8, 16)), jnp.ones((16, 16))).compile().as_text())["total"]
-        20480.0
+        >>> [(d.lhs, d.rhs, d.executions) for d in dots(f.lower(jnp.ones((8, 16)),
+        ...                                                      jnp.ones((16, 16))).compile().as_text())]
+        [((8, 16), (16, 16), 5)]
     """
     comps, _ = _computations(hlo_text)
     weights = computation_weights(hlo_text)
-    out = {"total": 0.0, "in_loops": 0.0, "outside_loops": 0.0, "unweighted": 0.0, "dots": 0}
+    out = []
     for name, lines in comps.items():
         w, loop = weights.get(name, (1, False))
         shapes: dict[str, tuple[int, ...]] = {}
@@ -300,22 +320,59 @@ def dot_flops(hlo_text: str, /) -> dict[str, float]:
             iname, result, op, rest = m.groups()
             found = _SHAPE.match(result)
             if found:
-                shapes[iname] = tuple(int(d) for d in found.group(2).split(",") if d)
+                shapes[iname] = _dims(found.group(2))
             if op != "dot" or not found:
                 continue
-            operands = rest.split(")", 1)[0]
-            # Operands print as "%a, %b" or, in some dumps, "f32[..]{..} %a, f32[..] %b".
-            inline = re.match(r"\s*([a-z][a-z0-9]*)\[([0-9,]*)\]", operands)
-            lhs = (tuple(int(d) for d in inline.group(2).split(",") if d) if inline
-                   else shapes.get(operands.split(",")[0].strip().lstrip("%")))
-            dims = re.search(r"lhs_contracting_dims=\{([0-9,]*)\}", rest)
-            if lhs is None or dims is None:
+            operands = _operand_shapes(rest.split(")", 1)[0], shapes)
+            if operands is None:
                 continue
-            flops = 2.0 * math.prod(shapes[iname]) * math.prod(lhs[int(i)] for i in dims.group(1).split(",") if i)
-            out["dots"] += 1
-            out["unweighted"] += flops
-            out["total"] += flops * w
-            out["in_loops" if loop else "outside_loops"] += flops * w
+
+            def dims(key: str) -> tuple[int, ...]:
+                got = re.search(key + r"=\{([0-9,]*)\}", rest)
+                return _dims(got.group(1)) if got else ()
+
+            out.append(Dot(name, iname, found.group(1), operands[0], operands[1], shapes[iname],
+                           dims("lhs_batch_dims"), dims("lhs_contracting_dims"),
+                           dims("rhs_batch_dims"), dims("rhs_contracting_dims"), w, loop))
+    return out
+
+
+def _dims(text: str) -> tuple[int, ...]:
+    return tuple(int(d) for d in text.split(",") if d)
+
+
+def _operand_shapes(operands: str, shapes: dict[str, tuple[int, ...]]
+                    ) -> tuple[tuple[int, ...], tuple[int, ...]] | None:
+    # Operands print as "%a, %b" or, in some dumps, "f32[..]{..} %a, f32[..]{..} %b".
+    inline = _SHAPE.findall(operands)
+    if len(inline) >= 2:
+        return _dims(inline[0][1]), _dims(inline[1][1])
+    names = [part.strip().split()[-1].lstrip("%") for part in operands.split(",") if part.strip()]
+    got = [shapes.get(n) for n in names[:2]]
+    return (got[0], got[1]) if len(got) == 2 and None not in got else None
+
+
+def dot_flops(hlo_text: str, /) -> dict[str, float]:
+    """Matmul FLOPs of a compiled (per-device) program, each ``dot`` weighted by its executions.
+
+    ``2 * prod(result dims) * prod(contracting dims)`` per dot (see :func:`dots`).
+    ``cost_analysis()`` counts a ``while`` body once; a layer scan runs it once per layer, so
+    this is the count to compare with an analytic figure.
+
+    Returns:
+        ``{"total", "in_loops", "outside_loops", "unweighted", "dots"}`` per device and run.
+
+    Example:
+        >>> f = jax.jit(lambda x, w: jax.lax.scan(lambda c, _: (c @ w, None), x, None, length=5)[0])
+        >>> dot_flops(f.lower(jnp.ones((8, 16)), jnp.ones((16, 16))).compile().as_text())["total"]
+        20480.0
+    """
+    out = {"total": 0.0, "in_loops": 0.0, "outside_loops": 0.0, "unweighted": 0.0, "dots": 0}
+    for d in dots(hlo_text):
+        out["dots"] += 1
+        out["unweighted"] += d.flops
+        out["total"] += d.flops * d.executions
+        out["in_loops" if d.in_loop else "outside_loops"] += d.flops * d.executions
     return out
 
 

@@ -96,6 +96,12 @@ def test_benchmark_runs_on_tiny(bench, tmp_path, capsys):
     assert fl["cost_analysis_flops_per_device"] > 0
     ut = row["utilisation"]
     assert ut["peak_flops_per_s"] > 0 and 0 < ut["mfu"] and ut["hfu"] > ut["mfu"]
+    # The dots-only program runs exactly the step's dots: the same FLOPs, on all 8 devices.
+    assert ut["dots_only_flops"] == pytest.approx(fl["hlo_dot_flops_total"])
+    assert ut["dots_only_kinds"] >= 4 and ut["dots_only_s"]["median"] > 0
+    assert ut["mfu_ceiling"] > ut["mfu"] and 0 < ut["dots_only_over_step"] < 1
+    assert ut["mfu_ceiling_best"] >= ut["mfu_ceiling"]
+    assert "MFU ceiling" in printed
 
     per_axis = row["collectives"]["per_axis"]
     assert set(per_axis) == {"fsdp", "tensor"}

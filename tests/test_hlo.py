@@ -4,8 +4,11 @@ import numpy as np
 import pytest
 
 import meshpar as mp
-from meshpar.hlo import (COLLECTIVES, Instruction, collectives, collectives_in_loops,
-                         instructions, mesh_axes_of, parse_groups)
+import jax
+import jax.numpy as jnp
+
+from meshpar.hlo import (COLLECTIVES, Instruction, collectives, collectives_in_loops, dot_flops,
+                         dots, instructions, mesh_axes_of, parse_groups)
 
 
 @pytest.fixture(scope="module")
@@ -120,3 +123,26 @@ def test_instructions_split_every_computation():
     assert cp.op == "collective-permute-start" and parse_groups(cp.rest) == [[0, 1], [1, 0]]
     (w,) = [i for i in got if i.computation == "main" and i.op == "while"]
     assert w.result == "(s32[], f32[4])" and 'op_name="a=b"' in w.rest
+
+
+def test_dots_read_shapes_dimension_numbers_and_trip_counts():
+    def f(x, ws, a, b):
+        y = jax.lax.scan(lambda c, w: (c @ w, None), x, ws)[0]           # 7 x [16,32]@[32,32]
+        z = jnp.einsum("bij,bjk->bik", a, b)                              # once, batched
+        return y, z
+
+    args = (jnp.ones((16, 32)), jnp.ones((7, 32, 32)), jnp.ones((3, 4, 5)), jnp.ones((3, 5, 6)))
+    text = jax.jit(f).lower(*args).compile().as_text()
+    got = sorted(dots(text), key=lambda d: d.executions)
+    assert len(got) == 2
+    batched, looped = got
+    assert (looped.lhs, looped.rhs, looped.result) == ((16, 32), (32, 32), (16, 32))
+    assert looped.executions == 7 and looped.in_loop and looped.dtype == "f32"
+    assert (looped.lhs_contracting, looped.lhs_batch) == ((1,), ())
+    assert looped.flops == 2 * 16 * 32 * 32
+    assert (batched.lhs, batched.rhs, batched.result) == ((3, 4, 5), (3, 5, 6), (3, 4, 6))
+    assert (batched.lhs_batch, batched.rhs_batch) == ((0,), (0,))
+    assert (batched.lhs_contracting, batched.rhs_contracting) == ((2,), (1,))
+    assert batched.executions == 1 and not batched.in_loop
+    # dot_flops is the sum over dots(), weighted by executions.
+    assert dot_flops(text)["total"] == 7 * looped.flops + batched.flops == 7 * 32768 + 720
