@@ -9,6 +9,10 @@ import jax
 
 # Must run before anything creates an array: the backend reads the count once.
 jax.config.update("jax_num_cpu_devices", 8)
+# Compile faster (see helpers/env.py); read at backend start, like the device count.
+from helpers.env import SUITE_XLA_FLAGS  # noqa: E402
+
+os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {SUITE_XLA_FLAGS}".strip()
 jax.config.update("jax_enable_x64", False)
 # A persistent compilation cache makes subprocess tests and re-runs cheap (2.3 s -> 0.1 s seen).
 # It lives outside the checkout so that a fresh clone on the same machine (CI) reuses it; it is

@@ -21,7 +21,8 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from meshpar.checkpoint import COMMIT_MARKER, TMP_SUFFIX, CheckpointError, Checkpointer, restore_target
 from meshpar.mesh import make_mesh
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from helpers.env import child_env
+
 
 # When a restore of a corrupted checkpoint fails, Orbax abandons its other pending TensorStore
 # reads; their callbacks later hit a closed asyncio loop and Python reports them as "unraisable"
@@ -162,11 +163,9 @@ _KILLED_SAVE = textwrap.dedent(
 
 
 def run_helper(mode, directory):
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("JAX_", "XLA_"))}
-    env.update(JAX_PLATFORMS="cpu", PYTHONPATH=REPO)
     return subprocess.run(
         [sys.executable, "-c", _KILLED_SAVE, str(directory), mode],
-        env=env, capture_output=True, text=True, timeout=120,
+        env=child_env(), capture_output=True, text=True, timeout=120,
     )
 
 

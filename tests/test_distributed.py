@@ -26,21 +26,19 @@ from meshpar import distributed, launch
 from meshpar.distributed import DistributedError
 from meshpar.mesh import make_mesh
 
+from helpers.env import child_env
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CHECK = "meshpar._dist_check"
 
 
-def clean_env(**extra: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("JAX_", "XLA_", "MESHPAR_"))}
-    env.update(JAX_PLATFORMS="cpu", PYTHONPATH=REPO, PYTHONUNBUFFERED="1", **extra)
-    return env
 
 
 def run_launch(*args: str, timeout: float = 90, env: dict[str, str] | None = None):
     start = time.monotonic()
     proc = subprocess.run(
         [sys.executable, "-m", "meshpar.launch", *args],
-        env=env or clean_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        env=env or child_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
         timeout=timeout, cwd=REPO,
     )
     return proc.returncode, proc.stdout, time.monotonic() - start
@@ -105,7 +103,7 @@ def test_failed_process_exit_code_and_others_stopped():
 
 def test_missing_peer_fails_within_the_init_timeout():
     port = launch._free_port()
-    env = clean_env(MESHPAR_COORDINATOR=f"127.0.0.1:{port}", MESHPAR_NUM_PROCESSES="2",
+    env = child_env(MESHPAR_COORDINATOR=f"127.0.0.1:{port}", MESHPAR_NUM_PROCESSES="2",
                     MESHPAR_PROCESS_ID="0", MESHPAR_CPU_DEVICES="4", MESHPAR_INIT_TIMEOUT="3")
     proc = subprocess.Popen([sys.executable, "-m", CHECK], env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, cwd=REPO)
@@ -129,7 +127,7 @@ def test_no_settings_and_no_cluster_is_explained():
     code = ("from meshpar import distributed\n"
             "try:\n    distributed.initialize()\n"
             "except distributed.DistributedError as e:\n    print('ERR', e)\n")
-    proc = subprocess.run([sys.executable, "-c", code], env=clean_env(), capture_output=True,
+    proc = subprocess.run([sys.executable, "-c", code], env=child_env(), capture_output=True,
                           text=True, timeout=60, cwd=REPO)
     assert "ERR no multi-process settings found: set MESHPAR_COORDINATOR" in proc.stdout, proc.stderr
 
@@ -150,7 +148,7 @@ def test_sigint_is_forwarded(tmp_path):
     proc = subprocess.Popen(
         [sys.executable, "-m", "meshpar.launch", "--processes", "2", "--cpu-devices-per-process",
          "4", "--module", CHECK, "--", "--die-after", "1000", "--die-rank", "9"],
-        env=clean_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=REPO,
+        env=child_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=REPO,
     )
     # Hard timeout: the children die with the launcher (PR_SET_PDEATHSIG).
     guard = threading.Timer(90, proc.kill)

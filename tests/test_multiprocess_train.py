@@ -29,8 +29,9 @@ import pytest
 
 from meshpar.checkpoint import Checkpointer
 
+from helpers.env import child_env
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-CACHE = os.environ.get("MESHPAR_TEST_CACHE", os.path.join(REPO, ".jax_cache"))
 
 MESH = "data=2,fsdp=2,tensor=2"
 STEPS = 4
@@ -38,23 +39,13 @@ STEPS = 4
 TRAIN = ["train", "--preset", "tiny", "--mesh", MESH, "--steps", str(STEPS), "--batch-size", "16"]
 
 
-def clean_env(**extra: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("JAX_", "XLA_", "MESHPAR_"))}
-    env.update(
-        JAX_PLATFORMS="cpu", PYTHONPATH=REPO, PYTHONUNBUFFERED="1",
-        JAX_COMPILATION_CACHE_DIR=str(CACHE),
-        JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
-        JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0",
-        **extra,
-    )
-    return env
 
 
 def meshpar(*args: str, timeout: float = 180) -> tuple[int, str, float]:
     """``python -m meshpar ARGS`` (stdout and stderr merged): (status, output, seconds)."""
     start = time.monotonic()
     proc = subprocess.run(
-        [sys.executable, "-m", "meshpar", *args], env=clean_env(), stdout=subprocess.PIPE,
+        [sys.executable, "-m", "meshpar", *args], env=child_env(), stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT, timeout=timeout, cwd=REPO,
     )
     # Bytes, not text=True: universal newlines would turn a progress bar's "\r" redraws into
@@ -168,7 +159,7 @@ def test_killing_one_training_process_fails_the_job_fast(tmp_path):
              "--cpu-devices-per-process", "4", "--heartbeat-timeout", "5", "--", "train",
              "--preset", "tiny", "--mesh", MESH, "--steps", "100000", "--batch-size", "16",
              "--no-progress", "--metrics-file", str(metrics)],
-            env=clean_env(), stdout=sink, stderr=subprocess.STDOUT, cwd=REPO,
+            env=child_env(), stdout=sink, stderr=subprocess.STDOUT, cwd=REPO,
         )
     try:
         deadline = time.monotonic() + 180

@@ -10,7 +10,6 @@ as a script, in a subprocess, to check its ``__main__`` path.
 from __future__ import annotations
 
 import importlib.util
-import os
 import pathlib
 import subprocess
 import sys
@@ -19,8 +18,9 @@ import nbformat
 import pytest
 from nbclient import NotebookClient
 
+from helpers.env import child_env
+
 REPO = pathlib.Path(__file__).resolve().parent.parent
-CACHE = os.environ.get("MESHPAR_TEST_CACHE", str(REPO / ".jax_cache"))
 NOTEBOOKS = sorted((REPO / "notebooks").glob("*.ipynb"))
 EXAMPLES = {
     "byo_nnx_model": ["--steps", "3", "--width", "32", "--batch-size", "32"],
@@ -31,12 +31,6 @@ EXAMPLES = {
 }
 
 
-def _env() -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("JAX_", "XLA_", "MESHPAR_"))}
-    env.update(JAX_PLATFORMS="cpu", PYTHONPATH=str(REPO), JAX_COMPILATION_CACHE_DIR=CACHE,
-               JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
-               JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
-    return env
 
 
 def test_every_notebook_and_example_is_tested():
@@ -55,7 +49,7 @@ def test_notebook_executes(path, tmp_path):
     assert "mp.emulate_devices(8)" in code[0].source
     client = NotebookClient(nb, timeout=240, kernel_name="python3",
                             resources={"metadata": {"path": str(tmp_path)}})
-    client.execute(env=_env())
+    client.execute(env=child_env())
     errors = [o for c in nb.cells for o in c.get("outputs", []) if o.get("output_type") == "error"]
     assert not errors, errors
 
@@ -80,7 +74,7 @@ def test_example_runs(name, tmp_path, capsys):
 def test_an_example_runs_as_a_script():
     proc = subprocess.run(
         [sys.executable, str(REPO / "examples" / "linen_model.py"), "--hidden", "64", "--width", "32"],
-        env=_env(), capture_output=True, text=True, timeout=180,
+        env=child_env(), capture_output=True, text=True, timeout=180,
     )
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "after one SGD step" in proc.stdout

@@ -36,9 +36,10 @@ from meshpar.models import GPT, get_preset, lm_loss
 from meshpar.run import make_optimizer
 from meshpar.train import TrainConfig, Trainer
 
+from helpers.env import child_env
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 HELPERS = os.path.join(REPO, "tests", "helpers")
-CACHE = os.environ.get("MESHPAR_TEST_CACHE", os.path.join(REPO, ".jax_cache"))
 
 # When a restore of a corrupted checkpoint fails, Orbax abandons its other pending TensorStore
 # reads; their callbacks later hit a closed asyncio loop and Python reports them as "unraisable"
@@ -54,22 +55,12 @@ BASE = ["train", "--preset", "tiny", "--layers", "4", "--batch-size", "16", "--s
 SMALL = ["train", "--preset", "tiny", "--batch-size", "16", "--steps", "2", "--no-progress"]
 
 
-def clean_env(**extra: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("JAX_", "XLA_", "MESHPAR_"))}
-    env.update(
-        JAX_PLATFORMS="cpu", PYTHONPATH=REPO, PYTHONUNBUFFERED="1",
-        JAX_COMPILATION_CACHE_DIR=str(CACHE),
-        JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
-        JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0",
-        **extra,
-    )
-    return env
 
 
 def meshpar(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
     """``python -m meshpar ARGS`` in a fresh process (stdout and stderr kept apart)."""
     return subprocess.run(
-        [sys.executable, "-m", "meshpar", *args], env=clean_env(), capture_output=True,
+        [sys.executable, "-m", "meshpar", *args], env=child_env(), capture_output=True,
         text=True, timeout=timeout, cwd=REPO,
     )
 
@@ -124,7 +115,7 @@ def run_b(tmp_path_factory):
             [sys.executable, os.path.join(HELPERS, "hang_train.py"), "5", "--", *BASE,
              "--mesh", MESH, "--metrics-file", str(metrics), "--checkpoint-dir", str(ckpt),
              "--checkpoint-every", "2"],
-            env=clean_env(), stdout=out, stderr=subprocess.STDOUT, cwd=REPO,
+            env=child_env(), stdout=out, stderr=subprocess.STDOUT, cwd=REPO,
         )
     try:
         deadline = time.monotonic() + 300
@@ -273,7 +264,7 @@ def test_kill_during_save_keeps_the_previous_checkpoint(tmp_path, caplog):
     directory = tmp_path / "ckpt"
     proc = subprocess.run(
         [sys.executable, os.path.join(HELPERS, "killed_save.py"), str(directory)],
-        env=clean_env(), capture_output=True, text=True, timeout=300, cwd=REPO,
+        env=child_env(), capture_output=True, text=True, timeout=300, cwd=REPO,
     )
     assert proc.returncode == -signal.SIGKILL, output(proc)
     assert "SAVED 1" in proc.stdout, output(proc)
