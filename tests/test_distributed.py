@@ -32,8 +32,6 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CHECK = "meshpar._dist_check"
 
 
-
-
 def run_launch(*args: str, timeout: float = 90, env: dict[str, str] | None = None):
     start = time.monotonic()
     proc = subprocess.run(

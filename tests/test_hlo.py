@@ -1,12 +1,11 @@
 """Reading compiled HLO: replica-group formats, mesh axes, loop trip counts."""
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
 import meshpar as mp
-import jax
-import jax.numpy as jnp
-
 from meshpar.hlo import (COLLECTIVES, Instruction, collectives, collectives_in_loops, dot_flops,
                          dots, instructions, mesh_axes_of, parse_groups)
 

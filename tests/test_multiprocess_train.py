@@ -39,8 +39,6 @@ STEPS = 4
 TRAIN = ["train", "--preset", "tiny", "--mesh", MESH, "--steps", str(STEPS), "--batch-size", "16"]
 
 
-
-
 def meshpar(*args: str, timeout: float = 180) -> tuple[int, str, float]:
     """``python -m meshpar ARGS`` (stdout and stderr merged): (status, output, seconds)."""
     start = time.monotonic()

@@ -31,8 +31,6 @@ EXAMPLES = {
 }
 
 
-
-
 def test_every_notebook_and_example_is_tested():
     assert [p.name for p in NOTEBOOKS] == [
         "01_sharding_rules.ipynb", "02_zero_stages.ipynb", "03_tensor_sequence_parallel.ipynb",

@@ -55,8 +55,6 @@ BASE = ["train", "--preset", "tiny", "--layers", "4", "--batch-size", "16", "--s
 SMALL = ["train", "--preset", "tiny", "--batch-size", "16", "--steps", "2", "--no-progress"]
 
 
-
-
 def meshpar(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
     """``python -m meshpar ARGS`` in a fresh process (stdout and stderr kept apart)."""
     return subprocess.run(
