@@ -616,7 +616,10 @@ def bench_layout(mesh_text: str, *, preset: str, batch_size: int, seq_len: int, 
     }
     log(f"step meshpar {med_mp:.3f}s baseline {med_base:.3f}s ratio {med_mp / med_base:.3f}; "
         f"peak {peak / 1e9:.1f} GFLOP/s; MFU {result['utilisation']['mfu']:.1%}")
-    del trainer, state, base, compiled, base_compiled, lowered, base_lowered, mp_fn, baseline
+    # Free this layout's programs and buffers before the next one (the closures above hold
+    # some of them: rebinding, rather than del, keeps their cells valid).
+    del trainer, compiled, base_compiled, lowered, base_lowered
+    state = base = mp_fn = baseline = peak_fn = dots_fn = None
     gc.collect()
     return result
 
