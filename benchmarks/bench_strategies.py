@@ -245,8 +245,8 @@ def make_dots_only(hlo_text: str) -> tuple[Callable[[], Any], float, int]:
     counts: dict[tuple, int] = defaultdict(int)
     flops = 0.0
     for d in hlo.dots(hlo_text):
-        key = (d.dtype, d.lhs, d.rhs, (d.lhs_contracting, d.rhs_contracting),
-               (d.lhs_batch, d.rhs_batch))
+        key = (d.dtype, d.lhs, d.rhs, d.result, ((d.lhs_contracting, d.rhs_contracting),
+                                                 (d.lhs_batch, d.rhs_batch)))
         counts[key] += d.executions
         flops += d.flops * d.executions
     devices = jax.devices()
@@ -264,20 +264,18 @@ def make_dots_only(hlo_text: str) -> tuple[Callable[[], Any], float, int]:
 
     def per_device(*ops):
         outs = []
-        for i, (dtype, _, _, contracting, batch) in enumerate(keys):
+        for i, key in enumerate(keys):
+            _, _, _, result, dims = key
             a, b = ops[2 * i][0], ops[2 * i + 1][0]
 
-            def body(_, carry, dims=(contracting, batch)):
+            def body(_, carry, dims=dims):
                 # The barrier makes each iteration's operands opaque, so XLA can neither hoist
                 # the loop-invariant dot out of the loop nor merge the iterations.
                 a, b, _ = jax.lax.optimization_barrier(carry)
                 return a, b, jax.lax.dot_general(a, b, dims)
 
-            init = jax.eval_shape(lambda a, b, dims=(contracting, batch):
-                                  jax.lax.dot_general(a, b, dims), a, b)
-            _, _, out = jax.lax.fori_loop(0, counts[keys[i]], body,
-                                          (a, b, jnp.zeros(init.shape, init.dtype)))
-            outs.append(out[None])
+            init = (a, b, jnp.zeros(result, dtypes[2 * i]))
+            outs.append(jax.lax.fori_loop(0, counts[key], body, init)[2][None])
         return outs
 
     f = jax.jit(jax.shard_map(per_device, mesh=mesh, in_specs=spec, out_specs=spec,
