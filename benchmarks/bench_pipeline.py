@@ -116,7 +116,7 @@ def _trainer(cfg, mesh_text: str, **config):
 
     return mp.Trainer(lambda: GPT(cfg, rngs=nnx.Rngs(0)), optax.adamw(1e-3), lm_loss,
                       mesh=mp.make_mesh(mesh_text), strategy="dp",
-                      config=mp.TrainConfig(**config))
+                      config=mp.TrainConfig(**config, row_separable=True))
 
 
 def _compile_step(trainer, host_batch) -> tuple[Any, float]:

@@ -410,8 +410,9 @@ def gpt_trainer(cfg: Any, *, mesh: Any, strategy: str) -> Any:
     import meshpar as mp
     from meshpar.models.gpt import GPT, lm_loss
 
+    # lm_loss is a mean over equal-length rows, each computed on its own: row-separable.
     return mp.Trainer(lambda: GPT(cfg, rngs=nnx.Rngs(0)), optax.adamw(3e-4), lm_loss,
-                      mesh=mesh, strategy=strategy)
+                      mesh=mesh, strategy=strategy, config=mp.TrainConfig(row_separable=True))
 
 
 def bench_layout(mesh_text: str, *, preset: str, batch_size: int, seq_len: int, warmup: int,

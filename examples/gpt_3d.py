@@ -46,7 +46,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     mesh = mp.make_mesh(args.mesh)
     trainer = mp.Trainer(
         lambda: GPT(cfg, rngs=nnx.Rngs(0)), optax.adamw(3e-3), lm_loss, mesh=mesh,
-        strategy=args.strategy, config=mp.TrainConfig(microbatches=args.microbatches),
+        strategy=args.strategy, config=mp.TrainConfig(microbatches=args.microbatches, row_separable=True),
     )
     plan = trainer.plan
     print(f"GPT {args.preset}: {cfg.param_count():,} parameters on mesh {mp.format_mesh(mesh)}; "

@@ -530,8 +530,9 @@ def explain_gpt(
     trainer = Trainer(
         lambda: GPT(config, rngs=nnx.Rngs(0)), tx if tx is not None else optax.adamw(1e-3),
         lm_loss, mesh=mesh, strategy=strategy,
+        # lm_loss is a mean over equal-length rows, each computed on its own: row-separable.
         config=TrainConfig(microbatches=microbatches, precision=precision, schedule=schedule,
-                           repeats=repeats),
+                           repeats=repeats, row_separable=True),
     )
     batch = TokenBatches(batch_size=batch_size, seq_len=seq_len, seed=0).batch(0)
     report = explain(

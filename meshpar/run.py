@@ -68,6 +68,8 @@ def train_main(args: argparse.Namespace) -> int:
         microbatches=args.microbatches, precision=args.precision,
         on_nonfinite="skip" if args.skip_nonfinite else "raise",
         schedule=args.schedule, repeats=args.repeats,
+        # lm_loss is a mean over equal-length rows and the GPT computes each row on its own.
+        row_separable=True,
     )
     strategy.check_batch(mesh, args.batch_size, microbatches=args.microbatches)
     data = TokenBatches(batch_size=args.batch_size, seq_len=seq_len, seed=args.seed)

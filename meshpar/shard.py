@@ -48,7 +48,7 @@ class ParamPlacement:
 
     @property
     def itemsize(self) -> int:
-        return np.dtype(self.dtype).itemsize
+        return _itemsize(self.dtype)
 
     @property
     def bytes_total(self) -> int:
@@ -94,6 +94,22 @@ class ShardingPlan:
             if e.path == path:
                 return e
         raise KeyError(path)
+
+
+# Typed PRNG keys (nnx.Rngs state, dtype 'key<fry>') have no NumPy dtype: their size is that of
+# their uint32 payload (two words for threefry), recorded by name when a placement is made.
+_KEY_ITEMSIZE: dict[str, int] = {}
+
+
+def _itemsize(dtype_name: str) -> int:
+    return _KEY_ITEMSIZE.get(dtype_name) or np.dtype(dtype_name).itemsize
+
+
+def _dtype_name(dtype: Any) -> str:
+    if jax.dtypes.issubdtype(dtype, jax.dtypes.prng_key):
+        _KEY_ITEMSIZE[str(dtype)] = int(math.prod(dtype._impl.key_shape)) * 4
+        return str(dtype)
+    return np.dtype(dtype).name
 
 
 def path_str(path: Sequence[Any]) -> str:
@@ -144,7 +160,7 @@ def _place(
         )
     resolution = rules.resolve(axes, shape, mesh, name=path, skip_axes=skip_axes)
     return ParamPlacement(
-        path, shape, np.dtype(dtype).name, logical, source, resolution,
+        path, shape, _dtype_name(dtype), logical, source, resolution,
         NamedSharding(mesh, resolution.spec),
     )
 

@@ -25,16 +25,22 @@ _PIPELINE_USED: contextvars.ContextVar[bool] = contextvars.ContextVar("meshpar_s
 
 
 def _scan(graphdef, state, x, remat: str):
+    """``(activations after the stack, the layers' non-parameter state after it or None)``."""
     # Under manual ZeRO-3 (meshpar.zero) the stack arrives as fsdp shards: gather one layer at a
     # time inside the (rematerialised) body, so at most about one layer is whole.
     gather = layer_gather(state)
+    # Batch statistics and RNG counters of the layers change as they run: the scan hands each
+    # layer's new state out, so the stack keeps it (as a Python loop over the layers would).
+    has_state = bool(jax.tree.leaves(nnx.filter_state(state, nnx.Not(nnx.Param))))
 
     def body(h, layer_state):
         if gather is not None:
             layer_state = gather(layer_state)
-        return nnx.merge(graphdef, layer_state)(h), None
+        layer = nnx.merge(graphdef, layer_state)
+        h = layer(h)
+        return h, (nnx.state(layer, nnx.Not(nnx.Param)) if has_state else None)
 
-    return jax.lax.scan(maybe_remat(body, remat), x, state)[0]
+    return jax.lax.scan(maybe_remat(body, remat), x, state)
 
 
 def scan_layers(stack: nnx.Module, x: jax.Array, /, *, remat: str = "full") -> jax.Array:
@@ -55,7 +61,10 @@ def scan_layers(stack: nnx.Module, x: jax.Array, /, *, remat: str = "full") -> j
     graphdef, state = nnx.split(stack)
     layout = active_layout()
     if layout is None or layout.pipeline is None:
-        return _scan(graphdef, state, x, remat)
+        x, new_state = _scan(graphdef, state, x, remat)
+        if new_state is not None:
+            nnx.update(stack, new_state)
+        return x
 
     from meshpar.pipeline import pipeline_apply
 
@@ -65,7 +74,7 @@ def scan_layers(stack: nnx.Module, x: jax.Array, /, *, remat: str = "full") -> j
     # Microbatch k takes rows k, k+M, ...: the batch sharding stays where it is (no traffic).
     xs = jnp.swapaxes(x.reshape(x.shape[0] // m, m, *x.shape[1:]), 0, 1)
     out = pipeline_apply(
-        lambda chunk, h: _scan(graphdef, chunk, h, remat), state, xs,
+        lambda chunk, h: _scan(graphdef, chunk, h, remat)[0], state, xs,
         mesh=layout.mesh, config=config,
     )
     return jnp.swapaxes(out, 0, 1).reshape(x.shape)

@@ -26,6 +26,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import time
+import warnings
 from collections.abc import Callable, Mapping
 from typing import Any, Literal
 
@@ -38,6 +39,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from meshpar.errors import StrategyError, TrainingError
 from meshpar.layout import activate
+from meshpar.loss import OutputLayout, Piece, split_output
 from meshpar.plan import plan_training, to_flat_layout, to_stage_layout
 from meshpar.shard import ShardingPlan
 from meshpar.stack import _PIPELINE_USED, pipeline_was_used, reset_pipeline_flag
@@ -60,6 +62,13 @@ class TrainConfig:
         schedule: pipeline schedule, ``"gpipe"`` or ``"circular"``; used when the mesh has a
             ``pipe`` axis of size > 1, where ``microbatches`` are the pipeline's microbatches.
         repeats: chunks of layers per stage for the circular schedule (``v``).
+        row_separable: declare that the loss is a mean, or a :class:`~meshpar.loss.Ratio`, of
+            per-row terms and that the model computes each row of the batch on its own (no
+            batch statistics, no batch-wide terms such as an MoE balance loss). meshpar may then
+            run the step batch-local, each device on its own rows: ZeRO-2/3 with written-out
+            reduce-scatters (:mod:`meshpar.zero`) and DP/ZeRO-1 accumulation with one reduction
+            after the loop. Models with non-parameter state (RNG streams, batch statistics) stay
+            global regardless. What applies is listed in :attr:`Trainer.fallbacks`.
     """
 
     microbatches: int = 1
@@ -69,6 +78,7 @@ class TrainConfig:
     donate: bool = True
     schedule: Literal["gpipe", "circular"] = "gpipe"
     repeats: int = 1
+    row_separable: bool = False
 
     def __post_init__(self) -> None:
         if isinstance(self.microbatches, bool) or not isinstance(self.microbatches, int) or self.microbatches < 1:
@@ -86,6 +96,8 @@ class TrainConfig:
             )
         if self.on_nonfinite not in ("raise", "skip"):
             raise StrategyError(f"on_nonfinite={self.on_nonfinite!r}; expected 'raise' or 'skip'")
+        if not isinstance(self.row_separable, bool):
+            raise StrategyError(f"row_separable={self.row_separable!r}; expected True or False")
 
 
 def _split_over_free_axes(shape: tuple[int, ...], sharding: Any) -> NamedSharding | None:
@@ -129,6 +141,63 @@ def _grad_norm(grads: Any, shardings: Any) -> jax.Array:
             g = jax.lax.with_sharding_constraint(g, cut)
         total = total + optax.tree.norm(g, squared=True)
     return jnp.sqrt(total)
+
+
+def _zeros_like_piece(make: Callable[[], Piece]) -> Piece:
+    """Zeros shaped like the :class:`Piece` that ``make`` returns, traced abstractly only: the
+    starting value of a loop that adds pieces up."""
+    return jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), jax.eval_shape(make))
+
+
+@dataclasses.dataclass(frozen=True)
+class Fallback:
+    """A part of the step that takes another path than the strategy's usual one, and why.
+
+    Decided when the :class:`Trainer` is built (or, for ``ZeRO layer gathers``, when the step is
+    first traced), listed in :attr:`Trainer.fallbacks` and printed by ``meshpar train``.
+    """
+
+    what: str
+    detail: str
+
+    def __str__(self) -> str:
+        return f"{self.what}: {self.detail}"
+
+
+def _is_var(x: Any) -> bool:
+    return isinstance(x, nnx.Variable)
+
+
+def _is_key(x: Any) -> bool:
+    return jax.dtypes.issubdtype(getattr(x, "dtype", None), jax.dtypes.prng_key)
+
+
+def _state_leaves(state: Any) -> list[tuple[str, Any]]:
+    """``(path, Variable)`` of every leaf of an NNX state."""
+    from meshpar.shard import path_str
+
+    return [(path_str(path), v) for path, v in
+            jax.tree_util.tree_flatten_with_path(state, is_leaf=_is_var)[0]]
+
+
+def _describe_state(leaves: list[tuple[str, Any]], limit: int = 4) -> str:
+    names = [f"{path} ({type(v).__name__})" for path, v in leaves]
+    more = f" and {len(names) - limit} more" if len(names) > limit else ""
+    return ", ".join(names[:limit]) + more
+
+
+def _keys_to_data(tree: Any) -> Any:
+    # Typed PRNG keys (nnx.Rngs state) travel as their uint32 payload: checkpoint formats and
+    # host transfers know plain integer arrays only.
+    return jax.tree.map(lambda x: jax.random.key_data(x) if _is_key(x) else x, tree)
+
+
+def _data_to_keys(tree: Any, template: Any) -> Any:
+    def one(x, t):
+        t = t.get_value() if _is_var(t) else t
+        return jax.random.wrap_key_data(x, impl=t.dtype._impl) if _is_key(t) else x
+
+    return jax.tree.map(one, tree, template)
 
 
 @jax.tree_util.register_dataclass
@@ -199,11 +268,63 @@ class Trainer:
         )
         self.batch_axes = self.strategy.batch_axes(mesh)
         self._batch_spec = PartitionSpec(self.batch_axes if self.batch_axes else None)
+        self.fallbacks: list[Fallback] = []
+        self._output_layout: OutputLayout | None = None
+        state_leaves = _state_leaves(layout.abs_rest)
+        if self.pipeline is not None:
+            self._check_stack_state(state_leaves)
+        # Batch-local execution (a shard_map manual over the batch axes, each device running the
+        # model on its own rows) is exact only for a model and loss that treat rows
+        # independently: a loss built from batch-wide statistics (an MoE balance loss, a plain
+        # masked ratio) becomes a mean of per-shard values, an RNG stream draws one dropout mask
+        # per shard (the same on every shard), batch statistics become per-shard. So it is
+        # opt-in, and off for models with non-parameter state; otherwise the GSPMD paths run,
+        # which see the global batch as one device does.
+        batch_local = config.row_separable and not state_leaves
+        if not config.row_separable:
+            why_not_local = (
+                "the loss is not declared row-separable (TrainConfig(row_separable=True): the "
+                "loss is a mean or mp.Ratio of per-row terms and the model computes each row on "
+                "its own), so the step stays global"
+            )
+        else:
+            why_not_local = (
+                f"the model holds non-parameter state ({_describe_state(state_leaves)}); running "
+                "it batch-local would change what it computes (one dropout mask repeated on "
+                "every shard, batch statistics per shard), so the step stays global"
+            )
         self._manual_zero = ManualZero.build(
             mesh=mesh, batch_axes=self.batch_axes, zero_stage=self.strategy.zero_stage,
             abs_params=layout.abs_params, param_shardings=layout.param_shardings,
             grad_shardings=grad_shardings, pipelined=self.pipeline is not None,
         )
+        if self._manual_zero is not None and not batch_local:
+            self._manual_zero = None
+            self.fallbacks.append(Fallback(
+                f"ZeRO-{self.strategy.zero_stage} collectives",
+                "GSPMD reduces the gradients (an all-reduce + slice on CPU: 4 instead of 3 "
+                f"parameter-sizes of traffic per step) because {why_not_local}",
+            ))
+        elif self._manual_zero is not None and self._manual_zero.upfront_bytes:
+            self.fallbacks.append(Fallback(
+                "ZeRO-3 up-front gathers",
+                f"{self._manual_zero.upfront_count} parameter(s) outside a layer stack run by "
+                f"meshpar.scan_layers ({self._manual_zero.upfront_bytes / 2**20:.2f} MiB whole) "
+                "are all-gathered once at the start of the step and stay whole on every device "
+                "until its backward pass is done",
+            ))
+        self._local_accumulation = (
+            config.microbatches > 1 and self.pipeline is None and self.strategy.zero_stage <= 1
+            and bool(self.batch_axes)
+        )
+        if self._local_accumulation and not batch_local:
+            self._local_accumulation = False
+            self.fallbacks.append(Fallback(
+                "gradient accumulation",
+                "each microbatch's gradient is all-reduced inside the loop "
+                f"({config.microbatches}x the traffic of one reduction after it) because "
+                f"{why_not_local}",
+            ))
 
         def init():
             with nnx.use_eager_sharding(False):
@@ -233,8 +354,8 @@ class Trainer:
         flat = (lambda t: to_flat_layout(t, self.pipeline)) if self.pipeline else (lambda t: t)
         plain = lambda t: jax.tree.map(lambda v: v.get_value() if isinstance(v, nnx.Variable) else v, t,  # noqa: E731
                                        is_leaf=lambda v: isinstance(v, nnx.Variable))
-        return {"step": state.step, "params": plain(flat(state.params)), "rest": plain(state.rest),
-                "opt_state": plain(flat(state.opt_state))}
+        return {"step": state.step, "params": plain(flat(state.params)),
+                "rest": _keys_to_data(plain(state.rest)), "opt_state": plain(flat(state.opt_state))}
 
     def _from_portable(self, portable: dict[str, Any]) -> TrainState:
         template = self._flat_template
@@ -246,7 +367,8 @@ class Trainer:
         if self.pipeline:
             params = to_stage_layout(params, self.pipeline)
             opt_state = to_stage_layout(opt_state, self.pipeline)
-        return TrainState(portable["step"], params, fill(template.rest, portable["rest"]), opt_state)
+        rest = _data_to_keys(portable["rest"], template.rest)
+        return TrainState(portable["step"], params, fill(template.rest, rest), opt_state)
 
     @property
     def _flat_template(self) -> TrainState:
@@ -290,7 +412,31 @@ class Trainer:
 
     # -- the step ------------------------------------------------------------------------------
 
-    def _loss(self, params, rest, batch, prepare=None):
+    def _check_stack_state(self, state_leaves: list[tuple[str, Any]]) -> None:
+        """Refuse a pipelined layer stack that holds non-parameter state.
+
+        The pipeline runs the stack's parameters, in stage layout, on microbatches inside a
+        ``shard_map``; an RNG stream or batch statistics inside the stack would be drawn per
+        microbatch and per shard, and could not equal the unpipelined model's.
+        """
+        stacked_roots = {
+            path.split("/")[0] for path, v in _state_leaves(self.layout.abs_params)
+            if tuple(v.get_metadata().get("out_sharding") or ())[:1] in (("stages",), ("repeats",))
+        }
+        inside = [(path, v) for path, v in state_leaves
+                  if path.split("/")[0] in stacked_roots
+                  and getattr(v.get_value(), "shape", ())[:1] == (self.num_layers,)]
+        if inside:
+            raise StrategyError(
+                f"the mesh has pipe={self.pipeline.stages}, but the model's layer stack holds "
+                f"non-parameter state: {_describe_state(inside)}. Pipeline stages run the "
+                "stack's parameters only, so RNG streams (dropout) and batch statistics inside "
+                "the stack are not supported there yet; keep them outside the stack (before or "
+                "after meshpar.scan_layers) or train without the pipe axis"
+            )
+
+    def _piece(self, params, rest, batch, prepare=None):
+        """One piece of the loss: the numerator to differentiate, and ``(Piece, new rest)``."""
         if self.config.precision == "bf16":
             params = jax.tree.map(
                 lambda x: x.astype(jnp.bfloat16) if jnp.issubdtype(x.dtype, jnp.floating) else x,
@@ -299,7 +445,9 @@ class Trainer:
         if prepare is not None:
             # Manual ZeRO-3 (meshpar.zero): gather shards, after the cast so they travel in bf16.
             params = prepare(params)
-        model = nnx.merge(self.graphdef, params, rest)
+        # copy=True: the model mutates its state (batch statistics, RNG counters) at this trace
+        # level; merging without a copy binds the Variables of the caller's trace and raises.
+        model = nnx.merge(self.graphdef, params, rest, copy=True)
         token = reset_pipeline_flag()
         not_pipelined = StrategyError(
             "the mesh has a pipe axis, but the loss never ran the model's layer stack through "
@@ -307,7 +455,7 @@ class Trainer:
             "stacked block module in the model's forward pass"
         )
         try:
-            loss = self.loss_fn(model, batch)
+            out = self.loss_fn(model, batch)
         except Exception as err:
             # A model that scans its stage-layout stack itself fails inside its own scan first.
             if self.pipeline is not None and not pipeline_was_used():
@@ -318,40 +466,80 @@ class Trainer:
             _PIPELINE_USED.reset(token)
         if self.pipeline is not None and not used:
             raise not_pipelined
-        new_rest = nnx.state(model, nnx.Not(nnx.Param))
-        return jnp.asarray(loss, jnp.float32), new_rest
+        piece, self._output_layout = split_output(out)
+        return piece.loss, (piece, self._rest_after(model, rest))
+
+    @staticmethod
+    def _rest_after(model: nnx.Module, rest: nnx.State) -> nnx.State:
+        """The model's non-parameter state after a call, in the structure and dtypes of ``rest``.
+
+        Values a call ``sow``s (``nnx.Intermediate``) are not state that lives on: a loss that
+        wants them pops them from the model itself (``nnx.pop(model, nnx.Intermediate)``) and
+        returns them as aux.
+        """
+        new = nnx.state(model, nnx.All(nnx.Not(nnx.Param), nnx.Not(nnx.Intermediate)))
+        before = dict(_state_leaves(rest))
+        after = dict(_state_leaves(new))
+        if before.keys() != after.keys():
+            added = sorted(after.keys() - before.keys())
+            gone = sorted(before.keys() - after.keys())
+            raise StrategyError(
+                "the model's non-parameter state changed shape during the loss: "
+                + (f"new variables {added}" if added else "")
+                + (", " if added and gone else "")
+                + (f"variables gone {gone}" if gone else "")
+                + ". Create every variable in the model's constructor (a step must read and "
+                "write the same state)"
+            )
+        return jax.tree.map(
+            lambda n, o: n.astype(o.dtype) if jnp.issubdtype(o.dtype, jnp.inexact) else n,
+            new, rest,
+        )
 
     def _constrain_grads(self, grads):
         return jax.lax.with_sharding_constraint(grads, self._grad_shardings)
 
     def _loss_and_grads(self, state: TrainState, batch):
-        """Mean loss and gradients over the microbatches, gradients in their strategy layout."""
+        """``(loss, loss weight, gradients, aux, new rest)`` of the whole step.
+
+        Every path sums the pieces' numerators, denominators and gradients (:mod:`meshpar.loss`)
+        and divides once here, so that a :class:`~meshpar.loss.Ratio` loss equals its
+        full-batch value whatever the mesh and microbatching.
+        """
+        sums, grads, rest = self._summed(state, batch)
+        weight = sums.weight
+        grads = self._constrain_grads(jax.tree.map(lambda g: g / weight, grads))
+        aux = self._output_layout.finish(sums.aux, sums.aux_weight)
+        return sums.loss / weight, weight, grads, aux, rest
+
+    def _summed(self, state: TrainState, batch) -> tuple[Piece, Any, nnx.State]:
+        """Summed pieces, summed gradients (in their strategy layout) and the new rest."""
         if self._manual_zero is not None:
-            return self._manual_zero_grads(state, batch)
+            return self._manual_zero_sums(state, batch)
         # In a pipelined layout the microbatches belong to the pipeline, not to accumulation.
         m = 1 if self.pipeline is not None else self.config.microbatches
-        grad_fn = jax.value_and_grad(self._loss, has_aux=True)
+        grad_fn = jax.value_and_grad(self._piece, has_aux=True)
         if m == 1:
-            (loss, rest), grads = grad_fn(state.params, state.rest, batch)
-            return loss, self._constrain_grads(grads), rest
+            (_, (piece, rest)), grads = grad_fn(state.params, state.rest, batch)
+            return piece, self._constrain_grads(grads), rest
         micro = self._microbatches(batch)
+        if self._local_accumulation:
+            return self._accumulate_locally(state, micro)
         zeros = self._constrain_grads(
             jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), state.params)
         )
 
         def body(carry, mb):
-            acc, loss_sum, rest = carry
-            (loss, rest), grads = grad_fn(state.params, rest, mb)
+            sums, acc, rest = carry
+            (_, (piece, rest)), grads = grad_fn(state.params, rest, mb)
             # Under ZeRO-2 the constraint makes each microbatch's gradient land in its shard.
             acc = self._constrain_grads(jax.tree.map(lambda a, g: a + g.astype(jnp.float32), acc, grads))
-            return (acc, loss_sum + loss, rest), None
+            return (sums + piece, acc, rest), None
 
-        if self.strategy.zero_stage <= 1 and self.batch_axes:
-            return self._accumulate_locally(state, micro, body)
-        (acc, loss_sum, rest), _ = jax.lax.scan(
-            body, (zeros, jnp.zeros((), jnp.float32), state.rest), micro
-        )
-        return loss_sum / m, jax.tree.map(lambda a: a / m, acc), rest
+        first = jax.tree.map(lambda x: x[0], micro)
+        sums0 = _zeros_like_piece(lambda: grad_fn(state.params, state.rest, first)[0][1][0])
+        (sums, acc, rest), _ = jax.lax.scan(body, (sums0, zeros, state.rest), micro)
+        return sums, acc, rest
 
     def _microbatches(self, batch):
         # Microbatch k takes rows k, k+M, k+2M, ...: every device keeps its own rows.
@@ -364,68 +552,79 @@ class Trainer:
             batch,
         )
 
-    def _manual_zero_grads(self, state: TrainState, batch):
+    def _manual_zero_sums(self, state: TrainState, batch):
         """ZeRO-2/3 with explicit reduce-scatters (see :mod:`meshpar.zero`)."""
         try:
-            loss, grads, rest = self._manual_zero.loss_and_grads(
-                self._loss, state.params, state.rest, self._microbatches(batch),
+            sums, grads, rest = self._manual_zero.loss_and_grads(
+                self._piece, state.params, state.rest, self._microbatches(batch),
                 microbatches=self.config.microbatches,
             )
-        except StackNotScanned:
+        except StackNotScanned as err:
             # The model runs a layer stack without meshpar.scan_layers, so nothing can gather
             # it one layer at a time: GSPMD places the gathers (and all-reduces the gradients).
             self._manual_zero = None
-            return self._loss_and_grads(state, batch)
-        return loss, self._constrain_grads(grads), rest
+            fallback = Fallback(
+                f"ZeRO-{self.strategy.zero_stage} collectives",
+                f"GSPMD gathers the parameters and reduces the gradients: {err}",
+            )
+            if fallback not in self.fallbacks:
+                self.fallbacks.append(fallback)
+                warnings.warn(str(fallback), stacklevel=2)
+            return self._summed(state, batch)
+        return sums, self._constrain_grads(grads), rest
 
-    def _accumulate_locally(self, state: TrainState, micro, body):
+    def _accumulate_locally(self, state: TrainState, micro):
         """DP / ZeRO-1 accumulation: sum local gradients, reduce once after the loop.
 
         Under GSPMD a replicated accumulator forces an all-reduce of every microbatch's
         gradient inside the loop (M times the traffic). Here the loop runs inside a
         ``shard_map`` that is manual over the batch axes: the parameters are cast to *varying*
         before the loop, so their gradients stay per-device partial sums (no collective in the
-        transpose), and one ``pmean`` after the loop reduces them.
+        transpose), and one ``psum`` after the loop reduces them. Only for models without
+        non-parameter state (see :attr:`Trainer.fallbacks`).
         """
-        m = self.config.microbatches
         axes = self.batch_axes
 
         def local(params, rest, micro):
             varying = lambda t: jax.tree.map(lambda x: jax.lax.pcast(x, axes, to="varying"), t)  # noqa: E731
             params = varying(params)
             zeros = varying(jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params))
-            loss0 = varying(jnp.zeros((), jnp.float32))
+            grad_fn = jax.value_and_grad(self._piece, has_aux=True)
+            first = jax.tree.map(lambda x: x[0], micro)
+            sums0 = varying(_zeros_like_piece(lambda: grad_fn(params, rest, first)[0][1][0]))
 
             def local_body(carry, mb):
-                acc, loss_sum, rest = carry
-                (loss, rest), grads = jax.value_and_grad(self._loss, has_aux=True)(params, rest, mb)
+                sums, acc, rest = carry
+                (_, (piece, rest)), grads = grad_fn(params, rest, mb)
                 acc = jax.tree.map(lambda a, g: a + g.astype(jnp.float32), acc, grads)
-                return (acc, loss_sum + loss, rest), None
+                return (sums + piece, acc, rest), None
 
-            (acc, loss_sum, rest), _ = jax.lax.scan(local_body, (zeros, loss0, rest), micro)
-            return jax.lax.pmean(loss_sum / m, axes), jax.lax.pmean(jax.tree.map(lambda a: a / m, acc), axes), rest
+            (sums, acc, rest), _ = jax.lax.scan(local_body, (sums0, zeros, rest), micro)
+            return jax.lax.psum(sums, axes), jax.lax.psum(acc, axes), rest
 
-        loss, grads, rest = jax.shard_map(
+        sums, grads, rest = jax.shard_map(
             local,
             mesh=self.mesh,
             in_specs=(PartitionSpec(), PartitionSpec(), PartitionSpec(None, axes)),
             out_specs=(PartitionSpec(), PartitionSpec(), PartitionSpec()),
             axis_names=set(axes),
         )(state.params, state.rest, micro)
-        return loss, self._constrain_grads(grads), rest
+        return sums, self._constrain_grads(grads), rest
 
     def _grads_fn(self, state: TrainState, batch):
         with activate(self.mesh, self.compute_rules, pipeline=self.pipeline):
-            loss, grads, _ = self._loss_and_grads(state, batch)
+            loss, _, grads, _, _ = self._loss_and_grads(state, batch)
         return loss, grads
 
     def _step_fn(self, state: TrainState, batch):
         with activate(self.mesh, self.compute_rules, pipeline=self.pipeline):
-            loss, grads, rest = self._loss_and_grads(state, batch)
+            loss, weight, grads, aux, rest = self._loss_and_grads(state, batch)
             opt_state = state.opt_state
             if self.config.offload_optimizer:
                 opt_state = jax.device_put(opt_state, self._opt_device_shardings)
-            finite = jnp.isfinite(loss)
+            # A zero or non-finite loss weight (a batch that is all padding) is a non-finite
+            # step too: its loss and gradients are 0/0.
+            finite = jnp.isfinite(loss) & jnp.isfinite(weight) & (weight != 0)
 
             def apply(args):
                 grads, opt_state, params, rest, _ = args
@@ -448,7 +647,8 @@ class Trainer:
             # Outside the cond on purpose: inside, XLA shares g*g with Adam's second moment and
             # materialises it (measured: 2x the cost of the update).
             grad_norm = _grad_norm(grads, self._grad_shardings)
-            metrics = {"loss": loss, "grad_norm": grad_norm, "finite": finite}
+            metrics = {"loss": loss, "grad_norm": grad_norm, "finite": finite,
+                       "loss_weight": weight, "aux": aux}
         return new_state, metrics
 
     # -- host side -----------------------------------------------------------------------------
@@ -485,27 +685,53 @@ class Trainer:
 
         return jax.tree.map(one, batch)
 
-    def step(self, batch: Mapping[str, Any]) -> dict[str, float]:
-        """Run one optimizer step on a host batch and return its metrics as floats.
+    def step(self, batch: Mapping[str, Any]) -> dict[str, Any]:
+        """Run one optimizer step on a host batch and return its metrics.
+
+        Returns:
+            ``loss``, ``grad_norm``, ``step_time_s``, ``skipped`` (floats and a bool); with a
+            :class:`~meshpar.loss.Ratio` loss also ``loss_weight`` (its summed weight); with aux
+            values (``loss_fn`` returning ``(loss, aux)``) also ``aux``: the aux pytree, reduced
+            over shards and microbatches (:mod:`meshpar.loss`), scalars as floats and arrays as
+            NumPy arrays.
 
         Raises:
-            TrainingError: the loss is NaN/Inf (unless ``on_nonfinite="skip"``); the state is
-                unchanged.
+            StrategyError: the batch is malformed (see :meth:`place_batch`); nothing ran.
+            TrainingError: the loss is NaN/Inf, or its weight is zero or not finite (unless
+                ``on_nonfinite="skip"``); the state is unchanged.
+
+        Example:
+            >>> metrics = trainer.step({"x": x, "y": y})
+            >>> metrics["loss"], metrics.get("aux")
         """
         step = int(self.state.step)
         placed = self.place_batch(batch)
         start = time.perf_counter()
         self.state, metrics = self._jitted(self.state, placed)
-        metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
-        metrics["step_time_s"] = time.perf_counter() - start
-        metrics["skipped"] = not metrics.pop("finite")
-        if metrics["skipped"] and self.config.on_nonfinite == "raise":
+        metrics = jax.device_get(metrics)
+        aux = jax.tree.map(lambda x: float(x) if np.ndim(x) == 0 else np.asarray(x),
+                           metrics.pop("aux"))
+        out: dict[str, Any] = {k: float(v) for k, v in metrics.items()}
+        out["step_time_s"] = time.perf_counter() - start
+        out["skipped"] = not out.pop("finite")
+        weight = out.pop("loss_weight")
+        layout = self._output_layout
+        if layout is not None and layout.weighted:
+            out["loss_weight"] = weight
+        if jax.tree.leaves(aux):
+            out["aux"] = aux
+        if out["skipped"] and self.config.on_nonfinite == "raise":
+            if not (math.isfinite(weight) and weight != 0):
+                cause = (f"the loss weight summed to {weight} over the global batch (a batch "
+                         "whose examples or tokens are all masked out?)")
+            else:
+                cause = f"non-finite loss ({out['loss']})"
             raise TrainingError(
-                f"non-finite loss ({metrics['loss']}) at step {step}; the update was not applied "
-                "and the state is that of before the step. Lower the learning rate, use fp32, or "
-                "pass on_nonfinite='skip' to drop such updates"
+                f"{cause} at step {step}; the update was not applied "
+                "and the state is that of before the step. Lower the learning rate, use fp32, fix "
+                "the batch, or pass on_nonfinite='skip' to drop such updates"
             )
-        return metrics
+        return out
 
     def loss_and_grads(self, batch: Mapping[str, Any]) -> tuple[jax.Array, nnx.State]:
         """Loss and gradients at the current parameters, without updating anything.
@@ -520,7 +746,8 @@ class Trainer:
 
         def forward(state, batch):
             with activate(self.mesh, self.compute_rules, pipeline=self.pipeline):
-                return self._loss(state.params, state.rest, batch)[0]
+                piece = self._piece(state.params, state.rest, batch)[1][0]
+                return piece.loss / piece.weight
 
         return jax.jit(forward).lower(self.state, self.place_batch(batch))
 

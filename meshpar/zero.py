@@ -190,6 +190,8 @@ class ManualZero:
     grad_dims: tuple[int | None, ...]
     stacked: tuple[bool, ...]
     auto_specs: tuple[PartitionSpec, ...]
+    upfront_count: int = 0
+    upfront_bytes: int = 0
 
     @classmethod
     def build(cls, *, mesh: Mesh, batch_axes: tuple[str, ...], zero_stage: int, abs_params: Any,
@@ -220,7 +222,12 @@ class ManualZero:
             if p is not None and (p != g or (s and p == 0)):
                 return None
         auto_specs = tuple(_without(s, batch_axes) for s in p_specs)
-        return cls(mesh, batch_axes, p_dims, g_dims, stacked, auto_specs)
+        # ZeRO-3 gathers what no scan_layers stack holds once, at the start of the step.
+        upfront = [v.get_value() for v, d, s in zip(variables, p_dims, stacked)
+                   if d is not None and not s]
+        upfront_bytes = sum(math.prod(a.shape) * a.dtype.itemsize for a in upfront)
+        return cls(mesh, batch_axes, p_dims, g_dims, stacked, auto_specs, len(upfront),
+                   upfront_bytes)
 
     # -- inside the shard_map --------------------------------------------------------------
 
@@ -249,24 +256,25 @@ class ManualZero:
         finally:
             _STACKED.reset(token)
 
-    def loss_and_grads(self, loss: Callable[..., tuple[jax.Array, Any]], params: Any, rest: Any,
-                       micro: Any, *, microbatches: int) -> tuple[jax.Array, Any, Any]:
-        """Mean loss and gradients over the microbatches, gradients in their ZeRO layout.
+    def loss_and_grads(self, piece_fn: Callable[..., tuple[jax.Array, Any]], params: Any,
+                       rest: Any, micro: Any, *, microbatches: int) -> tuple[Any, Any, Any]:
+        """Summed loss pieces and gradients over devices and microbatches, in the ZeRO layout.
 
         Args:
-            loss: ``loss(params, rest, batch, prepare) -> (scalar, new_rest)``; it must call
-                ``params = prepare(params)`` after any cast and before building the model.
+            piece_fn: ``piece_fn(params, rest, batch, prepare) -> (numerator, (piece,
+                new_rest))`` (:class:`meshpar.loss.Piece`); it must call ``params =
+                prepare(params)`` after any cast and before building the model.
             params, rest: the parameters (in their stored shardings) and other model state.
             micro: the batch as ``[microbatches, rows, ...]`` leaves, rows over the batch axes.
             microbatches: the number of microbatches.
 
         Returns:
-            ``(loss, grads, new_rest)``, the gradients summed over every device and microbatch
-            and divided by their count (the gradient of the mean loss).
+            ``(pieces, grads, new_rest)``: the pieces and the gradients of their numerators,
+            each summed over every device and microbatch (the caller divides by the summed
+            weight).
         """
         axes = self.batch_axes
         others = tuple(a for a in axes if a != FSDP)
-        total = math.prod(self.mesh.shape[a] for a in axes) * microbatches
         p_leaves, treedef = jax.tree.flatten(params)
         in_p = [self._spec(d, x.ndim) for d, x in zip(self.param_dims, p_leaves)]
         out_g = [self._spec(d, x.ndim) for d, x in zip(self.grad_dims, p_leaves)]
@@ -301,7 +309,7 @@ class ManualZero:
                                 raise
 
                         try:
-                            return loss(treedef.unflatten(p_leaves), rest, mb, prepare)
+                            return piece_fn(treedef.unflatten(p_leaves), rest, mb, prepare)
                         except Exception as err:
                             unused = set(pending.dims) - pending.used
                             # Only a model that failed on a stacked shard is told to fall back;
@@ -315,41 +323,44 @@ class ManualZero:
                                 ) from err
                             raise
 
-                (value, rest), grads = jax.value_and_grad(f, has_aux=True)(p_leaves, rest)
+                (_, (piece, rest)), grads = jax.value_and_grad(f, has_aux=True)(p_leaves, rest)
                 grads = [
                     _scatter_major(g.astype(jnp.float32), gd)
                     if gd is not None and pd is None else g.astype(jnp.float32)
                     for g, pd, gd in zip(grads, self.param_dims, self.grad_dims)
                 ]
-                return value, grads, rest
+                return piece, grads, rest
 
             if microbatches == 1:
-                value, acc, rest = grads_of(rest, jax.tree.map(lambda x: x[0], micro))
+                pieces, acc, rest = grads_of(rest, jax.tree.map(lambda x: x[0], micro))
             else:
                 def body(carry, mb):
-                    acc, loss_sum, rest = carry
-                    value, grads, rest = grads_of(rest, mb)
-                    return ([a + g for a, g in zip(acc, grads)], loss_sum + value, rest), None
+                    acc, pieces, rest = carry
+                    piece, grads, rest = grads_of(rest, mb)
+                    return ([a + g for a, g in zip(acc, grads)], pieces + piece, rest), None
 
                 # Zero accumulators of the reduced (local) shapes, typed like the gradients.
                 zeros = [
                     jax.lax.pcast(jnp.zeros(shape, jnp.float32), axes, to="varying")
                     for shape in reduced_shapes
                 ]
-                zero = jax.lax.pcast(jnp.zeros((), jnp.float32), axes, to="varying")
-                (acc, value, rest), _ = jax.lax.scan(body, (zeros, zero, rest), micro)
+                first = jax.tree.map(lambda x: x[0], micro)
+                zero = jax.tree.map(
+                    lambda s: jax.lax.pcast(jnp.zeros(s.shape, s.dtype), axes, to="varying"),
+                    jax.eval_shape(lambda: grads_of(rest, first)[0]),
+                )
+                (acc, pieces, rest), _ = jax.lax.scan(body, (zeros, zero, rest), micro)
             grads = [
-                (jax.lax.psum(g, others) if others else g) / total if s
-                else jax.lax.psum(g, axes) / total
+                (jax.lax.psum(g, others) if others else g) if s else jax.lax.psum(g, axes)
                 for g, s in zip(acc, scattered)
             ]
-            return jax.lax.psum(value, axes) / total, grads, rest
+            return jax.lax.psum(pieces, axes), grads, rest
 
-        loss_value, g_leaves, rest = jax.shard_map(
+        pieces, g_leaves, rest = jax.shard_map(
             local,
             mesh=self.mesh,
             in_specs=(in_p, PartitionSpec(), PartitionSpec(None, axes)),
             out_specs=(PartitionSpec(), out_g, PartitionSpec()),
             axis_names=set(axes),
         )(p_leaves, rest, micro)
-        return loss_value, treedef.unflatten(g_leaves), rest
+        return pieces, treedef.unflatten(g_leaves), rest

@@ -18,7 +18,7 @@ def _trainer(mesh_text, strategy, microbatches=1, cfg=CFG):
     return mp.Trainer(
         lambda: GPT(cfg, rngs=nnx.Rngs(0)), optax.adamw(1e-3), lm_loss,
         mesh=mp.make_mesh(mesh_text), strategy=strategy,
-        config=mp.TrainConfig(microbatches=microbatches),
+        config=mp.TrainConfig(microbatches=microbatches, row_separable=True),
     )
 
 

@@ -288,7 +288,8 @@ def reference(model: str, precision: str) -> Result:
 @functools.cache
 def run_case(case: Case) -> Result:
     mesh = make_mesh(dict(case.mesh))
-    config = TrainConfig(microbatches=case.microbatches, precision=case.precision)
+    config = TrainConfig(microbatches=case.microbatches, precision=case.precision,
+                         row_separable=True)
     return train(case.model, mesh=mesh, strategy=case.strategy_value(), config=config)
 
 

@@ -190,7 +190,8 @@ CFG4 = get_preset("tiny", layers=4)
 
 def make_trainer(mesh, strategy="auto", microbatches=1) -> Trainer:
     return Trainer(lambda: GPT(CFG4, rngs=nnx.Rngs(0)), make_optimizer(3e-3, STEPS), lm_loss,
-                   mesh=mesh, strategy=strategy, config=TrainConfig(microbatches=microbatches))
+                   mesh=mesh, strategy=strategy, config=TrainConfig(microbatches=microbatches,
+                                                                   row_separable=True))
 
 
 def host_tree(tree):

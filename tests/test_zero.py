@@ -27,7 +27,7 @@ def _trainer(mesh_text, strategy, *, microbatches=1, make=None, loss=lm_loss):
     make = make or (lambda: GPT(CFG, rngs=nnx.Rngs(0)))
     mesh = mp.make_mesh(mesh_text) if isinstance(mesh_text, str) else mesh_text
     return mp.Trainer(make, optax.adamw(1e-3), loss, mesh=mesh,
-                      strategy=strategy, config=mp.TrainConfig(microbatches=microbatches))
+                      strategy=strategy, config=mp.TrainConfig(microbatches=microbatches, row_separable=True))
 
 
 def _check(report, name):
@@ -142,7 +142,8 @@ def test_bf16_zero3_next_to_a_size_one_automatic_axis_compiles_and_matches_gspmd
     def make(m):
         return mp.Trainer(lambda: GPT(CFG, rngs=nnx.Rngs(0)), optax.adamw(1e-3), lm_loss,
                           mesh=mp.make_mesh("fsdp=8,tensor=1"), strategy="zero3",
-                          config=mp.TrainConfig(precision="bf16", microbatches=m))
+                          config=mp.TrainConfig(precision="bf16", microbatches=m,
+                                                 row_separable=True))
     explicit, gspmd = make(2), make(2)
     gspmd._manual_zero = None
     (loss_a, grads_a), (loss_b, grads_b) = explicit.loss_and_grads(BATCH), gspmd.loss_and_grads(BATCH)

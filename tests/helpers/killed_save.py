@@ -40,7 +40,7 @@ def main() -> int:
     cfg = _model_config(args)
     mesh, strategy = _layout(args)
     config = TrainConfig(microbatches=args.microbatches, precision=args.precision,
-                         schedule=args.schedule, repeats=args.repeats)
+                         schedule=args.schedule, repeats=args.repeats, row_separable=True)
     trainer = Trainer(lambda: GPT(cfg, rngs=nnx.Rngs(args.seed)), make_optimizer(args.lr, args.steps),
                       lm_loss, mesh=mesh, strategy=strategy, config=config)
     data = TokenBatches(batch_size=args.batch_size, seq_len=cfg.seq_len, seed=args.seed)

@@ -1,0 +1,142 @@
+"""Any Flax model, exactly: the model zoo trains like one device under every layout.
+
+Each model of :mod:`helpers.zoo` (a CNN with BatchNorm and dropout, a transformer encoder with a
+padding-masked ``mp.Ratio`` loss and dropout, an MoE block with a balance loss in aux) trains 3
+AdamW steps on 8 emulated devices under DP, ZeRO-1, ZeRO-2 with 2 microbatches, ZeRO-3, tensor
+parallel, 3-D ``data x fsdp x tensor`` and, for the model whose layer stack is stateless, a
+pipeline. Each run is compared with the same model trained on one device with the same
+microbatching: the loss and aux of every step, every parameter, and every piece of
+non-parameter state (BatchNorm running averages, RNG keys and counters) after the three steps.
+
+The tolerances are test_equivalence.py's fp32 ones (see there for how they were calibrated):
+the runs differ only in the order of fp32 reductions. Random draws (dropout masks) are equal
+bitwise: JAX's threefry is partitionable, so the global mask is the same whatever the sharding.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import numpy as np
+import optax
+import pytest
+
+import meshpar as mp
+from meshpar.errors import StrategyError, TrainingError
+from meshpar.mesh import make_mesh
+
+from helpers.compare import mesh_axes, single_device_mesh
+from helpers.zoo import ZOO
+from test_equivalence import LOSS_ATOL, LOSS_RTOL, PARAM_ATOL, PARAM_RTOL, PARAM_UPDATE_RTOL
+
+STEPS = 3
+# Batch statistics: means and variances over <= 16 x 8 x 8 positions, reordered sums.
+STATE_RTOL, STATE_ATOL = 1e-5, 1e-6
+
+
+def _host(tree) -> dict[str, np.ndarray]:
+    """``{path: host array}``; typed PRNG keys as their uint32 payload."""
+    leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
+    out = {}
+    for path, leaf in leaves:
+        if jax.dtypes.issubdtype(leaf.dtype, jax.dtypes.prng_key):
+            leaf = jax.random.key_data(leaf)
+        out[jax.tree_util.keystr(path)] = np.asarray(leaf)
+    return out
+
+
+@dataclasses.dataclass(frozen=True)
+class Run:
+    losses: tuple[float, ...]
+    aux: tuple[dict, ...]
+    params: dict
+    rest: dict
+    fallbacks: tuple[str, ...]
+
+
+def train(model: str, mesh, strategy: str, config: mp.TrainConfig) -> Run:
+    zoo = ZOO[model]
+    trainer = mp.Trainer(zoo.make, optax.adamw(1e-2), zoo.loss, mesh=mesh, strategy=strategy,
+                         config=config)
+    metrics = [trainer.step(zoo.batch(s)) for s in range(STEPS)]
+    assert not any(m["skipped"] for m in metrics)
+    return Run(tuple(m["loss"] for m in metrics), tuple(m.get("aux", {}) for m in metrics),
+               _host(trainer.flat_params()), _host(trainer.state.rest),
+               tuple(str(f) for f in trainer.fallbacks))
+
+
+@functools.cache
+def reference(model: str, microbatches: int) -> Run:
+    return train(model, single_device_mesh(), "dp", mp.TrainConfig(microbatches=microbatches))
+
+
+@functools.cache
+def initial_params(model: str) -> dict:
+    from flax import nnx
+    with nnx.use_eager_sharding(False):
+        return _host(nnx.state(ZOO[model].make(), nnx.Param))
+
+
+LAYOUTS = {
+    # name: (mesh, strategy, microbatches)
+    "dp": ("data=8", "dp", 1),
+    "zero1": ("fsdp=8", "zero1", 1),
+    "zero2-mb2": ("fsdp=8", "zero2", 2),
+    "zero3": ("fsdp=8", "zero3", 1),
+    "tp": ("data=4,tensor=2", "tp", 1),
+    "3d": ("data=2,fsdp=2,tensor=2", "zero3", 1),
+}
+CASES = [(m, layout) for m in ZOO for layout in LAYOUTS]
+CASES += [(m, "pipe") for m, zoo in ZOO.items() if zoo.scanned]
+
+
+def assert_runs_match(got: Run, ref: Run, init: dict) -> None:
+    np.testing.assert_allclose(got.losses, ref.losses, rtol=LOSS_RTOL, atol=LOSS_ATOL,
+                               err_msg="step losses")
+    for step, (a, b) in enumerate(zip(got.aux, ref.aux)):
+        assert a.keys() == b.keys()
+        for key in b:
+            np.testing.assert_allclose(a[key], b[key], rtol=LOSS_RTOL, atol=LOSS_ATOL,
+                                       err_msg=f"aux {key!r} of step {step}")
+    assert got.params.keys() == ref.params.keys()
+    for key, r in ref.params.items():
+        p = got.params[key]
+        np.testing.assert_allclose(p, r, rtol=PARAM_RTOL, atol=PARAM_ATOL, err_msg=f"param {key}")
+        moved = np.linalg.norm(r - init[key])
+        if moved > 0:
+            assert np.linalg.norm(p - r) <= PARAM_UPDATE_RTOL * moved, f"update of {key}"
+    assert got.rest.keys() == ref.rest.keys()
+    for key, r in ref.rest.items():
+        if r.dtype.kind in "ui":   # RNG keys and counters: bitwise
+            np.testing.assert_array_equal(got.rest[key], r, err_msg=f"state {key}")
+        else:
+            np.testing.assert_allclose(got.rest[key], r, rtol=STATE_RTOL, atol=STATE_ATOL,
+                                       err_msg=f"state {key}")
+
+
+@pytest.mark.parametrize("model,layout", CASES, ids=[f"{m}-{layout}" for m, layout in CASES])
+def test_zoo_model_trains_like_one_device(model, layout):
+    if layout == "pipe":
+        mesh, strategy, config = "pipe=2,data=4", "dp", mp.TrainConfig(microbatches=2)
+        ref = reference(model, 1)
+    else:
+        mesh, strategy, m = LAYOUTS[layout]
+        config = mp.TrainConfig(microbatches=m)
+        ref = reference(model, m)
+    got = train(model, make_mesh(dict(mesh_axes(mesh))), strategy, config)
+    assert_runs_match(got, ref, initial_params(model))
+    # The state really changes and the aux is really there: a vacuous comparison would not.
+    assert got.aux[0], "the aux values came back"
+    if model == "convnet":
+        before = initial_rest("convnet")
+        changed = {k for k, v in got.rest.items() if not np.array_equal(v, before[k])}
+        assert any("mean" in k for k in changed) and any("count" in k for k in changed), changed
+
+
+@functools.cache
+def initial_rest(model: str) -> dict:
+    from flax import nnx
+    with nnx.use_eager_sharding(False):
+        return _host(nnx.state(ZOO[model].make(), nnx.Not(nnx.Param)))
