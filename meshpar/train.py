@@ -39,6 +39,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from meshpar.errors import StrategyError, TrainingError
 from meshpar.layout import activate
 from meshpar.plan import plan_training, to_flat_layout, to_stage_layout
+from meshpar.plan import unused_axes_error, unused_mesh_axes
 from meshpar.shard import ShardingPlan
 from meshpar.stack import _PIPELINE_USED, pipeline_was_used, reset_pipeline_flag
 from meshpar.strategy import Strategy, get_strategy
@@ -60,6 +61,8 @@ class TrainConfig:
         schedule: pipeline schedule, ``"gpipe"`` or ``"circular"``; used when the mesh has a
             ``pipe`` axis of size > 1, where ``microbatches`` are the pipeline's microbatches.
         repeats: chunks of layers per stage for the circular schedule (``v``).
+        allow_unused_axes: run even if a mesh axis of size > 1 is used by nothing (every device
+            along it repeats the same work); the axes are then in :attr:`Trainer.unused_axes`.
     """
 
     microbatches: int = 1
@@ -69,6 +72,7 @@ class TrainConfig:
     donate: bool = True
     schedule: Literal["gpipe", "circular"] = "gpipe"
     repeats: int = 1
+    allow_unused_axes: bool = False
 
     def __post_init__(self) -> None:
         if isinstance(self.microbatches, bool) or not isinstance(self.microbatches, int) or self.microbatches < 1:
@@ -86,6 +90,8 @@ class TrainConfig:
             )
         if self.on_nonfinite not in ("raise", "skip"):
             raise StrategyError(f"on_nonfinite={self.on_nonfinite!r}; expected 'raise' or 'skip'")
+        if not isinstance(self.allow_unused_axes, bool):
+            raise StrategyError(f"allow_unused_axes={self.allow_unused_axes!r}; expected True or False")
 
 
 def _split_over_free_axes(shape: tuple[int, ...], sharding: Any) -> NamedSharding | None:
@@ -183,6 +189,10 @@ class Trainer:
             microbatches=config.microbatches, schedule=config.schedule, repeats=config.repeats,
             offload_optimizer=config.offload_optimizer,
         )
+        # Mesh axes nothing uses: an error unless allowed, then recorded for reports.
+        self.unused_axes = unused_mesh_axes(layout, mesh)
+        if self.unused_axes and not config.allow_unused_axes:
+            raise unused_axes_error(self.unused_axes, mesh)
         self.layout = layout
         self.graphdef, self.pipeline, self.num_layers = layout.graphdef, layout.pipeline, layout.num_layers
         self.plan, self.grad_plan, self.optimizer_plan = layout.params, layout.gradients, layout.optimizer

@@ -49,6 +49,8 @@ def test_same_seed_and_batch_give_the_same_losses_whatever_the_mesh(tmp_path):
         (["--steps", "0"], r"--steps 0: must be >= 1"),
         (["--vocab-size", "100"], r"needs >= 256"),
         (["--preset", "huge"], r"unknown preset 'huge'|huge"),
+        (["--mesh", "foo=8"], r"mesh axis foo=8 is used by nothing: .* every device along it would "
+                              r"repeat the same work. Drop it from the mesh \(e.g. data=8\)"),
     ],
 )
 def test_usage_errors_exit_2_with_one_message(argv, pattern, capsys):
