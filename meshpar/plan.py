@@ -267,7 +267,9 @@ def unused_mesh_axes(plan: TrainingPlan, mesh: Mesh, /) -> tuple[str, ...]:
 
 
 def unused_axes_error(axes: tuple[str, ...], mesh: Mesh, /) -> StrategyError:
-    """The :class:`StrategyError` for mesh ``axes`` that nothing uses (see :func:`unused_mesh_axes`).
+    """The :class:`StrategyError` for mesh ``axes`` that nothing uses.
+
+    See :func:`unused_mesh_axes`; the message names each axis and its size and gives the fixes.
 
     Example:
         >>> raise unused_axes_error(("foo",), make_mesh(foo=8))

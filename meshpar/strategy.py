@@ -170,8 +170,8 @@ class Strategy:
         ``auto`` and the presets are resolved against the mesh (:meth:`for_mesh`), so the text
         says what actually runs: ZeRO over ``fsdp`` at its stage (DP over it at stage 0), TP over
         ``tensor`` (with sequence parallel: TP+SP), DP over ``data``, and a pipeline over
-        ``pipe``; other axes where the user's rules name them. Axes of size 1 do nothing and are left
-        out.
+        ``pipe``; other axes where the user's rules name them. Axes of size 1 do nothing and are
+        left out.
 
         Raises:
             StrategyError: the mesh lacks an axis this strategy needs.

@@ -91,7 +91,9 @@ class TrainConfig:
         if self.on_nonfinite not in ("raise", "skip"):
             raise StrategyError(f"on_nonfinite={self.on_nonfinite!r}; expected 'raise' or 'skip'")
         if not isinstance(self.allow_unused_axes, bool):
-            raise StrategyError(f"allow_unused_axes={self.allow_unused_axes!r}; expected True or False")
+            raise StrategyError(
+                f"allow_unused_axes={self.allow_unused_axes!r}; expected True or False"
+            )
 
 
 def _split_over_free_axes(shape: tuple[int, ...], sharding: Any) -> NamedSharding | None:

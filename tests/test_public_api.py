@@ -78,7 +78,8 @@ def resolves(dotted: str) -> bool:
 
 def test_the_scanner_finds_references():
     text = ("import meshpar as mp\nmp.scan_layers(self.blocks, x)  # `meshpar.remat.maybe_remat`\n"
-            "from meshpar import (\n    Rules,  # rules\n    Trainer as T,\n)\nself.mp.items(); t_mp.append(1)")
+            "from meshpar import (\n    Rules,  # rules\n    Trainer as T,\n)\n"
+            "self.mp.items(); t_mp.append(1)")
     assert references(text) == {"scan_layers", "remat.maybe_remat", "Rules", "Trainer"}
     assert resolves("Rules.table") and resolves("models") and resolves("errors.StrategyError")
     assert not resolves("no_such_name") and not resolves("errors.NoSuchError")

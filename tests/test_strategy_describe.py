@@ -26,7 +26,8 @@ def test_describe_names_what_runs(strategy, axes, text):
 
 def test_describe_with_overrides_and_user_rules():
     mesh = mp.make_mesh(fsdp=4, tensor=2)
-    assert mp.get_strategy("auto", zero_stage=2).describe(mesh) == "auto -> ZeRO-2 over fsdp + TP over tensor"
+    zero2 = mp.get_strategy("auto", zero_stage=2)
+    assert zero2.describe(mesh) == "auto -> ZeRO-2 over fsdp + TP over tensor"
     mine = mp.Strategy("mine", zero_stage=0, extra_param_rules=mp.Rules.table([("embed", "foo")]))
     assert mine.describe(mp.make_mesh(data=2, foo=4)) == "mine -> DP over data + user rules over foo"
 

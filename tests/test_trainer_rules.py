@@ -47,8 +47,10 @@ def test_the_readme_example_trains_with_the_path_rule():
 
 
 def test_strict_names_the_parameter_no_rule_covers():
-    strategy = mp.Strategy("zero3+paths", zero_stage=3, extra_param_rules=mp.Rules.table(**README_RULES))
-    with pytest.raises(mp.UnannotatedParameterError, match=re.escape("parameter out/kernel (shape (16, 1))")):
+    rules = mp.Rules.table(**README_RULES)
+    strategy = mp.Strategy("zero3+paths", zero_stage=3, extra_param_rules=rules)
+    named = re.escape("parameter out/kernel (shape (16, 1)) has no logical axes")
+    with pytest.raises(mp.UnannotatedParameterError, match=named):
         mp.Trainer(lambda: _Model(annotate_out=False, rngs=nnx.Rngs(0)), optax.adamw(3e-4), loss_fn,
                    mesh=mp.make_mesh(fsdp=4, tensor=2), strategy=strategy)
 

@@ -12,8 +12,9 @@ from meshpar.plan import plan_training, unused_mesh_axes
 class _MLP(nnx.Module):
     def __init__(self, *, rngs: nnx.Rngs):
         init = nnx.initializers.lecun_normal()
-        self.up = nnx.Linear(8, 16, rngs=rngs, kernel_init=nnx.with_partitioning(init, ("embed", "mlp")))
-        self.down = nnx.Linear(16, 1, rngs=rngs, kernel_init=nnx.with_partitioning(init, ("mlp", None)))
+        up, down = nnx.with_partitioning(init, ("embed", "mlp")), nnx.with_partitioning(init, ("mlp", None))
+        self.up = nnx.Linear(8, 16, rngs=rngs, kernel_init=up)
+        self.down = nnx.Linear(16, 1, rngs=rngs, kernel_init=down)
 
     def __call__(self, x):
         return self.down(nnx.relu(self.up(x)))[:, 0]
