@@ -26,15 +26,16 @@ from meshpar.mesh import format_mesh, make_mesh, parse_mesh
 from meshpar.report import format_plan, plan_to_dict
 from meshpar.rules import Rules
 from meshpar.shard import ShardingPlan, init_linen, init_nnx, plan_linen, plan_nnx_state
+from meshpar.stack import scan_layers
 from meshpar.strategy import PRESETS as STRATEGIES
 from meshpar.strategy import Strategy, get_strategy
-from meshpar.stack import scan_layers
 from meshpar.train import Fallback, TrainConfig, Trainer
 
 __all__ = [
-    "DeviceEmulationError", "Fallback", "IndivisibleError", "MeshError", "MeshparError", "RuleConflictError",
-    "Ratio", "RuleError", "STRATEGIES", "ShardingPlan", "Strategy", "StrategyError", "Summed", "TrainConfig",
-    "Trainer", "TrainingError", "UnannotatedParameterError", "Rules", "activate", "constrain",
+    "DeviceEmulationError", "Fallback", "IndivisibleError", "MeshError", "MeshparError",
+    "Ratio", "RuleConflictError", "RuleError", "Rules", "STRATEGIES", "ShardingPlan", "Strategy",
+    "StrategyError", "Summed", "TrainConfig", "Trainer", "TrainingError",
+    "UnannotatedParameterError", "activate", "constrain",
     "emulate_devices", "format_mesh", "format_plan", "get_strategy", "init_linen", "init_nnx",
     "make_mesh", "parse_mesh", "plan_linen", "plan_nnx_state", "plan_to_dict", "scan_layers",
 ]

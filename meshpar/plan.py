@@ -8,6 +8,7 @@ and the shardings of parameters, gradients, optimizer state and non-parameter mo
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Callable
 from typing import Any
 
@@ -222,3 +223,85 @@ def plan_training(
         strategy, graphdef, abs_params, abs_rest, pipeline, num_layers, params, param_shardings,
         gradients, grad_shardings, optimizer, rest_shardings, abs_opt, opt_shardings,
     )
+
+
+def unused_mesh_axes(plan: TrainingPlan, mesh: Mesh, /) -> tuple[str, ...]:
+    """The mesh axes of size > 1 that nothing in a planned training run uses.
+
+    An axis is used when it splits the batch (:meth:`Strategy.batch_axes`), carries the stages of
+    an active pipeline (``pipe``), appears in the ``PartitionSpec`` of a planned parameter,
+    gradient, optimizer-state or non-parameter-state sharding, or is named by a rule of the
+    strategy's compute (activation) rules. Along any other axis every device would hold the same
+    data and repeat the same work.
+
+    Args:
+        plan: the run's layout, from :func:`plan_training`.
+        mesh: the mesh it was planned for.
+
+    Returns:
+        The unused axes' names, in mesh order (empty when every axis of size > 1 is used).
+
+    Example:
+        >>> plan = plan_training(make_model, mesh=make_mesh(data=2, foo=4),
+        ...                      strategy=get_strategy("dp"), tx=optax.adamw(1e-3))
+        >>> unused_mesh_axes(plan, plan.params.mesh)
+        ('foo',)
+    """
+    used = set(Strategy.batch_axes(mesh))
+    if plan.pipeline is not None:
+        used.add("pipe")
+    for placements in (plan.params, plan.gradients, plan.optimizer):
+        for entry in placements.entries:
+            used.update(_spec_axes(entry.spec))
+    # Optimizer-state leaves are placed like parameters and the non-parameter state by the
+    # parameter rules, but read their shardings too: they are what the step actually uses.
+    for tree in (plan.rest_shardings, plan.opt_shardings):
+        for sharding in jax.tree.leaves(tree):
+            if isinstance(sharding, NamedSharding):
+                used.update(_spec_axes(sharding.spec))
+    # Activations: the rules are all we know before tracing (the model decides whether it calls
+    # meshpar.constrain with those names), so a compute rule naming an axis counts as a use.
+    for rule in plan.strategy.compute_rules(mesh).logical:
+        used.update(rule.mesh_axes)
+    return tuple(a for a, size in mesh.shape.items() if size > 1 and a not in used)
+
+
+def unused_axes_error(axes: tuple[str, ...], mesh: Mesh, /) -> StrategyError:
+    """The :class:`StrategyError` for mesh ``axes`` that nothing uses.
+
+    See :func:`unused_mesh_axes`; the message names each axis and its size and gives the fixes.
+
+    Example:
+        >>> raise unused_axes_error(("foo",), make_mesh(foo=8))
+        Traceback (most recent call last):
+        meshpar.errors.StrategyError: mesh axis foo=8 is used by nothing: ...
+    """
+    named = ", ".join(f"{a}={mesh.shape[a]}" for a in axes)
+    it, them = ("they", "them") if len(axes) > 1 else ("it", "it")
+    # The suggested mesh gives the idle devices to data parallelism, keeping the device count.
+    spare = math.prod(mesh.shape[a] for a in axes)
+    kept = {a: n for a, n in mesh.shape.items() if a not in axes}
+    kept["data"] = kept.get("data", 1) * spare
+    order = ("pipe", "data")
+    suggested = ",".join(
+        f"{a}={kept[a]}" for a in sorted(kept, key=lambda a: order.index(a) if a in order else 2)
+    )
+    return StrategyError(
+        f"mesh {'axes' if len(axes) > 1 else 'axis'} {named} {'are' if len(axes) > 1 else 'is'} "
+        f"used by nothing: {it} split{'' if len(axes) > 1 else 's'} neither the batch (the "
+        "batch axes are data and fsdp) nor a pipeline (pipe), and no parameter, gradient, "
+        f"optimizer-state, model-state or activation rule maps to {them}, so every device along "
+        f"{them} would repeat the same work. Drop {them} from the mesh (e.g. {suggested}), add a "
+        f"rule that uses {them} (e.g. Strategy(extra_param_rules=Rules.table([('embed', "
+        f"{axes[0]!r})]))), or pass TrainConfig(allow_unused_axes=True) to run anyway"
+    )
+
+
+def _spec_axes(spec: PartitionSpec) -> set[str]:
+    out: set[str] = set()
+    for entry in spec:
+        if isinstance(entry, str):
+            out.add(entry)
+        elif isinstance(entry, tuple):
+            out.update(entry)
+    return out

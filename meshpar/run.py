@@ -84,8 +84,7 @@ def train_main(args: argparse.Namespace) -> int:
         print(
             f"meshpar train: GPT {cfg.param_count():,} params ({cfg.layers} layers, d={cfg.d_model}),"
             f" mesh {format_mesh(mesh)} on {jax.device_count()} {jax.devices()[0].platform} "
-            f"devices, strategy {strategy.name} (ZeRO-{strategy.zero_stage}"
-            f"{', SP' if strategy.sequence_parallel else ''}), batch {args.batch_size}x{seq_len}, "
+            f"devices, strategy {strategy.describe(mesh)}, batch {args.batch_size}x{seq_len}, "
             f"{args.microbatches} microbatch(es), {args.precision}"
             + (f", pipeline {trainer.pipeline.schedule} x{trainer.pipeline.stages} stages "
                f"(bubble {trainer.pipeline.bubble_fraction:.1%})" if trainer.pipeline else "")
@@ -93,6 +92,8 @@ def train_main(args: argparse.Namespace) -> int:
             f"{entropy:.3f} nats",
             flush=True,
         )
+        for fallback in trainer.fallbacks:
+            print(f"  note: {fallback}", flush=True)
     metrics_file = open(args.metrics_file, "w") if args.metrics_file and main_process else None
     bar = None
     if main_process and not args.no_progress:

@@ -164,6 +164,47 @@ class Strategy:
         rows += [(name, None) for name in ("embed", "mlp", "heads", "vocab")]
         return _with_extra(extra, Rules.table(rows))
 
+    def describe(self, mesh: Mesh, /) -> str:
+        """What this strategy does on ``mesh``, for run summaries: ``"name -> what applies"``.
+
+        ``auto`` and the presets are resolved against the mesh (:meth:`for_mesh`), so the text
+        says what actually runs: ZeRO over ``fsdp`` at its stage (DP over it at stage 0), TP over
+        ``tensor`` (with sequence parallel: TP+SP), DP over ``data``, and a pipeline over
+        ``pipe``; other axes where the user's rules name them. Axes of size 1 do nothing and are
+        left out.
+
+        Raises:
+            StrategyError: the mesh lacks an axis this strategy needs.
+
+        Example:
+            >>> get_strategy("auto").describe(make_mesh(fsdp=4, tensor=2))
+            'auto -> ZeRO-3 over fsdp + TP over tensor'
+            >>> get_strategy("auto").describe(make_mesh(pipe=2, fsdp=4))
+            'auto -> ZeRO-1 over fsdp (pipelined over pipe=2)'
+        """
+        applied = self.for_mesh(mesh)
+        size = lambda axis: mesh.shape.get(axis, 1)  # noqa: E731
+        parts = []
+        dp = [DATA] if size(DATA) > 1 else []
+        if size(FSDP) > 1:
+            if applied.zero_stage:
+                parts.append(f"ZeRO-{applied.zero_stage} over {FSDP}")
+            else:
+                dp.append(FSDP)
+        if size(TENSOR) > 1:
+            parts.append(f"{'TP+SP' if applied.sequence_parallel else 'TP'} over {TENSOR}")
+        if dp:
+            parts.append(f"DP over {' x '.join(dp)}")
+        # Other axes do something only through the user's own rules.
+        named = {a for rules in (self.extra_param_rules, self.extra_compute_rules)
+                 for rule in rules.logical for a in rule.mesh_axes}
+        parts += [f"user rules over {a}" for a, n in mesh.shape.items()
+                  if n > 1 and a not in (DATA, FSDP, TENSOR, PIPE) and a in named]
+        text = " + ".join(parts) or "no parallelism"
+        if size(PIPE) > 1:
+            text += f" (pipelined over {PIPE}={size(PIPE)})"
+        return f"{self.name} -> {text}"
+
 
 def _with_extra(extra: Rules, base: Rules) -> Rules:
     # User rules come first, so under first-free semantics they take precedence per name; the

@@ -41,6 +41,7 @@ from meshpar.errors import StrategyError, TrainingError
 from meshpar.layout import activate
 from meshpar.loss import OutputLayout, Piece, split_output
 from meshpar.plan import plan_training, to_flat_layout, to_stage_layout
+from meshpar.plan import unused_axes_error, unused_mesh_axes
 from meshpar.shard import ShardingPlan
 from meshpar.stack import _PIPELINE_USED, pipeline_was_used, reset_pipeline_flag
 from meshpar.strategy import Strategy, get_strategy
@@ -69,6 +70,8 @@ class TrainConfig:
             reduce-scatters (:mod:`meshpar.zero`) and DP/ZeRO-1 accumulation with one reduction
             after the loop. Models with non-parameter state (RNG streams, batch statistics) stay
             global regardless. What applies is listed in :attr:`Trainer.fallbacks`.
+        allow_unused_axes: run even if a mesh axis of size > 1 is used by nothing (every device
+            along it repeats the same work); the axes are then in :attr:`Trainer.unused_axes`.
     """
 
     microbatches: int = 1
@@ -79,6 +82,7 @@ class TrainConfig:
     schedule: Literal["gpipe", "circular"] = "gpipe"
     repeats: int = 1
     row_separable: bool = False
+    allow_unused_axes: bool = False
 
     def __post_init__(self) -> None:
         if isinstance(self.microbatches, bool) or not isinstance(self.microbatches, int) or self.microbatches < 1:
@@ -98,6 +102,10 @@ class TrainConfig:
             raise StrategyError(f"on_nonfinite={self.on_nonfinite!r}; expected 'raise' or 'skip'")
         if not isinstance(self.row_separable, bool):
             raise StrategyError(f"row_separable={self.row_separable!r}; expected True or False")
+        if not isinstance(self.allow_unused_axes, bool):
+            raise StrategyError(
+                f"allow_unused_axes={self.allow_unused_axes!r}; expected True or False"
+            )
 
 
 def _split_over_free_axes(shape: tuple[int, ...], sharding: Any) -> NamedSharding | None:
@@ -252,6 +260,10 @@ class Trainer:
             microbatches=config.microbatches, schedule=config.schedule, repeats=config.repeats,
             offload_optimizer=config.offload_optimizer,
         )
+        # Mesh axes nothing uses: an error unless allowed, then recorded for reports.
+        self.unused_axes = unused_mesh_axes(layout, mesh)
+        if self.unused_axes and not config.allow_unused_axes:
+            raise unused_axes_error(self.unused_axes, mesh)
         self.layout = layout
         self.graphdef, self.pipeline, self.num_layers = layout.graphdef, layout.pipeline, layout.num_layers
         self.plan, self.grad_plan, self.optimizer_plan = layout.params, layout.gradients, layout.optimizer
@@ -268,7 +280,11 @@ class Trainer:
         )
         self.batch_axes = self.strategy.batch_axes(mesh)
         self._batch_spec = PartitionSpec(self.batch_axes if self.batch_axes else None)
-        self.fallbacks: list[Fallback] = []
+        self.fallbacks: list[Fallback] = [
+            Fallback(f"mesh axis {a!r}", f"size {mesh.shape[a]}, used by nothing (allowed by "
+                     "TrainConfig(allow_unused_axes=True)): every device along it repeats the "
+                     "same work") for a in self.unused_axes
+        ]
         self._output_layout: OutputLayout | None = None
         state_leaves = _state_leaves(layout.abs_rest)
         if self.pipeline is not None:

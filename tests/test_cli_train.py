@@ -27,6 +27,8 @@ def test_metrics_file_has_one_line_per_step_with_the_promised_keys(tmp_path, cap
         assert r["tokens_per_s"] > 0 and np.isfinite(r["loss"])
     out = capsys.readouterr().out
     assert "unigram entropy" in out and re.search(r"done: 3 steps", out)
+    # The summary names what auto resolved to on this mesh, not just "auto".
+    assert "strategy auto -> ZeRO-3 over fsdp + TP over tensor + DP over data, batch" in out
 
 
 def test_same_seed_and_batch_give_the_same_losses_whatever_the_mesh(tmp_path):
@@ -49,6 +51,8 @@ def test_same_seed_and_batch_give_the_same_losses_whatever_the_mesh(tmp_path):
         (["--steps", "0"], r"--steps 0: must be >= 1"),
         (["--vocab-size", "100"], r"needs >= 256"),
         (["--preset", "huge"], r"unknown preset 'huge'|huge"),
+        (["--mesh", "foo=8"], r"mesh axis foo=8 is used by nothing: .* every device along it would "
+                              r"repeat the same work. Drop it from the mesh \(e.g. data=8\)"),
     ],
 )
 def test_usage_errors_exit_2_with_one_message(argv, pattern, capsys):
