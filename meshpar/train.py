@@ -684,22 +684,55 @@ class Trainer:
 
         ``batch`` holds this process's rows (the whole global batch in a single process), as
         ``jax.make_array_from_process_local_data`` expects, so the same call works with several
-        processes.
+        processes. Every leaf must be an array whose first dimension is the batch, all of one
+        size.
+
+        Raises:
+            StrategyError: the batch is empty, a leaf is not an array or has no batch
+                dimension, leaves disagree on the batch size (each names the key), or the batch
+                does not divide over the batch axes and microbatches. Nothing is placed.
+
+        Example:
+            >>> placed = trainer.place_batch({"x": np.zeros((16, 8), np.float32)})
         """
-        leaves = jax.tree.leaves(batch)
+        leaves = jax.tree_util.tree_flatten_with_path(batch)[0]
         if not leaves:
-            raise StrategyError("the batch is empty")
-        global_rows = leaves[0].shape[0] * jax.process_count()
-        self.check_batch(global_rows)
+            raise StrategyError("the batch is empty: it has no arrays")
+        arrays, rows = [], {}
+        for path, leaf in leaves:
+            key = jax.tree_util.keystr(path) or "<batch>"
+            try:
+                x = np.asarray(leaf)
+            except Exception as err:  # noqa: BLE001 - whatever NumPy refuses
+                raise StrategyError(
+                    f"batch leaf {key} is a {type(leaf).__name__}, not an array ({err})"
+                ) from None
+            if x.dtype == object:
+                raise StrategyError(f"batch leaf {key} is a {type(leaf).__name__}, not an array")
+            if x.ndim == 0:
+                raise StrategyError(
+                    f"batch leaf {key} is a scalar; every leaf needs a leading batch dimension "
+                    "(give per-example values, or close over constants in loss_fn)"
+                )
+            rows.setdefault(x.shape[0], []).append(key)
+            arrays.append(x)
+        if len(rows) > 1:
+            sizes = ", ".join(f"{keys[0]}: {n}" for n, keys in sorted(rows.items()))
+            raise StrategyError(
+                f"batch leaves disagree on the batch size (first dimension): {sizes}; every "
+                "leaf needs one row per example"
+            )
+        local_rows = arrays[0].shape[0]
+        self.check_batch(local_rows * jax.process_count())
 
         def one(x):
-            x = np.asarray(x)
             sharding = self.batch_sharding(x.ndim)
             return jax.make_array_from_process_local_data(
                 sharding, x, (x.shape[0] * jax.process_count(), *x.shape[1:])
             )
 
-        return jax.tree.map(one, batch)
+        treedef = jax.tree.structure(batch)
+        return jax.tree.unflatten(treedef, [one(x) for x in arrays])
 
     def step(self, batch: Mapping[str, Any]) -> dict[str, Any]:
         """Run one optimizer step on a host batch and return its metrics.
