@@ -23,6 +23,7 @@ state are fp32. A non-finite loss never updates the state: the step either raise
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import time
@@ -45,7 +46,7 @@ from meshpar.plan import unused_axes_error, unused_mesh_axes
 from meshpar.shard import ShardingPlan
 from meshpar.stack import _PIPELINE_USED, pipeline_was_used, reset_pipeline_flag
 from meshpar.strategy import Strategy, get_strategy
-from meshpar.zero import ManualZero, StackNotScanned
+from meshpar.zero import GatherAtUse, ManualZero, StackNotScanned, stacked_scope
 
 
 @dataclasses.dataclass(frozen=True)
@@ -321,11 +322,17 @@ class Trainer:
                 "GSPMD reduces the gradients (an all-reduce + slice on CPU: 4 instead of 3 "
                 f"parameter-sizes of traffic per step) because {why_not_local}",
             ))
-        elif self._manual_zero is not None and self._manual_zero.upfront_bytes:
+        # ZeRO-3 on GSPMD's paths: parameters constrained to their gathered layout at use.
+        self._gather_at_use = None if self._manual_zero is not None else GatherAtUse.build(
+            mesh=mesh, zero_stage=self.strategy.zero_stage, abs_params=layout.abs_params,
+            param_shardings=layout.param_shardings,
+        )
+        gathers = self._manual_zero or self._gather_at_use
+        if gathers is not None and self.strategy.zero_stage >= 3 and gathers.upfront_bytes:
             self.fallbacks.append(Fallback(
                 "ZeRO-3 up-front gathers",
-                f"{self._manual_zero.upfront_count} parameter(s) outside a layer stack run by "
-                f"meshpar.scan_layers ({self._manual_zero.upfront_bytes / 2**20:.2f} MiB whole) "
+                f"{gathers.upfront_count} parameter(s) outside a layer stack run by "
+                f"meshpar.scan_layers ({gathers.upfront_bytes / 2**20:.2f} MiB whole) "
                 "are all-gathered once at the start of the step and stay whole on every device "
                 "until its backward pass is done",
             ))
@@ -458,9 +465,18 @@ class Trainer:
                 lambda x: x.astype(jnp.bfloat16) if jnp.issubdtype(x.dtype, jnp.floating) else x,
                 params,
             )
-        if prepare is not None:
-            # Manual ZeRO-3 (meshpar.zero): gather shards, after the cast so they travel in bf16.
-            params = prepare(params)
+        with contextlib.ExitStack() as scope:
+            if prepare is not None:
+                # Manual ZeRO-3 (meshpar.zero): gather shards, after the cast so they travel
+                # in bf16.
+                params = prepare(params)
+            elif self._gather_at_use is not None:
+                params = self._gather_at_use.prepare(params, scope.enter_context(stacked_scope()))
+            out, model = self._call_loss(params, rest, batch)
+        piece, self._output_layout = split_output(out)
+        return piece.loss, (piece, self._rest_after(model, rest))
+
+    def _call_loss(self, params, rest, batch):
         # copy=True: the model mutates its state (batch statistics, RNG counters) at this trace
         # level; merging without a copy binds the Variables of the caller's trace and raises.
         model = nnx.merge(self.graphdef, params, rest, copy=True)
@@ -482,8 +498,7 @@ class Trainer:
             _PIPELINE_USED.reset(token)
         if self.pipeline is not None and not used:
             raise not_pipelined
-        piece, self._output_layout = split_output(out)
-        return piece.loss, (piece, self._rest_after(model, rest))
+        return out, model
 
     @staticmethod
     def _rest_after(model: nnx.Module, rest: nnx.State) -> nnx.State:
@@ -579,6 +594,10 @@ class Trainer:
             # The model runs a layer stack without meshpar.scan_layers, so nothing can gather
             # it one layer at a time: GSPMD places the gathers (and all-reduces the gradients).
             self._manual_zero = None
+            self._gather_at_use = GatherAtUse.build(
+                mesh=self.mesh, zero_stage=self.strategy.zero_stage,
+                abs_params=self.layout.abs_params, param_shardings=self.layout.param_shardings,
+            )
             fallback = Fallback(
                 f"ZeRO-{self.strategy.zero_stage} collectives",
                 f"GSPMD gathers the parameters and reduces the gradients: {err}",

@@ -39,7 +39,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 from flax import nnx
-from jax.sharding import Mesh, PartitionSpec
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from meshpar.errors import StrategyError
 from meshpar.layout import _manual_axes
@@ -59,8 +59,8 @@ class StackNotScanned(StrategyError):
 class _Stacked:
     """The stacked parameters of the current trace that wait for a per-layer gather."""
 
-    # id(array the model sees) -> (its dimension split over fsdp, its spec over the auto axes)
-    dims: dict[int, tuple[int, PartitionSpec]]
+    # id(array the model sees) -> the gather of one layer's slice of it
+    gathers: dict[int, Callable[[jax.Array], jax.Array]]
     used: set[int]
 
 
@@ -126,25 +126,94 @@ def layer_gather(stack_state: Any, /) -> Callable[[Any], Any] | None:
     if pending is None:
         return None
     leaves, treedef = jax.tree.flatten(stack_state)
-    dims, specs = [], []
-    for leaf in leaves:
-        dim, spec = pending.dims.get(id(leaf), (None, None))
-        if dim is not None:
-            pending.used.add(id(leaf))
-        dims.append(dim)
-        specs.append(spec)
-    if all(d is None for d in dims):
+    fns = [pending.gathers.get(id(leaf)) for leaf in leaves]
+    pending.used.update(id(leaf) for leaf, fn in zip(leaves, fns) if fn is not None)
+    if all(fn is None for fn in fns):
         return None
 
     def gather(layer_state: Any) -> Any:
         layer_leaves = jax.tree.leaves(layer_state)
-        # The scan removed the leading layer axis, so the split dimension moved down by one.
-        return treedef.unflatten([
-            x if d is None else _gather(x, d - 1, PartitionSpec(*spec[1:]))
-            for x, d, spec in zip(layer_leaves, dims, specs)
-        ])
+        return treedef.unflatten([x if fn is None else fn(x) for x, fn in zip(layer_leaves, fns)])
 
     return gather
+
+
+@contextlib.contextmanager
+def stacked_scope() -> Iterator[_Stacked]:
+    """Collect, for one trace of the loss, the stacked parameters that :func:`layer_gather`
+    gathers one layer at a time."""
+    pending = _Stacked({}, set())
+    token = _STACKED.set(pending)
+    try:
+        yield pending
+    finally:
+        _STACKED.reset(token)
+
+
+@dataclasses.dataclass(frozen=True)
+class GatherAtUse:
+    """ZeRO-3 on GSPMD's paths: each ``fsdp``-split parameter constrained to its layout without
+    ``fsdp`` where the model uses it — per layer inside :func:`meshpar.scan_layers`, up front
+    for the others — as ZeRO-3 prescribes, instead of leaving the gather to the partitioner.
+
+    It also keeps clear of an XLA:CPU miscompile (jax 0.10.2, Shardy): with the batch split over
+    ``data`` and ``fsdp`` and a weight split over ``fsdp`` and ``tensor`` used as it is stored,
+    the gradients of the layers before it came out wrong on a ``data=2,fsdp=2,tensor=2`` mesh
+    (a three-matmul repro is in ``tests/test_zoo.py``); constrained at use they are exact.
+
+    Attributes:
+        shardings: per parameter leaf, its sharding at use, or ``None`` (not split over fsdp).
+        stacked: per parameter leaf, whether it belongs to a layer stack (leading ``layers``).
+    """
+
+    shardings: tuple[NamedSharding | None, ...]
+    stacked: tuple[bool, ...]
+    upfront_count: int = 0
+    upfront_bytes: int = 0
+
+    @classmethod
+    def build(cls, *, mesh: Mesh, zero_stage: int, abs_params: Any,
+              param_shardings: Any) -> GatherAtUse | None:
+        """The gathers for a trainer's parameters, or ``None`` below ZeRO-3 or without fsdp.
+
+        Example:
+            >>> GatherAtUse.build(mesh=mesh, zero_stage=3, abs_params=p, param_shardings=s)
+        """
+        if zero_stage < 3 or mesh.shape.get(FSDP, 1) == 1:
+            return None
+        variables = jax.tree.leaves(abs_params, is_leaf=lambda v: isinstance(v, nnx.Variable))
+        shardings = jax.tree.leaves(param_shardings)
+        out = []
+        for v, s in zip(variables, shardings):
+            spec = _without(s.spec, (FSDP,))
+            # A pipelined stack (stage layout) is left to the partitioner inside the stages.
+            staged = isinstance(v, nnx.Variable) and tuple(
+                v.get_metadata().get("out_sharding") or ())[:1] in (("stages",), ("repeats",))
+            out.append(None if spec == s.spec or staged else NamedSharding(mesh, spec))
+        if not any(out):
+            return None
+        stacked = tuple(_is_stacked(v) for v in variables)
+        upfront = [v.get_value() for v, s, st in zip(variables, out, stacked) if s and not st]
+        return cls(tuple(out), stacked, len(upfront),
+                   sum(math.prod(a.shape) * a.dtype.itemsize for a in upfront))
+
+    def prepare(self, params: Any, pending: _Stacked) -> Any:
+        """Constrain what no stack holds now; register stacks for :func:`layer_gather`."""
+        leaves, treedef = jax.tree.flatten(params)
+        out = []
+        for x, sharding, stacked in zip(leaves, self.shardings, self.stacked):
+            if sharding is not None and stacked:
+                layer = NamedSharding(sharding.mesh, PartitionSpec(*sharding.spec[1:]))
+                pending.gathers[id(x)] = lambda v, layer=layer: jax.lax.with_sharding_constraint(v, layer)
+            elif sharding is not None:
+                x = jax.lax.with_sharding_constraint(x, sharding)
+            out.append(x)
+        return treedef.unflatten(out)
+
+
+def _is_stacked(v: Any) -> bool:
+    return isinstance(v, nnx.Variable) and \
+        tuple(v.get_metadata().get("out_sharding") or ())[:1] == ("layers",)
 
 
 def _fsdp_dim(spec: PartitionSpec, batch_axes: tuple[str, ...]) -> int | None:
@@ -213,11 +282,7 @@ class ManualZero:
             g_dims = tuple(_fsdp_dim(s, batch_axes) for s in g_specs)
         except ValueError:
             return None
-        stacked = tuple(
-            isinstance(v, nnx.Variable)
-            and tuple(v.get_metadata().get("out_sharding") or ())[:1] == ("layers",)
-            for v in variables
-        )
+        stacked = tuple(_is_stacked(v) for v in variables)
         for p, g, s in zip(p_dims, g_dims, stacked):
             if p is not None and (p != g or (s and p == 0)):
                 return None
@@ -241,20 +306,13 @@ class ManualZero:
         out = []
         for x, d, s, spec in zip(leaves, self.param_dims, self.stacked, self.auto_specs):
             if d is not None and s:
-                pending.dims[id(x)] = (d, spec)
+                # The scan removes the leading layer axis: the split dimension moves down one.
+                pending.gathers[id(x)] = lambda v, d=d, spec=spec: _gather(
+                    v, d - 1, PartitionSpec(*spec[1:]))
             elif d is not None:
                 x = _gather(x, d, spec)
             out.append(x)
         return out
-
-    @contextlib.contextmanager
-    def _stacked_scope(self) -> Iterator[_Stacked]:
-        pending = _Stacked({}, set())
-        token = _STACKED.set(pending)
-        try:
-            yield pending
-        finally:
-            _STACKED.reset(token)
 
     def loss_and_grads(self, piece_fn: Callable[..., tuple[jax.Array, Any]], params: Any,
                        rest: Any, micro: Any, *, microbatches: int) -> tuple[Any, Any, Any]:
@@ -298,7 +356,7 @@ class ManualZero:
 
             def grads_of(rest, mb):
                 def f(p_leaves, rest):
-                    with self._stacked_scope() as pending:
+                    with stacked_scope() as pending:
                         failed_inside: list[BaseException] = []
 
                         def prepare(p):
@@ -311,7 +369,7 @@ class ManualZero:
                         try:
                             return piece_fn(treedef.unflatten(p_leaves), rest, mb, prepare)
                         except Exception as err:
-                            unused = set(pending.dims) - pending.used
+                            unused = set(pending.gathers) - pending.used
                             # Only a model that failed on a stacked shard is told to fall back;
                             # an error in meshpar's own gathers must surface as it is.
                             if unused and not failed_inside:
