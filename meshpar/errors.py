@@ -33,7 +33,8 @@ class IndivisibleError(RuleError):
 
 
 class UnannotatedParameterError(RuleError):
-    """A parameter has no logical axes and no path rule matched it (strict mode)."""
+    """Strict rules: a parameter has no logical axes and no path rule matched it, or a logical
+    axis name (of a parameter or an activation) has no rule."""
 
 
 class StrategyError(MeshparError):
