@@ -34,7 +34,9 @@ class ParamPlacement:
     shape: tuple[int, ...]
     dtype: str
     logical: LogicalAxes | None
-    source: str  # "annotation", "path rule '<regex>'", "unannotated" or "state"
+    # "annotation", "mesh-axis annotation" (names the mesh's axes, or a PartitionSpec),
+    # "path rule '<regex>'", "unannotated" or "state"
+    source: str
     resolution: Resolution
     sharding: NamedSharding
 
@@ -73,13 +75,33 @@ class ShardingPlan:
 
     @property
     def fallbacks(self) -> tuple[str, ...]:
-        """Every replication the rules did not ask for: indivisible dims and unannotated params."""
+        """Every replication the rules did not ask for: indivisible dims, unannotated params and
+        logical names that no rule maps (see :attr:`unmatched`)."""
         out = []
         for e in self.entries:
             out += [f"{e.path}: {f} -> replicated" for f in e.resolution.fallbacks]
             if e.source == "unannotated":
                 out.append(f"{e.path}: no logical axes and no path rule -> replicated")
+            out += [
+                f"{e.path}: logical axis {name!r} ({e.source}) has no rule -> replicated; add a "
+                f"rule ({name!r}, <mesh axis>) or ({name!r}, None)"
+                for name in e.resolution.unmatched
+            ]
         return tuple(out)
+
+    @property
+    def unmatched(self) -> dict[str, tuple[str, ...]]:
+        """``{logical name: parameter paths}`` for every name that no rule maps (replicated).
+
+        Example:
+            >>> plan.unmatched                               # doctest: +SKIP
+            {'kv_heads': ('blocks/attn/wk', 'blocks/attn/wv')}
+        """
+        out: dict[str, list[str]] = {}
+        for e in self.entries:
+            for name in e.resolution.unmatched:
+                out.setdefault(name, []).append(e.path)
+        return {name: tuple(paths) for name, paths in out.items()}
 
     @property
     def bytes_total(self) -> int:
@@ -120,6 +142,12 @@ def _place(
     skip_axes: Sequence[str],
 ) -> ParamPlacement:
     source = "annotation"
+    if logical is not None and (
+        isinstance(logical, PartitionSpec)
+        or any(n in mesh.axis_names for a in logical
+               for n in ((a,) if isinstance(a, str) else a or ()))
+    ):
+        source = "mesh-axis annotation"
     if logical is None:
         match = rules.path_axes(path) if is_param else None
         if match is not None:
@@ -144,18 +172,44 @@ def _place(
         )
     resolution = rules.resolve(axes, shape, mesh, name=path, skip_axes=skip_axes)
     return ParamPlacement(
-        path, shape, np.dtype(dtype).name, logical, source, resolution,
+        path, shape, np.dtype(dtype).name, _plain_axes(logical), source, resolution,
         NamedSharding(mesh, resolution.spec),
     )
 
 
-def _nnx_logical(variable: nnx.Variable) -> LogicalAxes | None:
+def _plain_axes(logical: Any) -> LogicalAxes | None:
+    # A PartitionSpec is kept as such while placing (it marks a mesh-axis annotation), and
+    # recorded as a plain tuple: entries are names, tuples of names or None.
+    if logical is None:
+        return None
+    return tuple(a if a is None or isinstance(a, str) else tuple(a) for a in logical)
+
+
+def _annotation(names: Any, *, path: str) -> LogicalAxes | PartitionSpec | None:
+    """Logical axes from sharding metadata: a sequence of names / tuples of names / None, or a
+    ``PartitionSpec`` whose entries are mesh axis names (kept, so the source says so)."""
+    if names is None:
+        return None
+    if isinstance(names, PartitionSpec):
+        return names
+    if isinstance(names, NamedSharding):
+        # A concrete sharding fixes the mesh too; meshpar places on its own mesh by the spec.
+        return names.spec
+    if isinstance(names, str) or not isinstance(names, Sequence):
+        raise RuleError(
+            f"parameter {path}: sharding metadata {names!r} is not a sequence of axis names; "
+            "annotate with a tuple such as ('embed', 'mlp') or a PartitionSpec"
+        )
+    return tuple(names)
+
+
+def _nnx_logical(variable: nnx.Variable, *, path: str = "") -> LogicalAxes | PartitionSpec | None:
     meta = variable.get_metadata()
     # 'out_sharding' is the current key; the two older ones still work in flax 0.12 with a warning.
     for key in ("out_sharding", "sharding_names", "sharding"):
         names = meta.get(key)
         if names is not None:
-            return tuple(names)
+            return _annotation(names, path=path)
     return None
 
 
@@ -178,7 +232,8 @@ def plan_nnx_state(
     def one(path, variable):
         value = variable.get_value()
         entry = _place(
-            path_str(path), tuple(value.shape), value.dtype, _nnx_logical(variable),
+            path_str(path), tuple(value.shape), value.dtype,
+            _nnx_logical(variable, path=path_str(path)),
             is_param=isinstance(variable, nnx.Param), mesh=mesh, rules=rules, skip_axes=skip_axes,
         )
         entries.append(entry)
@@ -232,7 +287,8 @@ def plan_linen(
     is_box = lambda x: isinstance(x, nn.meta.AxisMetadata)  # noqa: E731
 
     def one(path, leaf):
-        names = tuple(leaf.names) if isinstance(leaf, nn.Partitioned) else None
+        names = (_annotation(leaf.names, path=path_str(path))
+                 if isinstance(leaf, nn.Partitioned) else None)
         value = leaf.unbox() if is_box(leaf) else leaf
         collection = path_str(path[:1])
         entry = _place(
