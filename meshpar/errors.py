@@ -43,3 +43,8 @@ class StrategyError(MeshparError):
 
 class TrainingError(MeshparError, RuntimeError):
     """Training cannot continue (for example, a non-finite loss)."""
+
+
+class MeshparWarning(UserWarning):
+    """Something meshpar changed on the user's behalf and reports (e.g. Explicit mesh axes made
+    Auto for training); filter it with ``warnings.filterwarnings("ignore", category=...)``."""

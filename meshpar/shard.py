@@ -11,6 +11,7 @@ partitionable).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 from collections.abc import Callable, Sequence
@@ -23,6 +24,7 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from meshpar.errors import RuleError, UnannotatedParameterError
+from meshpar.mesh import check_mesh
 from meshpar.rules import LogicalAxes, Resolution, Rules
 
 
@@ -245,6 +247,13 @@ def plan_nnx_state(
     return shardings, ShardingPlan(mesh, rules, tuple(entries))
 
 
+def _no_mesh_context() -> contextlib.AbstractContextManager:
+    # Under a user's `jax.set_mesh(...)`, nnx.eval_shape turns every variable's metadata into a
+    # NamedSharding on that mesh and rejects logical names ("Resource axis: embed ... is not
+    # found in mesh"). meshpar resolves the names itself, so the model is built with no mesh.
+    return jax.sharding.use_abstract_mesh(jax.sharding.AbstractMesh((), ()))
+
+
 def init_nnx(
     factory: Callable[[], nnx.Module], /, *, mesh: Mesh, rules: Rules
 ) -> tuple[nnx.Module, ShardingPlan]:
@@ -258,10 +267,15 @@ def init_nnx(
     Returns:
         ``(model, plan)``: the module holding sharded arrays, and how each was placed.
 
+    Raises:
+        MeshError: the mesh has Manual axes. Explicit axes are fine here: the arrays are placed
+            on ``mesh`` and keep its axis types (see :mod:`meshpar.mesh`).
+
     Example:
         >>> model, plan = init_nnx(lambda: GPT(cfg, rngs=nnx.Rngs(0)), mesh=mesh, rules=rules)
     """
-    with nnx.use_eager_sharding(False):
+    check_mesh(mesh, caller="init_nnx")
+    with nnx.use_eager_sharding(False), _no_mesh_context():
         abstract = nnx.eval_shape(factory)
     graphdef, abstract_state = nnx.split(abstract)
     shardings, plan = plan_nnx_state(abstract_state, mesh=mesh, rules=rules)
@@ -270,7 +284,8 @@ def init_nnx(
         with nnx.use_eager_sharding(False):
             return nnx.split(factory())[1]
 
-    state = jax.jit(build, out_shardings=shardings)()
+    with _no_mesh_context():
+        state = jax.jit(build, out_shardings=shardings)()
     return nnx.merge(graphdef, state), plan
 
 
@@ -311,7 +326,7 @@ def init_linen(
         module: the Linen module (annotated with ``nn.with_logical_partitioning``).
         rng: the init PRNG key.
         *args: example inputs for ``module.init``.
-        mesh: the device mesh (meshpar meshes have Auto axes, which Linen needs).
+        mesh: the device mesh (Auto, Explicit or mixed axes: only ``out_shardings`` use it).
         rules: the parameter rules.
 
     Returns:
@@ -320,6 +335,7 @@ def init_linen(
     Example:
         >>> variables, plan = init_linen(MLP(), jax.random.key(0), x, mesh=mesh, rules=rules)
     """
+    check_mesh(mesh, caller="init_linen")
     abstract = jax.eval_shape(module.init, rng, *args)
     shardings, plan = plan_linen(abstract, mesh=mesh, rules=rules)
     init = jax.jit(lambda r, *a: nn.meta.unbox(module.init(r, *a)), out_shardings=shardings)
@@ -335,5 +351,5 @@ def abstract_nnx(factory: Callable[[], nnx.Module], /) -> tuple[nnx.GraphDef, nn
     Example:
         >>> graphdef, params, rest = abstract_nnx(lambda: GPT(cfg, rngs=nnx.Rngs(0)))
     """
-    with nnx.use_eager_sharding(False):
+    with nnx.use_eager_sharding(False), _no_mesh_context():
         return nnx.split(nnx.eval_shape(factory), nnx.Param, ...)
