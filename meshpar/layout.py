@@ -79,12 +79,15 @@ def active_layout() -> Layout | None:
     return _ACTIVE.get()
 
 
-def constrain(x: jax.Array, logical_axes: Sequence[str | None], /) -> jax.Array:
+def constrain(
+    x: jax.Array, logical_axes: Sequence[str | tuple[str, ...] | None], /
+) -> jax.Array:
     """Constrain an activation (or a weight about to be used) to its logical layout.
 
     Args:
         x: the array, inside a traced function.
-        logical_axes: one logical name (or ``None``) per dimension of ``x``.
+        logical_axes: one logical name, tuple of names or ``None`` per dimension of ``x``;
+            mesh-axis names (``("fsdp", None, "tensor")``) resolve through the compute rules too.
 
     Returns:
         ``x`` with a sharding constraint from the active layout, or ``x`` itself when no layout

@@ -37,7 +37,9 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from meshpar.errors import StrategyError, TrainingError
+from meshpar.explicit import explain_trace_error
 from meshpar.layout import activate
+from meshpar.mesh import auto_mesh
 from meshpar.plan import plan_training, to_flat_layout, to_stage_layout
 from meshpar.shard import ShardingPlan
 from meshpar.stack import _PIPELINE_USED, pipeline_was_used, reset_pipeline_flag
@@ -171,7 +173,8 @@ class Trainer:
         strategy: str | Strategy = "auto",
         config: TrainConfig = TrainConfig(),
     ) -> None:
-        self.mesh = mesh
+        # Explicit axes become Auto over the same devices, with a warning (see meshpar.mesh).
+        self.mesh = mesh = auto_mesh(mesh, caller="Trainer")
         self.strategy = get_strategy(strategy).for_mesh(mesh)
         self.config = config
         self.tx = tx
@@ -312,6 +315,9 @@ class Trainer:
             # A model that scans its stage-layout stack itself fails inside its own scan first.
             if self.pipeline is not None and not pipeline_was_used():
                 raise not_pipelined from err
+            # out_sharding= and other Explicit-axes code in the model (see meshpar.explicit).
+            if (explained := explain_trace_error(err, mesh=self.mesh)) is not None:
+                raise explained from None
             raise
         finally:
             used = pipeline_was_used()
