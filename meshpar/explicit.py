@@ -24,7 +24,7 @@ import re
 import traceback
 from types import TracebackType
 
-from jax.sharding import Mesh
+from jax.sharding import Mesh, PartitionSpec
 
 from meshpar.errors import MeshError, MeshparError
 
@@ -52,22 +52,29 @@ def _frames(tb: TracebackType | None):
         tb = tb.tb_next
 
 
-def _call_site(err: BaseException) -> str:
+def _call_site(err: BaseException) -> tuple[str, object]:
     """``file:line (qualname)`` of the innermost frame outside JAX, Flax and meshpar, followed by
-    the library function it called (``-> flax Linear.__call__``) when there is one."""
+    the library function it called (``-> flax Linear.__call__``) when there is one; and the
+    ``out_sharding`` that call was given (read from the callee's frame), or ``None``."""
     frames = list(_frames(err.__traceback__))
     user = None
     for i, (frame, line) in enumerate(frames):
         if not _LIBRARY.search(frame.f_code.co_filename):
             user = i
     if user is None:
-        return ""
+        return "", None
     frame, line = frames[user]
     site = f"{frame.f_code.co_filename}:{line} ({frame.f_code.co_qualname})"
     for callee, _ in frames[user + 1:user + 2]:
         if "flax" in callee.f_code.co_filename:
             site += f" -> flax {callee.f_code.co_qualname}"
-    return site
+    spec = None
+    for callee, _ in frames[user + 1:]:
+        spec = callee.f_locals.get("out_sharding")
+        if spec is not None:
+            spec = getattr(spec, "spec", spec)  # a NamedSharding's PartitionSpec
+            break
+    return site, spec
 
 
 def explain_trace_error(err: Exception, /, *, mesh: Mesh | None = None) -> MeshparError | None:
@@ -95,22 +102,28 @@ def explain_trace_error(err: Exception, /, *, mesh: Mesh | None = None) -> Meshp
         match = pattern.search(text)
         if match is None:
             continue
-        site = _call_site(err)
+        site, spec = _call_site(err)
         axes = (
             "Auto axes " + ", ".join(f"{n}={s}" for n, s in mesh.shape.items())
             if mesh is not None else "Auto axes"
         )
         first = traceback.format_exception_only(type(err), err)[-1].strip().splitlines()[0]
-        # JAX's message quotes the spec it was given ("Got P('fsdp', None, 'tensor')"): show
-        # the constrain call with the same entries.
+        # Show the constrain call with the entries the model gave (from the call's frame, else
+        # from JAX's message, "Got P('fsdp', None, 'tensor')"), or an example.
         got = re.search(r"Got (?:PartitionSpec: )?P\((?P<entries>[^)]*(?:\)[^)]*)*?)\)(?:\s|$| with)", text)
-        entries = got.group("entries") if got else "'fsdp', None, 'tensor'"
+        if isinstance(spec, PartitionSpec):
+            entries, example = ", ".join(map(repr, spec)), ""
+        elif got:
+            entries, example = got.group("entries"), ""
+        else:
+            entries, example = "'fsdp', None, 'tensor'", "e.g. "
         return MeshError(
             f"the model {what.format(**match.groupdict())}"
             + (f" at {site}" if site else "")
             + f". meshpar traces the step on a mesh with {axes}, and JAX accepts out_sharding= "
             "only on Explicit axes. Change that call: drop out_sharding= and, to keep the layout "
-            f"it asked for, constrain the result with the same entries: out_sharding=P({entries}) "
+            f"it asked for, constrain the result with the same entries: {example}"
+            f"out_sharding=P({entries}) "
             f"becomes y = meshpar.constrain(y, [{entries}]) (mesh-axis names resolve through "
             "the strategy's compute rules; outside meshpar it returns y unchanged). Parameter annotations with mesh-axis names or PartitionSpecs can stay "
             f"(meshpar's rules read them). JAX said: {first[:300]}"
