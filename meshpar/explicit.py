@@ -20,6 +20,8 @@ model's line and says what to change; the Trainer calls it where it traces the l
 
 from __future__ import annotations
 
+import functools
+import os
 import re
 import traceback
 from types import TracebackType
@@ -42,8 +44,27 @@ _PATTERNS = (
      "the model or loss?)"),
 )
 
-# Frames of these packages are not "the model's line".
-_LIBRARY = re.compile(r"[/\\](jax|jaxlib|flax|optax|meshpar|contextlib\.py)([/\\]|$)")
+# The spec JAX quotes: "Got P('fsdp', None)" / "Got PartitionSpec: P(('data', 'fsdp'),) with".
+_QUOTED_SPEC = re.compile(
+    r"Got (?:PartitionSpec: )?P\((?P<entries>[^)]*(?:\)[^)]*)*?)\)(?:\s|$| with)"
+)
+
+
+@functools.cache
+def _library_dirs() -> tuple[str, ...]:
+    # Frames of these packages are not "the model's line". By installed location, not by name:
+    # a checkout called .../meshpar/tests/ is user code.
+    import contextlib
+
+    import flax
+    import jax
+    import jaxlib
+    import optax
+
+    import meshpar
+
+    dirs = [os.path.dirname(m.__file__) for m in (flax, jax, jaxlib, optax, meshpar)]
+    return (*(d + os.sep for d in dirs), contextlib.__file__)
 
 
 def _frames(tb: TracebackType | None):
@@ -59,7 +80,7 @@ def _call_site(err: BaseException) -> tuple[str, object]:
     frames = list(_frames(err.__traceback__))
     user = None
     for i, (frame, line) in enumerate(frames):
-        if not _LIBRARY.search(frame.f_code.co_filename):
+        if not frame.f_code.co_filename.startswith(_library_dirs()):
             user = i
     if user is None:
         return "", None
@@ -110,7 +131,7 @@ def explain_trace_error(err: Exception, /, *, mesh: Mesh | None = None) -> Meshp
         first = traceback.format_exception_only(type(err), err)[-1].strip().splitlines()[0]
         # Show the constrain call with the entries the model gave (from the call's frame, else
         # from JAX's message, "Got P('fsdp', None, 'tensor')"), or an example.
-        got = re.search(r"Got (?:PartitionSpec: )?P\((?P<entries>[^)]*(?:\)[^)]*)*?)\)(?:\s|$| with)", text)
+        got = _QUOTED_SPEC.search(text)
         if isinstance(spec, PartitionSpec):
             entries, example = ", ".join(map(repr, spec)), ""
         elif got:
@@ -123,9 +144,9 @@ def explain_trace_error(err: Exception, /, *, mesh: Mesh | None = None) -> Meshp
             + f". meshpar traces the step on a mesh with {axes}, and JAX accepts out_sharding= "
             "only on Explicit axes. Change that call: drop out_sharding= and, to keep the layout "
             f"it asked for, constrain the result with the same entries: {example}"
-            f"out_sharding=P({entries}) "
-            f"becomes y = meshpar.constrain(y, [{entries}]) (mesh-axis names resolve through "
-            "the strategy's compute rules; outside meshpar it returns y unchanged). Parameter annotations with mesh-axis names or PartitionSpecs can stay "
+            f"out_sharding=P({entries}) becomes y = meshpar.constrain(y, [{entries}]) (mesh-axis "
+            "names resolve through the strategy's compute rules; outside meshpar it returns y "
+            "unchanged). Parameter annotations with mesh-axis names or PartitionSpecs can stay "
             f"(meshpar's rules read them). JAX said: {first[:300]}"
         )
     return None

@@ -356,7 +356,8 @@ class Rules:
                     raise RuleConflictError(
                         f"{name} (shape {shape}): dimension {dim} ({logical!r}) needs mesh axes "
                         f"{[r.mesh_axes for r in candidates]}, but "
-                        + ", ".join(f"{a!r} is already used by {owner!r}" for a, owner in taken.items())
+                        + ", ".join(f"{a!r} is already used by {owner!r}"
+                                    for a, owner in taken.items())
                         + "; two logical axes of one tensor cannot share a mesh axis. Add a "
                         f"fallback rule ({logical!r}, None) to replicate it, or map it to another "
                         "mesh axis"
