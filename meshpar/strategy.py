@@ -62,7 +62,8 @@ class Strategy:
         sequence_parallel: split activations between blocks over ``seq`` on the ``tensor`` axis.
         requires: mesh axes this strategy needs (checked by :meth:`check_mesh`).
         extra_param_rules: user parameter rules; they come first and replace the built-in
-            rules for every logical name they mention.
+            rules for every logical name they mention. Their options (``strict``,
+            ``on_indivisible``) apply to the whole table, even with no rows of their own.
         extra_compute_rules: user activation rules, likewise.
 
     Example:
