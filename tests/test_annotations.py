@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import dataclasses
 import re
-import warnings
 
 import flax.linen as nn
 import jax
@@ -80,7 +79,8 @@ def loss_fn(model, batch):
 
 def batch_of(step: int) -> dict[str, np.ndarray]:
     rng = np.random.default_rng(step)
-    return {"ids": rng.integers(0, VOCAB, (BATCH, SEQ)), "labels": rng.integers(0, VOCAB, (BATCH, SEQ))}
+    return {"ids": rng.integers(0, VOCAB, (BATCH, SEQ)),
+            "labels": rng.integers(0, VOCAB, (BATCH, SEQ))}
 
 
 def make_model():
@@ -92,7 +92,7 @@ def _plan(mesh, strategy):
                          tx=optax.adamw(1e-2))
 
 
-# -- point 1: mesh-axis names compose with the strategy ---------------------------------------------
+# -- point 1: mesh-axis names compose with the strategy --------------------------------------------
 
 
 SHARDED = {"down/kernel": P("tensor", "fsdp"), "up/kernel": P("fsdp", "tensor"),
@@ -325,26 +325,29 @@ def test_init_places_on_explicit_and_mixed_meshes(types, in_context):
         assert tuple(sharding.mesh.axis_types) == types
 
 
-OUT_SHARDING_FIX = (r"Change that call: drop out_sharding= .* out_sharding=P\(\('data', 'fsdp'\), "
-                    r"None, (None|'tensor')\) becomes y = meshpar\.constrain\(y, \[\('data', 'fsdp'\), "
-                    r"None, (None|'tensor')\]\)")
+OUT_SHARDING_FIX = (r"Change that call: drop out_sharding= .* out_sharding=P\(\('data', "
+                    r"'fsdp'\), None, (None|'tensor')\) becomes y = meshpar\.constrain\(y, "
+                    r"\[\('data', 'fsdp'\), None, (None|'tensor')\]\)")
 
 
 @pytest.mark.parametrize("mesh_text, strategy, in_context, cause", [
     # dot_general outside a mesh context: "Using PartitionSpec when you are not under a mesh
     # context is not allowed".
-    ("data=2,fsdp=2,tensor=2", "dp", False, r"passes out_sharding=PartitionSpec\(\.\.\.\) to a layer or jnp operation at "
-                  r".*test_annotations\.py:\d+ \(AxisNamed\.__call__\) -> flax Linear\.__call__"),
+    ("data=2,fsdp=2,tensor=2", "dp", False,
+     r"passes out_sharding=PartitionSpec\(\.\.\.\) to a layer or jnp operation at "
+     r".*test_annotations\.py:\d+ \(AxisNamed\.__call__\) -> flax Linear\.__call__"),
     # Under jax.set_mesh(the Auto mesh): "PartitionSpec passed to dot_general cannot contain axis
     # names that are of type Auto or Manual".
-    ("data=2,fsdp=2,tensor=2", "dp", True, r"passes out_sharding= to dot_general at .*test_annotations\.py:\d+ "
-                 r"\(AxisNamed\.__call__\) -> flax Linear\.__call__"),
+    ("data=2,fsdp=2,tensor=2", "dp", True,
+     r"passes out_sharding= to dot_general at .*test_annotations\.py:\d+ "
+     r"\(AxisNamed\.__call__\) -> flax Linear\.__call__"),
     # Inside a shard_map of meshpar's (here: the local gradient accumulation of ZeRO-1 with 2
     # microbatches), nnx.Embed's auto_axes: "NotImplementedError: Going from `Manual` AxisType to
     # `Auto` or `Explicit` AxisType is not allowed. Please file a bug at ...".
-    ("fsdp=4,tensor=2", "zero1", False, r"passes out_sharding= to a layer that wraps its operation in "
-                     r"jax\.sharding\.auto_axes \(nnx\.Embed does\) at .*test_annotations\.py:\d+ "
-                     r"\(AxisNamed\.__call__\) -> flax Embed\.__call__"),
+    ("fsdp=4,tensor=2", "zero1", False,
+     r"passes out_sharding= to a layer that wraps its operation in jax\.sharding\.auto_axes "
+     r"\(nnx\.Embed does\) at .*test_annotations\.py:\d+ \(AxisNamed\.__call__\) "
+     r"-> flax Embed\.__call__"),
 ])
 def test_out_sharding_under_auto_axes_is_one_meshpar_error(mesh_text, strategy, in_context,
                                                           cause):

@@ -125,7 +125,8 @@ def test_tuple_entries_resolve_each_name_and_split_over_the_product(mesh):
     assert res.spec == P(("fsdp", "tensor"))
     assert res.dims[0].logical == ("fsdp", "tensor")
     assert res.rules_text == "fsdp->fsdp, tensor->tensor, data->replicated"
-    with pytest.raises(mp.RuleError, match=r"logical axis 3 is not a name, a tuple of names or None"):
+    with pytest.raises(mp.RuleError,
+                       match=r"logical axis 3 is not a name, a tuple of names or None"):
         rules.resolve((3,), (8,), mesh, name="w")
 
 
@@ -136,4 +137,5 @@ def test_unmatched_names_are_recorded_and_strict_rejects_them(mesh):
                        match=r"w \(shape \(3, 4\)\): dimension 0 has logical axis 'kv', which no "
                              r"rule maps .* Fix: add a rule \('kv', <mesh axis>\) to shard it or "
                              r"\('kv', None\) to replicate it"):
-        Rules.table([("embed", "tensor")], strict=True).resolve(("kv", "embed"), (3, 4), mesh, name="w")
+        Rules.table([("embed", "tensor")], strict=True).resolve(("kv", "embed"), (3, 4), mesh,
+                                                                 name="w")
