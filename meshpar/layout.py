@@ -69,9 +69,22 @@ def activate(mesh: Mesh, rules: Rules, /, *, pipeline: Any = None) -> Iterator[L
     rules.validate(mesh)
     token = _ACTIVE.set(Layout(mesh, rules, pipeline))
     try:
-        yield _ACTIVE.get()
+        with _own_mesh_context(mesh):
+            yield _ACTIVE.get()
     finally:
         _ACTIVE.reset(token)
+
+
+def _own_mesh_context(mesh: Mesh) -> contextlib.AbstractContextManager:
+    # A caller's `jax.set_mesh(m)` around meshpar's step (Flax's Gemma example sets its mesh,
+    # Explicit, for the whole run) makes JAX check every traced op against m's axis types:
+    # "context mesh ... (Explicit, Explicit) should match the aval mesh ... (Auto, Auto)". The
+    # step's arrays live on meshpar's mesh, so its trace runs under that mesh instead. Without a
+    # caller's mesh, or inside a shard_map (manual axes), nothing changes.
+    current = jax.sharding.get_abstract_mesh()
+    if current is None or current.empty or current.manual_axes or current == mesh.abstract_mesh:
+        return contextlib.nullcontext()
+    return jax.sharding.use_abstract_mesh(mesh.abstract_mesh)
 
 
 def active_layout() -> Layout | None:

@@ -433,3 +433,14 @@ def test_einsum_out_sharding_under_an_auto_mesh_is_explained():
     assert re.search(r"passes out_sharding= to einsum at .*test_annotations\.py:\d+ \(.*f\)\. "
                      r".*out_sharding=P\('fsdp', 'tensor'\) becomes y = meshpar\.constrain\(y, "
                      r"\['fsdp', 'tensor'\]\)", str(explained)), str(explained)
+
+
+def test_trainer_under_the_callers_explicit_set_mesh(reference):
+    # Flax's Gemma example sets its (Explicit) mesh for the whole run; meshpar's step then traces
+    # under its own Auto mesh instead (JAX: "context mesh ... should match the aval mesh").
+    explicit = jax.make_mesh((4, 2), ("fsdp", "tensor"))
+    with jax.set_mesh(explicit), pytest.warns(MeshparWarning, match=r"Explicit axes"):
+        trainer = mp.Trainer(make_model, optax.adamw(1e-2), loss_fn, mesh=explicit,
+                             strategy="zero3")
+        loss = trainer.step(batch_of(0))["loss"]
+    np.testing.assert_allclose(loss, reference[1][0], rtol=LOSS_RTOL, atol=LOSS_ATOL)
