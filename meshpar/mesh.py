@@ -21,6 +21,9 @@ Meshes built elsewhere (``jax.make_mesh`` defaults to **Explicit** axes) are acc
   arguments to Flax layers or ``jnp.einsum``, ``jax.sharding.reshard``) cannot run under Auto
   axes; its first step raises one :class:`~meshpar.errors.MeshError` naming the call to change
   (see :mod:`meshpar.explicit`).
+  A caller's ``jax.set_mesh(explicit_mesh)`` around the Trainer (Flax's Gemma example sets its
+  mesh for the whole run) is fine too: meshpar's step traces under its own mesh
+  (:func:`meshpar.activate`).
 * **Manual** axes belong inside a ``shard_map``; a mesh with them is a :class:`MeshError`.
 """
 
