@@ -33,7 +33,8 @@ class IndivisibleError(RuleError):
 
 
 class UnannotatedParameterError(RuleError):
-    """A parameter has no logical axes and no path rule matched it (strict mode)."""
+    """Strict rules: a parameter has no logical axes and no path rule matched it, or a logical
+    axis name (of a parameter or an activation) has no rule."""
 
 
 class StrategyError(MeshparError):
@@ -42,3 +43,8 @@ class StrategyError(MeshparError):
 
 class TrainingError(MeshparError, RuntimeError):
     """Training cannot continue (for example, a non-finite loss)."""
+
+
+class MeshparWarning(UserWarning):
+    """Something meshpar changed on the user's behalf and reports (e.g. Explicit mesh axes made
+    Auto for training); filter it with ``warnings.filterwarnings("ignore", category=...)``."""

@@ -69,9 +69,22 @@ def activate(mesh: Mesh, rules: Rules, /, *, pipeline: Any = None) -> Iterator[L
     rules.validate(mesh)
     token = _ACTIVE.set(Layout(mesh, rules, pipeline))
     try:
-        yield _ACTIVE.get()
+        with _own_mesh_context(mesh):
+            yield _ACTIVE.get()
     finally:
         _ACTIVE.reset(token)
+
+
+def _own_mesh_context(mesh: Mesh) -> contextlib.AbstractContextManager:
+    # A caller's `jax.set_mesh(m)` around meshpar's step (Flax's Gemma example sets its mesh,
+    # Explicit, for the whole run) makes JAX check every traced op against m's axis types:
+    # "context mesh ... (Explicit, Explicit) should match the aval mesh ... (Auto, Auto)". The
+    # step's arrays live on meshpar's mesh, so its trace runs under that mesh instead. Without a
+    # caller's mesh, or inside a shard_map (manual axes), nothing changes.
+    current = jax.sharding.get_abstract_mesh()
+    if current is None or current.empty or current.manual_axes or current == mesh.abstract_mesh:
+        return contextlib.nullcontext()
+    return jax.sharding.use_abstract_mesh(mesh.abstract_mesh)
 
 
 def active_layout() -> Layout | None:
@@ -79,12 +92,15 @@ def active_layout() -> Layout | None:
     return _ACTIVE.get()
 
 
-def constrain(x: jax.Array, logical_axes: Sequence[str | None], /) -> jax.Array:
+def constrain(
+    x: jax.Array, logical_axes: Sequence[str | tuple[str, ...] | None], /
+) -> jax.Array:
     """Constrain an activation (or a weight about to be used) to its logical layout.
 
     Args:
         x: the array, inside a traced function.
-        logical_axes: one logical name (or ``None``) per dimension of ``x``.
+        logical_axes: one logical name, tuple of names or ``None`` per dimension of ``x``;
+            mesh-axis names (``("fsdp", None, "tensor")``) resolve through the compute rules too.
 
     Returns:
         ``x`` with a sharding constraint from the active layout, or ``x`` itself when no layout

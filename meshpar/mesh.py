@@ -6,19 +6,39 @@ move data between layouts, work with Flax Linen (whose init fails under Explicit
 with partial-manual ``shard_map`` for pipelines. Explicit axes would turn every constraint into an
 assert and make contractions over doubly-sharded dimensions raise; meshpar's own rules already
 decide every parameter and activation layout, so it gains nothing from them.
+
+Meshes built elsewhere (``jax.make_mesh`` defaults to **Explicit** axes) are accepted like this:
+
+* **Placement** (:func:`meshpar.init_nnx`, :func:`meshpar.init_linen`, the ``plan_*``
+  functions) only hands ``out_shardings`` to ``jax.jit``, which axis types do not affect: the
+  arrays are placed on the mesh given, Explicit, mixed or Auto, and keep its axis types.
+* **Training** (:class:`meshpar.Trainer`) traces meshpar's own step, whose sharding constraints,
+  partial-manual ``shard_map`` regions and unannotated intermediates need Auto axes (under
+  Explicit axes ``with_sharding_constraint`` rejects them: "can only refer to Auto axes of the
+  mesh"). :func:`auto_mesh` gives the Trainer an Auto mesh over the same devices, in the same
+  order, with the same axis names and sizes, and says so with a :class:`MeshparWarning`; the
+  layout is unchanged. A model that relies on Explicit axes while it is traced (``out_sharding=``
+  arguments to Flax layers or ``jnp.einsum``, ``jax.sharding.reshard``) cannot run under Auto
+  axes; its first step raises one :class:`~meshpar.errors.MeshError` naming the call to change
+  (see :mod:`meshpar.explicit`).
+  A caller's ``jax.set_mesh(explicit_mesh)`` around the Trainer (Flax's Gemma example sets its
+  mesh for the whole run) is fine too: meshpar's step traces under its own mesh
+  (:func:`meshpar.activate`).
+* **Manual** axes belong inside a ``shard_map``; a mesh with them is a :class:`MeshError`.
 """
 
 from __future__ import annotations
 
 import math
 import re
+import warnings
 from collections.abc import Mapping, Sequence
 
 import jax
 import numpy as np
 from jax.sharding import AxisType, Mesh
 
-from meshpar.errors import MeshError
+from meshpar.errors import MeshError, MeshparWarning
 
 #: The mesh axes meshpar's strategies know, in the order meshpar lays them out by default
 #: (outermost first: the innermost axis gets neighbouring devices, which is where tensor parallel
@@ -155,3 +175,70 @@ def make_mesh(
 def format_mesh(mesh: Mesh, /) -> str:
     """The CLI form of a mesh, e.g. ``"data=2,fsdp=2,tensor=2"``."""
     return ",".join(f"{name}={size}" for name, size in mesh.shape.items())
+
+
+def _types_text(mesh: Mesh) -> str:
+    return ", ".join(f"{name}={size} {t.name}" for (name, size), t in
+                     zip(mesh.shape.items(), mesh.axis_types))
+
+
+def _fix(mesh: Mesh) -> str:
+    return (
+        f"build the mesh with mp.make_mesh({', '.join(f'{n}={s}' for n, s in mesh.shape.items())})"
+        f" or jax.make_mesh(..., axis_types=(AxisType.Auto,) * {len(mesh.axis_names)})"
+    )
+
+
+def check_mesh(mesh: Mesh, /, *, caller: str = "meshpar") -> None:
+    """Raise :class:`MeshError` unless ``mesh`` is a concrete mesh without Manual axes.
+
+    Example:
+        >>> check_mesh(make_mesh(data=-1), caller="init_nnx")
+    """
+    if not isinstance(mesh, Mesh):
+        raise MeshError(
+            f"{caller}: mesh must be a jax.sharding.Mesh, got {type(mesh).__name__}; build one "
+            "with mp.make_mesh(data=2, fsdp=-1)"
+        )
+    if any(t == AxisType.Manual for t in mesh.axis_types):
+        raise MeshError(
+            f"{caller}: the mesh has Manual axes ({_types_text(mesh)}); Manual axes exist only "
+            f"inside a shard_map, and meshpar needs a mesh it can shard over: {_fix(mesh)}"
+        )
+
+
+def auto_mesh(mesh: Mesh, /, *, caller: str = "meshpar") -> Mesh:
+    """``mesh`` with Auto axes: itself if it has only Auto axes, else the same devices, axis
+    names and sizes with Auto axis types, announced with a :class:`MeshparWarning`.
+
+    meshpar's train step needs Auto axes (see the module docstring); the layout meshpar computes
+    is the same on either mesh, so the conversion changes no placement.
+
+    Args:
+        mesh: a :class:`jax.sharding.Mesh`, e.g. from ``jax.make_mesh`` (Explicit by default).
+        caller: who asks, for the messages (``"Trainer"``).
+
+    Returns:
+        A mesh whose axis types are all ``AxisType.Auto``.
+
+    Raises:
+        MeshError: ``mesh`` is not a concrete ``Mesh``, or it has Manual axes.
+
+    Example:
+        >>> explicit = jax.make_mesh((4, 2), ("fsdp", "tensor"))     # Explicit axes
+        >>> auto_mesh(explicit, caller="Trainer").axis_types        # doctest: +SKIP
+        (AxisType.Auto, AxisType.Auto)
+    """
+    check_mesh(mesh, caller=caller)
+    types = tuple(mesh.axis_types)
+    if all(t == AxisType.Auto for t in types):
+        return mesh
+    warnings.warn(
+        f"{caller}: the mesh has Explicit axes ({_types_text(mesh)}); meshpar trains on Auto "
+        "axes and uses an Auto mesh over the same devices, axis names and sizes (the layout is "
+        "the same). Code in the model that needs Explicit axes (out_sharding= arguments, "
+        f"jax.sharding.reshard) will not trace. To silence this, {_fix(mesh)}",
+        MeshparWarning,
+        stacklevel=3,
+    )
+    return Mesh(mesh.devices, mesh.axis_names, axis_types=(AxisType.Auto,) * len(types))

@@ -59,6 +59,7 @@ def plan_to_dict(plan: ShardingPlan, /) -> dict[str, Any]:
         },
         "replicated": [e.path for e in plan.entries if e.replicated],
         "fallbacks": list(plan.fallbacks),
+        "unmatched": {name: list(paths) for name, paths in plan.unmatched.items()},
     }
 
 
@@ -100,4 +101,10 @@ def format_plan(plan: ShardingPlan, /, *, title: str = "") -> str:
         )
     lines.append("fallbacks: " + ("none" if not data["fallbacks"] else ""))
     lines += [f"  - {f}" for f in data["fallbacks"]]
+    if data["unmatched"]:
+        # The usual cause is a typo or a model written for other rules: say it once per name.
+        lines.append(
+            "logical names no rule maps (replicated; Rules(strict=True) makes them errors): "
+            + ", ".join(f"{n} ({len(p)} params)" for n, p in data["unmatched"].items())
+        )
     return "\n".join(lines)

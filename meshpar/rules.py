@@ -11,7 +11,12 @@ once per tensor, with these semantics (not Flax's last-rule-wins rename):
   on the ``embed`` dimension of an ``(mlp, embed)`` weight). A rule may map to one mesh axis, a
   tuple of axes (the dimension is split over their product) or ``None`` (replicated, always
   free: use it as an explicit fallback).
-* A logical name with no rule at all is replicated (``head_dim`` usually is).
+* A logical name with no rule at all is replicated and recorded as unmatched
+  (:attr:`Resolution.unmatched`; plans report it), or, with ``strict=True``, an error. Give
+  names you mean to replicate an explicit ``(name, None)`` row (meshpar's presets do).
+* A dimension's entry may be a tuple of names (a ``PartitionSpec`` entry such as
+  ``('data', 'fsdp')``): each name resolves on its own and the dimension is split over the
+  product of their mesh axes, in the entry's order.
 * A logical name that has rules but whose mesh axes are all taken by earlier dimensions is an
   error (:class:`RuleConflictError`): two dimensions of one tensor need the same mesh axis. Add a
   ``(name, None)`` fallback rule to allow replication.
@@ -29,10 +34,16 @@ from typing import Literal
 
 from jax.sharding import Mesh, PartitionSpec
 
-from meshpar.errors import IndivisibleError, RuleConflictError, RuleError
+from meshpar.errors import (
+    IndivisibleError,
+    RuleConflictError,
+    RuleError,
+    UnannotatedParameterError,
+)
 
 MeshAxes = str | tuple[str, ...] | None
-LogicalAxes = tuple[str | None, ...]
+#: One entry per dimension: a logical name, a tuple of names (split over their product) or None.
+LogicalAxes = tuple[str | tuple[str, ...] | None, ...]
 
 
 def _as_axes(mesh_axes: MeshAxes, *, where: str) -> tuple[str, ...]:
@@ -45,6 +56,17 @@ def _as_axes(mesh_axes: MeshAxes, *, where: str) -> tuple[str, ...]:
             raise RuleError(f"{where}: mesh axes {tuple(mesh_axes)} repeat an axis")
         return tuple(mesh_axes)
     raise RuleError(f"{where}: mesh axes must be a str, a tuple of str or None, got {mesh_axes!r}")
+
+
+def _as_entry(entry: object, *, where: str) -> str | tuple[str, ...] | None:
+    # A list entry (from JSON or a user's list) means the same as the tuple.
+    if entry is None or isinstance(entry, str):
+        return entry
+    if isinstance(entry, (tuple, list)) and all(isinstance(a, str) for a in entry):
+        return tuple(entry) if len(entry) != 1 else entry[0]
+    raise RuleError(
+        f"{where}: logical axis {entry!r} is not a name, a tuple of names or None"
+    )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -77,10 +99,11 @@ class PathRule:
 class DimResolution:
     """How one dimension of one tensor was resolved."""
 
-    logical: str | None
+    logical: str | tuple[str, ...] | None
     mesh_axes: tuple[str, ...]
     rule: str  # the rule that matched, or why none did
     fallback: str | None = None  # set when an opt-in replication fallback was taken
+    unmatched: tuple[str, ...] = ()  # logical names no rule maps (replicated)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -93,6 +116,11 @@ class Resolution:
     @property
     def fallbacks(self) -> tuple[str, ...]:
         return tuple(d.fallback for d in self.dims if d.fallback)
+
+    @property
+    def unmatched(self) -> tuple[str, ...]:
+        """Logical names of this tensor that no rule maps (replicated, or an error if strict)."""
+        return tuple(n for d in self.dims for n in d.unmatched)
 
     @property
     def rules_text(self) -> str:
@@ -111,8 +139,8 @@ class Rules:
             axes of their own.
         on_indivisible: ``"error"`` (default) or ``"replicate"``: opt in to replicating a dimension
             that does not divide its mesh axes (recorded as a fallback).
-        strict: raise for a parameter with no logical axes and no matching path rule, instead of
-            replicating it (and reporting it).
+        strict: raise for a parameter with no logical axes and no matching path rule, and for a
+            logical name that no rule maps, instead of replicating it (and reporting it).
 
     Example:
         >>> rules = Rules.table([("batch", ("data", "fsdp")), ("mlp", "tensor"), ("mlp", None)])
@@ -228,7 +256,8 @@ class Rules:
         """Resolve the PartitionSpec of one tensor.
 
         Args:
-            logical_axes: one logical name (or ``None``) per dimension.
+            logical_axes: one logical name, tuple of names (split over their product) or
+                ``None`` per dimension.
             shape: the tensor's global shape.
             mesh: the mesh the spec is for.
             name: the tensor's name (parameter path), used in error messages.
@@ -238,11 +267,12 @@ class Rules:
 
         Raises:
             RuleError: wrong number of logical axes, or a rule naming an axis not in the mesh.
+            UnannotatedParameterError: ``strict`` rules and a logical name no rule maps.
             RuleConflictError: two dimensions need the same mesh axis and no fallback exists.
             IndivisibleError: a dimension is not divisible by its mesh axes' size (unless
                 ``on_indivisible="replicate"``).
         """
-        logical_axes = tuple(logical_axes)
+        logical_axes = tuple(_as_entry(a, where=name) for a in logical_axes)
         shape = tuple(int(s) for s in shape)
         if len(logical_axes) != len(shape):
             raise RuleError(
@@ -251,62 +281,97 @@ class Rules:
             )
         by_name = self._by_name()
         skip = frozenset(skip_axes)
+        # A dimension's entry is one name or a tuple of names (a PartitionSpec entry such as
+        # ('data', 'fsdp')); each name is resolved on its own and the dimension is split over
+        # the product of what they get, in the entry's order.
+        parts = [() if a is None else (a,) if isinstance(a, str) else a for a in logical_axes]
         used: dict[str, str | None] = {}
-        chosen: dict[int, DimResolution] = {}
+        chosen: dict[tuple[int, int], DimResolution] = {}
         # Rule-major: the table order is the priority order across the whole tensor, so a rule
         # placed earlier claims its mesh axes before a later rule for another dimension does.
         for rule in self.logical:
             if skip & set(rule.mesh_axes):
                 rule = Rule(rule.logical, tuple(a for a in rule.mesh_axes if a not in skip))
-            for dim, (logical, size) in enumerate(zip(logical_axes, shape)):
-                if logical != rule.logical or dim in chosen:
-                    continue
-                if any(a in used for a in rule.mesh_axes):
-                    continue  # taken: a later rule for this name may still apply
-                for axis in rule.mesh_axes:
-                    if axis not in mesh.shape:
-                        raise RuleError(
-                            f"{name}: rule {rule} names mesh axis {axis!r}, but the mesh has "
-                            f"axes {tuple(mesh.shape)}"
-                        )
-                ways = math.prod(mesh.shape[a] for a in rule.mesh_axes)
-                if size % ways:
-                    detail = (
-                        f"{name} (shape {shape}): dimension {dim} ({logical!r}, size {size}) is not "
-                        + (f"divisible by mesh axis {rule.mesh_axes[0]!r} of size {ways}"
-                           if len(rule.mesh_axes) == 1 else
-                           f"divisible by mesh axes {rule.mesh_axes} of size {ways} "
-                           f"({' x '.join(f'{a}={mesh.shape[a]}' for a in rule.mesh_axes)})")
-                    )
-                    if self.on_indivisible == "replicate":
-                        chosen[dim] = DimResolution(logical, (), f"{rule}:indivisible", detail)
+            for dim, (names, size) in enumerate(zip(parts, shape)):
+                for part, logical in enumerate(names):
+                    if logical != rule.logical or (dim, part) in chosen:
                         continue
-                    raise IndivisibleError(
-                        detail + f". Fix: choose a size divisible by {ways}, change the mesh, add "
-                        f"an earlier rule for {logical!r}, or opt in to replication with "
-                        "Rules(on_indivisible='replicate')"
+                    if any(a in used for a in rule.mesh_axes):
+                        continue  # taken: a later rule for this name may still apply
+                    for axis in rule.mesh_axes:
+                        if axis not in mesh.shape:
+                            raise RuleError(
+                                f"{name}: rule {rule} names mesh axis {axis!r}, but the mesh has "
+                                f"axes {tuple(mesh.shape)}"
+                            )
+                    ways = math.prod(mesh.shape[a] for a in rule.mesh_axes)
+                    # Divisibility counts the axes the dimension's other names already took.
+                    before = math.prod(
+                        mesh.shape[a] for (d, _), r in chosen.items() if d == dim
+                        for a in r.mesh_axes
                     )
-                for axis in rule.mesh_axes:
-                    used[axis] = logical
-                chosen[dim] = DimResolution(logical, rule.mesh_axes, str(rule))
+                    if size % (ways * before):
+                        detail = (
+                            f"{name} (shape {shape}): dimension {dim} ({logical!r}, size {size}) "
+                            "is not "
+                            + (f"divisible by mesh axis {rule.mesh_axes[0]!r} of size {ways}"
+                               if len(rule.mesh_axes) == 1 else
+                               f"divisible by mesh axes {rule.mesh_axes} of size {ways} "
+                               f"({' x '.join(f'{a}={mesh.shape[a]}' for a in rule.mesh_axes)})")
+                            + (f" times the {before} ways its other names already split it"
+                               if before > 1 else "")
+                        )
+                        if self.on_indivisible == "replicate":
+                            chosen[dim, part] = DimResolution(
+                                logical, (), f"{rule}:indivisible", detail
+                            )
+                            continue
+                        raise IndivisibleError(
+                            detail + f". Fix: choose a size divisible by {ways * before}, change "
+                            f"the mesh, add an earlier rule for {logical!r}, or opt in to "
+                            "replication with Rules(on_indivisible='replicate')"
+                        )
+                    for axis in rule.mesh_axes:
+                        used[axis] = logical
+                    chosen[dim, part] = DimResolution(logical, rule.mesh_axes, str(rule))
         entries: list[str | tuple[str, ...] | None] = []
         dims: list[DimResolution] = []
-        for dim, (logical, size) in enumerate(zip(logical_axes, shape)):
-            if dim in chosen:
-                res = chosen[dim]
-            elif logical is None:
+        for dim, (names, size) in enumerate(zip(parts, shape)):
+            got: list[DimResolution] = []
+            for part, logical in enumerate(names):
+                if (dim, part) in chosen:
+                    got.append(chosen[dim, part])
+                elif logical not in by_name:
+                    if self.strict:
+                        raise UnannotatedParameterError(
+                            f"{name} (shape {shape}): dimension {dim} has logical axis "
+                            f"{logical!r}, which no rule maps (strict rules; the mesh has axes "
+                            f"{dict(mesh.shape)}). Fix: add a rule ({logical!r}, <mesh axis>) "
+                            f"to shard it or ({logical!r}, None) to replicate it"
+                        )
+                    got.append(DimResolution(logical, (), f"{logical}:no rule", None, (logical,)))
+                else:
+                    candidates = by_name[logical]
+                    taken = {a: used[a] for r in candidates for a in r.mesh_axes if a in used}
+                    raise RuleConflictError(
+                        f"{name} (shape {shape}): dimension {dim} ({logical!r}) needs mesh axes "
+                        f"{[r.mesh_axes for r in candidates]}, but "
+                        + ", ".join(f"{a!r} is already used by {owner!r}"
+                                    for a, owner in taken.items())
+                        + "; two logical axes of one tensor cannot share a mesh axis. Add a "
+                        f"fallback rule ({logical!r}, None) to replicate it, or map it to another "
+                        "mesh axis"
+                    )
+            if not got:
                 res = DimResolution(None, (), "-")
-            elif logical not in by_name:
-                res = DimResolution(logical, (), f"{logical}:no rule")
+            elif len(got) == 1 and isinstance(logical_axes[dim], str):
+                res = got[0]
             else:
-                candidates = by_name[logical]
-                taken = {a: used[a] for r in candidates for a in r.mesh_axes if a in used}
-                raise RuleConflictError(
-                    f"{name} (shape {shape}): dimension {dim} ({logical!r}) needs mesh axes "
-                    f"{[r.mesh_axes for r in candidates]}, but "
-                    + ", ".join(f"{a!r} is already used by {owner!r}" for a, owner in taken.items())
-                    + "; two logical axes of one tensor cannot share a mesh axis. Add a fallback "
-                    f"rule ({logical!r}, None) to replicate it, or map it to another mesh axis"
+                res = DimResolution(
+                    logical_axes[dim], tuple(a for r in got for a in r.mesh_axes),
+                    ", ".join(r.rule for r in got),
+                    "; ".join(r.fallback for r in got if r.fallback) or None,
+                    tuple(n for r in got for n in r.unmatched),
                 )
             dims.append(res)
             axes = res.mesh_axes

@@ -11,6 +11,7 @@ partitionable).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 from collections.abc import Callable, Sequence
@@ -23,6 +24,7 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from meshpar.errors import RuleError, UnannotatedParameterError
+from meshpar.mesh import check_mesh
 from meshpar.rules import LogicalAxes, Resolution, Rules
 
 
@@ -34,7 +36,9 @@ class ParamPlacement:
     shape: tuple[int, ...]
     dtype: str
     logical: LogicalAxes | None
-    source: str  # "annotation", "path rule '<regex>'", "unannotated" or "state"
+    # "annotation", "mesh-axis annotation" (names the mesh's axes, or a PartitionSpec),
+    # "path rule '<regex>'", "unannotated" or "state"
+    source: str
     resolution: Resolution
     sharding: NamedSharding
 
@@ -73,13 +77,33 @@ class ShardingPlan:
 
     @property
     def fallbacks(self) -> tuple[str, ...]:
-        """Every replication the rules did not ask for: indivisible dims and unannotated params."""
+        """Every replication the rules did not ask for: indivisible dims, unannotated params and
+        logical names that no rule maps (see :attr:`unmatched`)."""
         out = []
         for e in self.entries:
             out += [f"{e.path}: {f} -> replicated" for f in e.resolution.fallbacks]
             if e.source == "unannotated":
                 out.append(f"{e.path}: no logical axes and no path rule -> replicated")
+            out += [
+                f"{e.path}: logical axis {name!r} ({e.source}) has no rule -> replicated; add a "
+                f"rule ({name!r}, <mesh axis>) or ({name!r}, None)"
+                for name in e.resolution.unmatched
+            ]
         return tuple(out)
+
+    @property
+    def unmatched(self) -> dict[str, tuple[str, ...]]:
+        """``{logical name: parameter paths}`` for every name that no rule maps (replicated).
+
+        Example:
+            >>> plan.unmatched                               # doctest: +SKIP
+            {'kv_heads': ('blocks/attn/wk', 'blocks/attn/wv')}
+        """
+        out: dict[str, list[str]] = {}
+        for e in self.entries:
+            for name in e.resolution.unmatched:
+                out.setdefault(name, []).append(e.path)
+        return {name: tuple(paths) for name, paths in out.items()}
 
     @property
     def bytes_total(self) -> int:
@@ -136,6 +160,12 @@ def _place(
     skip_axes: Sequence[str],
 ) -> ParamPlacement:
     source = "annotation"
+    if logical is not None and (
+        isinstance(logical, PartitionSpec)
+        or any(n in mesh.axis_names for a in logical
+               for n in ((a,) if isinstance(a, str) else a or ()))
+    ):
+        source = "mesh-axis annotation"
     if logical is None:
         match = rules.path_axes(path) if is_param else None
         if match is not None:
@@ -160,18 +190,44 @@ def _place(
         )
     resolution = rules.resolve(axes, shape, mesh, name=path, skip_axes=skip_axes)
     return ParamPlacement(
-        path, shape, _dtype_name(dtype), logical, source, resolution,
+        path, shape, _dtype_name(dtype), _plain_axes(logical), source, resolution,
         NamedSharding(mesh, resolution.spec),
     )
 
 
-def _nnx_logical(variable: nnx.Variable) -> LogicalAxes | None:
+def _plain_axes(logical: Any) -> LogicalAxes | None:
+    # A PartitionSpec is kept as such while placing (it marks a mesh-axis annotation), and
+    # recorded as a plain tuple: entries are names, tuples of names or None.
+    if logical is None:
+        return None
+    return tuple(a if a is None or isinstance(a, str) else tuple(a) for a in logical)
+
+
+def _annotation(names: Any, *, path: str) -> LogicalAxes | PartitionSpec | None:
+    """Logical axes from sharding metadata: a sequence of names / tuples of names / None, or a
+    ``PartitionSpec`` whose entries are mesh axis names (kept, so the source says so)."""
+    if names is None:
+        return None
+    if isinstance(names, PartitionSpec):
+        return names
+    if isinstance(names, NamedSharding):
+        # A concrete sharding fixes the mesh too; meshpar places on its own mesh by the spec.
+        return names.spec
+    if isinstance(names, str) or not isinstance(names, Sequence):
+        raise RuleError(
+            f"parameter {path}: sharding metadata {names!r} is not a sequence of axis names; "
+            "annotate with a tuple such as ('embed', 'mlp') or a PartitionSpec"
+        )
+    return tuple(names)
+
+
+def _nnx_logical(variable: nnx.Variable, *, path: str = "") -> LogicalAxes | PartitionSpec | None:
     meta = variable.get_metadata()
     # 'out_sharding' is the current key; the two older ones still work in flax 0.12 with a warning.
     for key in ("out_sharding", "sharding_names", "sharding"):
         names = meta.get(key)
         if names is not None:
-            return tuple(names)
+            return _annotation(names, path=path)
     return None
 
 
@@ -194,7 +250,8 @@ def plan_nnx_state(
     def one(path, variable):
         value = variable.get_value()
         entry = _place(
-            path_str(path), tuple(value.shape), value.dtype, _nnx_logical(variable),
+            path_str(path), tuple(value.shape), value.dtype,
+            _nnx_logical(variable, path=path_str(path)),
             is_param=isinstance(variable, nnx.Param), mesh=mesh, rules=rules, skip_axes=skip_axes,
         )
         entries.append(entry)
@@ -204,6 +261,13 @@ def plan_nnx_state(
         one, state, is_leaf=lambda x: isinstance(x, nnx.Variable)
     )
     return shardings, ShardingPlan(mesh, rules, tuple(entries))
+
+
+def _no_mesh_context() -> contextlib.AbstractContextManager:
+    # Under a user's `jax.set_mesh(...)`, nnx.eval_shape turns every variable's metadata into a
+    # NamedSharding on that mesh and rejects logical names ("Resource axis: embed ... is not
+    # found in mesh"). meshpar resolves the names itself, so the model is built with no mesh.
+    return jax.sharding.use_abstract_mesh(jax.sharding.AbstractMesh((), ()))
 
 
 def init_nnx(
@@ -219,10 +283,15 @@ def init_nnx(
     Returns:
         ``(model, plan)``: the module holding sharded arrays, and how each was placed.
 
+    Raises:
+        MeshError: the mesh has Manual axes. Explicit axes are fine here: the arrays are placed
+            on ``mesh`` and keep its axis types (see :mod:`meshpar.mesh`).
+
     Example:
         >>> model, plan = init_nnx(lambda: GPT(cfg, rngs=nnx.Rngs(0)), mesh=mesh, rules=rules)
     """
-    with nnx.use_eager_sharding(False):
+    check_mesh(mesh, caller="init_nnx")
+    with nnx.use_eager_sharding(False), _no_mesh_context():
         abstract = nnx.eval_shape(factory)
     graphdef, abstract_state = nnx.split(abstract)
     shardings, plan = plan_nnx_state(abstract_state, mesh=mesh, rules=rules)
@@ -231,7 +300,8 @@ def init_nnx(
         with nnx.use_eager_sharding(False):
             return nnx.split(factory())[1]
 
-    state = jax.jit(build, out_shardings=shardings)()
+    with _no_mesh_context():
+        state = jax.jit(build, out_shardings=shardings)()
     return nnx.merge(graphdef, state), plan
 
 
@@ -248,7 +318,8 @@ def plan_linen(
     is_box = lambda x: isinstance(x, nn.meta.AxisMetadata)  # noqa: E731
 
     def one(path, leaf):
-        names = tuple(leaf.names) if isinstance(leaf, nn.Partitioned) else None
+        names = (_annotation(leaf.names, path=path_str(path))
+                 if isinstance(leaf, nn.Partitioned) else None)
         value = leaf.unbox() if is_box(leaf) else leaf
         collection = path_str(path[:1])
         entry = _place(
@@ -271,7 +342,7 @@ def init_linen(
         module: the Linen module (annotated with ``nn.with_logical_partitioning``).
         rng: the init PRNG key.
         *args: example inputs for ``module.init``.
-        mesh: the device mesh (meshpar meshes have Auto axes, which Linen needs).
+        mesh: the device mesh (Auto, Explicit or mixed axes: only ``out_shardings`` use it).
         rules: the parameter rules.
 
     Returns:
@@ -280,6 +351,7 @@ def init_linen(
     Example:
         >>> variables, plan = init_linen(MLP(), jax.random.key(0), x, mesh=mesh, rules=rules)
     """
+    check_mesh(mesh, caller="init_linen")
     abstract = jax.eval_shape(module.init, rng, *args)
     shardings, plan = plan_linen(abstract, mesh=mesh, rules=rules)
     init = jax.jit(lambda r, *a: nn.meta.unbox(module.init(r, *a)), out_shardings=shardings)
@@ -295,5 +367,5 @@ def abstract_nnx(factory: Callable[[], nnx.Module], /) -> tuple[nnx.GraphDef, nn
     Example:
         >>> graphdef, params, rest = abstract_nnx(lambda: GPT(cfg, rngs=nnx.Rngs(0)))
     """
-    with nnx.use_eager_sharding(False):
+    with nnx.use_eager_sharding(False), _no_mesh_context():
         return nnx.split(nnx.eval_shape(factory), nnx.Param, ...)

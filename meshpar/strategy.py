@@ -19,6 +19,17 @@ mesh axis  effect
 
 Presets are small values: ``dp``, ``zero1``, ``zero2``, ``zero3``, ``tp``, ``tp_sp``, and
 ``auto`` (ZeRO-3 over ``fsdp`` if present, TP over ``tensor`` if present, DP over ``data``).
+
+Models annotated with **mesh-axis names** instead of logical names (Flax's Gemma example writes
+``nnx.with_partitioning(init, ("tensor", "fsdp"))``, or a ``PartitionSpec``) compose with the
+strategy: each mesh axis name used as a logical name asks for that axis, and gets it where the
+strategy puts that kind of state there. In the weight tables ``tensor`` -> ``tensor``; ``fsdp`` ->
+``fsdp`` only where the state is ZeRO-sharded (parameters from ZeRO-3, gradients from ZeRO-2,
+optimizer state from ZeRO-1), else replicated; ``data`` and ``pipe`` never split a weight. In the
+compute (activation) table ``data``, ``fsdp`` and ``tensor`` map to themselves (the batch is split
+over ``data`` and ``fsdp``) and ``pipe`` is replicated. Any other axis of the mesh, used as a
+name, maps to itself. These rows come first, so an explicit axis request beats a logical rule
+for the same axis in the same tensor.
 """
 
 from __future__ import annotations
@@ -34,9 +45,11 @@ from meshpar.rules import MeshAxes, Rules
 
 DATA, FSDP, TENSOR, PIPE = "data", "fsdp", "tensor", "pipe"
 
-# Logical names meshpar's rules know. Models may use others; they are replicated unless the
-# user adds rules for them.
-PARAM_NAMES = ("vocab", "embed", "heads", "head_dim", "mlp", "layers", "seq")
+# Logical names meshpar's rules know. Every one has a row in the built-in tables (at least an
+# explicit `(name, None)`), so the report lists only names a model uses that nobody mapped.
+# `stages`/`repeats` are the leading axes of a pipelined stack (meshpar.plan).
+PARAM_NAMES = ("vocab", "embed", "heads", "head_dim", "mlp", "layers", "seq", "stages", "repeats")
+COMPUTE_NAMES = ("batch", *PARAM_NAMES)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -49,13 +62,14 @@ class Strategy:
         sequence_parallel: split activations between blocks over ``seq`` on the ``tensor`` axis.
         requires: mesh axes this strategy needs (checked by :meth:`check_mesh`).
         extra_param_rules: user parameter rules; they come first and replace the built-in
-            rules for every logical name they mention.
+            rules for every logical name they mention. Their options (``strict``,
+            ``on_indivisible``) apply to the whole table, even with no rows of their own.
         extra_compute_rules: user activation rules, likewise.
 
     Example:
         >>> strategy = Strategy(zero_stage=3, sequence_parallel=True)
         >>> strategy.param_rules(make_mesh(fsdp=4, tensor=2)).describe()[:2]
-        ['vocab->tensor', 'heads->tensor']
+        ['fsdp->fsdp', 'tensor->tensor']
     """
 
     name: str = "custom"
@@ -132,7 +146,11 @@ class Strategy:
         """
         self.check_mesh(mesh)
         t = TENSOR in mesh.shape
-        rows: list[tuple[str, MeshAxes]] = []
+        # Activations annotated with mesh-axis names get the axes they name: the batch is
+        # split over data and fsdp anyway, and tensor is tensor parallel.
+        rows: list[tuple[str, MeshAxes]] = _axis_name_rows(
+            mesh, {DATA: DATA in mesh.shape, FSDP: FSDP in mesh.shape, TENSOR: t, PIPE: False}
+        )
         batch = self.batch_axes(mesh)
         if batch:
             rows.append(("batch", batch if len(batch) > 1 else batch[0]))
@@ -141,15 +159,20 @@ class Strategy:
         if t:
             rows += [("heads", TENSOR), ("mlp", TENSOR), ("vocab", TENSOR)]
         # Explicit fallbacks: under sequence parallel, a tensor with both 'seq' and 'vocab'
-        # (the logits) keeps the sequence split and replicates the vocabulary.
-        rows += [(name, None) for name in ("seq", "heads", "mlp", "vocab")]
+        # (the logits) keeps the sequence split and replicates the vocabulary. The other names
+        # are replicated on purpose (weights at the moment they are used lose their fsdp split).
+        rows += [(name, None) for name in COMPUTE_NAMES]
         return _with_extra(self.extra_compute_rules, Rules.table(rows))
 
     def _weights(self, mesh: Mesh, *, shard_fsdp: bool, extra: Rules) -> Rules:
         self.check_mesh(mesh)
         t = TENSOR in mesh.shape
         f = shard_fsdp and FSDP in mesh.shape
-        rows: list[tuple[str, MeshAxes]] = []
+        # A weight annotated with mesh-axis names gets tensor where the mesh has it and fsdp
+        # only where this kind of state is ZeRO-sharded; data and pipe never split a weight.
+        rows: list[tuple[str, MeshAxes]] = _axis_name_rows(
+            mesh, {DATA: False, FSDP: f, TENSOR: t, PIPE: False}
+        )
         if t:
             # Megatron: column-parallel in (heads, mlp), row-parallel out, vocab-parallel
             # (un)embedding. The same names on both matmuls make the pairing automatic.
@@ -161,7 +184,8 @@ class Strategy:
         if PIPE in mesh.shape:
             # Pipelined stacks are stored [stages, layers/stage, ...] (see meshpar.train).
             rows.append(("stages", PIPE))
-        rows += [(name, None) for name in ("embed", "mlp", "heads", "vocab")]
+        # Explicit fallbacks for every name meshpar knows: replicated on purpose, not unmatched.
+        rows += [(name, None) for name in PARAM_NAMES]
         return _with_extra(extra, Rules.table(rows))
 
     def describe(self, mesh: Mesh, /) -> str:
@@ -206,11 +230,22 @@ class Strategy:
         return f"{self.name} -> {text}"
 
 
+def _axis_name_rows(mesh: Mesh, split: dict[str, bool]) -> list[tuple[str, MeshAxes]]:
+    """Rules for mesh-axis names used as logical names: ``(axis, axis)`` where ``split[axis]``
+    (a mesh axis meshpar's strategies do not know always maps to itself), then ``(axis, None)``
+    for each known axis, so that e.g. ``fsdp`` on a mesh without it is replicated, not unmatched."""
+    rows: list[tuple[str, MeshAxes]] = []
+    for axis in mesh.axis_names:
+        if split.get(axis, True):
+            rows.append((axis, axis))
+    rows += [(axis, None) for axis in (DATA, FSDP, TENSOR, PIPE)]
+    return rows
+
+
 def _with_extra(extra: Rules, base: Rules) -> Rules:
     # User rules come first, so under first-free semantics they take precedence per name; the
-    # merge raises if the user gave a different rule list for a name the base also maps.
-    if not (extra.logical or extra.paths):
-        return base
+    # merge raises if the user gave a different rule list for a name the base also maps. The
+    # user's options (strict, on_indivisible) always apply, even with no rows of their own.
     names = {r.logical for r in extra.logical}
     base = dataclasses.replace(base, logical=tuple(r for r in base.logical if r.logical not in names))
     return extra.merge(dataclasses.replace(base, on_indivisible=extra.on_indivisible, strict=extra.strict))

@@ -39,8 +39,10 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from meshpar.errors import StrategyError, TrainingError
+from meshpar.explicit import explain_trace_error
 from meshpar.layout import activate
 from meshpar.loss import OutputLayout, Piece, split_output
+from meshpar.mesh import auto_mesh
 from meshpar.plan import plan_training, to_flat_layout, to_stage_layout
 from meshpar.plan import unused_axes_error, unused_mesh_axes
 from meshpar.shard import ShardingPlan
@@ -249,7 +251,8 @@ class Trainer:
         strategy: str | Strategy = "auto",
         config: TrainConfig = TrainConfig(),
     ) -> None:
-        self.mesh = mesh
+        # Explicit axes become Auto over the same devices, with a warning (see meshpar.mesh).
+        self.mesh = mesh = auto_mesh(mesh, caller="Trainer")
         self.strategy = get_strategy(strategy).for_mesh(mesh)
         self.config = config
         self.tx = tx
@@ -492,6 +495,9 @@ class Trainer:
             # A model that scans its stage-layout stack itself fails inside its own scan first.
             if self.pipeline is not None and not pipeline_was_used():
                 raise not_pipelined from err
+            # out_sharding= and other Explicit-axes code in the model (see meshpar.explicit).
+            if (explained := explain_trace_error(err, mesh=self.mesh)) is not None:
+                raise explained from None
             raise
         finally:
             used = pipeline_was_used()

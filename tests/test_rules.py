@@ -117,3 +117,25 @@ def test_skip_axes_drops_manual_axes_from_rules():
     assert spec == P("fsdp", "tensor")
     spec = rules.resolve(("batch", "embed"), (4, 8), mesh, skip_axes=("data", "fsdp")).spec
     assert spec == P(None, "tensor")
+
+
+def test_tuple_entries_resolve_each_name_and_split_over_the_product(mesh):
+    rules = Rules.table([("fsdp", "fsdp"), ("tensor", "tensor"), ("data", None)])
+    res = rules.resolve((("fsdp", "tensor"), ("data",), None), (8, 2, 3), mesh)
+    assert res.spec == P(("fsdp", "tensor"))
+    assert res.dims[0].logical == ("fsdp", "tensor")
+    assert res.rules_text == "fsdp->fsdp, tensor->tensor, data->replicated"
+    with pytest.raises(mp.RuleError,
+                       match=r"logical axis 3 is not a name, a tuple of names or None"):
+        rules.resolve((3,), (8,), mesh, name="w")
+
+
+def test_unmatched_names_are_recorded_and_strict_rejects_them(mesh):
+    res = Rules.table([("embed", "tensor")]).resolve(("kv", ("embed", "heads")), (3, 4), mesh)
+    assert res.spec == P(None, "tensor") and res.unmatched == ("kv", "heads")
+    with pytest.raises(mp.UnannotatedParameterError,
+                       match=r"w \(shape \(3, 4\)\): dimension 0 has logical axis 'kv', which no "
+                             r"rule maps .* Fix: add a rule \('kv', <mesh axis>\) to shard it or "
+                             r"\('kv', None\) to replicate it"):
+        Rules.table([("embed", "tensor")], strict=True).resolve(("kv", "embed"), (3, 4), mesh,
+                                                                 name="w")
