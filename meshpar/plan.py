@@ -260,9 +260,12 @@ def unused_mesh_axes(plan: TrainingPlan, mesh: Mesh, /) -> tuple[str, ...]:
             if isinstance(sharding, NamedSharding):
                 used.update(_spec_axes(sharding.spec))
     # Activations: the rules are all we know before tracing (the model decides whether it calls
-    # meshpar.constrain with those names), so a compute rule naming an axis counts as a use.
+    # meshpar.constrain with those names), so a compute rule naming an axis counts as a use --
+    # except the identity rows every mesh axis gets (an axis name used as a logical name asks
+    # for that axis): they would make every axis look used.
     for rule in plan.strategy.compute_rules(mesh).logical:
-        used.update(rule.mesh_axes)
+        if rule.mesh_axes != (rule.logical,):
+            used.update(rule.mesh_axes)
     return tuple(a for a, size in mesh.shape.items() if size > 1 and a not in used)
 
 

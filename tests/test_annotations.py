@@ -354,7 +354,8 @@ def test_out_sharding_under_auto_axes_is_one_meshpar_error(mesh_text, strategy, 
     mesh = mp.make_mesh(mesh_text)
     trainer = mp.Trainer(lambda: AxisNamed(nnx.Rngs(0), out_sharding=True), optax.adamw(1e-2),
                          loss_fn, mesh=mesh, strategy=strategy,
-                         config=mp.TrainConfig(microbatches=2 if strategy == "zero1" else 1))
+                         config=mp.TrainConfig(microbatches=2 if strategy == "zero1" else 1,
+                                               row_separable=strategy == "zero1"))
     before = flat(trainer.state.params)
     with pytest.raises(mp.MeshError) as info:
         if in_context:
