@@ -1,0 +1,1 @@
+"""Reading a compiled step: HLO collectives, analytic costs beside measured ones, reports, plots."""

@@ -1,0 +1,1 @@
+"""Training: config, plan, losses, the trainer, checkpoints, data."""
