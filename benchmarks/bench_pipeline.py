@@ -24,7 +24,7 @@ optimizer, global batch). For each pipelined configuration it reports
     i.e. ``Trainer.step`` without the host transfer) run interleaved (A B, B A, ...) on a
     pre-placed batch after warm-up, so drift of the machine cancels in the per-pair ratios;
 
-(c) the pipeline core alone (:func:`meshpar.pipeline.pipeline_apply` forward + backward, the GPT's
+(c) the pipeline core alone (:func:`meshpar.parallel.pipeline.pipeline_apply` forward + backward, the GPT's
     blocks as ``stage_fn``, the trainer's stage-layout weights, activations ``[M, mb, T, D]``):
     ``skip_bubbles=True`` (bubbles skipped with ``lax.cond``) / ``skip_bubbles=False`` (bubbles
     computed on garbage) time, interleaved, next to the ideal ``1 - bubble``. ``skip_bubbles`` is
@@ -66,8 +66,8 @@ def bubble_fraction(stages: int, microbatches: int, repeats: int = 1) -> float:
 
 
 def dot_flops(hlo_text: str, /) -> dict[str, float]:
-    """``{"total", "in_loops", "outside_loops"}`` dot FLOPs per device and step (meshpar.hlo)."""
-    from meshpar import hlo
+    """``{"total", "in_loops", "outside_loops"}`` dot FLOPs per device and step (meshpar.inspect.hlo)."""
+    from meshpar.inspect import hlo
 
     got = hlo.dot_flops(hlo_text)
     return {k: got[k] for k in ("total", "in_loops", "outside_loops")}
@@ -148,10 +148,10 @@ def core_programs(trainer, cfg, *, mb: int):
     from flax import nnx
     from jax.sharding import NamedSharding, PartitionSpec
 
-    from meshpar.layout import activate
+    from meshpar.parallel.layout import activate
     from meshpar.models import GPT
-    from meshpar.pipeline import pipeline_apply
-    from meshpar.remat import maybe_remat
+    from meshpar.parallel.pipeline import pipeline_apply
+    from meshpar.parallel.remat import maybe_remat
 
     mesh, config = trainer.mesh, trainer.pipeline
     with nnx.use_eager_sharding(False):
@@ -295,7 +295,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 def run(args: argparse.Namespace, log: Callable = print) -> dict:
     """Benchmark every configuration (JAX must already have its devices) and return the report."""
-    from meshpar.data import TokenBatches
+    from meshpar.train.data import TokenBatches
     from meshpar.models import get_preset
 
     bench = _common.Run(args, "bench_pipeline.py")

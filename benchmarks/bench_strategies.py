@@ -5,7 +5,7 @@ For each mesh (default: ``fsdp=4,tensor=2`` ZeRO-3+TP, ``data=8`` DP, ``fsdp=8``
 
 (a) the median step time of meshpar's jitted step and of a hand-written ``jax.jit`` step with the
     *same* shardings (state shardings from ``trainer.state_shardings``, activation constraints from
-    ``meshpar.layout.activate(mesh, trainer.compute_rules)``) but with value_and_grad, the optax
+    ``meshpar.parallel.layout.activate(mesh, trainer.compute_rules)``) but with value_and_grad, the optax
     update and donation written by hand (no microbatch scan, no non-finite guard, no metrics
     beyond the loss). The two run interleaved (A B, B A, A B, ...) on one pre-placed batch, so
     host-to-device transfer is excluded from both and machine drift cancels in the ratio;
@@ -13,7 +13,7 @@ For each mesh (default: ``fsdp=4,tensor=2`` ZeRO-3+TP, ``data=8`` DP, ``fsdp=8``
     same loop (a batched fp32 matmul sharded over all 8 devices, no communication), plus the
     compiled program's own FLOP counts (``cost_analysis()`` and a trip-count-weighted count of
     the HLO dots);
-(c) collective traffic per step from ``meshpar.hlo.collectives`` (loop trip counts included),
+(c) collective traffic per step from ``meshpar.inspect.hlo.collectives`` (loop trip counts included),
     split by kind and mesh axis, against the analytic minimum of each axis (ring algorithms:
     DP gradient all-reduce, ZeRO-3 gather/gather/reduce-scatter, Megatron activation all-reduces);
 and prints compile times and ``memory_analysis()`` bytes per device.
@@ -186,12 +186,12 @@ def analytic_collectives(*, mesh_shape: dict[str, int], zero_stage: int,
 
 
 def hlo_dot_flops(hlo_text: str, /) -> dict:
-    """Dot FLOPs per device weighted by loop trips (:func:`meshpar.hlo.dot_flops`).
+    """Dot FLOPs per device weighted by loop trips (:func:`meshpar.inspect.hlo.dot_flops`).
 
     Returns:
         ``{"flops": float, "dots": int, "unweighted_flops": float}`` per device.
     """
-    from meshpar import hlo
+    from meshpar.inspect import hlo
 
     got = hlo.dot_flops(hlo_text)
     return {"flops": got["total"], "dots": got["dots"], "unweighted_flops": got["unweighted"]}
@@ -240,7 +240,7 @@ def make_dots_only(hlo_text: str) -> tuple[Callable[[], Any], float, int]:
     import jax.numpy as jnp
     from jax.sharding import AxisType, NamedSharding, PartitionSpec
 
-    from meshpar import hlo
+    from meshpar.inspect import hlo
 
     counts: dict[tuple, int] = defaultdict(int)
     flops = 0.0
@@ -313,7 +313,7 @@ def make_baseline_step(trainer: Any, batch_sharding: Any) -> tuple[Callable, dic
 
     Same model (``nnx.merge`` of the trainer's graphdef), same loss, same optimizer, same
     parameter/optimizer-state shardings (``trainer.state_shardings``), same compute rules
-    (``meshpar.layout.activate``), state donated; no microbatch scan, no non-finite guard, no
+    (``meshpar.parallel.layout.activate``), state donated; no microbatch scan, no non-finite guard, no
     gradient-sharding constraint and only the loss as a metric.
     """
     import jax
@@ -321,7 +321,7 @@ def make_baseline_step(trainer: Any, batch_sharding: Any) -> tuple[Callable, dic
     from flax import nnx
     from jax.sharding import NamedSharding, PartitionSpec
 
-    from meshpar.layout import activate
+    from meshpar.parallel.layout import activate
 
     graphdef, tx, loss_fn = trainer.graphdef, trainer.tx, trainer.loss_fn
     mesh, rules = trainer.mesh, trainer.compute_rules
@@ -363,7 +363,7 @@ def _memory(compiled: Any) -> dict:
 
 
 def _summarize_collectives(ops: Sequence[Any]) -> dict:
-    from meshpar import hlo
+    from meshpar.inspect import hlo
 
     by_kind = hlo.summarize(ops)
     by_axis: dict[str, float] = defaultdict(float)
@@ -421,8 +421,8 @@ def bench_layout(mesh_text: str, *, preset: str, batch_size: int, seq_len: int, 
     import jax
 
     import meshpar as mp
-    from meshpar import hlo
-    from meshpar.data import TokenBatches
+    from meshpar.inspect import hlo
+    from meshpar.train.data import TokenBatches
 
     mesh_part, _, strategy = mesh_text.partition(":")
     strategy = strategy.strip() or "auto"
@@ -734,7 +734,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--seq-len", type=int, default=256)
     p.add_argument("--remat", default="dots",
-                   help="layer remat policy (meshpar.remat.REMAT_POLICIES); 'preset' keeps the "
+                   help="layer remat policy (meshpar.parallel.remat.REMAT_POLICIES); 'preset' keeps the "
                         "preset's ('full'). 'dots' saves matmul outputs, so nothing is computed "
                         "twice, while ZeRO-3 still regathers each layer in the backward pass")
     p.add_argument("--peak-n", type=int, default=1024, help="per-device matmul size of the peak")

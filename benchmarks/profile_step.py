@@ -72,7 +72,7 @@ def classify_instructions(hlo_text: str, /) -> dict[str, dict]:
         >>> kinds["ynn_fusion.3"]["kind"]
         'matmul'
     """
-    from meshpar.hlo import instructions
+    from meshpar.inspect.hlo import instructions
 
     ops_of: dict[str, set[str]] = collections.defaultdict(set)
     calls_of: dict[str, list[str]] = collections.defaultdict(list)
@@ -190,7 +190,7 @@ def profile(*, mesh_text: str, preset: str, batch_size: int, seq_len: int, remat
 
     import bench_strategies
     import meshpar as mp
-    from meshpar.data import TokenBatches
+    from meshpar.train.data import TokenBatches
 
     cfg = bench_strategies.gpt_config(preset, seq_len=seq_len, remat=remat)
     mesh = mp.make_mesh(mesh_text)

@@ -21,8 +21,8 @@ if __name__ == "__main__":
 import optax  # noqa: E402
 from flax import nnx  # noqa: E402
 
-from meshpar.data import TokenBatches  # noqa: E402
 from meshpar.models import GPT, get_preset, lm_loss  # noqa: E402
+from meshpar.train.data import TokenBatches  # noqa: E402
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -55,7 +55,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     print("  blocks/wq:", plan["blocks/wq"].spec, " blocks/w_in:", plan["blocks/w_in"].spec)
     data = TokenBatches(batch_size=args.batch_size, seq_len=args.seq_len, seed=0)
     if args.explain:
-        from meshpar.explain import explain, format_explain, gpt_train_flops
+        from meshpar.inspect.explain import explain, format_explain, gpt_train_flops
 
         report = explain(trainer, data.batch(0), d_model=cfg.d_model, layer_remat=cfg.remat,
                          model_flops=gpt_train_flops(cfg, batch_size=args.batch_size,

@@ -21,9 +21,9 @@ if __name__ == "__main__":
 import optax  # noqa: E402
 from flax import nnx  # noqa: E402
 
-from meshpar.data import TokenBatches  # noqa: E402
 from meshpar.models import GPT, get_preset, lm_loss  # noqa: E402
-from meshpar.schedule import schedule_table  # noqa: E402
+from meshpar.parallel.schedule import schedule_table  # noqa: E402
+from meshpar.train.data import TokenBatches  # noqa: E402
 
 
 def main(argv: Sequence[str] | None = None) -> int:

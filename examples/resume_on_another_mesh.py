@@ -25,9 +25,9 @@ import numpy as np  # noqa: E402
 import optax  # noqa: E402
 from flax import nnx  # noqa: E402
 
-from meshpar.checkpoint import Checkpointer, restore_target  # noqa: E402
-from meshpar.data import TokenBatches  # noqa: E402
 from meshpar.models import GPT, get_preset, lm_loss  # noqa: E402
+from meshpar.train.checkpoint import Checkpointer, restore_target  # noqa: E402
+from meshpar.train.data import TokenBatches  # noqa: E402
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -8,7 +8,8 @@ Example:
     >>> metrics = trainer.step(batch)
 """
 
-from meshpar.devices import emulate_devices
+from meshpar import _moved
+from meshpar.backend.devices import emulate_devices
 from meshpar.errors import (
     DeviceEmulationError,
     IndivisibleError,
@@ -20,16 +21,16 @@ from meshpar.errors import (
     TrainingError,
     UnannotatedParameterError,
 )
-from meshpar.layout import activate, constrain
-from meshpar.loss import Ratio, Summed
+from meshpar.inspect.report import format_plan, plan_to_dict
 from meshpar.mesh import format_mesh, make_mesh, parse_mesh
-from meshpar.report import format_plan, plan_to_dict
-from meshpar.rules import Rules
-from meshpar.shard import ShardingPlan, init_linen, init_nnx, plan_linen, plan_nnx_state
-from meshpar.stack import scan_layers
-from meshpar.strategy import PRESETS as STRATEGIES
-from meshpar.strategy import Strategy, get_strategy
+from meshpar.parallel.layout import activate, constrain
+from meshpar.parallel.stack import scan_layers
+from meshpar.sharding.placement import ShardingPlan, init_linen, init_nnx, plan_linen, plan_nnx_state
+from meshpar.sharding.rules import Rules
+from meshpar.sharding.strategy import PRESETS as STRATEGIES
+from meshpar.sharding.strategy import Strategy, get_strategy
 from meshpar.train import Fallback, TrainConfig, Trainer
+from meshpar.train.loss import Ratio, Summed
 
 __all__ = [
     "DeviceEmulationError", "Fallback", "IndivisibleError", "MeshError", "MeshparError",
@@ -40,3 +41,11 @@ __all__ = [
     "make_mesh", "parse_mesh", "plan_linen", "plan_nnx_state", "plan_to_dict", "scan_layers",
 ]
 __version__ = "0.1.0"
+
+# The flat layout's module paths (meshpar.rules, meshpar.train's helpers, ...) keep importing.
+_moved.install()
+
+
+def __getattr__(name: str):
+    # ``import meshpar; meshpar.rules.Rules``: an old module reached as an attribute.
+    return _moved.old_attribute(name)

@@ -41,8 +41,32 @@ class StrategyError(MeshparError):
     """A strategy cannot be applied to this mesh, model or batch."""
 
 
+class StackNotScanned(StrategyError):
+    """The model used a stacked parameter outside :func:`meshpar.scan_layers` under ZeRO-3.
+
+    The trainer catches it and lets GSPMD reduce the gradients instead (see
+    :attr:`meshpar.Trainer.explicit_zero`).
+    """
+
+
 class TrainingError(MeshparError, RuntimeError):
     """Training cannot continue (for example, a non-finite loss)."""
+
+
+class CheckpointError(MeshparError):
+    """A checkpoint cannot be saved or restored (missing, partial, corrupted or mismatched)."""
+
+
+class DistributedError(MeshparError):
+    """A multi-process setting is missing, malformed, or applied too late."""
+
+
+class LaunchError(MeshparError):
+    """A launcher usage error; reported on stderr with exit code 2."""
+
+
+class UsageError(MeshparError):
+    """Bad command-line input (exit status 2)."""
 
 
 class MeshparWarning(UserWarning):

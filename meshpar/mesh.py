@@ -20,7 +20,7 @@ Meshes built elsewhere (``jax.make_mesh`` defaults to **Explicit** axes) are acc
   layout is unchanged. A model that relies on Explicit axes while it is traced (``out_sharding=``
   arguments to Flax layers or ``jnp.einsum``, ``jax.sharding.reshard``) cannot run under Auto
   axes; its first step raises one :class:`~meshpar.errors.MeshError` naming the call to change
-  (see :mod:`meshpar.explicit`).
+  (see :mod:`meshpar.sharding.explicit`).
   A caller's ``jax.set_mesh(explicit_mesh)`` around the Trainer (Flax's Gemma example sets its
   mesh for the whole run) is fine too: meshpar's step traces under its own mesh
   (:func:`meshpar.activate`).
@@ -38,12 +38,13 @@ import jax
 import numpy as np
 from jax.sharding import AxisType, Mesh
 
+from meshpar.axes import MESH_AXES
 from meshpar.errors import MeshError, MeshparWarning
 
 #: The mesh axes meshpar's strategies know, in the order meshpar lays them out by default
 #: (outermost first: the innermost axis gets neighbouring devices, which is where tensor parallel
 #: traffic wants to be).
-KNOWN_AXES = ("pipe", "data", "fsdp", "tensor")
+KNOWN_AXES = MESH_AXES
 
 _AXIS_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 

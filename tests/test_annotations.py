@@ -24,11 +24,11 @@ from jax.sharding import PartitionSpec as P
 
 import meshpar as mp
 from meshpar.errors import MeshparWarning
-from meshpar.explicit import explain_trace_error
 from meshpar.models import GPT, get_preset
-from meshpar.plan import plan_training
-from meshpar.rules import Rules
-from meshpar.shard import abstract_nnx, path_str
+from meshpar.sharding.explicit import explain_trace_error
+from meshpar.sharding.placement import abstract_nnx, path_str
+from meshpar.sharding.rules import Rules
+from meshpar.train.plan import plan_training
 
 from helpers.compare import flat, init_params, paired, rel_norm, run_steps, single_device_mesh
 

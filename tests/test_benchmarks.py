@@ -112,7 +112,7 @@ def test_benchmark_runs_on_tiny(bench, tmp_path, capsys):
         assert math.isclose(sum(k["measured_bytes"] for k in a["kinds"].values()),
                             a["measured_bytes"])
     assert per_axis["fsdp"]["kinds"]["gather"]["measured_bytes"] > 0
-    # ZeRO-3 reduce-scatters its gradients (meshpar.zero): at or below the 3(N-1)/N minimum
+    # ZeRO-3 reduce-scatters its gradients (meshpar.parallel.zero): at or below the 3(N-1)/N minimum
     # (below: the embedding is gathered once, not per layer); Megatron at its remat-aware count.
     assert 0.9 < per_axis["fsdp"]["ratio_min"] <= 1.0
     assert per_axis["tensor"]["ratio_remat"] == pytest.approx(1.0, abs=0.01)

@@ -18,8 +18,8 @@ import optax
 import pytest
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from meshpar.checkpoint import COMMIT_MARKER, TMP_SUFFIX, CheckpointError, Checkpointer, restore_target
 from meshpar.mesh import make_mesh
+from meshpar.train.checkpoint import COMMIT_MARKER, TMP_SUFFIX, CheckpointError, Checkpointer, restore_target
 
 from helpers.env import child_env
 
@@ -149,7 +149,7 @@ _KILLED_SAVE = textwrap.dedent(
     """
     import os, signal, sys
     import jax, numpy as np
-    from meshpar.checkpoint import Checkpointer
+    from meshpar.train.checkpoint import Checkpointer
     ckpt = Checkpointer(sys.argv[1])
     ckpt.save(1, {"w": jax.numpy.full((64, 64), 1.0)}, meta={"step": 1})
     ckpt.wait()

@@ -5,9 +5,9 @@ import pytest
 from flax import nnx
 
 import meshpar as mp
-from meshpar.data import TokenBatches
-from meshpar.hlo import collectives
+from meshpar.inspect.hlo import collectives
 from meshpar.models import GPT, get_preset, lm_loss
+from meshpar.train.data import TokenBatches
 
 CFG = get_preset("tiny").replace(layers=3)
 BATCH = TokenBatches(batch_size=16, seq_len=32, seed=0).batch(0)

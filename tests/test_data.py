@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from meshpar.data import TokenBatches, load_corpus, unigram_entropy
 from meshpar.errors import MeshparError
+from meshpar.train.data import TokenBatches, load_corpus, unigram_entropy
 
 
 def test_corpus_is_large_real_text():

@@ -1,4 +1,4 @@
-"""Multi-process runs through ``meshpar launch`` and ``meshpar.distributed``.
+"""Multi-process runs through ``meshpar launch`` and ``meshpar.backend.distributed``.
 
 The subprocess tests start real processes connected by ``jax.distributed`` (gloo collectives on
 CPU). Every subprocess has a hard timeout, and its environment is built from scratch so that it
@@ -22,20 +22,20 @@ import numpy as np
 import pytest
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from meshpar import distributed, launch
-from meshpar.distributed import DistributedError
+from meshpar.backend import distributed, launch
+from meshpar.backend.distributed import DistributedError
 from meshpar.mesh import make_mesh
 
 from helpers.env import child_env
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-CHECK = "meshpar._dist_check"
+CHECK = "tests.helpers.dist_check"
 
 
 def run_launch(*args: str, timeout: float = 90, env: dict[str, str] | None = None):
     start = time.monotonic()
     proc = subprocess.run(
-        [sys.executable, "-m", "meshpar.launch", *args],
+        [sys.executable, "-m", "meshpar", "launch", *args],
         env=env or child_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
         timeout=timeout, cwd=REPO,
     )
@@ -122,7 +122,7 @@ def test_missing_peer_fails_within_the_init_timeout():
 
 
 def test_no_settings_and_no_cluster_is_explained():
-    code = ("from meshpar import distributed\n"
+    code = ("from meshpar.backend import distributed\n"
             "try:\n    distributed.initialize()\n"
             "except distributed.DistributedError as e:\n    print('ERR', e)\n")
     proc = subprocess.run([sys.executable, "-c", code], env=child_env(), capture_output=True,
@@ -144,7 +144,7 @@ def test_port_in_use_is_a_usage_error():
 
 def test_sigint_is_forwarded(tmp_path):
     proc = subprocess.Popen(
-        [sys.executable, "-m", "meshpar.launch", "--processes", "2", "--cpu-devices-per-process",
+        [sys.executable, "-m", "meshpar", "launch", "--processes", "2", "--cpu-devices-per-process",
          "4", "--module", CHECK, "--", "--die-after", "1000", "--die-rank", "9"],
         env=child_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=REPO,
     )

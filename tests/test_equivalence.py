@@ -33,13 +33,13 @@ import optax
 import pytest
 from flax import nnx
 
-from meshpar.data import TokenBatches
 from meshpar.errors import StrategyError, TrainingError
-from meshpar.layout import constrain
 from meshpar.mesh import make_mesh
 from meshpar.models import GPT, get_preset, lm_loss
-from meshpar.strategy import Strategy, get_strategy
+from meshpar.parallel.layout import constrain
+from meshpar.sharding.strategy import Strategy, get_strategy
 from meshpar.train import TrainConfig, Trainer
+from meshpar.train.data import TokenBatches
 
 from helpers.compare import (assert_losses_and_grads_match, deviations, flat, init_params,
                              mesh_axes, paired, rel_norm, run_steps, single_device_mesh)

@@ -1,4 +1,4 @@
-"""``meshpar.explain``: the compiled step's figures agree with what each strategy promises.
+"""``meshpar.inspect.explain``: the compiled step's figures agree with what each strategy promises.
 
 One report per layout (module-scoped: each compiles one train step of the tiny GPT, batch
 16 x 32), checked against the analytic figures within the tolerances the strategies promise.
@@ -14,7 +14,7 @@ import pytest
 
 import meshpar as mp
 from meshpar.cli import main as cli_main
-from meshpar.explain import dot_flops, explain_gpt, format_explain, gpt_train_flops
+from meshpar.inspect.explain import dot_flops, explain_gpt, format_explain, gpt_train_flops
 from meshpar.models import get_preset
 
 CFG = get_preset("tiny")  # 2 layers, d_model 64, vocab 256, seq 32
@@ -73,7 +73,7 @@ def test_zero3_gathers_each_layer_twice_and_reduce_scatters_the_gradients(zero3)
     assert _check(zero3, "ZeRO-3 all-gathers, all")["ratio"] == pytest.approx(1.0, abs=0.02)
     red = _check(zero3, "gradient reduction over fsdp")
     assert red["analytic"] == 4 * PSI
-    # meshpar.zero reduce-scatters every gradient once (the tied embedding's two uses are summed
+    # meshpar.parallel.zero reduce-scatters every gradient once (the tied embedding's two uses are summed
     # before its single reduce-scatter); only the loss and grad-norm scalars come on top.
     assert 0 <= red["measured"] - red["analytic"] <= 128
     ring = _check(zero3, "ring traffic over fsdp")  # 3(N-1)/N G: the ZeRO paper's 3Ψ

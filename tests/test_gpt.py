@@ -9,11 +9,11 @@ import pytest
 from flax import nnx
 
 from meshpar.errors import MeshparError, StrategyError
-from meshpar.layout import activate
 from meshpar.mesh import make_mesh
 from meshpar.models import GPT, PRESETS, GPTConfig, get_preset, lm_loss
-from meshpar.remat import REMAT_POLICIES, maybe_remat, remat_policy
-from meshpar.rules import Rules
+from meshpar.parallel.layout import activate
+from meshpar.parallel.remat import REMAT_POLICIES, maybe_remat, remat_policy
+from meshpar.sharding.rules import Rules
 
 TINY = get_preset("tiny")
 

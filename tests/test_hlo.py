@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 import meshpar as mp
-from meshpar.hlo import (COLLECTIVES, Instruction, collectives, collectives_in_loops, dot_flops,
+from meshpar.inspect.hlo import (COLLECTIVES, Instruction, collectives, collectives_in_loops, dot_flops,
                          dots, instructions, mesh_axes_of, parse_groups)
 
 

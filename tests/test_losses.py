@@ -1,4 +1,4 @@
-"""What a loss function may return, how meshpar reduces it, and what it refuses (meshpar.loss).
+"""What a loss function may return, how meshpar reduces it, and what it refuses (meshpar.train.loss).
 
 * ``mp.Ratio(total, weight)`` equals its full-batch value on every path, the batch-local ones
   included (``TrainConfig(row_separable=True)``: ZeRO-2/3 written-out collectives, DP

@@ -27,7 +27,7 @@ import time
 import numpy as np
 import pytest
 
-from meshpar.checkpoint import Checkpointer
+from meshpar.train.checkpoint import Checkpointer
 
 from helpers.env import child_env
 

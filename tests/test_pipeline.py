@@ -18,10 +18,10 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from meshpar.errors import StrategyError
-from meshpar.layout import activate, constrain
+from meshpar.inspect.hlo import collectives_in_loops
 from meshpar.mesh import make_mesh
-from meshpar.hlo import collectives_in_loops
-from meshpar.pipeline import (
+from meshpar.parallel.layout import activate, constrain
+from meshpar.parallel.pipeline import (
     PipelineConfig,
     pipeline_apply,
     repeat_table,
@@ -29,7 +29,7 @@ from meshpar.pipeline import (
     stack_stages,
     unstack_stages,
 )
-from meshpar.rules import Rules
+from meshpar.sharding.rules import Rules
 
 D, F, MB = 16, 32, 8           # width, hidden width, microbatch size
 # fp32. A weight gradient is a sum over all M x mb rows, which the reference adds in one dot and

@@ -8,11 +8,11 @@ does for the unpipelined strategies:
 
 1. ``loss_and_grads`` at init: the loss and every gradient leaf (the stack's gradients come in
    stage layout ``[(repeats,) stages, layers/chunk, ...]`` and are converted back with
-   :func:`meshpar.plan.to_flat_layout`);
+   :func:`meshpar.train.plan.to_flat_layout`);
 2. the losses of three ``step()`` calls on three different batches;
 3. every parameter after those three steps, read with :meth:`Trainer.flat_params`.
 
-Then the compiled step's collectives (``meshpar.hlo``), the maximal bubble (``M = 1``), the
+Then the compiled step's collectives (``meshpar.inspect.hlo``), the maximal bubble (``M = 1``), the
 configuration errors, and the CLI (``train`` losses on a pipelined mesh equal those on
 ``data=8``; ``inspect`` reports the pipeline).
 
@@ -39,13 +39,13 @@ import pytest
 from flax import nnx
 
 import meshpar.cli
-from meshpar.data import TokenBatches
 from meshpar.errors import StrategyError
-from meshpar.hlo import collectives
+from meshpar.inspect.hlo import collectives
 from meshpar.mesh import make_mesh
 from meshpar.models import GPT, get_preset, lm_loss
-from meshpar.plan import to_flat_layout
 from meshpar.train import TrainConfig, Trainer
+from meshpar.train.data import TokenBatches
+from meshpar.train.plan import to_flat_layout
 
 from helpers.compare import (assert_losses_and_grads_match, deviations, flat, init_params,
                              mesh_axes, paired, rel_norm, run_steps, single_device_mesh)
@@ -240,7 +240,7 @@ def test_pipelined_training_matches_single_device(case):
     assert p is not None and (p.stages, p.microbatches, p.schedule, p.repeats) == (
         case.stages, case.microbatches, case.schedule, case.repeats)
     # The batch axes that replicate the weights run manual in the stages: data, and fsdp below
-    # ZeRO-3 (meshpar.plan.pipeline_config).
+    # ZeRO-3 (meshpar.train.plan.pipeline_config).
     assert p.batch_axes == manual_axes(case), (p.batch_axes, manual_axes(case))
     # Every stack parameter is stored with its stage dimension split over pipe.
     stage_dim = 0 if case.repeats == 1 else 1

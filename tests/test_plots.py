@@ -1,4 +1,4 @@
-"""``meshpar.plots`` and ``meshpar inspect --plots``: PNGs written, non-empty, for plain and
+"""``meshpar.inspect.plots`` and ``meshpar inspect --plots``: PNGs written, non-empty, for plain and
 pipelined layouts."""
 
 from __future__ import annotations
@@ -11,11 +11,11 @@ from flax import nnx
 
 import meshpar as mp
 from meshpar.cli import main as cli_main
+from meshpar.inspect.plots import (_blocks, plot_param_sharding, plot_pipeline_schedule,
+                                   plot_strategy_memory, strategy_memory)
 from meshpar.models import GPT, get_preset
-from meshpar.plan import plan_training
-from meshpar.plots import (_blocks, plot_param_sharding, plot_pipeline_schedule,
-                           plot_strategy_memory, strategy_memory)
-from meshpar.schedule import PipelineConfig
+from meshpar.parallel.schedule import PipelineConfig
+from meshpar.train.plan import plan_training
 
 CFG = get_preset("tiny")
 

@@ -12,7 +12,7 @@ from flax import nnx
 import meshpar as mp
 from meshpar.cli import main as cli_main
 from meshpar.models import GPT, get_preset
-from meshpar.shard import abstract_nnx
+from meshpar.sharding.placement import abstract_nnx
 
 GOLDEN = pathlib.Path(__file__).parent / "golden"
 LAYOUTS = {

@@ -28,13 +28,13 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from meshpar.checkpoint import COMMIT_MARKER, TMP_SUFFIX, Checkpointer
 from meshpar.cli import main as cli_main
-from meshpar.data import TokenBatches
+from meshpar.cli.train import make_optimizer
 from meshpar.mesh import make_mesh
 from meshpar.models import GPT, get_preset, lm_loss
-from meshpar.run import make_optimizer
 from meshpar.train import TrainConfig, Trainer
+from meshpar.train.checkpoint import COMMIT_MARKER, TMP_SUFFIX, Checkpointer
+from meshpar.train.data import TokenBatches
 
 from helpers.env import child_env
 

@@ -4,7 +4,7 @@ import pytest
 from jax.sharding import PartitionSpec as P
 
 import meshpar as mp
-from meshpar.rules import Rules
+from meshpar.sharding.rules import Rules
 
 
 @pytest.fixture(scope="module")

@@ -9,8 +9,8 @@ from flax import nnx
 from jax.sharding import PartitionSpec as P
 
 import meshpar as mp
-from meshpar.rules import Rules
-from meshpar.shard import abstract_nnx
+from meshpar.sharding.placement import abstract_nnx
+from meshpar.sharding.rules import Rules
 
 RULES = Rules.table([("embed", "fsdp"), ("embed", None), ("mlp", "tensor"), ("mlp", None)])
 

@@ -6,7 +6,7 @@ import pytest
 from flax import nnx
 
 import meshpar as mp
-from meshpar.plan import plan_training, unused_mesh_axes
+from meshpar.train.plan import plan_training, unused_mesh_axes
 
 
 class _MLP(nnx.Module):

@@ -1,4 +1,4 @@
-"""``meshpar.zero``: ZeRO-2/3 gradients reduce-scattered by hand, and where GSPMD takes over."""
+"""``meshpar.parallel.zero``: ZeRO-2/3 gradients reduce-scattered by hand, and where GSPMD takes over."""
 
 import re
 
@@ -10,13 +10,13 @@ import pytest
 from flax import nnx
 
 import meshpar as mp
-from meshpar.data import TokenBatches
-from meshpar.explain import explain_gpt
-from meshpar.hlo import collectives
-from meshpar.layout import constrain
+from meshpar.inspect.explain import explain_gpt
+from meshpar.inspect.hlo import collectives
 from meshpar.models import GPT, get_preset, lm_loss
-from meshpar.rules import Rules
-from meshpar.strategy import Strategy
+from meshpar.parallel.layout import constrain
+from meshpar.sharding.rules import Rules
+from meshpar.sharding.strategy import Strategy
+from meshpar.train.data import TokenBatches
 
 CFG = get_preset("tiny")  # 2 layers, d_model 64: Ψ = 118016
 PSI = CFG.param_count()
@@ -158,7 +158,7 @@ def test_an_error_in_meshpars_own_gathers_surfaces_instead_of_a_silent_fallback(
     # The fallback to GSPMD is for models that use a stacked shard outside scan_layers; a bug in
     # the up-front gathers (which run before the stack is reached, so the stack is "unused")
     # must not be mistaken for that and hidden.
-    from meshpar import zero
+    from meshpar.parallel import zero
 
     def broken(*args, **kwargs):
         raise RuntimeError("gather bug")

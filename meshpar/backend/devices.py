@@ -15,7 +15,7 @@ from meshpar.errors import DeviceEmulationError
 
 def _backend_started() -> bool:
     # ``jax._src.xla_bridge`` keeps the initialised backends in a private dict; reading it is the
-    # only way to know without starting the backend ourselves.
+    # only way to know without starting the backend ourselves (private JAX: read only when asked).
     from jax._src import xla_bridge
 
     return bool(getattr(xla_bridge, "_backends", {}))

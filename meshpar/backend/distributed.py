@@ -49,8 +49,8 @@ from typing import Any
 import jax
 import numpy as np
 
-from meshpar.errors import MeshparError
-from meshpar.shard import path_str
+from meshpar.errors import DistributedError
+from meshpar.keypath import path_str
 
 __all__ = [
     "DistributedError",
@@ -80,10 +80,6 @@ ENV_HEARTBEAT_TIMEOUT = "MESHPAR_HEARTBEAT_TIMEOUT"
 _ADDRESS = re.compile(r"^(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9_.-]+):(\d{1,5})$")
 
 
-class DistributedError(MeshparError):
-    """A multi-process setting is missing, malformed, or applied too late."""
-
-
 def _backend_started() -> bool:
     from jax._src import xla_bridge  # the check jax.distributed.initialize itself uses
 
@@ -96,7 +92,7 @@ def is_initialized() -> bool:
     Example:
         >>> if not is_initialized(): initialize()
     """
-    from jax._src import distributed as _dist
+    from jax._src import distributed as _dist  # private JAX: read only when asked
 
     return _dist.global_state.client is not None
 
@@ -211,11 +207,11 @@ def initialize(
 
     if is_initialized():
         raise DistributedError(
-            "meshpar.distributed.initialize() was already called in this process; call it once"
+            "meshpar.backend.distributed.initialize() was already called in this process; call it once"
         )
     if _backend_started():
         raise DistributedError(
-            "meshpar.distributed.initialize() must run before JAX starts its backend, but "
+            "meshpar.backend.distributed.initialize() must run before JAX starts its backend, but "
             "jax.devices() or an array operation already ran; call it first thing in the program "
             "(importing jax is fine)"
         )

@@ -3,12 +3,12 @@
 ::
 
     meshpar launch --processes 2 --cpu-devices-per-process 4 -- train --mesh data=2,fsdp=2,tensor=2
-    python -m meshpar.launch --processes 2 --module meshpar._dist_check -- --die-after 1
+    python -m meshpar.backend.launch --processes 2 --module tests.helpers.dist_check -- --die-after 1
 
 Each child is ``python -m <module> <args...>`` (module ``meshpar`` by default) with
 ``MESHPAR_COORDINATOR=127.0.0.1:<port>``, ``MESHPAR_NUM_PROCESSES``, ``MESHPAR_PROCESS_ID``,
 ``MESHPAR_INIT_TIMEOUT``, ``MESHPAR_HEARTBEAT_TIMEOUT`` and, if asked, ``MESHPAR_CPU_DEVICES`` set,
-which :func:`meshpar.distributed.initialize` reads. Every output line of child ``i`` (stdout and
+which :func:`meshpar.backend.distributed.initialize` reads. Every output line of child ``i`` (stdout and
 stderr merged) is printed as ``[p{i}] line``. SIGINT/SIGTERM are forwarded to the children (a
 second SIGINT kills them); on Linux a child also dies if the launcher is killed. When a child
 fails, the launcher says which and how (exit code or signal), waits ``--grace`` seconds for the
@@ -33,6 +33,8 @@ import threading
 import time
 from collections.abc import Sequence
 
+from meshpar.errors import LaunchError
+
 #: Seconds between SIGTERM and SIGKILL when the launcher stops its children.
 KILL_AFTER_S = 5.0
 USAGE_EXIT = 2
@@ -56,10 +58,6 @@ def _die_with_launcher(parent: int):
             os._exit(1)
 
     return setup if _PRCTL is not None else None
-
-
-class LaunchError(Exception):
-    """A launcher usage error; reported on stderr with exit code 2."""
 
 
 def _positive_int(text: str) -> int:
@@ -359,7 +357,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """The standalone parser of ``meshpar launch`` / ``python -m meshpar.launch``."""
+    """The standalone parser of ``meshpar launch`` / ``python -m meshpar.backend.launch``."""
     parser = argparse.ArgumentParser(
         prog="meshpar launch",
         description="Run N local processes of a meshpar program, connected by jax.distributed.",

@@ -1,23 +1,21 @@
-"""The ``meshpar`` command: ``inspect`` a layout, ``train`` the built-in GPT, ``launch`` processes.
-
-Device emulation has to happen before JAX starts its backend, so this module parses arguments
-first and imports nothing that touches devices until it has set the CPU device count.
-"""
+"""The ``meshpar`` command's arguments: the parser, and the model, mesh and strategy they describe."""
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
-import sys
-from collections.abc import Sequence
 
-from meshpar.errors import MeshparError
+from jax.sharding import Mesh
+
+from meshpar.axes import PIPE
+from meshpar.errors import UsageError
+from meshpar.mesh import make_mesh, parse_mesh
+from meshpar.models import GPTConfig, get_preset
+from meshpar.sharding.strategy import Strategy, get_strategy
 
 DEFAULT_MESH = "data=2,fsdp=2,tensor=2"
-
-
-class UsageError(MeshparError):
-    """Bad command-line input (exit status 2)."""
+#: The first line of ``meshpar --help``.
+DESCRIPTION = "The ``meshpar`` command: ``inspect`` a layout, ``train`` the built-in GPT, ``launch`` processes."
 
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
@@ -50,7 +48,7 @@ def _add_layout_args(p: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="meshpar", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="meshpar", description=DESCRIPTION)
     sub = parser.add_subparsers(dest="command", required=True)
 
     ins = sub.add_parser("inspect", help="print how every parameter is sharded")
@@ -88,9 +86,8 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _model_config(args):
-    from meshpar.models import get_preset
-
+def model_config(args: argparse.Namespace) -> GPTConfig:
+    """The built-in GPT's config: the preset with the command line's overrides."""
     cfg = get_preset(args.preset)
     overrides = {
         "layers": args.layers, "d_model": args.d_model, "heads": args.heads,
@@ -103,16 +100,14 @@ def _model_config(args):
     return dataclasses.replace(cfg, **overrides) if overrides else cfg
 
 
-def _layout(args):
-    from meshpar.mesh import make_mesh, parse_mesh
-    from meshpar.strategy import get_strategy
-
+def mesh_and_strategy(args: argparse.Namespace) -> tuple[Mesh, Strategy]:
+    """The mesh and the strategy (fitted to it) that ``--mesh``, ``--strategy``, ... describe."""
     mesh = make_mesh(parse_mesh(args.mesh))
     strategy = get_strategy(
         args.strategy, zero_stage=args.zero,
         sequence_parallel=True if args.sequence_parallel else None,
     )
-    if mesh.shape.get("pipe", 1) == 1 and (args.schedule != "gpipe" or args.repeats != 1):
+    if mesh.shape.get(PIPE, 1) == 1 and (args.schedule != "gpipe" or args.repeats != 1):
         raise UsageError(
             f"--schedule {args.schedule} --repeats {args.repeats} need a pipe axis of size > 1 "
             f"in the mesh, e.g. --mesh pipe=2,{args.mesh}"
@@ -120,45 +115,3 @@ def _layout(args):
     if args.schedule == "gpipe" and args.repeats != 1:
         raise UsageError(f"--repeats {args.repeats} needs --schedule circular")
     return mesh, strategy.for_mesh(mesh)
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of the ``meshpar`` command."""
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if argv[:1] == ["launch"]:
-        from meshpar import launch
-
-        return launch.main(argv[1:])
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    try:
-        import os
-
-        if args.cpu_devices < 1:
-            raise UsageError(f"--cpu-devices {args.cpu_devices}: must be >= 1")
-        if os.environ.get("MESHPAR_NUM_PROCESSES"):
-            # Started by `meshpar launch` (or a scheduler setting MESHPAR_*): join the job first;
-            # initialize() sets this process's CPU device count from MESHPAR_CPU_DEVICES.
-            from meshpar import distributed
-
-            distributed.initialize()
-        else:
-            from meshpar.devices import emulate_devices
-
-            emulate_devices(args.cpu_devices)
-        if args.command == "inspect":
-            from meshpar.inspect_cmd import inspect_main
-
-            return inspect_main(args)
-        if args.command == "train":
-            from meshpar.run import train_main
-
-            return train_main(args)
-    except MeshparError as err:
-        print(f"meshpar {args.command}: error: {err}", file=sys.stderr)
-        return 2
-    return 2
-
-
-if __name__ == "__main__":
-    sys.exit(main())

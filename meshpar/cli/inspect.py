@@ -1,9 +1,9 @@
 """``meshpar inspect``: how a layout places the built-in GPT, and what it costs.
 
-Without options it prints the parameter table (:func:`meshpar.report.format_plan`). With
+Without options it prints the parameter table (:func:`meshpar.inspect.report.format_plan`). With
 ``--compiled`` it also compiles one train step for the layout and prints
-:func:`meshpar.explain.format_explain` (memory, FLOPs, collectives beside the strategy's analytic
-figures); ``--plots DIR`` writes PNGs (:mod:`meshpar.plots`): ``sharding.png``, ``memory.png``
+:func:`meshpar.inspect.explain.format_explain` (memory, FLOPs, collectives beside the strategy's analytic
+figures); ``--plots DIR`` writes PNGs (:mod:`meshpar.inspect.plots`): ``sharding.png``, ``memory.png``
 and, for a mesh with a ``pipe`` axis, ``schedule.png``.
 """
 
@@ -15,18 +15,21 @@ import json
 import os
 import sys
 
+from flax import nnx
+
+from meshpar.cli.args import mesh_and_strategy, model_config
+from meshpar.errors import MeshparError
+from meshpar.inspect.explain import explain_gpt, format_explain
+from meshpar.inspect.report import format_plan, plan_to_dict
+from meshpar.mesh import format_mesh, make_mesh
+from meshpar.models import GPT
+from meshpar.train.plan import plan_training
+
 
 def inspect_main(args: argparse.Namespace) -> int:
     """Run ``meshpar inspect`` with parsed arguments; returns the exit status."""
-    from flax import nnx
-
-    from meshpar.cli import _layout, _model_config
-    from meshpar.models import GPT
-    from meshpar.plan import plan_training
-    from meshpar.report import format_plan, plan_to_dict
-
-    cfg = _model_config(args)
-    mesh, strategy = _layout(args)
+    cfg = model_config(args)
+    mesh, strategy = mesh_and_strategy(args)
     make_model = lambda: GPT(cfg, rngs=nnx.Rngs(0))  # noqa: E731
     layout = plan_training(
         make_model, mesh=mesh, strategy=strategy,
@@ -36,8 +39,6 @@ def inspect_main(args: argparse.Namespace) -> int:
     pipeline = _pipeline_summary(layout)
     compiled = None
     if getattr(args, "compiled", False):
-        from meshpar.explain import explain_gpt
-
         compiled = explain_gpt(
             cfg, mesh=mesh, strategy=strategy, microbatches=args.microbatches,
             schedule=args.schedule, repeats=args.repeats, batch_size=args.batch_size,
@@ -71,8 +72,6 @@ def inspect_main(args: argparse.Namespace) -> int:
                 f"(P-1)/(v*M+P-1) = {pipeline['bubble_fraction']:.3f}"
             )
         if compiled is not None:
-            from meshpar.explain import format_explain
-
             print()
             print(format_explain(compiled))
         for path in plots:
@@ -103,8 +102,6 @@ def comparison_layouts(config, /, *, devices: int) -> dict:
         >>> list(comparison_layouts(get_preset("tiny"), devices=8))
         ['DP', 'ZeRO-1', 'ZeRO-2', 'ZeRO-3', 'TP']
     """
-    from meshpar.mesh import make_mesh
-
     out = {"DP": (make_mesh(data=devices), "dp")}
     for stage in (1, 2, 3):
         out[f"ZeRO-{stage}"] = (make_mesh(fsdp=devices), f"zero{stage}")
@@ -123,17 +120,16 @@ def write_plots(directory, *, make_model, layout, mesh, strategy, config, args,
 
     ``memory.png`` compares DP, ZeRO-1/2/3 and TP of the same model on as many devices
     (:func:`comparison_layouts`) with this layout, marking the compiled figure when ``compiled``
-    (an :func:`meshpar.explain.explain_gpt` report) is given.
+    (an :func:`meshpar.inspect.explain.explain_gpt` report) is given.
 
     Example:
         >>> write_plots("out", make_model=make_model, layout=plan_training(...), mesh=mesh,
         ...             strategy=strategy, config=cfg, args=args)    # doctest: +SKIP
         ['out/sharding.png', 'out/memory.png']
     """
-    from meshpar.errors import MeshparError
-    from meshpar.mesh import format_mesh
-    from meshpar.plots import (plot_param_sharding, plot_pipeline_schedule,
-                               plot_strategy_memory, strategy_memory)
+    # Lazy: matplotlib is imported only by a run that writes plots.
+    from meshpar.inspect.plots import (plot_param_sharding, plot_pipeline_schedule,
+                                       plot_strategy_memory, strategy_memory)
 
     os.makedirs(directory, exist_ok=True)
     written = []

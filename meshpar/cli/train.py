@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import sys
 import time
 
@@ -13,11 +14,15 @@ import numpy as np
 import optax
 from flax import nnx
 
-from meshpar.data import TokenBatches, load_corpus, unigram_entropy
-from meshpar.errors import MeshparError
+from meshpar.axes import TENSOR
+from meshpar.backend.distributed import local_slice
+from meshpar.cli.args import mesh_and_strategy, model_config
+from meshpar.errors import CheckpointError, MeshparError, UsageError
 from meshpar.mesh import format_mesh
 from meshpar.models import GPT, lm_loss
 from meshpar.train import TrainConfig, Trainer
+from meshpar.train.checkpoint import Checkpointer
+from meshpar.train.data import TokenBatches, load_corpus, unigram_entropy
 
 
 def make_optimizer(lr: float, steps: int) -> optax.GradientTransformation:
@@ -28,8 +33,6 @@ def make_optimizer(lr: float, steps: int) -> optax.GradientTransformation:
 
 
 def _check_args(args: argparse.Namespace, cfg) -> None:
-    from meshpar.cli import UsageError
-
     for flag in ("steps", "batch_size", "microbatches", "repeats", "keep_checkpoints"):
         if getattr(args, flag) < 1:
             raise UsageError(f"--{flag.replace('_', '-')} {getattr(args, flag)}: must be >= 1")
@@ -47,21 +50,19 @@ def _check_args(args: argparse.Namespace, cfg) -> None:
 
 def train_main(args: argparse.Namespace) -> int:
     """Run ``meshpar train`` with parsed arguments; returns the exit status."""
-    from meshpar.cli import _layout, _model_config
-
-    cfg = _model_config(args)
+    cfg = model_config(args)
     _check_args(args, cfg)
-    mesh, strategy = _layout(args)
+    mesh, strategy = mesh_and_strategy(args)
     seq_len = cfg.seq_len
-    if strategy.sequence_parallel and "tensor" in mesh.shape and seq_len % mesh.shape["tensor"]:
+    if strategy.sequence_parallel and TENSOR in mesh.shape and seq_len % mesh.shape[TENSOR]:
         raise MeshparError(
-            f"--seq-len {seq_len} is not divisible by tensor={mesh.shape['tensor']}, which "
+            f"--seq-len {seq_len} is not divisible by tensor={mesh.shape[TENSOR]}, which "
             "sequence parallel splits it over; choose a multiple"
         )
     for name, size in (("--heads", cfg.heads), ("--mlp-dim", cfg.mlp_dim)):
-        if "tensor" in mesh.shape and size % mesh.shape["tensor"]:
+        if TENSOR in mesh.shape and size % mesh.shape[TENSOR]:
             raise MeshparError(
-                f"{name} {size} is not divisible by tensor={mesh.shape['tensor']}, which tensor "
+                f"{name} {size} is not divisible by tensor={mesh.shape[TENSOR]}, which tensor "
                 "parallel splits it over; choose a multiple or a smaller tensor axis"
             )
     config = TrainConfig(
@@ -97,7 +98,7 @@ def train_main(args: argparse.Namespace) -> int:
     metrics_file = open(args.metrics_file, "w") if args.metrics_file and main_process else None
     bar = None
     if main_process and not args.no_progress:
-        from tqdm import tqdm
+        from tqdm import tqdm  # lazy: only a run that draws a progress bar needs it
 
         bar = tqdm(total=args.steps, desc="train", unit="step", file=sys.stderr, dynamic_ncols=True)
     tokens_per_step = args.batch_size * seq_len
@@ -148,8 +149,6 @@ def _local_rows(batch, trainer):
     """This process's rows of a global host batch (all of it in a single process)."""
     if jax.process_count() == 1:
         return batch
-    from meshpar.distributed import local_slice
-
     return local_slice(batch, {k: trainer.batch_sharding(v.ndim) for k, v in batch.items()})
 
 
@@ -158,8 +157,6 @@ _RESUME_KEYS = ("seed", "batch_size", "seq_len")
 
 
 def _meta(args, cfg, mesh, strategy, step: int) -> dict:
-    from meshpar.mesh import format_mesh
-
     return {
         "step": step, "data_step": step, "seed": args.seed, "batch_size": args.batch_size,
         "seq_len": cfg.seq_len, "steps": args.steps, "lr": args.lr,
@@ -174,10 +171,6 @@ _COMPUTE_ONLY = ("remat",)
 
 def _open_checkpoints(args, trainer, cfg, mesh, strategy):
     """The checkpointer (or None) and the step to start from (restoring if --resume)."""
-    import os
-
-    from meshpar.checkpoint import Checkpointer, CheckpointError
-
     if not args.checkpoint_dir:
         return None, 0
     if os.path.exists(args.checkpoint_dir) and not os.path.isdir(args.checkpoint_dir):

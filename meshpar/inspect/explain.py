@@ -7,7 +7,7 @@ from the compiled program:
   so the total is ``arguments + outputs + temporaries - aliased``;
 * **FLOPs** per device: ``cost_analysis()["flops"]`` (XLA counts a ``while`` body once, whatever
   its trip count) and the matmul FLOPs of the HLO ``dot`` ops weighted by loop trip counts;
-* **collectives** per step from :mod:`meshpar.hlo`, grouped by kind and mesh axes, split into
+* **collectives** per step from :mod:`meshpar.inspect.hlo`, grouped by kind and mesh axes, split into
   forward, backward and update phases (from each op's ``op_name`` metadata).
 
 Each is set beside the analytic figure of the strategy, with the ratio. ``Ψ`` below is the
@@ -50,11 +50,17 @@ from typing import Any
 
 import jax
 import numpy as np
+import optax
+from flax import nnx
 
-from meshpar import hlo
-from meshpar.report import human_bytes
+from meshpar.axes import BATCH_AXES, FSDP, PIPE, TENSOR
+from meshpar.inspect import hlo
+from meshpar.inspect.report import human_bytes
+from meshpar.models import GPT, lm_loss
+from meshpar.sharding.strategy import get_strategy
+from meshpar.train import TrainConfig, Trainer
+from meshpar.train.data import TokenBatches
 
-_BATCH_AXES = ("data", "fsdp")
 _OP_NAME = re.compile(r'op_name="([^"]*)"')
 _PHASES = ("forward", "backward", "update")
 
@@ -70,7 +76,7 @@ def _phase(op_name: str) -> str:
 
 
 def dot_flops(hlo_text: str, /) -> float:
-    """Matmul FLOPs per device, each ``dot`` weighted by its loop trips (see :func:`meshpar.hlo.dot_flops`).
+    """Matmul FLOPs per device, each ``dot`` weighted by its loop trips (see :func:`meshpar.inspect.hlo.dot_flops`).
 
     Example:
         >>> f = jax.jit(lambda x, w: jax.lax.scan(lambda c, _: (c @ w, None), x, None, length=5)[0])
@@ -150,11 +156,11 @@ def _bytes_of(abstract: Any, shardings: Any) -> int:
 
 
 def _only_batch(axes) -> bool:
-    return bool(axes) and set(axes) <= set(_BATCH_AXES)
+    return bool(axes) and set(axes) <= set(BATCH_AXES)
 
 
 def _only_tensor(axes) -> bool:
-    return tuple(axes) == ("tensor",)
+    return tuple(axes) == (TENSOR,)
 
 
 @dataclasses.dataclass
@@ -175,18 +181,18 @@ class _Facts:
         self.mesh, self.strategy, self.plan = tr.mesh, tr.strategy, tr.plan
         self.pipeline = tr.pipeline
         self.size = dict(self.mesh.shape)
-        self.batch_axes = tuple(a for a in _BATCH_AXES if self.size.get(a, 1) > 1)
+        self.batch_axes = tuple(a for a in BATCH_AXES if self.size.get(a, 1) > 1)
         self.batch_ways = math.prod(self.size[a] for a in self.batch_axes)
-        self.n_fsdp = self.size.get("fsdp", 1)
-        self.n_tensor = self.size.get("tensor", 1)
+        self.n_fsdp = self.size.get(FSDP, 1)
+        self.n_tensor = self.size.get(TENSOR, 1)
         # The ZeRO stage that acts: without an fsdp axis every stage is plain DP.
         self.stage = self.strategy.zero_stage if self.n_fsdp > 1 else 0
-        model_axes = tuple(a for a in self.size if a not in _BATCH_AXES)
+        model_axes = tuple(a for a in self.size if a not in BATCH_AXES)
         # Per parameter: its bytes on one device before ZeRO (split only by tensor and pipe).
         entries = self.plan.entries
         self.mp = {e.path: e.bytes_total / _split(e, self.mesh, model_axes) for e in entries}
         self.layered = {e.path for e in self.plan.entries if e.logical and "layers" in e.logical}
-        self.fsdp_sharded = {e.path for e in entries if _split(e, self.mesh, ("fsdp",)) > 1}
+        self.fsdp_sharded = {e.path for e in entries if _split(e, self.mesh, (FSDP,)) > 1}
         self.g = sum(self.mp.values())
         self.layers = tr.num_layers or max(
             (e.shape[0] for e in self.plan.entries if e.path in self.layered), default=0)
@@ -222,7 +228,7 @@ def _memory_checks(f: _Facts, batch_bytes: float, k_opt: float, opt_bytes: int) 
                   p_a + o_a, f.measured["memory"]["argument"] - batch_bytes)
     if st >= 1 and row["ratio"] and row["ratio"] > 1.001:
         whole = [e.path for e in f.trainer.optimizer_plan.entries
-                 if _split(e, f.mesh, ("fsdp",)) == 1]
+                 if _split(e, f.mesh, (FSDP,)) == 1]
         f.notes.append("state above the formula: not split over fsdp (no free dimension "
                        "divides it, or a small vector): " + ", ".join(whole))
     plan_total = f.plan.bytes_per_device + f.trainer.grad_plan.bytes_per_device + opt_bytes
@@ -273,7 +279,7 @@ def _reduction_checks(f: _Facts) -> None:
         f.notes.append(
             "GSPMD on CPU reduces the ZeRO-2/3 gradients with all-reduce + slice, not "
             "reduce-scatter: the same volume, but a ring all-reduce sends 2(N-1)/N x G per "
-            "device instead of (N-1)/N x G. meshpar's explicit reduce-scatter (meshpar.zero) "
+            "device instead of (N-1)/N x G. meshpar's explicit reduce-scatter (meshpar.parallel.zero) "
             "is off here: a pipeline is active, or a rule splits a parameter over fsdp together "
             "with another axis on one dimension")
     if len(f.batch_axes) == 1:
@@ -288,12 +294,12 @@ def _reduction_checks(f: _Facts) -> None:
 
 
 def _zero_gather_checks(f: _Facts) -> None:
-    in_fsdp = lambda axes: "fsdp" in axes  # noqa: E731
+    in_fsdp = lambda axes: FSDP in axes  # noqa: E731
     if f.stage in (1, 2):
         f.check("ZeRO-1/2 updated-parameter all-gather over fsdp",
                 "G: each device gathers the others' updated shards once, after the update",
                 sum(f.mp[e.path] for e in f.trainer.optimizer_plan.entries
-                    if _split(e, f.mesh, ("fsdp",)) > 1),
+                    if _split(e, f.mesh, (FSDP,)) > 1),
                 f.volume(("all-gather",), in_fsdp, phase=("update",)))
     if f.stage < 3:
         return
@@ -375,12 +381,12 @@ def _pipeline_checks(f: _Facts) -> None:
     f.check("pipeline collective-permutes",
             f"2 x {p.iterations} iterations x one microbatch ({human_bytes(micro)}): forward "
             "shift and its transpose", 2 * p.iterations * micro,
-            f.volume(("collective-permute",), lambda a: tuple(a) == ("pipe",)))
+            f.volume(("collective-permute",), lambda a: tuple(a) == (PIPE,)))
     # The outputs leave the loop through one psum over the stages; its transpose in the
     # backward pass sums the input gradient over the stages. Scalars ride along.
     f.check("pipeline output + input-gradient all-reduces over pipe",
             f"2 x {p.microbatches} microbatches x {human_bytes(micro)}",
-            2 * p.microbatches * micro, f.volume(("all-reduce",), lambda a: tuple(a) == ("pipe",)))
+            2 * p.microbatches * micro, f.volume(("all-reduce",), lambda a: tuple(a) == (PIPE,)))
 
 
 def explain(
@@ -514,18 +520,10 @@ def explain_gpt(
         >>> report = explain_gpt(get_preset("tiny"), mesh=make_mesh(fsdp=8), strategy="zero3")
         >>> [c["ratio"] for c in report["checks"]]                         # doctest: +SKIP
     """
-    import optax
-    from flax import nnx
-
-    from meshpar.data import TokenBatches
-    from meshpar.models import GPT, lm_loss
-    from meshpar.strategy import get_strategy
-    from meshpar.train import TrainConfig, Trainer
-
     seq_len = seq_len or config.seq_len
     strategy = get_strategy(strategy)
     # Check the batch before building anything: Trainer init compiles the model's initialiser.
-    accumulate = microbatches if "pipe" not in mesh.shape else 1  # else the pipeline's
+    accumulate = microbatches if PIPE not in mesh.shape else 1  # else the pipeline's
     strategy.check_batch(mesh, batch_size, microbatches=accumulate)
     trainer = Trainer(
         lambda: GPT(config, rngs=nnx.Rngs(0)), tx if tx is not None else optax.adamw(1e-3),

@@ -10,7 +10,7 @@ notebook) uses. Each returns the figure and, given ``path``, writes a PNG there.
   device for several strategies (rows from :func:`strategy_memory`), optionally with the
   compiled program's figure beside each bar.
 * :func:`plot_pipeline_schedule`: the stage x iteration table of
-  :func:`meshpar.schedule.schedule_table`, cells labelled with the microbatch (and the repeat for
+  :func:`meshpar.parallel.schedule.schedule_table`, cells labelled with the microbatch (and the repeat for
   the circular schedule), bubbles hatched grey.
 """
 
@@ -21,11 +21,17 @@ import os
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
+import jax
 import matplotlib
 import numpy as np
+import optax
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.patches import Patch, Rectangle
+
+from meshpar.parallel.schedule import repeat_table, schedule_table
+from meshpar.sharding.strategy import get_strategy
+from meshpar.train.plan import plan_training
 
 _BUBBLE = "#eeeeee"
 
@@ -175,18 +181,12 @@ def strategy_memory(
 
     Returns:
         One dict per layout: ``label``, ``mesh``, ``strategy``, ``params``, ``grads``,
-        ``optimizer`` (bytes per device, from :func:`meshpar.plan.plan_training`).
+        ``optimizer`` (bytes per device, from :func:`meshpar.train.plan.plan_training`).
 
     Example:
         >>> rows = strategy_memory(make_model, {"DP": (make_mesh(data=8), "dp"),
         ...                                     "ZeRO-3": (make_mesh(fsdp=8), "zero3")})
     """
-    import jax
-    import optax
-
-    from meshpar.plan import plan_training
-    from meshpar.strategy import get_strategy
-
     tx = tx if tx is not None else optax.adamw(1e-3)
     out = []
     for label, (mesh, strategy) in layouts.items():
@@ -258,7 +258,7 @@ def plot_pipeline_schedule(configs: Any, /, path: str | os.PathLike | None = Non
     """The schedule of one or more pipelines: stage x iteration, microbatch per cell.
 
     Args:
-        configs: a :class:`meshpar.schedule.PipelineConfig`, or a sequence of them (one panel
+        configs: a :class:`meshpar.parallel.schedule.PipelineConfig`, or a sequence of them (one panel
             each, e.g. GPipe above circular).
         path: where to write the PNG (optional).
         title: the figure title.
@@ -272,8 +272,6 @@ def plot_pipeline_schedule(configs: Any, /, path: str | os.PathLike | None = Non
         >>> plot_pipeline_schedule(PipelineConfig(stages=4, microbatches=8, schedule="circular",
         ...                                       repeats=2), "schedule.png")   # doctest: +SKIP
     """
-    from meshpar.schedule import repeat_table, schedule_table
-
     configs = [configs] if not isinstance(configs, (list, tuple)) else list(configs)
     width = max(c.iterations for c in configs)
     heights = [c.stages for c in configs]

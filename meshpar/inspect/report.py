@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from meshpar.mesh import format_mesh
-from meshpar.shard import ShardingPlan
+from meshpar.sharding.placement import ShardingPlan
 
 
 def human_bytes(n: float) -> str:

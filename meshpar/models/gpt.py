@@ -4,7 +4,7 @@ The model is an ordinary user of meshpar: it knows nothing of meshes or strategi
 
 * annotates every parameter with *logical* axis names (``out_sharding`` metadata), and
 * passes activations, and every weight right before its use, through
-  :func:`meshpar.layout.constrain` with their logical names.
+  :func:`meshpar.parallel.layout.constrain` with their logical names.
 
 Which mesh axes those names land on is the strategy's business. Constraining the weights inside
 the layer loop is what makes ZeRO-3 work: the parameter rules shard a weight over ``fsdp`` and the
@@ -40,9 +40,9 @@ import optax
 from flax import nnx
 
 from meshpar.errors import MeshparError
-from meshpar.layout import constrain
-from meshpar.remat import check_remat_name
-from meshpar.stack import scan_layers
+from meshpar.parallel.layout import constrain
+from meshpar.parallel.remat import check_remat_name
+from meshpar.parallel.stack import scan_layers
 
 _INT_FIELDS = ("vocab_size", "seq_len", "layers", "d_model", "heads", "mlp_dim")
 
@@ -81,7 +81,7 @@ class GPTConfig:
         head_dim: width of one head; ``None`` means ``d_model // heads`` (see :attr:`head_size`).
         tie_embeddings: use the token embedding as the unembedding (no separate parameter).
         remat: the remat policy of the layer scan body, one of
-            :data:`meshpar.remat.REMAT_POLICIES`.
+            :data:`meshpar.parallel.remat.REMAT_POLICIES`.
 
     Raises:
         MeshparError: a size is not a positive int, or ``d_model`` is not divisible by

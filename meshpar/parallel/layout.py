@@ -20,15 +20,15 @@ from typing import Any
 import jax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from meshpar.rules import Rules
+from meshpar.sharding.rules import Rules
 
 
 @dataclasses.dataclass(frozen=True)
 class Layout:
     """A mesh, the compute rules activation names resolve through, and an optional pipeline.
 
-    ``pipeline`` is a :class:`meshpar.schedule.PipelineConfig` when the layer stack runs as
-    pipeline stages (see :func:`meshpar.stack.scan_layers`).
+    ``pipeline`` is a :class:`meshpar.parallel.schedule.PipelineConfig` when the layer stack runs as
+    pipeline stages (see :func:`meshpar.parallel.stack.scan_layers`).
     """
 
     mesh: Mesh
@@ -39,14 +39,15 @@ class Layout:
              name: str = "activation") -> PartitionSpec:
         """The PartitionSpec of an activation, leaving out axes that are manual here."""
         return self.rules.resolve(
-            logical_axes, shape, self.mesh, name=name, skip_axes=_manual_axes()
+            logical_axes, shape, self.mesh, name=name, skip_axes=manual_axes()
         ).spec
 
 
 _ACTIVE: contextvars.ContextVar[Layout | None] = contextvars.ContextVar("meshpar_layout", default=None)
 
 
-def _manual_axes() -> tuple[str, ...]:
+def manual_axes() -> tuple[str, ...]:
+    """The mesh axes that are manual in the current trace (inside a partial-manual ``shard_map``)."""
     # Inside a partial-manual shard_map (the pipeline), the manual axes cannot appear in a
     # sharding constraint; the abstract mesh in context tells which they are.
     abstract = jax.sharding.get_abstract_mesh()

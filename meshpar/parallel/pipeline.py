@@ -8,7 +8,7 @@ microbatches, through them inside one ``jax.shard_map`` that is manual over the 
 stays automatic, so each stage's own layers are sharded by the usual rules.
 
 The loop, one ``lax.scan`` of :attr:`PipelineConfig.iterations` steps, does at iteration ``t`` on
-stage ``s`` (each device runs its own program; the schedule tables of :mod:`meshpar.schedule` are
+stage ``s`` (each device runs its own program; the schedule tables of :mod:`meshpar.parallel.schedule` are
 embedded as constants and looked up, so the tables *are* the loop):
 
 1. The activation that arrived from the last stage (its work item of iteration ``t-1``, a
@@ -59,7 +59,7 @@ must reduce each iteration's contribution before adding it to the loop's gradien
 all-reduce over ``data`` inside every backward iteration (and every layer of the stage's scan).
 Naming the axis in :attr:`PipelineConfig.batch_axes` makes it manual: each device runs the loop on
 its own batch shard with weights cast to "varying", and the gradient is summed once after the
-loop. Inside ``stage_fn``, :func:`meshpar.layout.constrain` leaves manual axes out.
+loop. Inside ``stage_fn``, :func:`meshpar.parallel.layout.constrain` leaves manual axes out.
 """
 
 from __future__ import annotations
@@ -74,7 +74,7 @@ import numpy as np
 from jax.sharding import Mesh, PartitionSpec
 
 from meshpar.errors import StrategyError
-from meshpar.schedule import PipelineConfig, repeat_table, schedule_table
+from meshpar.parallel.schedule import PipelineConfig, repeat_table, schedule_table
 
 __all__ = [
     "PipelineConfig",

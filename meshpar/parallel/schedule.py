@@ -1,7 +1,7 @@
 """Pipeline schedules as pure tables: which microbatch (and repeat) each stage runs when.
 
 Everything here is plain Python and NumPy: no JAX, no devices. :func:`schedule_table` and
-:func:`repeat_table` are what :func:`meshpar.pipeline.pipeline_apply` *executes* (it embeds them as
+:func:`repeat_table` are what :func:`meshpar.parallel.pipeline.pipeline_apply` *executes* (it embeds them as
 constants and looks up its slot each iteration), so a picture drawn from them is the loop.
 
 The schedules, with ``P`` stages, ``M`` microbatches and ``v`` repeats (``v = 1`` for GPipe):
@@ -26,6 +26,7 @@ from typing import Literal
 
 import numpy as np
 
+from meshpar.axes import PIPE
 from meshpar.errors import StrategyError
 
 Schedule = Literal["gpipe", "circular"]
@@ -50,7 +51,7 @@ class PipelineConfig:
         repeats: ``v``, chunks per stage; must be 1 for gpipe.
         axis: the mesh axis the stages live on.
         remat: recompute each stage during the backward pass, keeping only its input per
-            iteration (see :mod:`meshpar.pipeline`).
+            iteration (see :mod:`meshpar.parallel.pipeline`).
         batch_axes: mesh axes that split each microbatch's batch dimension while *replicating*
             the stage weights (data parallelism). The pipeline runs them as manual axes too, so
             that the weight gradient is summed over them once, after the loop, instead of being
@@ -71,7 +72,7 @@ class PipelineConfig:
     microbatches: int
     schedule: Schedule = "gpipe"
     repeats: int = 1
-    axis: str = "pipe"
+    axis: str = PIPE
     remat: bool = True
     batch_axes: tuple[str, ...] = ()
 

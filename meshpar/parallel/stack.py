@@ -3,7 +3,7 @@
 Models call :func:`scan_layers` on their repeated block (an NNX module created with ``nnx.vmap``,
 parameters stacked on a leading ``layers`` axis). Without a pipeline it is a plain scan, so
 compile time stays flat in depth. When the trainer runs a pipelined layout, the same call runs
-the stack as pipeline stages (:func:`meshpar.pipeline.pipeline_apply`): the parameters then
+the stack as pipeline stages (:func:`meshpar.parallel.pipeline.pipeline_apply`): the parameters then
 arrive already in stage layout (``[stages, layers_per_stage, ...]`` or ``[repeats, stages, ...]``)
 and the batch is cut into the pipeline's microbatches here. The model does not change.
 """
@@ -16,9 +16,10 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from meshpar.layout import active_layout
-from meshpar.remat import maybe_remat
-from meshpar.zero import layer_gather
+from meshpar.parallel.layout import active_layout
+from meshpar.parallel.pipeline import pipeline_apply
+from meshpar.parallel.remat import maybe_remat
+from meshpar.parallel.zero import layer_gather
 
 # Set when a pipelined trace ran a stack, so the trainer can tell a model that never did.
 _PIPELINE_USED: contextvars.ContextVar[bool] = contextvars.ContextVar("meshpar_stack_used", default=False)
@@ -26,7 +27,7 @@ _PIPELINE_USED: contextvars.ContextVar[bool] = contextvars.ContextVar("meshpar_s
 
 def _scan(graphdef, state, x, remat: str):
     """``(activations after the stack, the layers' non-parameter state after it or None)``."""
-    # Under manual ZeRO-3 (meshpar.zero) the stack arrives as fsdp shards: gather one layer at a
+    # Under manual ZeRO-3 (meshpar.parallel.zero) the stack arrives as fsdp shards: gather one layer at a
     # time inside the (rematerialised) body, so at most about one layer is whole.
     gather = layer_gather(state)
     # Batch statistics and RNG counters of the layers change as they run: the scan hands each
@@ -50,7 +51,7 @@ def scan_layers(stack: nnx.Module, x: jax.Array, /, *, remat: str = "full") -> j
         stack: a module whose parameters carry a leading layer axis; one slice of it, merged
             back, must map ``x`` to an array of the same shape (a residual block).
         x: the activations, batch first.
-        remat: the remat policy of one layer (:data:`meshpar.remat.REMAT_POLICIES`).
+        remat: the remat policy of one layer (:data:`meshpar.parallel.remat.REMAT_POLICIES`).
 
     Returns:
         The activations after the last layer.
@@ -65,8 +66,6 @@ def scan_layers(stack: nnx.Module, x: jax.Array, /, *, remat: str = "full") -> j
         if new_state is not None:
             nnx.update(stack, new_state)
         return x
-
-    from meshpar.pipeline import pipeline_apply
 
     config = layout.pipeline
     _PIPELINE_USED.set(True)
@@ -86,4 +85,10 @@ def pipeline_was_used() -> bool:
 
 
 def reset_pipeline_flag() -> contextvars.Token:
+    """Clear the flag :func:`pipeline_was_used` reads; pass the token to :func:`restore_pipeline_flag`."""
     return _PIPELINE_USED.set(False)
+
+
+def restore_pipeline_flag(token: contextvars.Token, /) -> None:
+    """Put the flag back as it was before :func:`reset_pipeline_flag` returned ``token``."""
+    _PIPELINE_USED.reset(token)

@@ -41,18 +41,9 @@ import jax.numpy as jnp
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from meshpar.errors import StrategyError
-from meshpar.layout import _manual_axes
-
-FSDP = "fsdp"
-
-
-class StackNotScanned(StrategyError):
-    """The model used a stacked parameter outside :func:`meshpar.scan_layers` under ZeRO-3.
-
-    The trainer catches it and lets GSPMD reduce the gradients instead (see
-    :attr:`meshpar.Trainer.explicit_zero`).
-    """
+from meshpar.axes import FSDP
+from meshpar.errors import StackNotScanned
+from meshpar.parallel.layout import manual_axes
 
 
 @dataclasses.dataclass
@@ -113,7 +104,7 @@ def _auto_axes() -> tuple[str, ...]:
         return ()
     # Size-1 axes too: a bf16 reduce-scatter next to an automatic axis of any size aborts
     # XLA:CPU's compiler (AllReducePromotion); inside the nested shard_map it compiles.
-    return tuple(a for a in abstract.shape if a not in _manual_axes())
+    return tuple(a for a in abstract.shape if a not in manual_axes())
 
 
 def layer_gather(stack_state: Any, /) -> Callable[[Any], Any] | None:
@@ -320,7 +311,7 @@ class ManualZero:
 
         Args:
             piece_fn: ``piece_fn(params, rest, batch, prepare) -> (numerator, (piece,
-                new_rest))`` (:class:`meshpar.loss.Piece`); it must call ``params =
+                new_rest))`` (:class:`meshpar.train.loss.Piece`); it must call ``params =
                 prepare(params)`` after any cast and before building the model.
             params, rest: the parameters (in their stored shardings) and other model state.
             micro: the batch as ``[microbatches, rows, ...]`` leaves, rows over the batch axes.

@@ -20,12 +20,17 @@ model's line and says what to change; the Trainer calls it where it traces the l
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 import re
 import traceback
 from types import TracebackType
 
+import flax
+import jax
+import jaxlib
+import optax
 from jax.sharding import Mesh, PartitionSpec
 
 from meshpar.errors import MeshError, MeshparError
@@ -54,16 +59,8 @@ _QUOTED_SPEC = re.compile(
 def _library_dirs() -> tuple[str, ...]:
     # Frames of these packages are not "the model's line". By installed location, not by name:
     # a checkout called .../meshpar/tests/ is user code.
-    import contextlib
-
-    import flax
-    import jax
-    import jaxlib
-    import optax
-
-    import meshpar
-
-    dirs = [os.path.dirname(m.__file__) for m in (flax, jax, jaxlib, optax, meshpar)]
+    dirs = [os.path.dirname(m.__file__) for m in (flax, jax, jaxlib, optax)]
+    dirs.append(os.path.dirname(os.path.dirname(__file__)))  # meshpar itself
     return (*(d + os.sep for d in dirs), contextlib.__file__)
 
 

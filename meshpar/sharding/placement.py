@@ -1,7 +1,7 @@
 """Parameters placed by rules, and created directly in their shardings.
 
 ``plan_params`` reads each parameter's logical axes (NNX ``out_sharding`` metadata, Linen
-``LogicallyPartitioned`` names, or a path rule), resolves them through :class:`~meshpar.rules.Rules`
+``LogicallyPartitioned`` names, or a path rule), resolves them through :class:`~meshpar.sharding.rules.Rules`
 and returns the shardings together with a :class:`ShardingPlan` that records how every parameter
 was placed. ``init_nnx`` / ``init_linen`` then run the model's own initialiser under ``jax.jit``
 with those ``out_shardings``, so every device only ever materialises its own shard: ``eval_shape``
@@ -24,8 +24,9 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from meshpar.errors import RuleError, UnannotatedParameterError
+from meshpar.keypath import path_str
 from meshpar.mesh import check_mesh
-from meshpar.rules import LogicalAxes, Resolution, Rules
+from meshpar.sharding.rules import LogicalAxes, Resolution, Rules
 
 
 @dataclasses.dataclass(frozen=True)
@@ -134,18 +135,6 @@ def _dtype_name(dtype: Any) -> str:
         _KEY_ITEMSIZE[str(dtype)] = int(math.prod(dtype._impl.key_shape)) * 4
         return str(dtype)
     return np.dtype(dtype).name
-
-
-def path_str(path: Sequence[Any]) -> str:
-    """``('blocks', 'attn', 'q')`` or a jax key path -> ``"blocks/attn/q"``."""
-    parts = []
-    for key in path:
-        for attr in ("key", "name", "idx"):
-            if hasattr(key, attr):
-                key = getattr(key, attr)
-                break
-        parts.append(str(key))
-    return "/".join(parts)
 
 
 def _place(

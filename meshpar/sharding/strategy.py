@@ -14,7 +14,7 @@ mesh axis  effect
 ``tensor`` Megatron tensor parallel: heads and MLP hidden split column-then-row, vocab split for
            the (un)embedding; with ``sequence_parallel`` the activations between blocks are split
            over ``seq`` on the same axis.
-``pipe``   pipeline stages (see :mod:`meshpar.pipeline`); never used by these rules.
+``pipe``   pipeline stages (see :mod:`meshpar.parallel.pipeline`); never used by these rules.
 =========  =====================================================================================
 
 Presets are small values: ``dp``, ``zero1``, ``zero2``, ``zero3``, ``tp``, ``tp_sp``, and
@@ -40,14 +40,13 @@ from typing import Literal
 
 from jax.sharding import Mesh
 
+from meshpar.axes import DATA, FSDP, PIPE, TENSOR
 from meshpar.errors import StrategyError
-from meshpar.rules import MeshAxes, Rules
-
-DATA, FSDP, TENSOR, PIPE = "data", "fsdp", "tensor", "pipe"
+from meshpar.sharding.rules import MeshAxes, Rules
 
 # Logical names meshpar's rules know. Every one has a row in the built-in tables (at least an
 # explicit `(name, None)`), so the report lists only names a model uses that nobody mapped.
-# `stages`/`repeats` are the leading axes of a pipelined stack (meshpar.plan).
+# `stages`/`repeats` are the leading axes of a pipelined stack (meshpar.train.plan).
 PARAM_NAMES = ("vocab", "embed", "heads", "head_dim", "mlp", "layers", "seq", "stages", "repeats")
 COMPUTE_NAMES = ("batch", *PARAM_NAMES)
 

@@ -19,7 +19,7 @@ restored. Such leftovers are removed, and logged, when a :class:`Checkpointer` o
 One directory has one writer: do not point two runs at the same directory.
 
 Multi-process jobs: every process constructs the :class:`Checkpointer` (after
-:func:`meshpar.distributed.initialize`) and calls ``save``/``restore``/``wait`` in the same order;
+:func:`meshpar.backend.distributed.initialize`) and calls ``save``/``restore``/``wait`` in the same order;
 Orbax writes each process's shards and synchronises the processes. The directory must be one
 filesystem that all processes see (local disk for a single host, a shared mount across hosts);
 paths are local filesystem paths (``os.path``), not ``gs://`` URLs.
@@ -27,6 +27,7 @@ paths are local filesystem paths (``os.path``), not ``gs://`` URLs.
 
 from __future__ import annotations
 
+import atexit
 import logging
 import os
 import shutil
@@ -38,11 +39,13 @@ from typing import Any
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+from jax.experimental import multihost_utils
 
-from meshpar.errors import MeshparError
-from meshpar.shard import path_str
+from meshpar.errors import CheckpointError
+from meshpar.keypath import path_str
 
-logger = logging.getLogger(__name__)
+# The logger keeps the name it had before the module moved into meshpar.train: users filter it.
+logger = logging.getLogger("meshpar.checkpoint")
 
 __all__ = ["CheckpointError", "Checkpointer", "restore_target"]
 
@@ -52,10 +55,6 @@ TMP_SUFFIX = ".orbax-checkpoint-tmp"
 COMMIT_MARKER = "commit_success.txt"
 
 _STATE, _META = "state", "meta"
-
-
-class CheckpointError(MeshparError):
-    """A checkpoint cannot be saved or restored (missing, partial, corrupted or mismatched)."""
 
 
 # --------------------------------------------------------------------------- tree helpers
@@ -179,8 +178,6 @@ def _install_exit_hook() -> None:
         if register is not None:
             register(_finish_pending_saves)
         else:  # pragma: no cover - other Pythons
-            import atexit
-
             atexit.register(_finish_pending_saves)
         _HOOK_INSTALLED = True
 
@@ -281,8 +278,6 @@ class Checkpointer:
                 )
                 shutil.rmtree(path, ignore_errors=True)
         if multi:
-            from jax.experimental import multihost_utils
-
             multihost_utils.sync_global_devices(f"meshpar_checkpoint_cleanup:{self._directory}")
 
     def _get_manager(self) -> ocp.CheckpointManager:

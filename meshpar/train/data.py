@@ -26,7 +26,7 @@ VOCAB_SIZE = 256
 
 @functools.lru_cache(maxsize=1)
 def _corpus_bytes() -> bytes:
-    from pydoc_data.topics import topics
+    from pydoc_data.topics import topics  # lazy: a large module, read only to build the corpus
 
     return "\n\n".join(topics[key] for key in sorted(topics)).encode("utf-8")
 

@@ -17,9 +17,12 @@ import optax
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from meshpar.axes import BATCH_AXES, DATA, PIPE
 from meshpar.errors import StrategyError
-from meshpar.shard import ShardingPlan, abstract_nnx, plan_nnx_state
-from meshpar.strategy import Strategy
+from meshpar.parallel.pipeline import stack_stages, unstack_stages
+from meshpar.parallel.schedule import PipelineConfig
+from meshpar.sharding.placement import ShardingPlan, abstract_nnx, plan_nnx_state
+from meshpar.sharding.strategy import Strategy
 
 
 def _is_var(x: Any) -> bool:
@@ -40,9 +43,7 @@ def pipeline_config(abs_params: nnx.State, /, *, mesh: Mesh, microbatches: int, 
         StrategyError: no parameter has a leading ``layers`` axis (no repeated block), stacks
             disagree on their depth, or the depth does not split into ``stages × repeats``.
     """
-    from meshpar.schedule import PipelineConfig
-
-    stages = mesh.shape.get("pipe", 1)
+    stages = mesh.shape.get(PIPE, 1)
     if stages == 1:
         return None, None
     lengths = {
@@ -65,9 +66,9 @@ def pipeline_config(abs_params: nnx.State, /, *, mesh: Mesh, microbatches: int, 
         stages=stages, microbatches=microbatches, schedule=schedule, repeats=repeats,
         # The batch axes that replicate the weights run manual inside the stages, so weight
         # gradients are summed once after the loop instead of in every backward iteration (see
-        # meshpar.pipeline). fsdp replicates them too below ZeRO-3; tensor stays automatic.
+        # meshpar.parallel.pipeline). fsdp replicates them too below ZeRO-3; tensor stays automatic.
         batch_axes=tuple(
-            a for a in ("data", "fsdp") if a in mesh.shape and (a == "data" or zero_stage < 3)
+            a for a in BATCH_AXES if a in mesh.shape and (a == DATA or zero_stage < 3)
         ),
     )
     num_layers = lengths.pop()
@@ -81,8 +82,6 @@ def _stage_axes(pipeline) -> tuple[str, ...]:
 
 def to_stage_layout(params: nnx.State, pipeline, /) -> nnx.State:
     """``[layers, ...]`` stack parameters -> ``[(repeats,) stages, layers/chunk, ...]``."""
-    from meshpar.pipeline import stack_stages
-
     def one(v):
         axes = _axes(v)
         if not (_is_var(v) and axes[:1] == ("layers",)):
@@ -95,8 +94,6 @@ def to_stage_layout(params: nnx.State, pipeline, /) -> nnx.State:
 
 def to_flat_layout(params: nnx.State, pipeline, /) -> nnx.State:
     """The inverse of :func:`to_stage_layout`: the model's own ``[layers, ...]`` layout."""
-    from meshpar.pipeline import unstack_stages
-
     lead = len(_stage_axes(pipeline))
 
     def one(v):
@@ -153,7 +150,7 @@ class TrainingPlan:
         graphdef: the model's graph definition (split as ``nnx.Param, ...``).
         abs_params: abstract parameters in the layout the step uses (stage layout if pipelined).
         abs_rest: abstract non-parameter model state.
-        pipeline: the :class:`~meshpar.schedule.PipelineConfig`, or ``None``.
+        pipeline: the :class:`~meshpar.parallel.schedule.PipelineConfig`, or ``None``.
         num_layers: depth of the pipelined stack (``None`` without a pipeline).
         params, gradients, optimizer, rest: the :class:`ShardingPlan` of each.
         opt_shardings: shardings of the optimizer state (``None`` without an optimizer).
@@ -249,7 +246,7 @@ def unused_mesh_axes(plan: TrainingPlan, mesh: Mesh, /) -> tuple[str, ...]:
     """
     used = set(Strategy.batch_axes(mesh))
     if plan.pipeline is not None:
-        used.add("pipe")
+        used.add(PIPE)
     for placements in (plan.params, plan.gradients, plan.optimizer):
         for entry in placements.entries:
             used.update(_spec_axes(entry.spec))
@@ -284,8 +281,8 @@ def unused_axes_error(axes: tuple[str, ...], mesh: Mesh, /) -> StrategyError:
     # The suggested mesh gives the idle devices to data parallelism, keeping the device count.
     spare = math.prod(mesh.shape[a] for a in axes)
     kept = {a: n for a, n in mesh.shape.items() if a not in axes}
-    kept["data"] = kept.get("data", 1) * spare
-    order = ("pipe", "data")
+    kept[DATA] = kept.get(DATA, 1) * spare
+    order = (PIPE, DATA)
     suggested = ",".join(
         f"{a}={kept[a]}" for a in sorted(kept, key=lambda a: order.index(a) if a in order else 2)
     )

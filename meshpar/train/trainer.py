@@ -6,7 +6,7 @@ The step is a single ``jax.jit`` with explicit in/out shardings and the state do
 * gradients and the accumulation buffer where :meth:`Strategy.gradient_rules` says (ZeRO-2 keeps
   the buffer sharded: each microbatch's gradient is reduced straight into its shard); under
   ZeRO-2/3 the gathers and reduce-scatters are written out in a ``shard_map``
-  (:mod:`meshpar.zero`, :attr:`Trainer.explicit_zero`);
+  (:mod:`meshpar.parallel.zero`, :attr:`Trainer.explicit_zero`);
 * optimizer state where :meth:`Strategy.optimizer_rules` says (ZeRO-1 and up shard it), optionally
   in host memory (``offload_optimizer=True``; on CPU only plumbing and numerics can be checked —
   XLA lowers memory placement for TPU and GPU only);
@@ -39,16 +39,17 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from meshpar.errors import StrategyError, TrainingError
-from meshpar.explicit import explain_trace_error
-from meshpar.layout import activate
-from meshpar.loss import OutputLayout, Piece, split_output
+from meshpar.keypath import path_str
 from meshpar.mesh import auto_mesh
-from meshpar.plan import plan_training, to_flat_layout, to_stage_layout
-from meshpar.plan import unused_axes_error, unused_mesh_axes
-from meshpar.shard import ShardingPlan
-from meshpar.stack import _PIPELINE_USED, pipeline_was_used, reset_pipeline_flag
-from meshpar.strategy import Strategy, get_strategy
-from meshpar.zero import GatherAtUse, ManualZero, StackNotScanned, stacked_scope
+from meshpar.parallel.layout import activate
+from meshpar.parallel.stack import pipeline_was_used, reset_pipeline_flag, restore_pipeline_flag
+from meshpar.parallel.zero import GatherAtUse, ManualZero, StackNotScanned, stacked_scope
+from meshpar.sharding.explicit import explain_trace_error
+from meshpar.sharding.placement import ShardingPlan
+from meshpar.sharding.strategy import Strategy, get_strategy
+from meshpar.train.loss import OutputLayout, Piece, split_output
+from meshpar.train.plan import plan_training, to_flat_layout, to_stage_layout
+from meshpar.train.plan import unused_axes_error, unused_mesh_axes
 
 
 @dataclasses.dataclass(frozen=True)
@@ -66,11 +67,11 @@ class TrainConfig:
         schedule: pipeline schedule, ``"gpipe"`` or ``"circular"``; used when the mesh has a
             ``pipe`` axis of size > 1, where ``microbatches`` are the pipeline's microbatches.
         repeats: chunks of layers per stage for the circular schedule (``v``).
-        row_separable: declare that the loss is a mean, or a :class:`~meshpar.loss.Ratio`, of
+        row_separable: declare that the loss is a mean, or a :class:`~meshpar.train.loss.Ratio`, of
             per-row terms and that the model computes each row of the batch on its own (no
             batch statistics, no batch-wide terms such as an MoE balance loss). meshpar may then
             run the step batch-local, each device on its own rows: ZeRO-2/3 with written-out
-            reduce-scatters (:mod:`meshpar.zero`) and DP/ZeRO-1 accumulation with one reduction
+            reduce-scatters (:mod:`meshpar.parallel.zero`) and DP/ZeRO-1 accumulation with one reduction
             after the loop. Models with non-parameter state (RNG streams, batch statistics) stay
             global regardless. What applies is listed in :attr:`Trainer.fallbacks`.
         allow_unused_axes: run even if a mesh axis of size > 1 is used by nothing (every device
@@ -185,8 +186,6 @@ def _is_key(x: Any) -> bool:
 
 def _state_leaves(state: Any) -> list[tuple[str, Any]]:
     """``(path, Variable)`` of every leaf of an NNX state."""
-    from meshpar.shard import path_str
-
     return [(path_str(path), v) for path, v in
             jax.tree_util.tree_flatten_with_path(state, is_leaf=_is_var)[0]]
 
@@ -470,7 +469,7 @@ class Trainer:
             )
         with contextlib.ExitStack() as scope:
             if prepare is not None:
-                # Manual ZeRO-3 (meshpar.zero): gather shards, after the cast so they travel
+                # Manual ZeRO-3 (meshpar.parallel.zero): gather shards, after the cast so they travel
                 # in bf16.
                 params = prepare(params)
             elif self._gather_at_use is not None:
@@ -495,13 +494,13 @@ class Trainer:
             # A model that scans its stage-layout stack itself fails inside its own scan first.
             if self.pipeline is not None and not pipeline_was_used():
                 raise not_pipelined from err
-            # out_sharding= and other Explicit-axes code in the model (see meshpar.explicit).
+            # out_sharding= and other Explicit-axes code in the model (see meshpar.sharding.explicit).
             if (explained := explain_trace_error(err, mesh=self.mesh)) is not None:
                 raise explained from None
             raise
         finally:
             used = pipeline_was_used()
-            _PIPELINE_USED.reset(token)
+            restore_pipeline_flag(token)
         if self.pipeline is not None and not used:
             raise not_pipelined
         return out, model
@@ -539,8 +538,8 @@ class Trainer:
     def _loss_and_grads(self, state: TrainState, batch):
         """``(loss, loss weight, gradients, aux, new rest)`` of the whole step.
 
-        Every path sums the pieces' numerators, denominators and gradients (:mod:`meshpar.loss`)
-        and divides once here, so that a :class:`~meshpar.loss.Ratio` loss equals its
+        Every path sums the pieces' numerators, denominators and gradients (:mod:`meshpar.train.loss`)
+        and divides once here, so that a :class:`~meshpar.train.loss.Ratio` loss equals its
         full-batch value whatever the mesh and microbatching.
         """
         sums, grads, rest = self._summed(state, batch)
@@ -590,7 +589,7 @@ class Trainer:
         )
 
     def _manual_zero_sums(self, state: TrainState, batch):
-        """ZeRO-2/3 with explicit reduce-scatters (see :mod:`meshpar.zero`)."""
+        """ZeRO-2/3 with explicit reduce-scatters (see :mod:`meshpar.parallel.zero`)."""
         try:
             sums, grads, rest = self._manual_zero.loss_and_grads(
                 self._piece, state.params, state.rest, self._microbatches(batch),
@@ -764,9 +763,9 @@ class Trainer:
 
         Returns:
             ``loss``, ``grad_norm``, ``step_time_s``, ``skipped`` (floats and a bool); with a
-            :class:`~meshpar.loss.Ratio` loss also ``loss_weight`` (its summed weight); with aux
+            :class:`~meshpar.train.loss.Ratio` loss also ``loss_weight`` (its summed weight); with aux
             values (``loss_fn`` returning ``(loss, aux)``) also ``aux``: the aux pytree, reduced
-            over shards and microbatches (:mod:`meshpar.loss`), scalars as floats and arrays as
+            over shards and microbatches (:mod:`meshpar.train.loss`), scalars as floats and arrays as
             NumPy arrays.
 
         Raises:
@@ -835,7 +834,7 @@ class Trainer:
 
     @property
     def explicit_zero(self) -> bool:
-        """Whether the step reduce-scatters ZeRO-2/3 gradients itself (:mod:`meshpar.zero`).
+        """Whether the step reduce-scatters ZeRO-2/3 gradients itself (:mod:`meshpar.parallel.zero`).
 
         ``False`` below ZeRO-2, without an ``fsdp`` axis, with a pipeline, or where a rule splits
         a parameter over ``fsdp`` together with another axis on one dimension: GSPMD then

@@ -1,13 +1,13 @@
-"""``python -m meshpar._dist_check``: a small multi-process smoke test, run by ``meshpar launch``.
+"""``python -m tests.helpers.dist_check``: a small multi-process smoke test, run by ``meshpar launch``.
 
-Each process connects with :func:`meshpar.distributed.initialize` (settings from the
+Each process connects with :func:`meshpar.backend.distributed.initialize` (settings from the
 environment), builds a mesh over the devices of *all* processes, feeds its own rows of a
 deterministic global batch, and computes position-sensitive reductions under ``jit``. Process 0
 prints one ``RESULT {json}`` line; the numbers are small integers in float32, so runs with any
 process count must print exactly the same line. It also checks that the assembled global array
 equals the batch (``LAYOUT ok``), repeats the computation on a mesh whose devices alternate between
 processes (non-contiguous rows per process), and with ``--checkpoint DIR`` saves and restores the
-array through :class:`meshpar.checkpoint.Checkpointer` from every process.
+array through :class:`meshpar.train.checkpoint.Checkpointer` from every process.
 
 ``--die-after S --die-rank R`` makes process ``R`` end itself ``S`` seconds after the computation
 (``--die-how exit``: ``os._exit(1)``; ``kill``: SIGKILL) while the others keep running collectives,
@@ -25,7 +25,7 @@ import time
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m meshpar._dist_check")
+    p = argparse.ArgumentParser(prog="python -m tests.helpers.dist_check")
     p.add_argument("--mesh", default="data=2,fsdp=2,tensor=2")
     p.add_argument("--rows", type=int, default=16)
     p.add_argument("--cols", type=int, default=8)
@@ -58,7 +58,7 @@ def _interleaved(devices, chunk):
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
 
-    from meshpar import distributed
+    from meshpar.backend import distributed
 
     if os.environ.get(distributed.ENV_NUM_PROCESSES):
         print("initializing jax.distributed", flush=True)  # tests time the init from here
@@ -114,7 +114,7 @@ def main(argv: list[str] | None = None) -> int:
         return 1
 
     if args.checkpoint:
-        from meshpar.checkpoint import Checkpointer, restore_target
+        from meshpar.train.checkpoint import Checkpointer, restore_target
 
         mesh = make_mesh(axes)
         x = distributed.global_batch_from_local(

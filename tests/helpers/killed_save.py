@@ -22,8 +22,8 @@ TRAIN_ARGS = ["train", "--preset", "tiny", "--batch-size", "16", "--steps", "3",
 
 def main() -> int:
     directory = sys.argv[1]
-    from meshpar.cli import _layout, _model_config, build_parser
-    from meshpar.devices import emulate_devices
+    from meshpar.cli.args import build_parser, mesh_and_strategy, model_config
+    from meshpar.backend.devices import emulate_devices
 
     args = build_parser().parse_args([*TRAIN_ARGS, "--checkpoint-dir", directory])
     emulate_devices(args.cpu_devices)
@@ -31,14 +31,14 @@ def main() -> int:
     import jax
     from flax import nnx
 
-    from meshpar.checkpoint import Checkpointer
-    from meshpar.data import TokenBatches
+    from meshpar.train.checkpoint import Checkpointer
+    from meshpar.train.data import TokenBatches
     from meshpar.models import GPT, lm_loss
-    from meshpar.run import _meta, make_optimizer
+    from meshpar.cli.train import _meta, make_optimizer
     from meshpar.train import TrainConfig, Trainer
 
-    cfg = _model_config(args)
-    mesh, strategy = _layout(args)
+    cfg = model_config(args)
+    mesh, strategy = mesh_and_strategy(args)
     config = TrainConfig(microbatches=args.microbatches, precision=args.precision,
                          schedule=args.schedule, repeats=args.repeats, row_separable=True)
     trainer = Trainer(lambda: GPT(cfg, rngs=nnx.Rngs(args.seed)), make_optimizer(args.lr, args.steps),
