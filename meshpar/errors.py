@@ -7,6 +7,21 @@ offending parameter, axis and sizes and suggest a fix.
 
 from __future__ import annotations
 
+import numpy as np
+
+
+def is_int(value: object, /, *, minimum: int | None = None, numpy: bool = True) -> bool:
+    """Whether ``value`` is an int (not a bool) ``>= minimum``: the check behind many of the
+    errors below. ``numpy=False`` also turns away NumPy integers.
+
+    Example:
+        >>> is_int(2, minimum=1), is_int(True), is_int(np.int64(3), numpy=False)
+        (True, False, False)
+    """
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer) if numpy else int):
+        return False
+    return minimum is None or value >= minimum
+
 
 class MeshparError(ValueError):
     """Base class of every user-facing meshpar error."""

@@ -212,3 +212,32 @@ def test_old_module_paths_import_with_a_warning(old, new):
     with pytest.warns(DeprecationWarning, match=f"{old} has moved to {new}"):
         module = importlib.import_module(old)
     assert module is importlib.import_module(new)
+
+
+def test_every_error_lives_in_errors_py_and_is_a_meshpar_error():
+    import meshpar.errors as errors
+
+    elsewhere = []
+    for module, path in MODULES.items():
+        if module == "meshpar.errors":
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ClassDef) and any(
+                    getattr(b, "id", getattr(b, "attr", "")).endswith(("Error", "Exception"))
+                    for b in node.bases):
+                elsewhere.append(f"{module}.{node.name}")
+    assert not elsewhere, f"define these in meshpar/errors.py: {elsewhere}"
+    exceptions = [v for v in vars(errors).values()
+                  if isinstance(v, type) and issubclass(v, BaseException)
+                  and not issubclass(v, Warning)]
+    assert len(exceptions) >= 14
+    assert [e.__name__ for e in exceptions if not issubclass(e, errors.MeshparError)] == []
+    # Re-exported where they were defined before.
+    from meshpar.backend.distributed import DistributedError
+    from meshpar.backend.launch import LaunchError
+    from meshpar.cli import UsageError
+    from meshpar.parallel.zero import StackNotScanned
+    from meshpar.train.checkpoint import CheckpointError
+
+    assert {DistributedError, LaunchError, UsageError, StackNotScanned, CheckpointError} <= \
+        set(exceptions)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import jax
 
-from meshpar.errors import DeviceEmulationError
+from meshpar.errors import DeviceEmulationError, is_int
 
 
 def _backend_started() -> bool:
@@ -38,7 +38,7 @@ def emulate_devices(count: int, /) -> None:
         >>> import meshpar as mp
         >>> mp.emulate_devices(8)  # before the first jax.devices() or array op
     """
-    if not isinstance(count, int) or isinstance(count, bool) or count < 1:
+    if not is_int(count, minimum=1, numpy=False):
         raise DeviceEmulationError(f"emulate_devices(count={count!r}): count must be an int >= 1")
     if _backend_started():
         have = len(jax.devices("cpu"))

@@ -49,7 +49,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from meshpar.errors import DistributedError
+from meshpar.errors import DistributedError, is_int
 from meshpar.keypath import path_str
 
 __all__ = [
@@ -111,7 +111,7 @@ def _int_setting(name: str, value: Any, env: str, *, minimum: int) -> int | None
         source = f"{env}={raw}"
     else:
         source = f"{name}={value!r}"
-    if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < minimum:
+    if not is_int(value, minimum=minimum):
         raise DistributedError(f"{source}: must be an int >= {minimum}")
     return int(value)
 

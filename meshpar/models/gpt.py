@@ -39,7 +39,7 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
-from meshpar.errors import MeshparError
+from meshpar.errors import MeshparError, is_int
 from meshpar.parallel.layout import constrain
 from meshpar.parallel.remat import check_remat_name
 from meshpar.parallel.stack import scan_layers
@@ -171,7 +171,7 @@ class GPTConfig:
 
 
 def _check_positive_int(field: str, value: object) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+    if not is_int(value, minimum=1, numpy=False):
         raise MeshparError(f"GPTConfig: {field}={value!r} must be a positive int")
 
 

@@ -27,14 +27,14 @@ from typing import Literal
 import numpy as np
 
 from meshpar.axes import PIPE
-from meshpar.errors import StrategyError
+from meshpar.errors import StrategyError, is_int
 
 Schedule = Literal["gpipe", "circular"]
 SCHEDULES: tuple[str, ...] = ("gpipe", "circular")
 
 
 def _check_int(name: str, value: object, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
+    if not is_int(value, minimum=minimum):
         raise StrategyError(f"PipelineConfig.{name}={value!r} must be an int >= {minimum}")
     return int(value)
 
@@ -125,8 +125,7 @@ class PipelineConfig:
             StrategyError: ``num_layers`` is not divisible by ``stages * repeats``.
         """
         chunks = self.stages * self.repeats
-        if isinstance(num_layers, bool) or not isinstance(num_layers, (int, np.integer)) or \
-                num_layers < 1 or num_layers % chunks:
+        if not is_int(num_layers, minimum=1) or num_layers % chunks:
             raise StrategyError(
                 f"pipeline: {num_layers!r} layers cannot be split into stages={self.stages} x "
                 f"repeats={self.repeats} = {chunks} equal chunks; use a layer count divisible "
@@ -168,8 +167,7 @@ class PipelineConfig:
                 raise StrategyError(
                     f"pipeline: batch axis {axis!r} is not in the mesh {shape}"
                 )
-        if isinstance(global_batch, bool) or not isinstance(global_batch, (int, np.integer)) or \
-                global_batch < 1 or global_batch % self.microbatches:
+        if not is_int(global_batch, minimum=1) or global_batch % self.microbatches:
             raise StrategyError(
                 f"pipeline: microbatches={self.microbatches} does not divide the global batch "
                 f"{global_batch!r}; pick a batch size that is a multiple of {self.microbatches}"

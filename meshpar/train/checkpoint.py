@@ -41,7 +41,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 
-from meshpar.errors import CheckpointError
+from meshpar.errors import CheckpointError, is_int
 from meshpar.keypath import path_str
 
 # The logger keeps the name it had before the module moved into meshpar.train: users filter it.
@@ -205,7 +205,7 @@ class Checkpointer:
     """
 
     def __init__(self, directory: str | os.PathLike, *, keep: int | None = 3, async_save: bool = True):
-        if keep is not None and (not isinstance(keep, int) or isinstance(keep, bool) or keep < 1):
+        if keep is not None and not is_int(keep, minimum=1, numpy=False):
             raise CheckpointError(f"Checkpointer(keep={keep!r}): keep must be None or an int >= 1")
         self._directory = os.path.abspath(os.fspath(directory))
         if os.path.exists(self._directory) and not os.path.isdir(self._directory):
@@ -345,7 +345,7 @@ class Checkpointer:
         Example:
             >>> ckpt.save(12, state, meta={"step": 12, "data_step": 12})
         """
-        if not isinstance(step, (int, np.integer)) or isinstance(step, bool) or step < 0:
+        if not is_int(step, minimum=0):
             raise CheckpointError(f"save(step={step!r}): step must be an int >= 0")
         step = int(step)
         meta = dict(meta or {})

@@ -18,7 +18,7 @@ from collections.abc import Iterator
 
 import numpy as np
 
-from meshpar.errors import MeshparError
+from meshpar.errors import MeshparError, is_int
 
 #: Byte-level tokens: every byte value is a token.
 VOCAB_SIZE = 256
@@ -118,7 +118,7 @@ class TokenBatches:
     def __post_init__(self) -> None:
         for field in ("batch_size", "seq_len", "seed"):
             value = getattr(self, field)
-            if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+            if not is_int(value):
                 raise MeshparError(f"TokenBatches: {field}={value!r} must be an int")
         if self.batch_size < 1:
             raise MeshparError(f"TokenBatches: batch_size={self.batch_size} must be >= 1")
@@ -151,7 +151,7 @@ class TokenBatches:
             >>> bool((b["targets"][:, :-1] == b["inputs"][:, 1:]).all())
             True
         """
-        if isinstance(step, bool) or not isinstance(step, (int, np.integer)) or step < 0:
+        if not is_int(step, minimum=0):
             raise MeshparError(f"TokenBatches.batch: step={step!r} must be an int >= 0")
         corpus = load_corpus()
         rng = np.random.default_rng((self.seed, int(step)))
@@ -173,7 +173,7 @@ class TokenBatches:
             >>> next(it)[0], next(it)[0]
             (10, 11)
         """
-        if isinstance(start_step, bool) or not isinstance(start_step, (int, np.integer)) or start_step < 0:
+        if not is_int(start_step, minimum=0):
             raise MeshparError(f"TokenBatches.iterate: start_step={start_step!r} must be an int >= 0")
         step = int(start_step)
         while True:

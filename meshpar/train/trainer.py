@@ -38,7 +38,7 @@ import optax
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from meshpar.errors import StrategyError, TrainingError
+from meshpar.errors import StrategyError, TrainingError, is_int
 from meshpar.keypath import path_str
 from meshpar.mesh import auto_mesh
 from meshpar.parallel.layout import activate
@@ -89,13 +89,13 @@ class TrainConfig:
     allow_unused_axes: bool = False
 
     def __post_init__(self) -> None:
-        if isinstance(self.microbatches, bool) or not isinstance(self.microbatches, int) or self.microbatches < 1:
+        if not is_int(self.microbatches, minimum=1, numpy=False):
             raise StrategyError(f"microbatches={self.microbatches!r}; expected an int >= 1")
         if self.precision not in ("fp32", "bf16"):
             raise StrategyError(f"precision={self.precision!r}; expected 'fp32' or 'bf16'")
         if self.schedule not in ("gpipe", "circular"):
             raise StrategyError(f"schedule={self.schedule!r}; expected 'gpipe' or 'circular'")
-        if isinstance(self.repeats, bool) or not isinstance(self.repeats, int) or self.repeats < 1:
+        if not is_int(self.repeats, minimum=1, numpy=False):
             raise StrategyError(f"repeats={self.repeats!r}; expected an int >= 1")
         if self.schedule == "gpipe" and self.repeats != 1:
             raise StrategyError(
