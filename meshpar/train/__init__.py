@@ -1,9 +1,11 @@
 """Training: the config, the plan (where parameters, optimizer state and the pipeline live), losses,
-the :class:`Trainer`, checkpoints and the embedded corpus.
+the gradient norm, the :class:`Trainer`, its state, checkpoints and the embedded corpus.
 
 ``from meshpar.train import TrainConfig, Trainer`` keeps working from when this was one module.
 """
 
-from meshpar.train.trainer import Fallback, TrainConfig, Trainer, TrainState
+from meshpar.train.config import TrainConfig
+from meshpar.train.state import TrainState
+from meshpar.train.trainer import Fallback, Trainer
 
 __all__ = ["Fallback", "TrainConfig", "TrainState", "Trainer"]

@@ -19,6 +19,12 @@ parameters to bf16 for the forward and backward passes (so the backward pass and
 run in bf16); the gradient returned for each fp32 parameter, the accumulator and the optimizer
 state are fp32. A non-finite loss never updates the state: the step either raises
 :class:`TrainingError` naming the step (default) or skips the update and reports it.
+
+Its options are :class:`~meshpar.train.config.TrainConfig`, the gradient norm is in
+:mod:`meshpar.train.gradients` and the state's portable form in :mod:`meshpar.train.state`. The
+module is still about 700 lines: the :class:`Trainer` and its three accumulation paths (GSPMD
+scan, manual ZeRO ``shard_map``, pipeline) share the step's set-up; splitting the paths apart is
+left for later.
 """
 
 from __future__ import annotations
@@ -29,7 +35,7 @@ import math
 import time
 import warnings
 from collections.abc import Callable, Mapping
-from typing import Any, Literal
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -38,121 +44,20 @@ import optax
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from meshpar.errors import StrategyError, TrainingError, is_int
-from meshpar.keypath import path_str
+from meshpar.errors import StackNotScanned, StrategyError, TrainingError
 from meshpar.mesh import auto_mesh
 from meshpar.parallel.layout import activate
 from meshpar.parallel.stack import pipeline_was_used, reset_pipeline_flag, restore_pipeline_flag
-from meshpar.parallel.zero import GatherAtUse, ManualZero, StackNotScanned, stacked_scope
+from meshpar.parallel.zero import GatherAtUse, ManualZero, stacked_scope
 from meshpar.sharding.explicit import explain_trace_error
 from meshpar.sharding.placement import ShardingPlan
 from meshpar.sharding.strategy import Strategy, get_strategy
+from meshpar.train.config import TrainConfig
+from meshpar.train.gradients import global_grad_norm
 from meshpar.train.loss import OutputLayout, Piece, split_output
 from meshpar.train.plan import plan_training, to_flat_layout, to_stage_layout
 from meshpar.train.plan import unused_axes_error, unused_mesh_axes
-
-
-@dataclasses.dataclass(frozen=True)
-class TrainConfig:
-    """Options of the train step.
-
-    Attributes:
-        microbatches: gradient-accumulation steps per optimizer step (``lax.scan``).
-        precision: ``"fp32"``, or ``"bf16"`` for bf16 compute with fp32 parameters, gradients
-            and optimizer state.
-        offload_optimizer: keep optimizer state in ``pinned_host`` memory.
-        on_nonfinite: ``"raise"`` (stop with the step number; the state is left as it was before
-            the step) or ``"skip"`` (drop that update, count it in the metrics).
-        donate: donate the state buffers to the step.
-        schedule: pipeline schedule, ``"gpipe"`` or ``"circular"``; used when the mesh has a
-            ``pipe`` axis of size > 1, where ``microbatches`` are the pipeline's microbatches.
-        repeats: chunks of layers per stage for the circular schedule (``v``).
-        row_separable: declare that the loss is a mean, or a :class:`~meshpar.train.loss.Ratio`, of
-            per-row terms and that the model computes each row of the batch on its own (no
-            batch statistics, no batch-wide terms such as an MoE balance loss). meshpar may then
-            run the step batch-local, each device on its own rows: ZeRO-2/3 with written-out
-            reduce-scatters (:mod:`meshpar.parallel.zero`) and DP/ZeRO-1 accumulation with one reduction
-            after the loop. Models with non-parameter state (RNG streams, batch statistics) stay
-            global regardless. What applies is listed in :attr:`Trainer.fallbacks`.
-        allow_unused_axes: run even if a mesh axis of size > 1 is used by nothing (every device
-            along it repeats the same work); the axes are then in :attr:`Trainer.unused_axes`.
-    """
-
-    microbatches: int = 1
-    precision: Literal["fp32", "bf16"] = "fp32"
-    offload_optimizer: bool = False
-    on_nonfinite: Literal["raise", "skip"] = "raise"
-    donate: bool = True
-    schedule: Literal["gpipe", "circular"] = "gpipe"
-    repeats: int = 1
-    row_separable: bool = False
-    allow_unused_axes: bool = False
-
-    def __post_init__(self) -> None:
-        if not is_int(self.microbatches, minimum=1, numpy=False):
-            raise StrategyError(f"microbatches={self.microbatches!r}; expected an int >= 1")
-        if self.precision not in ("fp32", "bf16"):
-            raise StrategyError(f"precision={self.precision!r}; expected 'fp32' or 'bf16'")
-        if self.schedule not in ("gpipe", "circular"):
-            raise StrategyError(f"schedule={self.schedule!r}; expected 'gpipe' or 'circular'")
-        if not is_int(self.repeats, minimum=1, numpy=False):
-            raise StrategyError(f"repeats={self.repeats!r}; expected an int >= 1")
-        if self.schedule == "gpipe" and self.repeats != 1:
-            raise StrategyError(
-                f"repeats={self.repeats} needs schedule='circular'; gpipe runs each stage's "
-                "layers once"
-            )
-        if self.on_nonfinite not in ("raise", "skip"):
-            raise StrategyError(f"on_nonfinite={self.on_nonfinite!r}; expected 'raise' or 'skip'")
-        if not isinstance(self.row_separable, bool):
-            raise StrategyError(f"row_separable={self.row_separable!r}; expected True or False")
-        if not isinstance(self.allow_unused_axes, bool):
-            raise StrategyError(
-                f"allow_unused_axes={self.allow_unused_axes!r}; expected True or False"
-            )
-
-
-def _split_over_free_axes(shape: tuple[int, ...], sharding: Any) -> NamedSharding | None:
-    """``sharding`` further split over the mesh axes it replicates over, on a dimension that
-    divides; ``None`` when that spans fewer than 4 devices (the slice is written and read back,
-    3/ways of a whole read) or no dimension divides."""
-    if not isinstance(sharding, NamedSharding) or not shape:
-        return None
-    sizes = dict(sharding.mesh.shape)
-    spec = [() if e is None else (e if isinstance(e, tuple) else (e,))
-            for e in (*sharding.spec, *[None] * (len(shape) - len(sharding.spec)))]
-    used = {a for e in spec for a in e}
-    free = tuple(a for a, n in sizes.items() if n > 1 and a not in used)
-    ways = math.prod(sizes[a] for a in free)
-    if ways < 4:
-        return None
-    for d, entry in enumerate(spec):
-        if shape[d] % (math.prod(sizes[a] for a in entry) * ways) == 0:
-            spec[d] = entry + free
-            return NamedSharding(sharding.mesh, PartitionSpec(*(e or None for e in spec)),
-                                 memory_kind=sharding.memory_kind)
-    return None
-
-
-def _grad_norm(grads: Any, shardings: Any) -> jax.Array:
-    """The global gradient norm, each device summing the squares of its own part only.
-
-    ``optax.tree.norm`` would read every replicated gradient whole on every device (under DP, one
-    more pass over all gradients: ~1% of a 20m step on CPU). Here a gradient replicated over 4 or
-    more devices is cut over those axes for the sum (a local slice, no communication) and one
-    scalar all-reduce adds the parts.
-    """
-    leaves = jax.tree.leaves(grads)
-    placed = jax.tree.leaves(shardings)
-    if len(placed) != len(leaves):
-        placed = [None] * len(leaves)
-    total = jnp.zeros((), jnp.float32)
-    for g, sharding in zip(leaves, placed):
-        cut = _split_over_free_axes(g.shape, sharding)
-        if cut is not None:
-            g = jax.lax.with_sharding_constraint(g, cut)
-        total = total + optax.tree.norm(g, squared=True)
-    return jnp.sqrt(total)
+from meshpar.train.state import TrainState, data_to_keys, describe_state, keys_to_data, named_leaves
 
 
 def _zeros_like_piece(make: Callable[[], Piece]) -> Piece:
@@ -174,51 +79,6 @@ class Fallback:
 
     def __str__(self) -> str:
         return f"{self.what}: {self.detail}"
-
-
-def _is_var(x: Any) -> bool:
-    return isinstance(x, nnx.Variable)
-
-
-def _is_key(x: Any) -> bool:
-    return jax.dtypes.issubdtype(getattr(x, "dtype", None), jax.dtypes.prng_key)
-
-
-def _state_leaves(state: Any) -> list[tuple[str, Any]]:
-    """``(path, Variable)`` of every leaf of an NNX state."""
-    return [(path_str(path), v) for path, v in
-            jax.tree_util.tree_flatten_with_path(state, is_leaf=_is_var)[0]]
-
-
-def _describe_state(leaves: list[tuple[str, Any]], limit: int = 4) -> str:
-    names = [f"{path} ({type(v).__name__})" for path, v in leaves]
-    more = f" and {len(names) - limit} more" if len(names) > limit else ""
-    return ", ".join(names[:limit]) + more
-
-
-def _keys_to_data(tree: Any) -> Any:
-    # Typed PRNG keys (nnx.Rngs state) travel as their uint32 payload: checkpoint formats and
-    # host transfers know plain integer arrays only.
-    return jax.tree.map(lambda x: jax.random.key_data(x) if _is_key(x) else x, tree)
-
-
-def _data_to_keys(tree: Any, template: Any) -> Any:
-    def one(x, t):
-        t = t.get_value() if _is_var(t) else t
-        return jax.random.wrap_key_data(x, impl=t.dtype._impl) if _is_key(t) else x
-
-    return jax.tree.map(one, tree, template)
-
-
-@jax.tree_util.register_dataclass
-@dataclasses.dataclass
-class TrainState:
-    """Everything a step reads and writes: a pytree, donated to the step."""
-
-    step: jax.Array
-    params: nnx.State
-    rest: nnx.State  # non-parameter model state (RNG counters, batch stats, ...)
-    opt_state: Any
 
 
 class Trainer:
@@ -289,7 +149,7 @@ class Trainer:
                      "same work") for a in self.unused_axes
         ]
         self._output_layout: OutputLayout | None = None
-        state_leaves = _state_leaves(layout.abs_rest)
+        state_leaves = named_leaves(layout.abs_rest)
         if self.pipeline is not None:
             self._check_stack_state(state_leaves)
         # Batch-local execution (a shard_map manual over the batch axes, each device running the
@@ -308,7 +168,7 @@ class Trainer:
             )
         else:
             why_not_local = (
-                f"the model holds non-parameter state ({_describe_state(state_leaves)}); running "
+                f"the model holds non-parameter state ({describe_state(state_leaves)}); running "
                 "it batch-local would change what it computes (one dropout mask repeated on "
                 "every shard, batch statistics per shard), so the step stays global"
             )
@@ -380,7 +240,7 @@ class Trainer:
         plain = lambda t: jax.tree.map(lambda v: v.get_value() if isinstance(v, nnx.Variable) else v, t,  # noqa: E731
                                        is_leaf=lambda v: isinstance(v, nnx.Variable))
         return {"step": state.step, "params": plain(flat(state.params)),
-                "rest": _keys_to_data(plain(state.rest)), "opt_state": plain(flat(state.opt_state))}
+                "rest": keys_to_data(plain(state.rest)), "opt_state": plain(flat(state.opt_state))}
 
     def _from_portable(self, portable: dict[str, Any]) -> TrainState:
         template = self._flat_template
@@ -392,7 +252,7 @@ class Trainer:
         if self.pipeline:
             params = to_stage_layout(params, self.pipeline)
             opt_state = to_stage_layout(opt_state, self.pipeline)
-        rest = _data_to_keys(portable["rest"], template.rest)
+        rest = data_to_keys(portable["rest"], template.rest)
         return TrainState(portable["step"], params, fill(template.rest, rest), opt_state)
 
     @property
@@ -445,7 +305,7 @@ class Trainer:
         microbatch and per shard, and could not equal the unpipelined model's.
         """
         stacked_roots = {
-            path.split("/")[0] for path, v in _state_leaves(self.layout.abs_params)
+            path.split("/")[0] for path, v in named_leaves(self.layout.abs_params)
             if tuple(v.get_metadata().get("out_sharding") or ())[:1] in (("stages",), ("repeats",))
         }
         inside = [(path, v) for path, v in state_leaves
@@ -454,7 +314,7 @@ class Trainer:
         if inside:
             raise StrategyError(
                 f"the mesh has pipe={self.pipeline.stages}, but the model's layer stack holds "
-                f"non-parameter state: {_describe_state(inside)}. Pipeline stages run the "
+                f"non-parameter state: {describe_state(inside)}. Pipeline stages run the "
                 "stack's parameters only, so RNG streams (dropout) and batch statistics inside "
                 "the stack are not supported there yet; keep them outside the stack (before or "
                 "after meshpar.scan_layers) or train without the pipe axis"
@@ -514,8 +374,8 @@ class Trainer:
         returns them as aux.
         """
         new = nnx.state(model, nnx.All(nnx.Not(nnx.Param), nnx.Not(nnx.Intermediate)))
-        before = dict(_state_leaves(rest))
-        after = dict(_state_leaves(new))
+        before = dict(named_leaves(rest))
+        after = dict(named_leaves(new))
         if before.keys() != after.keys():
             added = sorted(after.keys() - before.keys())
             gone = sorted(before.keys() - after.keys())
@@ -686,7 +546,7 @@ class Trainer:
 
             # Outside the cond on purpose: inside, XLA shares g*g with Adam's second moment and
             # materialises it (measured: 2x the cost of the update).
-            grad_norm = _grad_norm(grads, self._grad_shardings)
+            grad_norm = global_grad_norm(grads, self._grad_shardings)
             metrics = {"loss": loss, "grad_norm": grad_norm, "finite": finite,
                        "loss_weight": weight, "aux": aux}
         return new_state, metrics
