@@ -29,13 +29,13 @@ from meshpar.sharding.placement import ShardingPlan, init_linen, init_nnx, plan_
 from meshpar.sharding.rules import Rules
 from meshpar.sharding.strategy import PRESETS as STRATEGIES
 from meshpar.sharding.strategy import Strategy, get_strategy
-from meshpar.train import Fallback, TrainConfig, Trainer
+from meshpar.train import Fallback, StepMetrics, TrainConfig, Trainer
 from meshpar.train.loss import Ratio, Summed
 
 __all__ = [
     "DeviceEmulationError", "Fallback", "IndivisibleError", "MeshError", "MeshparError",
-    "Ratio", "RuleConflictError", "RuleError", "Rules", "STRATEGIES", "ShardingPlan", "Strategy",
-    "StrategyError", "Summed", "TrainConfig", "Trainer", "TrainingError",
+    "Ratio", "RuleConflictError", "RuleError", "Rules", "STRATEGIES", "ShardingPlan",
+    "StepMetrics", "Strategy", "StrategyError", "Summed", "TrainConfig", "Trainer", "TrainingError",
     "UnannotatedParameterError", "activate", "constrain",
     "emulate_devices", "format_mesh", "format_plan", "get_strategy", "init_linen", "init_nnx",
     "make_mesh", "parse_mesh", "plan_linen", "plan_nnx_state", "plan_to_dict", "scan_layers",

@@ -5,7 +5,8 @@ the gradient norm, the :class:`Trainer`, its state, checkpoints and the embedded
 """
 
 from meshpar.train.config import TrainConfig
+from meshpar.train.metrics import StepMetrics
 from meshpar.train.state import TrainState
 from meshpar.train.trainer import Fallback, Trainer
 
-__all__ = ["Fallback", "TrainConfig", "TrainState", "Trainer"]
+__all__ = ["Fallback", "StepMetrics", "TrainConfig", "TrainState", "Trainer"]

@@ -55,6 +55,7 @@ from meshpar.sharding.strategy import Strategy, get_strategy
 from meshpar.train.config import TrainConfig
 from meshpar.train.gradients import global_grad_norm
 from meshpar.train.loss import OutputLayout, Piece, split_output
+from meshpar.train.metrics import StepMetrics
 from meshpar.train.plan import plan_training, to_flat_layout, to_stage_layout
 from meshpar.train.plan import unused_axes_error, unused_mesh_axes
 from meshpar.train.state import TrainState, data_to_keys, describe_state, keys_to_data, named_leaves
@@ -618,10 +619,11 @@ class Trainer:
         treedef = jax.tree.structure(batch)
         return jax.tree.unflatten(treedef, [one(x) for x in arrays])
 
-    def step(self, batch: Mapping[str, Any]) -> dict[str, Any]:
+    def step(self, batch: Mapping[str, Any]) -> StepMetrics:
         """Run one optimizer step on a host batch and return its metrics.
 
         Returns:
+            A :class:`~meshpar.train.metrics.StepMetrics`, also readable as a mapping:
             ``loss``, ``grad_norm``, ``step_time_s``, ``skipped`` (floats and a bool); with a
             :class:`~meshpar.train.loss.Ratio` loss also ``loss_weight`` (its summed weight); with aux
             values (``loss_fn`` returning ``(loss, aux)``) also ``aux``: the aux pytree, reduced
@@ -635,7 +637,7 @@ class Trainer:
 
         Example:
             >>> metrics = trainer.step({"x": x, "y": y})
-            >>> metrics["loss"], metrics.get("aux")
+            >>> metrics.loss, metrics["loss"], metrics.get("aux")
         """
         step = int(self.state.step)
         placed = self.place_batch(batch)
@@ -644,21 +646,21 @@ class Trainer:
         metrics = jax.device_get(metrics)
         aux = jax.tree.map(lambda x: float(x) if np.ndim(x) == 0 else np.asarray(x),
                            metrics.pop("aux"))
-        out: dict[str, Any] = {k: float(v) for k, v in metrics.items()}
-        out["step_time_s"] = time.perf_counter() - start
-        out["skipped"] = not out.pop("finite")
-        weight = out.pop("loss_weight")
+        step_time_s = time.perf_counter() - start
+        weight = float(metrics["loss_weight"])
         layout = self._output_layout
-        if layout is not None and layout.weighted:
-            out["loss_weight"] = weight
-        if jax.tree.leaves(aux):
-            out["aux"] = aux
-        if out["skipped"] and self.config.on_nonfinite == "raise":
+        out = StepMetrics(
+            loss=float(metrics["loss"]), grad_norm=float(metrics["grad_norm"]),
+            step_time_s=step_time_s, skipped=not float(metrics["finite"]),
+            loss_weight=weight if layout is not None and layout.weighted else None,
+            aux=aux if jax.tree.leaves(aux) else None,
+        )
+        if out.skipped and self.config.on_nonfinite == "raise":
             if not (math.isfinite(weight) and weight != 0):
                 cause = (f"the loss weight summed to {weight} over the global batch (a batch "
                          "whose examples or tokens are all masked out?)")
             else:
-                cause = f"non-finite loss ({out['loss']})"
+                cause = f"non-finite loss ({out.loss})"
             raise TrainingError(
                 f"{cause} at step {step}; the update was not applied "
                 "and the state is that of before the step. Lower the learning rate, use fp32, fix "
