@@ -9,7 +9,7 @@ from flax import nnx
 from jax.sharding import PartitionSpec as P
 
 import meshpar as mp
-from meshpar.sharding.placement import abstract_nnx
+from meshpar.sharding.placement import Source, abstract_nnx
 from meshpar.sharding.rules import Rules
 
 RULES = Rules.table([("embed", "fsdp"), ("embed", None), ("mlp", "tensor"), ("mlp", None)])
@@ -69,6 +69,7 @@ def test_nnx_sharded_init_equals_unsharded_init(mesh):
     assert model.down.kernel.get_value().sharding.spec == P("tensor", "fsdp")
     assert model.up.bias.get_value().sharding.spec == P("tensor")
     assert plan["down/bias"].source == "unannotated"
+    assert plan["down/bias"].source_kind is Source.UNANNOTATED
     assert any("down/bias" in f for f in plan.fallbacks)
 
 
@@ -108,6 +109,8 @@ def test_path_rules_annotate_models_nobody_annotated(mesh):
     variables, plan = mp.init_linen(Unannotated(), jax.random.key(0), jnp.ones((2, 16)), mesh=mesh, rules=rules)
     assert plan["params/up/kernel"].spec == P("fsdp", "tensor")
     assert plan["params/up/kernel"].source == "path rule 'up/kernel$'"
+    assert plan["params/up/kernel"].source_kind is Source.PATH_RULE
+    assert plan["params/up/kernel"].path_rule == "up/kernel$"
     assert plan["params/down/bias"].source == "path rule 'bias$'"
     assert plan.fallbacks == ()
 

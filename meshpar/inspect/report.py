@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from meshpar.mesh import format_mesh
-from meshpar.sharding.placement import ShardingPlan
+from meshpar.sharding.placement import ShardingPlan, Source
 
 
 def human_bytes(n: float) -> str:
@@ -73,7 +73,7 @@ def format_plan(plan: ShardingPlan, /, *, title: str = "") -> str:
             e.path,
             "x".join(map(str, e.shape)) or "()",
             "(" + ", ".join(str(a) for a in e.logical) + ")" if e.logical is not None else f"<{e.source}>",
-            e.resolution.rules_text if e.source == "annotation" else f"{e.resolution.rules_text} [{e.source}]",
+            e.resolution.rules_text if e.source_kind is Source.ANNOTATION else f"{e.resolution.rules_text} [{e.source}]",
             _spec_text(e.spec),
             "x".join(map(str, e.per_device_shape)) or "()",
             human_bytes(e.bytes_per_device),

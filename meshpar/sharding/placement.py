@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import enum
 import math
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -29,6 +30,24 @@ from meshpar.mesh import check_mesh
 from meshpar.sharding.rules import LogicalAxes, Resolution, Rules
 
 
+class Source(enum.Enum):
+    """Where a placement's logical axes came from (its ``value`` is how reports name it)."""
+
+    ANNOTATION = "annotation"
+    #: The annotation names the mesh's axes (or is a ``PartitionSpec``).
+    MESH_AXES = "mesh-axis annotation"
+    #: A path rule matched (:attr:`ParamPlacement.path_rule` is its pattern).
+    PATH_RULE = "path rule"
+    #: Non-parameter state without axes (replicated without a fallback).
+    STATE = "state"
+    #: A parameter with no axes and no matching path rule (replicated, a fallback).
+    UNANNOTATED = "unannotated"
+
+    def label(self, path_rule: str | None = None) -> str:
+        """How reports and errors name it; a path rule with its pattern."""
+        return f"{self.value} {path_rule!r}" if self is Source.PATH_RULE else self.value
+
+
 @dataclasses.dataclass(frozen=True)
 class ParamPlacement:
     """How one parameter (or other state leaf) was placed."""
@@ -37,11 +56,16 @@ class ParamPlacement:
     shape: tuple[int, ...]
     dtype: str
     logical: LogicalAxes | None
-    # "annotation", "mesh-axis annotation" (names the mesh's axes, or a PartitionSpec),
-    # "path rule '<regex>'", "unannotated" or "state"
-    source: str
+    source_kind: Source
     resolution: Resolution
     sharding: NamedSharding
+    path_rule: str | None = None  # the matching path rule's pattern (Source.PATH_RULE)
+
+    @property
+    def source(self) -> str:
+        """The source as reports print it: ``"annotation"``, ``"mesh-axis annotation"``,
+        ``"path rule '<regex>'"``, ``"unannotated"`` or ``"state"``."""
+        return self.source_kind.label(self.path_rule)
 
     @property
     def spec(self) -> PartitionSpec:
@@ -83,7 +107,7 @@ class ShardingPlan:
         out = []
         for e in self.entries:
             out += [f"{e.path}: {f} -> replicated" for f in e.resolution.fallbacks]
-            if e.source == "unannotated":
+            if e.source_kind is Source.UNANNOTATED:
                 out.append(f"{e.path}: no logical axes and no path rule -> replicated")
             out += [
                 f"{e.path}: logical axis {name!r} ({e.source}) has no rule -> replicated; add a "
@@ -148,20 +172,20 @@ def _place(
     rules: Rules,
     skip_axes: Sequence[str],
 ) -> ParamPlacement:
-    source = "annotation"
+    source, path_rule = Source.ANNOTATION, None
     if logical is not None and (
         isinstance(logical, PartitionSpec)
         or any(n in mesh.axis_names for a in logical
                for n in ((a,) if isinstance(a, str) else a or ()))
     ):
-        source = "mesh-axis annotation"
+        source = Source.MESH_AXES
     if logical is None:
         match = rules.path_axes(path) if is_param else None
         if match is not None:
             rule, logical = match
-            source = f"path rule {rule.pattern!r}"
+            source, path_rule = Source.PATH_RULE, rule.pattern
         elif not is_param:
-            source = "state"
+            source = Source.STATE
         else:
             if rules.strict:
                 raise UnannotatedParameterError(
@@ -170,17 +194,17 @@ def _place(
                     "nn.with_logical_partitioning) or add a path rule, e.g. "
                     f"Rules.table(..., paths=[({path.split('/')[-1]!r}, {(None,) * len(shape)})])"
                 )
-            source = "unannotated"
+            source = Source.UNANNOTATED
     axes = logical if logical is not None else (None,) * len(shape)
     if len(axes) != len(shape):
         raise RuleError(
             f"parameter {path} has shape {shape} (rank {len(shape)}) but {len(axes)} logical "
-            f"axes {tuple(axes)} ({source})"
+            f"axes {tuple(axes)} ({source.label(path_rule)})"
         )
     resolution = rules.resolve(axes, shape, mesh, name=path, skip_axes=skip_axes)
     return ParamPlacement(
         path, shape, _dtype_name(dtype), _plain_axes(logical), source, resolution,
-        NamedSharding(mesh, resolution.spec),
+        NamedSharding(mesh, resolution.spec), path_rule=path_rule,
     )
 
 
