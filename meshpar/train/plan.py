@@ -141,7 +141,7 @@ def place_like_params(
     return jax.tree_util.tree_map_with_path(one, tree)
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, kw_only=True)
 class TrainingPlan:
     """Everything about a run's layout, decided before anything is compiled.
 
@@ -152,8 +152,12 @@ class TrainingPlan:
         abs_rest: abstract non-parameter model state.
         pipeline: the :class:`~meshpar.parallel.schedule.PipelineConfig`, or ``None``.
         num_layers: depth of the pipelined stack (``None`` without a pipeline).
-        params, gradients, optimizer, rest: the :class:`ShardingPlan` of each.
+        params, gradients, optimizer: the :class:`ShardingPlan` of each.
+        param_shardings, grad_shardings, rest_shardings: the shardings of each, as trees.
+        abs_opt_state: abstract optimizer state (``None`` without an optimizer).
         opt_shardings: shardings of the optimizer state (``None`` without an optimizer).
+
+    Built with keywords only (fourteen fields: a positional call is too easy to get wrong).
     """
 
     strategy: Strategy
@@ -217,8 +221,10 @@ def plan_training(
         if offload_optimizer:
             opt_shardings = jax.tree.map(lambda s: s.with_memory_kind("pinned_host"), opt_shardings)
     return TrainingPlan(
-        strategy, graphdef, abs_params, abs_rest, pipeline, num_layers, params, param_shardings,
-        gradients, grad_shardings, optimizer, rest_shardings, abs_opt, opt_shardings,
+        strategy=strategy, graphdef=graphdef, abs_params=abs_params, abs_rest=abs_rest,
+        pipeline=pipeline, num_layers=num_layers, params=params, param_shardings=param_shardings,
+        gradients=gradients, grad_shardings=grad_shardings, optimizer=optimizer,
+        rest_shardings=rest_shardings, abs_opt_state=abs_opt, opt_shardings=opt_shardings,
     )
 
 
