@@ -207,11 +207,11 @@ def initialize(
 
     if is_initialized():
         raise DistributedError(
-            "meshpar.backend.distributed.initialize() was already called in this process; call it once"
+            "meshpar.distributed.initialize() was already called in this process; call it once"
         )
     if _backend_started():
         raise DistributedError(
-            "meshpar.backend.distributed.initialize() must run before JAX starts its backend, but "
+            "meshpar.distributed.initialize() must run before JAX starts its backend, but "
             "jax.devices() or an array operation already ran; call it first thing in the program "
             "(importing jax is fine)"
         )

@@ -279,7 +279,7 @@ def _reduction_checks(f: _Facts) -> None:
         f.notes.append(
             "GSPMD on CPU reduces the ZeRO-2/3 gradients with all-reduce + slice, not "
             "reduce-scatter: the same volume, but a ring all-reduce sends 2(N-1)/N x G per "
-            "device instead of (N-1)/N x G. meshpar's explicit reduce-scatter (meshpar.parallel.zero) "
+            "device instead of (N-1)/N x G. meshpar's explicit reduce-scatter (meshpar.zero) "
             "is off here: a pipeline is active, or a rule splits a parameter over fsdp together "
             "with another axis on one dimension")
     if len(f.batch_axes) == 1:

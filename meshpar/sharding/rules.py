@@ -104,6 +104,7 @@ class DimResolution:
     rule: str  # the rule that matched, or why none did
     fallback: str | None = None  # set when an opt-in replication fallback was taken
     unmatched: tuple[str, ...] = ()  # logical names no rule maps (replicated)
+    replicated_by_rule: bool = False  # a rule (name, None) asked for replication
 
 
 @dataclasses.dataclass(frozen=True)
@@ -125,7 +126,7 @@ class Resolution:
     @property
     def rules_text(self) -> str:
         """The rules that placed a dimension (or were refused as indivisible), comma-separated."""
-        used = [d.rule for d in self.dims if d.mesh_axes or d.fallback or "->replicated" in d.rule]
+        used = [d.rule for d in self.dims if d.mesh_axes or d.fallback or d.replicated_by_rule]
         return ", ".join(used) if used else "-"
 
 
@@ -333,7 +334,9 @@ class Rules:
                         )
                     for axis in rule.mesh_axes:
                         used[axis] = logical
-                    chosen[dim, part] = DimResolution(logical, rule.mesh_axes, str(rule))
+                    chosen[dim, part] = DimResolution(
+                        logical, rule.mesh_axes, str(rule), replicated_by_rule=not rule.mesh_axes
+                    )
         entries: list[str | tuple[str, ...] | None] = []
         dims: list[DimResolution] = []
         for dim, (names, size) in enumerate(zip(parts, shape)):
@@ -372,6 +375,7 @@ class Rules:
                     ", ".join(r.rule for r in got),
                     "; ".join(r.fallback for r in got if r.fallback) or None,
                     tuple(n for r in got for n in r.unmatched),
+                    any(r.replicated_by_rule for r in got),
                 )
             dims.append(res)
             axes = res.mesh_axes
