@@ -34,6 +34,9 @@ coordination service notices the missing heartbeats after about ``heartbeat_time
 ``initialization_timeout_s + 5`` seconds after the call; meshpar's watchdog ends the process
 first, at ``initialization_timeout_s``, with a message saying which processes were expected and
 exit code :data:`INIT_TIMEOUT_EXIT_CODE`.
+
+Length: just over 400 lines, one concept (joining a multi-process job and feeding it its rows),
+about half of it settings validation and failure messages.
 """
 
 from __future__ import annotations

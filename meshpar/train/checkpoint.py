@@ -23,6 +23,9 @@ Multi-process jobs: every process constructs the :class:`Checkpointer` (after
 Orbax writes each process's shards and synchronises the processes. The directory must be one
 filesystem that all processes see (local disk for a single host, a shared mount across hosts);
 paths are local filesystem paths (``os.path``), not ``gs://`` URLs.
+
+Length: about 570 lines, one concept (the :class:`Checkpointer`), most of it the checks that turn
+a partial, corrupted or mismatched checkpoint into an error naming the leaf and the fix.
 """
 
 from __future__ import annotations
