@@ -214,7 +214,9 @@ def from_linen(
         An NNX module (a ``flax.nnx.bridge.ToNNX``) holding the Linen variables.
 
     Raises:
-        StrategyError: ``module`` is not a Linen module instance; no example inputs; ``mutable``
+        StrategyError: ``module`` is not a Linen module instance; no example inputs; ``rngs``
+            without a ``params`` stream, or created outside the function that calls
+            ``from_linen`` (the Trainer traces ``make_model``); ``mutable``
             names a collection that cannot be training state (``params``, ``intermediates``)
             or that the init did not create; the init created a collection whose values are
             not arrays (sown values) or two collections with a variable at the same path.
@@ -251,6 +253,13 @@ def from_linen(
         raise StrategyError(
             f"from_linen(rngs=...) takes an nnx.Rngs, e.g. nnx.Rngs(params=0, dropout=1), or an "
             f"int seed, got {type(rngs).__name__}"
+        )
+    streams = [name for name, _ in rngs.items()]
+    if "params" not in streams and "default" not in streams:
+        raise StrategyError(
+            f"from_linen(rngs=...) has the streams {streams} but no 'params' (or 'default') "
+            "stream, which Linen's init needs to create the parameters; e.g. "
+            "nnx.Rngs(params=0, dropout=1)"
         )
     wanted = _check_mutable(mutable)
     # The logical names become NNX out_sharding metadata. Without this, NNX would try to shard

@@ -198,6 +198,9 @@ def test_missing_example_inputs_are_refused():
 def test_rngs_must_be_nnx_rngs_or_a_seed():
     with pytest.raises(StrategyError, match=r"rngs=\.\.\.\) takes an nnx\.Rngs.*got str"):
         mp.from_linen(LinenNet(), X, train=True, rngs="seed")
+    with pytest.raises(StrategyError, match=r"has the streams \['dropout'\] but no 'params' "
+                                            r"\(or 'default'\) stream"):
+        mp.from_linen(LinenNet(), X, train=True, rngs=nnx.Rngs(dropout=1))
 
 
 @pytest.mark.parametrize("mutable,match", [
@@ -211,6 +214,20 @@ def test_rngs_must_be_nnx_rngs_or_a_seed():
 def test_a_collection_that_cannot_be_state_is_named(mutable, match):
     with pytest.raises(StrategyError, match=match):
         mp.from_linen(LinenNet(), X, train=True, rngs=_rngs(), mutable=mutable)
+
+
+class SameName(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+        w = self.param("w", nn.initializers.ones, (x.shape[-1],))
+        seen = self.variable("stats", "w", lambda: jnp.zeros(x.shape[-1]))
+        return x * w + seen.value
+
+
+def test_two_collections_at_one_path_are_named():
+    with pytest.raises(StrategyError, match=r"SameName: two Linen collections hold a variable at "
+                                            r"the same path.*\('w',\)"):
+        mp.from_linen(SameName(), np.ones((2, 3), np.float32), rngs=0)
 
 
 def test_a_collection_sown_during_init_is_named():
