@@ -28,7 +28,7 @@ from meshpar.errors import StrategyError, TrainingError
 from meshpar.mesh import make_mesh
 
 from helpers.compare import mesh_axes, single_device_mesh
-from helpers.zoo import ZOO
+from helpers.zoo import ZOO, ZooModel
 from test_equivalence import LOSS_ATOL, LOSS_RTOL, PARAM_ATOL, PARAM_RTOL, PARAM_UPDATE_RTOL
 
 STEPS = 3
@@ -56,10 +56,13 @@ class Run:
     fallbacks: tuple[str, ...]
 
 
-def train(model: str, mesh, strategy: str, config: mp.TrainConfig) -> Run:
-    zoo = ZOO[model]
-    trainer = mp.Trainer(zoo.make, optax.adamw(1e-2), zoo.loss, mesh=mesh, strategy=strategy,
-                         config=config)
+def train(model: str | ZooModel, mesh, strategy: str, config: mp.TrainConfig, *,
+          tx: optax.GradientTransformation | None = None) -> Run:
+    """3 steps of a zoo model (by name, or a :class:`ZooModel` from another test file) with
+    ``tx`` (default: AdamW, learning rate 1e-2)."""
+    zoo = ZOO[model] if isinstance(model, str) else model
+    tx = optax.adamw(1e-2) if tx is None else tx
+    trainer = mp.Trainer(zoo.make, tx, zoo.loss, mesh=mesh, strategy=strategy, config=config)
     metrics = [trainer.step(zoo.batch(s)) for s in range(STEPS)]
     assert not any(m["skipped"] for m in metrics)
     return Run(tuple(m["loss"] for m in metrics), tuple(m.get("aux", {}) for m in metrics),
