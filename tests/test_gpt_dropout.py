@@ -43,6 +43,8 @@ RNG_STREAMS = ("embed_dropout/rngs", "final_dropout/rngs")
 # although the masks are the same and, at equal parameters and RNG state, every gradient agrees
 # to 1e-6 of its leaf's largest entry at each of the 3 steps (measured). eps=1e-6 divides that
 # slope by 100 and leaves everything else the same; a wrong mask or reduction is still O(lr).
+# Seen with it: parameters within 2.0e-5 + 1e-5 |p_ref| (tp, 3-D; <= 8e-6 elsewhere), step
+# losses within 3e-7 relative.
 def make_tx() -> optax.GradientTransformation:
     return optax.adamw(1e-2, eps=1e-6)
 
