@@ -74,10 +74,13 @@ class Run:
     fallbacks: tuple[str, ...]
 
 
-def train(model: str, mesh, strategy: str, config: mp.TrainConfig) -> Run:
-    zoo = MODELS[model]
-    trainer = mp.Trainer(zoo.make, optax.adamw(1e-2), zoo.loss, mesh=mesh, strategy=strategy,
-                         config=config)
+def train(model: str | ZooModel, mesh, strategy: str, config: mp.TrainConfig, *,
+          tx: optax.GradientTransformation | None = None) -> Run:
+    """3 steps of a zoo model (by name, or a :class:`ZooModel` from another test file) with
+    ``tx`` (default: AdamW, learning rate 1e-2)."""
+    zoo = MODELS[model] if isinstance(model, str) else model
+    tx = optax.adamw(1e-2) if tx is None else tx
+    trainer = mp.Trainer(zoo.make, tx, zoo.loss, mesh=mesh, strategy=strategy, config=config)
     metrics = [trainer.step(zoo.batch(s)) for s in range(STEPS)]
     assert not any(m["skipped"] for m in metrics)
     return Run(tuple(m["loss"] for m in metrics), tuple(m.get("aux", {}) for m in metrics),
