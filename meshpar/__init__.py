@@ -22,6 +22,7 @@ from meshpar.errors import (
     UnannotatedParameterError,
 )
 from meshpar.inspect.report import format_plan, plan_to_dict
+from meshpar.linen import from_linen
 from meshpar.mesh import format_mesh, make_mesh, parse_mesh
 from meshpar.parallel.layout import activate, constrain
 from meshpar.parallel.stack import scan_layers
@@ -37,7 +38,8 @@ __all__ = [
     "Ratio", "RuleConflictError", "RuleError", "Rules", "STRATEGIES", "ShardingPlan",
     "StepMetrics", "Strategy", "StrategyError", "Summed", "TrainConfig", "Trainer", "TrainingError",
     "UnannotatedParameterError", "activate", "constrain",
-    "emulate_devices", "format_mesh", "format_plan", "get_strategy", "init_linen", "init_nnx",
+    "emulate_devices", "format_mesh", "format_plan", "from_linen", "get_strategy", "init_linen",
+    "init_nnx",
     "make_mesh", "parse_mesh", "plan_linen", "plan_nnx_state", "plan_to_dict", "scan_layers",
 ]
 __version__ = "0.1.0"

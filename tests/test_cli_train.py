@@ -25,6 +25,8 @@ def test_metrics_file_has_one_line_per_step_with_the_promised_keys(tmp_path, cap
     for r in rows:
         assert {"step", "loss", "step_time_s", "tokens_per_s"} <= set(r)
         assert r["tokens_per_s"] > 0 and np.isfinite(r["loss"])
+        # lm_loss is a plain mean without aux: no loss weight, no aux keys.
+        assert "loss_weight" not in r and not any(k.startswith("aux") for k in r), r
     out = capsys.readouterr().out
     assert "unigram entropy" in out and re.search(r"done: 3 steps", out)
     # The summary names what auto resolved to on this mesh, not just "auto".
@@ -49,6 +51,9 @@ def test_same_seed_and_batch_give_the_same_losses_whatever_the_mesh(tmp_path):
         (["--zero", "3", "--mesh", "data=8", "--strategy", "zero3"], r"needs a 'fsdp' mesh axis"),
         (["--strategy", "nope"], r"unknown strategy 'nope'"),
         (["--steps", "0"], r"--steps 0: must be >= 1"),
+        (["--dropout", "1"], r"--dropout 1.0: must be in \[0, 1\)"),
+        (["--dropout", "-0.1"], r"--dropout -0.1: must be in \[0, 1\)"),
+        (["--dropout", "nan"], r"--dropout nan: must be in \[0, 1\)"),
         (["--vocab-size", "100"], r"needs >= 256"),
         (["--preset", "huge"], r"unknown preset 'huge'|huge"),
         (["--mesh", "foo=8"], r"mesh axis foo=8 is used by nothing: .* every device along it would "
@@ -73,3 +78,38 @@ def test_usage_error_in_a_fresh_process_has_no_traceback():
     proc = subprocess.run([sys.executable, "-m", "meshpar", "train", "--zero", "4"],
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and "invalid choice: 4" in proc.stderr
+
+
+def test_metrics_file_lines_carry_aux_and_loss_weight_when_the_loss_has_them():
+    """``meshpar train`` writes each step's line with :func:`meshpar.cli.train.metrics_record`; here a
+    Trainer whose loss is an ``mp.Ratio`` with aux (Python API, lm_loss has neither)."""
+    import jax.numpy as jnp
+    import optax
+    from flax import nnx
+
+    import meshpar as mp
+    from meshpar.cli.train import metrics_record
+    from meshpar.models import GPT, get_preset
+    from meshpar.train.data import TokenBatches
+
+    def loss_fn(model, batch):
+        logits = model(batch["inputs"])
+        ce = optax.softmax_cross_entropy_with_integer_labels(logits, batch["targets"])
+        mask = (batch["targets"] != 32).astype(jnp.float32)  # not the spaces
+        return mp.Ratio(jnp.sum(ce * mask), jnp.sum(mask)), {
+            "tokens": mp.Summed(jnp.sum(mask)),
+            "accuracy": {"top1": mp.Ratio(jnp.sum((jnp.argmax(logits, -1) == batch["targets"]) * mask),
+                                          jnp.sum(mask))},
+            "ce_by_position": jnp.mean(ce, axis=0)[:4],
+        }
+
+    trainer = mp.Trainer(lambda: GPT(get_preset("tiny"), rngs=nnx.Rngs(0)), optax.adamw(1e-3),
+                         loss_fn, mesh=mp.make_mesh(data=8), strategy="dp")
+    batch = TokenBatches(batch_size=16, seq_len=32, seed=0).batch(0)
+    record = json.loads(json.dumps(metrics_record(0, trainer.step(batch), 16 * 32)))
+    tokens = float(np.sum(batch["targets"] != 32))
+    assert record["loss_weight"] == record["aux/tokens"] == tokens < 16 * 32
+    assert 0 <= record["aux/accuracy/top1"] <= 1
+    assert len(record["aux/ce_by_position"]) == 4
+    assert all(isinstance(x, float) for x in record["aux/ce_by_position"])
+    assert {"step", "loss", "grad_norm", "step_time_s", "tokens_per_s", "skipped"} <= set(record)

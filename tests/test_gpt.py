@@ -90,6 +90,11 @@ def test_untied_param_counts():
         (dict(head_dim=0), MeshparError, r"head_dim=0 must be a positive int"),
         (dict(tie_embeddings="yes"), MeshparError, r"tie_embeddings='yes' must be a bool"),
         (dict(remat="sometimes"), StrategyError, r"GPTConfig.remat='sometimes'.*'full'"),
+        (dict(dropout=1.0), MeshparError, r"dropout=1.0 must be a number in \[0, 1\)"),
+        (dict(dropout=-0.1), MeshparError, r"dropout=-0.1 must be a number in \[0, 1\)"),
+        (dict(dropout=float("nan")), MeshparError, r"dropout=nan must be a number"),
+        (dict(dropout="0.1"), MeshparError, r"dropout='0.1' must be a number"),
+        (dict(dropout=True), MeshparError, r"dropout=True must be a number"),
     ],
 )
 def test_config_errors(changes, error, match):
@@ -199,6 +204,45 @@ def test_untied_model_runs():
 
     logits = init_and_apply(random_batch(1, 8)["inputs"])
     assert logits.shape == (1, 8, 256) and bool(jnp.isfinite(logits).all())
+
+
+# -- dropout -----------------------------------------------------------------------------------
+
+
+def test_dropout_is_active_in_training_and_off_in_eval():
+    plain = build(TINY)
+    model = build(TINY.replace(dropout=0.1))
+    assert TINY.dropout == 0.0 and TINY.replace(dropout=0).dropout == 0.0
+    # The dropout keys are drawn after the weights: the same seed gives the same weights.
+    jax.tree.map(np.testing.assert_array_equal, nnx.state(model, nnx.Param),
+                 nnx.state(plain, nnx.Param))
+    tokens = random_batch(2, 16)["inputs"]
+    call = nnx.jit(lambda m, t: m(t))  # advances the model's RNG counters, as a train step does
+    a, b = call(model, tokens), call(model, tokens)
+    assert float(jnp.abs(a - b).max()) > 1e-3  # a new mask every call
+    reference = forward(plain, tokens)
+    assert float(jnp.abs(a - reference).max()) > 1e-3
+    model.eval()
+    np.testing.assert_array_equal(call(model, tokens), reference)
+    np.testing.assert_array_equal(forward(nnx.view(plain, deterministic=True), tokens), reference)
+    model.train()
+    assert float(jnp.abs(call(model, tokens) - reference).max()) > 1e-3
+
+
+def test_dropout_streams_come_from_the_seed_or_a_dropout_stream():
+    config = TINY.replace(dropout=0.1)
+    keys = lambda m: jax.random.key_data(m.embed_dropout.rngs.key[...])  # noqa: E731
+    with nnx.use_eager_sharding(False):
+        seeded = GPT(config, rngs=nnx.Rngs(0))
+        again = GPT(config, rngs=nnx.Rngs(0))
+        split = GPT(config, rngs=nnx.Rngs(params=0, dropout=1))
+        with pytest.raises(MeshparError, match=r"dropout=0.1 needs a 'dropout' RNG stream, but "
+                           r"rngs has only 'params'; pass nnx.Rngs\(seed\)"):
+            GPT(config, rngs=nnx.Rngs(params=0))
+        GPT(TINY, rngs=nnx.Rngs(params=0))  # no dropout, no dropout stream needed
+    np.testing.assert_array_equal(keys(seeded), keys(again))
+    assert not np.array_equal(keys(seeded), keys(split))
+    assert not np.array_equal(keys(seeded), jax.random.key_data(seeded.final_dropout.rngs.key[...]))
 
 
 # -- scan and remat --------------------------------------------------------------------------

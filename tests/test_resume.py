@@ -256,13 +256,17 @@ def test_restore_onto_other_meshes_gives_every_value_and_the_next_loss(saved_zer
 
 # ======================================================================= 3. kill during a save
 
+DROPOUT = ["--dropout", "0.1"]
+
 
 def test_kill_during_save_keeps_the_previous_checkpoint(tmp_path, caplog):
+    # With dropout: the model's RNG streams (keys and counters) are saved and restored, so the
+    # resumed step draws the masks the killed run drew, and its loss is bitwise the same.
     import logging
 
     directory = tmp_path / "ckpt"
     proc = subprocess.run(
-        [sys.executable, os.path.join(HELPERS, "killed_save.py"), str(directory)],
+        [sys.executable, os.path.join(HELPERS, "killed_save.py"), str(directory), *DROPOUT],
         env=child_env(), capture_output=True, text=True, timeout=300, cwd=REPO,
     )
     assert proc.returncode == -signal.SIGKILL, output(proc)
@@ -280,10 +284,11 @@ def test_kill_during_save_keeps_the_previous_checkpoint(tmp_path, caplog):
 
     metrics = tmp_path / "m.jsonl"
     proc = meshpar("train", "--preset", "tiny", "--batch-size", "16", "--steps", "3",
-                   "--no-progress", "--checkpoint-dir", str(directory), "--resume",
+                   "--no-progress", *DROPOUT, "--checkpoint-dir", str(directory), "--resume",
                    "--metrics-file", str(metrics))
     assert proc.returncode == 0, output(proc)
     assert "resumed from step 1 (saved on mesh data=2,fsdp=2,tensor=2" in proc.stdout
+    assert "dropout 0.1" in proc.stdout
     losses = read_metrics(metrics)
     assert sorted(losses) == [1, 2]
     assert losses[1] == loss1  # bitwise: the step the killed run computed after saving step 1
@@ -387,6 +392,35 @@ def test_resume_with_another_batch_size_or_seed(small_ckpt, tmp_path, capsys, fl
     else:
         argv += [flag, value]
     expect_usage_error([*argv, "--checkpoint-dir", str(ckpt), "--resume"], pattern, capsys)
+
+
+def test_resume_with_dropout_of_a_run_without_names_the_missing_rng_stream(small_ckpt, tmp_path,
+                                                                           capsys):
+    ckpt = resume_copy(small_ckpt, tmp_path / "ckpt", keep_up_to=2)
+    expect_usage_error(
+        [*SMALL, "--dropout", "0.1", "--checkpoint-dir", str(ckpt), "--resume"],
+        r"--resume: the checkpoint at step 2 is of a different model \(dropout=0.0 there, 0.1 "
+        r"here\): checkpoint step 2 in .* does not match the restore target: model state "
+        r"'rest/embed_dropout/rngs/\w+' \(RNG stream 'embed_dropout/rngs', non-parameter state\) "
+        r"of the restore target is missing from the checkpoint", capsys,
+    )
+    assert Checkpointer(ckpt).all_steps() == [2]  # untouched
+
+
+def test_resume_of_a_checkpoint_from_before_dropout_existed(small_ckpt, tmp_path, capsys):
+    # Checkpoints written before GPTConfig had `dropout` lack it in their metadata: the field's
+    # default (0.0) stands in for it.
+    ckpt = resume_copy(small_ckpt, tmp_path / "ckpt", keep_up_to=2)
+    path = ckpt / "2" / "meta" / "metadata"
+    meta = json.loads(path.read_text())
+    assert meta["model"].pop("dropout") == 0.0
+    path.write_text(json.dumps(meta))
+    status = cli_main([*SMALL, "--checkpoint-dir", str(ckpt), "--resume"])
+    captured = capsys.readouterr()
+    assert status == 0, captured.err
+    assert "resumed from step 2" in captured.out
+    expect_usage_error([*SMALL, "--dropout", "0.1", "--checkpoint-dir", str(ckpt), "--resume"],
+                       r"\(dropout=0.0 there, 0.1 here\)", capsys)
 
 
 def test_resume_with_another_remat_policy(small_ckpt, tmp_path, capsys):

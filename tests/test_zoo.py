@@ -1,7 +1,8 @@
 """Any Flax model, exactly: the model zoo trains like one device under every layout.
 
 Each model of :mod:`helpers.zoo` (a CNN with BatchNorm and dropout, a transformer encoder with a
-padding-masked ``mp.Ratio`` loss and dropout, an MoE block with a balance loss in aux) trains 3
+padding-masked ``mp.Ratio`` loss and dropout, an MoE block with a balance loss in aux, a Linen CNN
+with ``batch_stats`` and dropout brought in by ``mp.from_linen``) trains 3
 AdamW steps on 8 emulated devices under DP, ZeRO-1, ZeRO-2 with 2 microbatches, ZeRO-3, tensor
 parallel, 3-D ``data x fsdp x tensor`` and, for the model whose layer stack is stateless, a
 pipeline. Each run is compared with the same model trained on one device with the same
@@ -73,10 +74,13 @@ class Run:
     fallbacks: tuple[str, ...]
 
 
-def train(model: str, mesh, strategy: str, config: mp.TrainConfig) -> Run:
-    zoo = MODELS[model]
-    trainer = mp.Trainer(zoo.make, optax.adamw(1e-2), zoo.loss, mesh=mesh, strategy=strategy,
-                         config=config)
+def train(model: str | ZooModel, mesh, strategy: str, config: mp.TrainConfig, *,
+          tx: optax.GradientTransformation | None = None) -> Run:
+    """3 steps of a zoo model (by name, or a :class:`ZooModel` from another test file) with
+    ``tx`` (default: AdamW, learning rate 1e-2)."""
+    zoo = MODELS[model] if isinstance(model, str) else model
+    tx = optax.adamw(1e-2) if tx is None else tx
+    trainer = mp.Trainer(zoo.make, tx, zoo.loss, mesh=mesh, strategy=strategy, config=config)
     metrics = [trainer.step(zoo.batch(s)) for s in range(STEPS)]
     assert not any(m["skipped"] for m in metrics)
     return Run(tuple(m["loss"] for m in metrics), tuple(m.get("aux", {}) for m in metrics),
@@ -146,8 +150,8 @@ def test_zoo_model_trains_like_one_device(model, layout):
     assert_runs_match(got, ref, initial_params(model))
     # The state really changes and the aux is really there: a vacuous comparison would not.
     assert got.aux[0] or model not in ZOO, "the aux values came back"
-    if model == "convnet":
-        before = initial_rest("convnet")
+    if model in ("convnet", "linen"):
+        before = initial_rest(model)
         changed = {k for k, v in got.rest.items() if not np.array_equal(v, before[k])}
         assert any("mean" in k for k in changed) and any("count" in k for k in changed), changed
 
@@ -156,7 +160,7 @@ def test_zoo_model_trains_like_one_device(model, layout):
 def initial_rest(model: str) -> dict:
     from flax import nnx
     with nnx.use_eager_sharding(False):
-        return _host(nnx.state(ZOO[model].make(), nnx.Not(nnx.Param)))
+        return _host(nnx.state(MODELS[model].make(), nnx.Not(nnx.Param)))
 
 
 class ThreeLayers(nnx.Module):

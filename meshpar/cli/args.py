@@ -18,7 +18,7 @@ DEFAULT_MESH = "data=2,fsdp=2,tensor=2"
 DESCRIPTION = "The ``meshpar`` command: ``inspect`` a layout, ``train`` the built-in GPT, ``launch`` processes."
 
 
-def _add_model_args(p: argparse.ArgumentParser) -> None:
+def _add_model_args(p: argparse.ArgumentParser) -> argparse._ArgumentGroup:
     g = p.add_argument_group("model (the built-in GPT)")
     g.add_argument("--preset", default="small", help="GPT preset: tiny, small, 20m (default: small)")
     g.add_argument("--layers", type=int, help="override the preset's number of layers")
@@ -28,6 +28,7 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--vocab-size", type=int, help="override the vocabulary size (>= 256 for bytes)")
     g.add_argument("--seq-len", type=int, help="sequence length (train: 64; inspect: the preset's)")
     g.add_argument("--remat", help="remat policy of the layer scan: none, full, dots, dots_no_batch, offload")
+    return g
 
 
 def _add_layout_args(p: argparse.ArgumentParser) -> None:
@@ -63,7 +64,9 @@ def build_parser() -> argparse.ArgumentParser:
                           "pipe axis")
 
     tr = sub.add_parser("train", help="train the built-in GPT on the embedded corpus")
-    _add_model_args(tr)
+    _add_model_args(tr).add_argument(
+        "--dropout", type=float, default=0.0, metavar="P",
+        help="dropout rate in [0, 1) on the embeddings and the last hidden state (default 0)")
     _add_layout_args(tr)
     tr.add_argument("--steps", type=int, default=300, help="optimizer steps (default 300)")
     tr.add_argument("--precision", choices=("fp32", "bf16"), default="fp32")
@@ -94,6 +97,11 @@ def model_config(args: argparse.Namespace) -> GPTConfig:
         "mlp_dim": args.mlp_dim, "vocab_size": args.vocab_size, "seq_len": args.seq_len,
         "remat": args.remat,
     }
+    dropout = getattr(args, "dropout", None)  # a train flag only
+    if dropout is not None:
+        if not 0 <= dropout < 1:
+            raise UsageError(f"--dropout {dropout}: must be in [0, 1) (0 turns dropout off)")
+        overrides["dropout"] = dropout
     overrides = {k: v for k, v in overrides.items() if v is not None}
     if "d_model" in overrides or "heads" in overrides:
         overrides.setdefault("head_dim", None)

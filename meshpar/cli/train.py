@@ -18,6 +18,7 @@ from meshpar.axes import TENSOR
 from meshpar.backend.distributed import local_slice
 from meshpar.cli.args import mesh_and_strategy, model_config
 from meshpar.errors import CheckpointError, MeshparError, UsageError
+from meshpar.keypath import path_str
 from meshpar.mesh import format_mesh
 from meshpar.models import GPT, lm_loss
 from meshpar.train import TrainConfig, Trainer
@@ -87,6 +88,7 @@ def train_main(args: argparse.Namespace) -> int:
             f" mesh {format_mesh(mesh)} on {jax.device_count()} {jax.devices()[0].platform} "
             f"devices, strategy {strategy.describe(mesh)}, batch {args.batch_size}x{seq_len}, "
             f"{args.microbatches} microbatch(es), {args.precision}"
+            + (f", dropout {cfg.dropout}" if cfg.dropout else "")
             + (f", pipeline {trainer.pipeline.schedule} x{trainer.pipeline.stages} stages "
                f"(bubble {trainer.pipeline.bubble_fraction:.1%})" if trainer.pipeline else "")
             + "; corpus unigram entropy "
@@ -111,11 +113,7 @@ def train_main(args: argparse.Namespace) -> int:
             batch = data.batch(step)
             m = trainer.step(_local_rows(batch, trainer))
             losses.append(m["loss"])
-            record = {
-                "step": step, "loss": m["loss"], "grad_norm": m["grad_norm"],
-                "step_time_s": m["step_time_s"],
-                "tokens_per_s": tokens_per_step / m["step_time_s"], "skipped": m["skipped"],
-            }
+            record = metrics_record(step, m, tokens_per_step)
             if metrics_file:
                 metrics_file.write(json.dumps(record) + "\n")
                 metrics_file.flush()
@@ -143,6 +141,34 @@ def train_main(args: argparse.Namespace) -> int:
             flush=True,
         )
     return 0
+
+
+def metrics_record(step: int, metrics: dict, tokens_per_step: int) -> dict:
+    """One ``--metrics-file`` line: ``step``, ``loss``, ``grad_norm``, ``step_time_s``,
+    ``tokens_per_s``, ``skipped``; ``loss_weight`` when the loss is a ``Ratio``; and each aux
+    value (``metrics["aux"]``, see :meth:`Trainer.step`) as ``aux/<path>``: a float, or a
+    (nested) list for an array.
+
+    Example:
+        >>> m = {"loss": 2.5, "grad_norm": 0.5, "step_time_s": 0.1, "skipped": False,
+        ...      "loss_weight": 480.0, "aux": {"acc": 0.25, "per_layer": np.array([1.0, 2.0])}}
+        >>> {k: v for k, v in metrics_record(3, m, 512).items() if k[:3] in ("los", "aux")}
+        {'loss': 2.5, 'loss_weight': 480.0, 'aux/acc': 0.25, 'aux/per_layer': [1.0, 2.0]}
+    """
+    record = {
+        "step": step, "loss": metrics["loss"], "grad_norm": metrics["grad_norm"],
+        "step_time_s": metrics["step_time_s"],
+        "tokens_per_s": tokens_per_step / metrics["step_time_s"], "skipped": metrics["skipped"],
+    }
+    if "loss_weight" in metrics:
+        record["loss_weight"] = float(metrics["loss_weight"])
+    for path, value in jax.tree_util.tree_flatten_with_path(metrics.get("aux", {}))[0]:
+        value = np.asarray(value)
+        name = path_str(path)
+        record["aux/" + name if name else "aux"] = (
+            float(value) if value.ndim == 0 else value.astype(float).tolist()
+        )
+    return record
 
 
 def _local_rows(batch, trainer):
@@ -199,6 +225,10 @@ def _open_checkpoints(args, trainer, cfg, mesh, strategy):
             f"({meta.get('step')!r}); it was not written by meshpar train"
         )
     saved = meta.get("model") if isinstance(meta.get("model"), dict) else {}
+    if saved:
+        # A field added to GPTConfig after the checkpoint was written (dropout) has its default.
+        saved = {f.name: f.default for f in dataclasses.fields(cfg)
+                 if f.default is not dataclasses.MISSING and f.name not in saved} | saved
     differ = ", ".join(
         f"{k}={saved.get(k)!r} there, {getattr(cfg, k)!r} here"
         for k in dataclasses.asdict(cfg)

@@ -452,6 +452,8 @@ def explain(
     if m["flops"]["cost_analysis"] < 0.9 * m["flops"]["dots_weighted"]:
         f.notes.append("cost_analysis() counts each loop body once (not x its trip count), so "
                        "it is below the trip-weighted dot count")
+    # The trainer's own path decisions (meshpar.train.Fallback): what this program is.
+    f.notes += [f"path: {fallback}" for fallback in trainer.fallbacks]
     f.notes.append("CPU: peak_memory_in_bytes is unreliable; total = arguments + outputs + "
                    "temporaries - aliased")
     p = f.pipeline

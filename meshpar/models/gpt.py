@@ -25,12 +25,17 @@ Logical axes of the parameters::
     blocks/w_out         (layers, mlp, embed)       blocks/b_out     (layers, embed)
     ln_f_scale, ln_f_bias (embed,)
     unembed              (embed, vocab)             only when tie_embeddings=False
+
+Non-parameter state: none, unless ``config.dropout > 0``; then two RNG streams,
+``embed_dropout/rngs`` and ``final_dropout/rngs`` (a key and a counter each), for the dropout
+on the embedding output and on the last hidden state (see :class:`GPT`).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
+import numbers
 from collections.abc import Mapping
 from typing import Any
 
@@ -82,10 +87,14 @@ class GPTConfig:
         tie_embeddings: use the token embedding as the unembedding (no separate parameter).
         remat: the remat policy of the layer scan body, one of
             :data:`meshpar.parallel.remat.REMAT_POLICIES`.
+        dropout: dropout rate in ``[0, 1)`` on the embedding output and on the last hidden
+            state before the final LayerNorm, outside the layer stack (see :class:`GPT`).
+            ``0.0`` (the default) builds the model without dropout and without RNG state.
 
     Raises:
-        MeshparError: a size is not a positive int, or ``d_model`` is not divisible by
-            ``heads`` while ``head_dim`` is ``None``.
+        MeshparError: a size is not a positive int, ``d_model`` is not divisible by
+            ``heads`` while ``head_dim`` is ``None``, or ``dropout`` is not a number in
+            ``[0, 1)``.
         StrategyError: an unknown ``remat`` name.
 
     Example:
@@ -105,6 +114,7 @@ class GPTConfig:
     head_dim: int | None = None
     tie_embeddings: bool = True
     remat: str = "full"
+    dropout: float = 0.0
 
     def __post_init__(self) -> None:
         for field in _INT_FIELDS:
@@ -122,6 +132,13 @@ class GPTConfig:
                 f"GPTConfig: tie_embeddings={self.tie_embeddings!r} must be a bool"
             )
         check_remat_name(self.remat, field="GPTConfig.remat")
+        rate = self.dropout
+        if isinstance(rate, bool) or not isinstance(rate, numbers.Real) or not 0 <= rate < 1:
+            raise MeshparError(
+                f"GPTConfig: dropout={rate!r} must be a number in [0, 1) (the probability of "
+                "dropping an activation; 0 turns dropout off)"
+            )
+        object.__setattr__(self, "dropout", float(rate))  # 0 and 0.0 compare and save alike
 
     @property
     def head_size(self) -> int:
@@ -208,6 +225,19 @@ def get_preset(name: str, /, **overrides: Any) -> GPTConfig:
 
 
 # -- layers ------------------------------------------------------------------------------------
+
+
+def _dropout_stream(rngs: nnx.Rngs, rate: float) -> nnx.RngStream:
+    """The stream the dropout layers fork theirs from: ``rngs.dropout``, else the default one."""
+    try:
+        return rngs["dropout"]
+    except KeyError:
+        streams = ", ".join(repr(n) for n, v in vars(rngs).items() if isinstance(v, nnx.RngStream))
+        raise MeshparError(
+            f"GPT: config.dropout={rate} needs a 'dropout' RNG stream, but rngs has only "
+            f"{streams or 'no streams'}; pass nnx.Rngs(seed) (the dropout keys then come from "
+            "the seed) or nnx.Rngs(params=..., dropout=...)"
+        ) from None
 
 
 def _layer_norm(x_BTD: jax.Array, scale_D: jax.Array, bias_D: jax.Array) -> jax.Array:
@@ -305,9 +335,33 @@ class GPT(nnx.Module):
     (cast them to bfloat16 for mixed precision), except LayerNorm statistics and the softmax,
     which run in float32. Logits are always float32.
 
+    Dropout (``config.dropout > 0``) is applied twice, both times *outside* the layer stack: to
+    the embedding output (token plus position) and to the last hidden state before the final
+    LayerNorm and the unembedding. So every layout runs it, pipelines included, and trains like
+    one device (JAX's threefry is partitionable: the global mask is the same whatever the
+    sharding). Residual dropout inside the scanned blocks would need RNG state inside the layer
+    stack, which pipeline stages do not support (the :class:`~meshpar.Trainer` refuses such a
+    stack on a ``pipe`` mesh), so there is none. Each dropout layer owns an RNG stream that
+    advances on every call: a new mask every step, saved and restored with the checkpoint.
+
+    Dropout is active by default (training mode). ``model.eval()`` makes the model deterministic
+    (for evaluation and sampling), ``model.train()`` turns dropout back on; ``nnx.view(model,
+    deterministic=True)`` gives a deterministic view without changing ``model``. With
+    ``dropout=0.0`` the model holds no RNG state at all (only parameters), so
+    meshpar may run its step batch-local (``TrainConfig(row_separable=True)``).
+
     Args:
         config: the model's sizes.
-        rngs: random streams; ``rngs.params`` initialises the weights.
+        rngs: random streams; ``rngs.params`` initialises the weights. With dropout,
+            ``rngs.dropout`` seeds the dropout streams: ``nnx.Rngs(seed)`` works (``params`` and
+            ``dropout`` both fall back to its default stream, and the dropout keys are drawn
+            after all weights, so the weights do not depend on the dropout rate), as does
+            ``nnx.Rngs(params=seed, dropout=other_seed)``. ``nnx.Rngs(params=seed)`` alone is
+            an error when ``dropout > 0``.
+
+    Raises:
+        MeshparError: ``config`` is not a :class:`GPTConfig`, or ``dropout > 0`` and ``rngs`` has
+            neither a ``dropout`` nor a default stream.
 
     Example:
         >>> cfg = get_preset("tiny")
@@ -315,6 +369,9 @@ class GPT(nnx.Module):
         ...     model = GPT(cfg, rngs=nnx.Rngs(0))
         >>> model(jnp.zeros((2, 16), jnp.int32)).shape
         (2, 16, 256)
+        >>> with nnx.use_eager_sharding(False):
+        ...     model = GPT(cfg.replace(dropout=0.1), rngs=nnx.Rngs(0))
+        >>> model.eval()   # no dropout: evaluation, sampling; model.train() turns it back on
     """
 
     def __init__(self, config: GPTConfig, *, rngs: nnx.Rngs):
@@ -342,10 +399,25 @@ class GPT(nnx.Module):
             self.unembed = nnx.Param(
                 normal(rngs.params(), (d, v), jnp.float32), out_sharding=("embed", "vocab")
             )
+        # Last: the dropout keys are drawn after every weight, so that the weights of a given
+        # seed are the same whatever the dropout rate. Rate 0: identity layers without RNG state.
+        stream = _dropout_stream(rngs, config.dropout) if config.dropout > 0 else None
+        self.embed_dropout = nnx.Dropout(config.dropout, rngs=stream)
+        self.final_dropout = nnx.Dropout(config.dropout, rngs=stream)
 
     def __call__(self, tokens_BT: jax.Array) -> jax.Array:
         """Logits ``float32[B, T, vocab]`` for int tokens ``[B, T]`` (``T <= seq_len``)."""
-        return self.unembed_logits(self.run_layers(self.embed(tokens_BT)))
+        x_BTD = self._dropout(self.embed_dropout, self.embed(tokens_BT))
+        x_BTD = self.run_layers(x_BTD)
+        return self.unembed_logits(self._dropout(self.final_dropout, x_BTD))
+
+    @staticmethod
+    def _dropout(layer: nnx.Dropout, x_BTD: jax.Array) -> jax.Array:
+        # Outside the layer stack, on the global [B, T, D] activation: under jit the mask is drawn
+        # for the global shape, so it is the same bits on every layout.
+        if layer.rate == 0 or layer.deterministic:
+            return x_BTD
+        return constrain(layer(x_BTD), ("batch", "seq", "embed"))
 
     def embed(self, tokens_BT: jax.Array) -> jax.Array:
         """Token plus position embedding: the residual stream ``[B, T, D]`` entering block 0."""

@@ -565,11 +565,27 @@ class Checkpointer:
             name = mismatched[0]
             s, w = saved[name], wanted[name]
             first = (
-                f"parameter {name!r} is {_fmt(s.shape, s.dtype)} in the checkpoint but "
+                f"{_leaf_kind(name)} is {_fmt(s.shape, s.dtype)} in the checkpoint but "
                 f"{_fmt(w.shape, w.dtype)} in the restore target"
             )
         elif missing:
-            first = f"parameter {missing[0]!r} of the restore target is missing from the checkpoint"
+            first = f"{_leaf_kind(missing[0])} of the restore target is missing from the checkpoint"
         else:
-            first = f"the checkpoint has parameter {extra[0]!r}, which the restore target lacks"
+            first = f"the checkpoint has {_leaf_kind(extra[0])}, which the restore target lacks"
         raise CheckpointError(f"{where} does not match the restore target: {first}{more}. {hint}")
+
+
+#: The variables of an NNX ``RngStream`` (``nnx.Rngs`` streams, ``nnx.Dropout(rngs=...)``).
+_RNG_LEAVES = ("key", "count")
+
+
+def _leaf_kind(name: str) -> str:
+    """How an error names a leaf: a parameter, or, under ``rest/`` (the Trainer's non-parameter
+    model state), model state, naming the RNG stream it belongs to."""
+    parts = name.split("/")
+    if parts[0] != "rest" or len(parts) < 2:
+        return f"parameter {name!r}"
+    if len(parts) > 2 and parts[-1] in _RNG_LEAVES:
+        stream = "/".join(parts[1:-1])
+        return f"model state {name!r} (RNG stream {stream!r}, non-parameter state)"
+    return f"model state {name!r} (non-parameter state)"

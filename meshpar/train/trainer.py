@@ -144,7 +144,7 @@ class Trainer:
         )
         self.batch_axes = self.strategy.batch_axes(mesh)
         self._batch_spec = PartitionSpec(self.batch_axes if self.batch_axes else None)
-        self.fallbacks: list[Fallback] = [
+        self._fallbacks: list[Fallback] = [
             Fallback(f"mesh axis {a!r}", f"size {mesh.shape[a]}, used by nothing (allowed by "
                      "TrainConfig(allow_unused_axes=True)): every device along it repeats the "
                      "same work") for a in self.unused_axes
@@ -180,7 +180,7 @@ class Trainer:
         )
         if self._manual_zero is not None and not batch_local:
             self._manual_zero = None
-            self.fallbacks.append(Fallback(
+            self._fallbacks.append(Fallback(
                 f"ZeRO-{self.strategy.zero_stage} collectives",
                 "GSPMD reduces the gradients (an all-reduce + slice on CPU: 4 instead of 3 "
                 f"parameter-sizes of traffic per step) because {why_not_local}",
@@ -192,7 +192,7 @@ class Trainer:
         )
         gathers = self._manual_zero or self._gather_at_use
         if gathers is not None and self.strategy.zero_stage >= 3 and gathers.upfront_bytes:
-            self.fallbacks.append(Fallback(
+            self._fallbacks.append(Fallback(
                 "ZeRO-3 up-front gathers",
                 f"{gathers.upfront_count} parameter(s) outside a layer stack run by "
                 f"meshpar.scan_layers ({gathers.upfront_bytes / 2**20:.2f} MiB whole) "
@@ -205,7 +205,7 @@ class Trainer:
         )
         if self._local_accumulation and not batch_local:
             self._local_accumulation = False
-            self.fallbacks.append(Fallback(
+            self._fallbacks.append(Fallback(
                 "gradient accumulation",
                 "each microbatch's gradient is all-reduced inside the loop "
                 f"({config.microbatches}x the traffic of one reduction after it) because "
@@ -469,7 +469,7 @@ class Trainer:
                 f"GSPMD gathers the parameters and reduces the gradients: {err}",
             )
             if fallback not in self.fallbacks:
-                self.fallbacks.append(fallback)
+                self._fallbacks.append(fallback)
                 warnings.warn(str(fallback), stacklevel=2)
             return self._summed(state, batch)
         return sums, self._constrain_grads(grads), rest
@@ -693,6 +693,19 @@ class Trainer:
     def model(self) -> nnx.Module:
         """The current model (sharded arrays), e.g. for evaluation."""
         return nnx.merge(self.graphdef, self.flat_params(), self.state.rest)
+
+    @property
+    def fallbacks(self) -> tuple[Fallback, ...]:
+        """Every part of the step that takes another path than the strategy's usual one, and
+        why (:class:`Fallback`): decided when the trainer is built, except a ZeRO fallback for a
+        model that runs a layer stack without :func:`meshpar.scan_layers`, found when the step
+        is first traced (and warned about then). ``meshpar train`` prints them.
+
+        Example:
+            >>> for fallback in trainer.fallbacks:
+            ...     print(fallback)
+        """
+        return tuple(self._fallbacks)
 
     @property
     def explicit_zero(self) -> bool:

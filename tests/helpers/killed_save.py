@@ -1,7 +1,9 @@
-"""``python tests/helpers/killed_save.py DIR``: a ``meshpar train`` run killed in the middle of a save.
+"""``python tests/helpers/killed_save.py DIR [TRAIN FLAGS]``: a ``meshpar train`` run killed in
+the middle of a save.
 
 Builds exactly the trainer, data and metadata that ``meshpar train --preset tiny --batch-size 16
---steps 3 --checkpoint-dir DIR`` builds (same mesh, seed and optimizer), then:
+--steps 3 --checkpoint-dir DIR [TRAIN FLAGS]`` builds (same model, mesh, seed and optimizer;
+extra flags such as ``--dropout 0.1`` are parsed by the real CLI parser), then:
 
 1. runs step 0 and saves checkpoint 1 (waiting until it is complete);
 2. runs step 1 and prints ``LOSS1 <json float>`` (what a resumed run must reproduce);
@@ -25,7 +27,7 @@ def main() -> int:
     from meshpar.cli.args import build_parser, mesh_and_strategy, model_config
     from meshpar.backend.devices import emulate_devices
 
-    args = build_parser().parse_args([*TRAIN_ARGS, "--checkpoint-dir", directory])
+    args = build_parser().parse_args([*TRAIN_ARGS, *sys.argv[2:], "--checkpoint-dir", directory])
     emulate_devices(args.cpu_devices)
 
     import jax
