@@ -22,8 +22,8 @@ from meshpar.errors import (
     UnannotatedParameterError,
 )
 from meshpar.inspect.report import format_plan, plan_to_dict
-from meshpar.linen import from_linen
 from meshpar.mesh import format_mesh, make_mesh, parse_mesh
+from meshpar.models.linen import from_linen
 from meshpar.parallel.layout import activate, constrain
 from meshpar.parallel.stack import scan_layers
 from meshpar.sharding.placement import ShardingPlan, init_linen, init_nnx, plan_linen, plan_nnx_state

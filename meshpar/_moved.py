@@ -28,6 +28,7 @@ MOVED = {
     "meshpar.strategy": "meshpar.sharding.strategy",
     "meshpar.shard": "meshpar.sharding.placement",
     "meshpar.explicit": "meshpar.sharding.explicit",
+    "meshpar.linen": "meshpar.models.linen",
     "meshpar.layout": "meshpar.parallel.layout",
     "meshpar.stack": "meshpar.parallel.stack",
     "meshpar.remat": "meshpar.parallel.remat",

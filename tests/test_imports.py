@@ -126,12 +126,12 @@ def test_the_old_flat_modules_are_gone():
 def test_imports_follow_the_flow():
     wrong = []
     for module, edges in _edges().items():
-        if module in FACADES:
+        if module in FACADES or _layer(module) is None:  # (reported by the test above)
             continue
         for target in edges:
             if target in FACADES:
                 wrong.append(f"{module} imports the facade {target}")
-            elif _layer(target) > _layer(module):
+            elif _layer(target) is not None and _layer(target) > _layer(module):
                 wrong.append(f"{module} (layer {_layer(module)}) imports {target} "
                              f"(layer {_layer(target)})")
     assert not wrong, "\n".join(wrong)
