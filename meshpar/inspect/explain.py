@@ -65,6 +65,8 @@ from meshpar.sharding.strategy import get_strategy
 from meshpar.train import TrainConfig, Trainer
 from meshpar.train.data import TokenBatches
 
+#: The name of the check that compares the step's model state (params + optimizer state).
+STATE_CHECK = "params + optimizer state"
 _OP_NAME = re.compile(r'op_name="([^"]*)"')
 _PHASES = ("forward", "backward", "update")
 
@@ -228,7 +230,7 @@ def _memory_checks(f: _Facts, batch_bytes: float, k_opt: float, opt_bytes: int) 
     opt = f"{k_opt:g}G{'/N' if st >= 1 else ''}"
     where = f"G = {human_bytes(f.g)}, " + (f"N = fsdp = {n}" if n > 1 else "no fsdp axis")
     # The step's arguments are the donated state plus this device's batch rows.
-    row = f.check("params + optimizer state", f"params {params} + {opt} optimizer state; {where}",
+    row = f.check(STATE_CHECK, f"params {params} + {opt} optimizer state; {where}",
                   p_a + o_a, f.measured["memory"]["argument"] - batch_bytes)
     if st >= 1 and row["ratio"] and row["ratio"] > 1.001:
         whole = [e.path for e in f.trainer.optimizer_plan.entries
