@@ -241,3 +241,19 @@ def test_every_error_lives_in_errors_py_and_is_a_meshpar_error():
 
     assert {DistributedError, LaunchError, UsageError, StackNotScanned, CheckpointError} <= \
         set(exceptions)
+
+
+@pytest.mark.parametrize("module", ["meshpar", "meshpar.cli", "meshpar.launch"])
+def test_python_dash_m_entry_points_still_run(module):
+    # `python -m meshpar.launch` is the old path of meshpar.backend.launch (documented before
+    # the move); `python -m meshpar` and `-m meshpar.cli` are the command.
+    import subprocess
+    import sys
+
+    from helpers.env import child_env
+
+    args = ["--help"] if module == "meshpar.launch" else ["launch", "--help"]
+    proc = subprocess.run([sys.executable, "-m", module, *args], env=child_env(), cwd=ROOT,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.startswith("usage: meshpar launch"), proc.stdout[:200]
