@@ -26,7 +26,8 @@ from meshpar.mesh import format_mesh, make_mesh, parse_mesh
 from meshpar.models.linen import from_linen
 from meshpar.parallel.layout import activate, constrain
 from meshpar.parallel.stack import scan_layers
-from meshpar.sharding.placement import ShardingPlan, init_linen, init_nnx, plan_linen, plan_nnx_state
+from meshpar.sharding.placement import (ShardingPlan, init_linen, init_nnx, plan_linen,
+                                       plan_nnx_state)
 from meshpar.sharding.rules import Rules
 from meshpar.sharding.strategy import PRESETS as STRATEGIES
 from meshpar.sharding.strategy import Strategy, get_strategy

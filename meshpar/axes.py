@@ -1,11 +1,9 @@
 """The mesh axis names meshpar gives a meaning to, defined once.
 
-| name     | what it carries                                                                |
-|----------|--------------------------------------------------------------------------------|
-| ``data`` | data parallel: batch split, parameters replicated, gradients all-reduced         |
-| ``fsdp`` | ZeRO: optimizer state (1), + gradients (2), + parameters (3) split over it; a batch axis too |
-| ``tensor`` | Megatron tensor parallel (and sequence parallel)                               |
-| ``pipe`` | pipeline stages                                                                |
+- ``data``: data parallel (batch split, parameters replicated, gradients all-reduced);
+- ``fsdp``: ZeRO (optimizer state, + gradients, + parameters split over it), a batch axis too;
+- ``tensor``: Megatron tensor parallel (and sequence parallel);
+- ``pipe``: pipeline stages.
 
 A mesh may carry other axis names; meshpar's strategies only give these four a role.
 """

@@ -1,1 +1,2 @@
-"""Where the devices come from: CPU emulation, multi-process jobs (``jax.distributed``), the launcher."""
+"""Where the devices come from: CPU emulation, multi-process jobs (``jax.distributed``), the
+launcher."""

@@ -1,4 +1,5 @@
-"""The ``meshpar`` command: ``args`` (the parser), ``train``, ``inspect``; ``command.main`` runs it."""
+"""The ``meshpar`` command: ``args`` (the parser), ``train``, ``inspect``; ``command.main`` runs
+it."""
 
 from meshpar.cli.args import DEFAULT_MESH, build_parser
 from meshpar.cli.command import main

@@ -1,4 +1,5 @@
-"""The ``meshpar`` command's arguments: the parser, and the model, mesh and strategy they describe."""
+"""The ``meshpar`` command's arguments: the parser, and the model, mesh and strategy they
+describe."""
 
 from __future__ import annotations
 
@@ -15,7 +16,9 @@ from meshpar.sharding.strategy import Strategy, get_strategy
 
 DEFAULT_MESH = "data=2,fsdp=2,tensor=2"
 #: The first line of ``meshpar --help``.
-DESCRIPTION = "The ``meshpar`` command: ``inspect`` a layout, ``train`` the built-in GPT, ``launch`` processes."
+DESCRIPTION = (
+    "The ``meshpar`` command: ``inspect`` a layout, ``train`` the built-in GPT, ``launch`` processes."
+)
 
 
 def _add_model_args(p: argparse.ArgumentParser) -> argparse._ArgumentGroup:

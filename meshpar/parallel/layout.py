@@ -47,7 +47,7 @@ _ACTIVE: contextvars.ContextVar[Layout | None] = contextvars.ContextVar("meshpar
 
 
 def manual_axes() -> tuple[str, ...]:
-    """The mesh axes that are manual in the current trace (inside a partial-manual ``shard_map``)."""
+    """The mesh axes that are manual in the current trace (in a partial-manual ``shard_map``)."""
     # Inside a partial-manual shard_map (the pipeline), the manual axes cannot appear in a
     # sharding constraint; the abstract mesh in context tells which they are.
     abstract = jax.sharding.get_abstract_mesh()

@@ -85,7 +85,8 @@ def pipeline_was_used() -> bool:
 
 
 def reset_pipeline_flag() -> contextvars.Token:
-    """Clear the flag :func:`pipeline_was_used` reads; pass the token to :func:`restore_pipeline_flag`."""
+    """Clear the flag :func:`pipeline_was_used` reads; the token goes to
+    :func:`restore_pipeline_flag`."""
     return _PIPELINE_USED.set(False)
 
 

@@ -1,1 +1,2 @@
-"""How parameters are placed: logical-axis rules, strategies, sharded init (NNX, Linen), Explicit-mesh help."""
+"""How parameters are placed: logical-axis rules, strategies, sharded init (NNX, Linen),
+Explicit-mesh help."""
