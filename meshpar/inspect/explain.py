@@ -38,9 +38,10 @@ Where XLA does something else than the textbook (GSPMD's all-reduce instead of r
 CPU where meshpar's explicit ZeRO collectives are off, a tied embedding's gradient reduced twice),
 the ratio shows it and a note explains it.
 
-Length: about 640 lines holding four concepts (reading the compiled program, the analytic checks,
-the GPT builder ``explain_gpt``, the text table). Splitting them (and sharing the formulas with
-``benchmarks/bench_strategies.py``) is left for when the work on it in flight has landed.
+Reading the compiled program lives in :mod:`meshpar.inspect.measure`, the text table in
+:func:`meshpar.inspect.report.format_explain` (both importable from here as before). What is
+left here is the analytic side and the built-in GPT's builder, :func:`explain_gpt`; sharing the
+formulas with ``benchmarks/bench_strategies.py`` is left for later.
 """
 
 from __future__ import annotations
@@ -48,7 +49,6 @@ from __future__ import annotations
 import dataclasses
 import math
 import re
-from collections import defaultdict
 from collections.abc import Mapping
 from typing import Any
 
@@ -58,8 +58,8 @@ import optax
 from flax import nnx
 
 from meshpar.axes import BATCH_AXES, FSDP, PIPE, TENSOR
-from meshpar.inspect import hlo
-from meshpar.inspect.report import human_bytes
+from meshpar.inspect.measure import dot_flops, measure
+from meshpar.inspect.report import format_explain, human_bytes
 from meshpar.models import GPT, lm_loss
 from meshpar.sharding.strategy import get_strategy
 from meshpar.train import TrainConfig, Trainer
@@ -67,86 +67,9 @@ from meshpar.train.data import TokenBatches
 
 #: The name of the check that compares the step's model state (params + optimizer state).
 STATE_CHECK = "params + optimizer state"
-_OP_NAME = re.compile(r'op_name="([^"]*)"')
-_PHASES = ("forward", "backward", "update")
 
-
-# -- reading the compiled program -------------------------------------------------------------
-
-
-def _phase(op_name: str) -> str:
-    # jax names the backward pass transpose(jvp(...)); the optimizer update has no jvp at all.
-    if "transpose(" in op_name:
-        return "backward"
-    return "forward" if "jvp(" in op_name else "update"
-
-
-def dot_flops(hlo_text: str, /) -> float:
-    """Matmul FLOPs per device, each ``dot`` weighted by its loop trips (see :func:`meshpar.inspect.hlo.dot_flops`).
-
-    Example:
-        >>> f = jax.jit(lambda x, w: jax.lax.scan(lambda c, _: (c @ w, None), x, None, length=5)[0])
-        >>> dot_flops(f.lower(jnp.ones((8, 16)), jnp.ones((16, 16))).compile().as_text())
-        20480.0
-    """
-    return hlo.dot_flops(hlo_text)["total"]
-
-
-def _volume(op: hlo.Collective) -> int:
-    # The tensor a collective works on: a reduce-scatter's input is its result x group size.
-    return op.result_bytes * (op.group_size if op.kind == "reduce-scatter" else 1)
-
-
-def measure(compiled: Any, /, *, mesh: jax.sharding.Mesh) -> dict[str, Any]:
-    """Memory, FLOPs and collectives of a compiled program, as plain data.
-
-    Args:
-        compiled: a ``jax.stages.Compiled`` (``jitted.lower(...).compile()``).
-        mesh: the mesh it was compiled for (names the axes of each collective).
-
-    Returns:
-        ``{"memory": {...}, "flops": {...}, "collectives": {kind@axes: {...}}, "ops": [...]}``;
-        bytes are per device, collective figures per step (trip counts included).
-
-    Example:
-        >>> measure(trainer.lower(batch).compile(), mesh=trainer.mesh)["memory"]["total"]
-    """
-    mem = compiled.memory_analysis()
-    memory = {
-        "argument": int(mem.argument_size_in_bytes), "output": int(mem.output_size_in_bytes),
-        "temp": int(mem.temp_size_in_bytes), "alias": int(mem.alias_size_in_bytes),
-        "peak_reported": int(getattr(mem, "peak_memory_in_bytes", 0) or 0),
-    }
-    memory["total"] = memory["argument"] + memory["output"] + memory["temp"] - memory["alias"]
-    text = compiled.as_text()
-    cost = compiled.cost_analysis()
-    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-    flops = {"cost_analysis": float(cost.get("flops", 0.0)), "dots_weighted": dot_flops(text)}
-    names = {}
-    for ins in hlo.instructions(text):
-        if ins.op.removesuffix("-start") in hlo.COLLECTIVES:
-            m = _OP_NAME.search(ins.rest)
-            names[ins.name] = m.group(1) if m else ""
-    ops, table = [], defaultdict(lambda: defaultdict(float))
-    for op in hlo.collectives(text, mesh=mesh):
-        phase = _phase(names.get(op.name, ""))
-        key = f"{op.kind}@{'+'.join(op.mesh_axes) or '-'}"
-        row = table[key]
-        row["ops"] += 1
-        row["executions"] += op.trip_count
-        row["in_loop"] += int(op.in_loop)
-        row["bytes_per_step"] += _volume(op) * op.trip_count
-        row[f"{phase}_bytes"] += _volume(op) * op.trip_count
-        row["traffic_bytes_per_step"] += op.traffic_per_step
-        ops.append({"kind": op.kind, "axes": list(op.mesh_axes), "bytes": _volume(op),
-                    "trip_count": op.trip_count, "in_loop": op.in_loop, "phase": phase})
-    collectives = {
-        k: {f: (int(v) if f != "traffic_bytes_per_step" else float(v)) for f, v in row.items()}
-        for k, row in sorted(table.items())
-    }
-    return {"memory": memory, "flops": flops, "collectives": collectives, "ops": ops}
-
-
+__all__ = ["STATE_CHECK", "dot_flops", "explain", "explain_gpt", "format_explain",
+           "gpt_train_flops", "measure"]
 # -- the analytic side ------------------------------------------------------------------------
 
 
@@ -562,84 +485,3 @@ def explain_gpt(
             "stage that lax.cond skips at run time "
             f"(x{p.iterations / (p.repeats * p.microbatches):.2f} over the work done)")
     return report
-
-
-# -- text -------------------------------------------------------------------------------------
-
-
-def _fmt(value: float, unit: str) -> str:
-    if unit == "bytes":
-        return human_bytes(value)
-    if unit == "flop":
-        return f"{value / 1e6:.1f} MFLOP"
-    return f"{value:g}"
-
-
-def format_explain(report: Mapping[str, Any], /, *, title: str = "") -> str:
-    """The report of :func:`explain` as text: memory, FLOPs, collectives, checks, notes.
-
-    Example:
-        >>> print(format_explain(explain(trainer, batch, d_model=64)))   # doctest: +SKIP
-    """
-    lay, mem = report["layout"], report["measured"]["memory"]
-    mesh = ",".join(f"{k}={v}" for k, v in lay["mesh"].items())
-    pipe = lay["pipeline"]
-    lines = [title] if title else []
-    lines.append(
-        f"compiled train step: mesh {mesh} ({lay['devices']} devices), strategy {lay['strategy']} "
-        f"(ZeRO-{lay['effective_zero_stage']}"
-        f"{'' if lay['effective_zero_stage'] == lay['zero_stage'] else ': no fsdp axis'}"
-        f"{', sequence parallel' if lay['sequence_parallel'] else ''}), "
-        f"batch {lay['batch'][0]} x {lay['batch'][1]}, {lay['microbatches']} microbatch(es), "
-        f"{lay['precision']}"
-        + (f", pipeline {pipe['schedule']} {pipe['stages']} stages x {pipe['repeats']} repeat(s), "
-           f"{pipe['iterations']} iterations" if pipe else ""))
-    model = report["model"]
-    lines.append(f"Ψ = {model['params']:,} parameters; G = {human_bytes(model['grad_bytes_G'])} "
-                 "(fp32 gradient bytes per device before ZeRO)")
-    lines += ["", "memory per device (memory_analysis)",
-              f"  arguments {human_bytes(mem['argument'])}, outputs {human_bytes(mem['output'])}, "
-              f"temporaries {human_bytes(mem['temp'])}, aliased {human_bytes(mem['alias'])}",
-              f"  total {human_bytes(mem['total'])} (arguments + outputs + temporaries - aliased)"]
-    fl = report["flops"]
-    lines += ["", "FLOPs per device",
-              f"  cost_analysis()           {fl['per_device_cost_analysis'] / 1e6:10.1f} M",
-              f"  HLO dots x trip counts    {fl['per_device_dots'] / 1e6:10.1f} M"]
-    if "per_device_analytic" in fl:
-        lines.append(f"  analytic                  {fl['per_device_analytic'] / 1e6:10.1f} M")
-    head = ("kind@axes", "ops", "runs", "in loop", "forward", "backward", "update", "bytes/step",
-            "ring traffic")
-    rows = [head]
-    for key, c in report["measured"]["collectives"].items():
-        rows.append((key, str(c["ops"]), str(c["executions"]), str(c["in_loop"]),
-                     *(human_bytes(c.get(f"{ph}_bytes", 0)) for ph in _PHASES),
-                     human_bytes(c["bytes_per_step"]), human_bytes(c["traffic_bytes_per_step"])))
-    lines += ["", "collectives per step (volume: all-reduce/all-gather result, reduce-scatter "
-              "input; loop trip counts included)"]
-    lines += _table(rows, right_from=1)
-    rows = [("check", "analytic", "measured", "ratio", "source")]
-    formulas = []
-    for c in report["checks"]:
-        ratio = "-" if c["ratio"] is None else f"{c['ratio']:.3f}"
-        rows.append((c["name"], _fmt(c["analytic"], c["unit"]), _fmt(c["measured"], c["unit"]),
-                     ratio, c["source"]))
-        formulas.append(c["formula"])
-    lines += ["", "measured against the strategy's analytic figures"]
-    table = _table(rows, right_from=1)
-    lines += table[:2]
-    for row, formula in zip(table[2:], formulas):
-        lines += [row, f"      = {formula}"]
-    if report["notes"]:
-        lines += ["", "notes"] + [f"  - {n}" for n in report["notes"]]
-    return "\n".join(lines)
-
-
-def _table(rows: list, *, right_from: int) -> list[str]:
-    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    out = []
-    for n, row in enumerate(rows):
-        out.append("  " + "  ".join(c.ljust(w) if i < right_from else c.rjust(w)
-                                    for i, (c, w) in enumerate(zip(row, widths))).rstrip())
-        if n == 0:
-            out.append("  " + "  ".join("-" * w for w in widths))
-    return out
