@@ -20,7 +20,8 @@ from flax import nnx
 from meshpar.cli.args import mesh_and_strategy, model_config
 from meshpar.errors import MeshparError
 from meshpar.inspect.explain import STATE_CHECK, explain_gpt
-from meshpar.inspect.report import format_explain, format_plan, plan_to_dict
+from meshpar.inspect.explain_text import format_explain
+from meshpar.inspect.report import format_plan, plan_to_dict
 from meshpar.mesh import format_mesh, make_mesh
 from meshpar.models import GPT
 from meshpar.train.plan import plan_training

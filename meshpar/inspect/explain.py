@@ -39,7 +39,7 @@ CPU where meshpar's explicit ZeRO collectives are off, a tied embedding's gradie
 the ratio shows it and a note explains it.
 
 Reading the compiled program lives in :mod:`meshpar.inspect.measure`, the text table in
-:func:`meshpar.inspect.report.format_explain` (both importable from here as before). What is
+:func:`meshpar.inspect.explain_text.format_explain` (both importable from here as before). What is
 left here is the analytic side and the built-in GPT's builder, :func:`explain_gpt`; sharing the
 formulas with ``benchmarks/bench_strategies.py`` is left for later.
 """
@@ -59,7 +59,8 @@ from flax import nnx
 
 from meshpar.axes import BATCH_AXES, FSDP, PIPE, TENSOR
 from meshpar.inspect.measure import dot_flops, measure
-from meshpar.inspect.report import format_explain, human_bytes
+from meshpar.inspect.explain_text import format_explain
+from meshpar.inspect.report import human_bytes
 from meshpar.models import GPT, lm_loss
 from meshpar.sharding.strategy import get_strategy
 from meshpar.train import TrainConfig, Trainer
