@@ -29,6 +29,11 @@ Sizes (``--sizes``): ``small`` is issue 13's model (4 layers, d 256, 4 heads x 6
 vocabulary 32000, sequence 128); ``20m`` is the shape of meshpar's ``20m`` preset (6 layers, d 512,
 8 heads, MLP 2048, vocabulary 256, sequence 256); ``tiny`` is for the smoke test.
 
+``--baseline-root DIR`` adds a third side to every pair: ``meshpar train`` from another checkout
+(an older commit's tree), for before/after figures measured in the same invocation.
+``--meshpar-python`` runs meshpar on another interpreter, e.g. MaxText's venv (jax 0.12 there,
+0.10.2 in meshpar's): the same compiler on both sides.
+
 The MaxText side needs its venv: ``$PEERS/mt_venv`` (``PEERS`` defaults to ``~/peers``), made by
 ``../shared/peers/maxtext/setup.sh``. Without it that side is skipped with a message and only
 meshpar's times are printed.
@@ -200,6 +205,8 @@ def run_side(side: str, argv: list[str], env: dict[str, str], *, timeout: float,
     wall = time.perf_counter() - t0
     if side == "maxtext":
         times, losses = parse_maxtext_log(out)
+    elif metrics_file is None:
+        times, losses = {}, {}
     else:
         times, losses = ({}, {}) if not os.path.exists(metrics_file) else \
             parse_meshpar_metrics(metrics_file)
@@ -234,6 +241,14 @@ def parse_args(argv: Sequence[str] | None = None):
     p.add_argument("--peers", default=None, help="folder with mt_venv (default $PEERS or ~/peers)")
     p.add_argument("--maxtext-run", default=os.environ.get("MAXTEXT_RUN", DEFAULT_RUN_SH))
     p.add_argument("--no-maxtext", action="store_true", help="run meshpar's side only")
+    p.add_argument("--meshpar-root", default=REPO,
+                   help="the meshpar checkout `meshpar train` runs from")
+    p.add_argument("--meshpar-python", default=sys.executable,
+                   help="the interpreter of `meshpar train` (e.g. $PEERS/mt_venv/bin/python: "
+                        "meshpar on MaxText's jax and XLA, to separate compiler from code)")
+    p.add_argument("--baseline-root", default=None,
+                   help="a second meshpar checkout (e.g. an older commit's tree) run as a third "
+                        "side of every pair: before/after figures from the same invocation")
     p.add_argument("--timeout", type=float, default=900, help="seconds per run")
     args = _common.parse_args(p, argv)
     for name in args.sizes.split(","):
@@ -261,7 +276,10 @@ def main(argv: Sequence[str] | None = None, *, log=print) -> dict:
 
     env = dict(os.environ)
     env.pop("XLA_FLAGS", None)
-    mp_env = dict(env, PYTHONPATH=os.pathsep.join([REPO, *filter(None, [env.get("PYTHONPATH")])]))
+    root = os.path.abspath(args.meshpar_root)
+    mp_env = dict(env, PYTHONPATH=os.pathsep.join([root, *filter(None, [env.get("PYTHONPATH")])]))
+    base_env = None if not args.baseline_root else dict(env, PYTHONPATH=os.pathsep.join(
+        [os.path.abspath(args.baseline_root), *filter(None, [env.get("PYTHONPATH")])]))
     mt_env = dict(env, RUN_NAME="bench_peers")
     if peers:
         mt_env["PEERS"] = peers
@@ -276,18 +294,26 @@ def main(argv: Sequence[str] | None = None, *, log=print) -> dict:
                 for k in range(args.pairs):
                     metrics = os.path.join(tmp, f"mp_{size_name}_{len(results)}_{k}.jsonl")
                     sides = {
-                        "meshpar": ([sys.executable, "-m", "meshpar",
+                        "meshpar": ([args.meshpar_python, "-m", "meshpar",
                                      *meshpar_args(size, lay, steps=args.steps,
                                                    precision=args.precision,
                                                    metrics_file=metrics),
                                      "--cpu-devices", str(args.cpu_devices)], mp_env, metrics),
                     }
+                    if base_env is not None:
+                        base_metrics = metrics.replace("mp_", "base_")
+                        sides["baseline"] = (
+                            [args.meshpar_python, "-m", "meshpar",
+                             *meshpar_args(size, lay, steps=args.steps, precision=args.precision,
+                                           metrics_file=base_metrics),
+                             "--cpu-devices", str(args.cpu_devices)], base_env, base_metrics)
                     if peers:
                         sides["maxtext"] = (["bash", args.maxtext_run,
                                              *maxtext_args(size, lay, steps=args.steps,
                                                            precision=args.precision)],
                                             mt_env, None)
-                    order = sorted(sides, reverse=(k % 2 == 1))  # maxtext first on even pairs
+                    # maxtext first on even pairs, last on odd ones
+                    order = sorted(sides, key=lambda n: n != "maxtext", reverse=(k % 2 == 1))
                     pair = {}
                     for side in order:
                         argv_, env_, mfile = sides[side]
@@ -329,12 +355,15 @@ def _summarize_row(row: dict) -> None:
         return statistics.median(got) if got else None
 
     row["meshpar_s"], row["maxtext_s"] = med("meshpar"), med("maxtext")
+    row["baseline_s"] = med("baseline")
+    row["vs_baseline"] = (row["meshpar_s"] / row["baseline_s"]
+                          if row["meshpar_s"] and row["baseline_s"] else None)
     row["ratio"] = (row["meshpar_s"] / row["maxtext_s"]
                     if row["meshpar_s"] and row["maxtext_s"] else None)
     row["pair_ratios"] = [p["meshpar"]["median_s"] / p["maxtext"]["median_s"]
                           for p in row["pairs"] if "maxtext" in p
                           and p["meshpar"]["median_s"] and p["maxtext"]["median_s"]]
-    for side in ("meshpar", "maxtext"):
+    for side in ("meshpar", "maxtext", "baseline"):
         s = row[f"{side}_s"]
         row[f"{side}_gflops"] = row["model_flops"] / s / 1e9 if s else None
         last = [p[side]["losses"][max(p[side]["losses"])] for p in row["pairs"]
@@ -350,13 +379,14 @@ def _fmt(x, spec):
 def _format_row(row: dict, first: bool = False) -> str:
     head = (f"{'size':6s} {'layout':16s} {'MaxText s':>9s} {'meshpar s':>9s} {'ratio':>6s} "
             f"{'pair ratios':18s} {'MT GF/s':>8s} {'mp GF/s':>8s} {'model GF':>8s} "
-            f"{'MT loss':>7s} {'mp loss':>7s}\n")
+            f"{'MT loss':>7s} {'mp loss':>7s} {'base s':>7s} {'mp/base':>7s}\n")
     pr = ",".join(f"{r:.2f}" for r in row["pair_ratios"]) or "-"
     line = (f"{row['size']:6s} {row['layout']:16s} {_fmt(row['maxtext_s'], '9.3f')} "
             f"{_fmt(row['meshpar_s'], '9.3f')} {_fmt(row['ratio'], '6.3f')} {pr:18s} "
             f"{_fmt(row['maxtext_gflops'], '8.1f')} {_fmt(row['meshpar_gflops'], '8.1f')} "
             f"{row['model_flops'] / 1e9:8.2f} {_fmt(row['maxtext_last_loss'], '7.3f')} "
-            f"{_fmt(row['meshpar_last_loss'], '7.3f')}")
+            f"{_fmt(row['meshpar_last_loss'], '7.3f')} {_fmt(row['baseline_s'], '7.3f')} "
+            f"{_fmt(row['vs_baseline'], '7.3f')}")
     return (head if first else "") + line
 
 

@@ -96,8 +96,28 @@ def _gather_major(x: jax.Array, dim: int) -> jax.Array:
     # before its reduce-scatter (w_out, wo of the GPT). Measured on the 20m preset, 8 emulated
     # devices, interleaved pairs: fsdp=8 step 0.95x, fsdp=4,tensor=2 0.97x of the minor gather.
     # (For dim 0 both moveaxis calls are the identity.)
+    if x.dtype == jnp.bfloat16:
+        return _gather_bf16_bits(x, dim)
     whole = jax.lax.all_gather(jnp.moveaxis(x, dim, 0), FSDP, axis=0, tiled=True)
     return jnp.moveaxis(whole, 0, dim)
+
+
+def _gather_bf16_bits_impl(x: jax.Array, dim: int) -> jax.Array:
+    # XLA:CPU (jaxlib 0.10.2) upcasts a bf16 all-gather to fp32 (convert, fp32 gather, convert):
+    # 2.3x the time of an fp32 gather of the same array. Its bits as uint16 travel as they are:
+    # 0.33x the bf16 path (a 32000 x 256 table over fsdp=8; benchmarks/README.md, "bf16 on XLA:CPU").
+    bits = jax.lax.bitcast_convert_type(jnp.moveaxis(x, dim, 0), jnp.uint16)
+    whole = jax.lax.all_gather(bits, FSDP, axis=0, tiled=True)
+    return jnp.moveaxis(jax.lax.bitcast_convert_type(whole, jnp.bfloat16), 0, dim)
+
+
+_gather_bf16_bits = jax.custom_vjp(_gather_bf16_bits_impl, nondiff_argnums=(1,))
+_gather_bf16_bits.defvjp(
+    lambda x, dim: (_gather_bf16_bits_impl(x, dim), None),
+    # What autodiff of the bf16 gather gives, as XLA:CPU runs it: an fp32 reduce-scatter of
+    # the bf16 cotangent, rounded to bf16.
+    lambda dim, _, g: (_scatter_major(g.astype(jnp.float32), dim).astype(jnp.bfloat16),),
+)
 
 
 def _scatter_major(g: jax.Array, dim: int) -> jax.Array:
