@@ -127,6 +127,99 @@ def _scatter_major(g: jax.Array, dim: int) -> jax.Array:
     return jnp.moveaxis(part, 0, dim)
 
 
+@dataclasses.dataclass(frozen=True)
+class _ManualGather:
+    """One leaf's manual ZeRO-3 gather (``dim``, its split over the automatic axes); a callable
+    like the other per-leaf gathers, and combinable with its neighbours by :func:`_gather_all`."""
+
+    dim: int
+    auto_spec: PartitionSpec
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        return _gather(x, self.dim, self.auto_spec)
+
+
+def _gather_all(xs: list[jax.Array], dims: list[int], auto_specs: list[PartitionSpec]
+                ) -> list[jax.Array]:
+    """:func:`_gather` of several leaves as one all-gather per dtype (its transpose: one
+    reduce-scatter). Each collective is a rendezvous of every device: on XLA:CPU's emulated
+    devices their number, more than their bytes, made the step (a layer's 12 leaves: 23 gathers
+    and 12 reduce-scatters per layer and step with one per leaf)."""
+    auto = _auto_axes()
+    if not auto:
+        return _gather_major_all(xs, dims)
+    # One nested shard_map per set of automatic axes the leaves are split over: a concatenation
+    # of leaves that vary over different axes would vary over all of them.
+    out: list[jax.Array | None] = [None] * len(xs)
+    groups: dict[frozenset, list[int]] = {}
+    for i, spec in enumerate(auto_specs):
+        axes = frozenset(a for e in spec if e is not None
+                         for a in (e if isinstance(e, tuple) else (e,)))
+        groups.setdefault(axes, []).append(i)
+    for idx in groups.values():
+        got = jax.shard_map(
+            lambda *vs, idx=idx: tuple(_gather_major_all(list(vs), [dims[i] for i in idx])),
+            mesh=jax.sharding.get_abstract_mesh(), in_specs=tuple(auto_specs[i] for i in idx),
+            out_specs=tuple(auto_specs[i] for i in idx), axis_names=set(auto),
+        )(*[xs[i] for i in idx])
+        for i, g in zip(idx, got):
+            out[i] = g
+    return out
+
+
+def _gather_major_all(xs: list[jax.Array], dims: list[int]) -> list[jax.Array]:
+    out: list[jax.Array | None] = [None] * len(xs)
+    for dtype in dict.fromkeys(x.dtype for x in xs):
+        idx = [i for i, x in enumerate(xs) if x.dtype == dtype]
+        if len(idx) == 1:
+            got = [_gather_major(xs[idx[0]], dims[idx[0]])]
+        elif dtype == jnp.bfloat16:
+            got = _gather_bf16_flat([xs[i] for i in idx], tuple(dims[i] for i in idx))
+        else:
+            got = _gather_flat([xs[i] for i in idx], tuple(dims[i] for i in idx))
+        for i, g in zip(idx, got):
+            out[i] = g
+    return out
+
+
+def _gather_flat(xs: list[jax.Array], dims: tuple[int, ...]) -> list[jax.Array]:
+    # Each leaf's split dimension major-most (as _gather_major), flattened, all concatenated:
+    # one [n, total] all-gather; autodiff makes it one reduce-scatter of the concatenation.
+    majors = [jnp.moveaxis(x, d, 0) for x, d in zip(xs, dims)]
+    whole = jax.lax.all_gather(jnp.concatenate([m.reshape(-1) for m in majors]), FSDP)
+    n, out, start = whole.shape[0], [], 0
+    for m, d in zip(majors, dims):
+        part = whole[:, start:start + m.size].reshape(n * m.shape[0], *m.shape[1:])
+        out.append(jnp.moveaxis(part, 0, d))
+        start += m.size
+    return out
+
+
+def _gather_bf16_flat_impl(xs: list[jax.Array], dims: tuple[int, ...]) -> list[jax.Array]:
+    bits = [jax.lax.bitcast_convert_type(x, jnp.uint16) for x in xs]
+    return [jax.lax.bitcast_convert_type(w, jnp.bfloat16) for w in _gather_flat(bits, dims)]
+
+
+def _gather_bf16_flat_bwd(dims, _, gs):
+    # As _gather_bf16_bits: an fp32 reduce-scatter of the bf16 cotangents, rounded to bf16.
+    n = jax.lax.axis_size(FSDP)
+    majors = [jnp.moveaxis(g.astype(jnp.float32), d, 0) for g, d in zip(gs, dims)]
+    flat = jnp.concatenate([m.reshape(n, -1) for m in majors], axis=1)
+    mine = jax.lax.psum_scatter(flat, FSDP, scatter_dimension=0)
+    out, start = [], 0
+    for m, d in zip(majors, dims):
+        size = m.size // n
+        part = mine[start:start + size].reshape(m.shape[0] // n, *m.shape[1:])
+        out.append(jnp.moveaxis(part, 0, d).astype(jnp.bfloat16))
+        start += size
+    return (out,)
+
+
+_gather_bf16_flat = jax.custom_vjp(_gather_bf16_flat_impl, nondiff_argnums=(1,))
+_gather_bf16_flat.defvjp(lambda xs, dims: (_gather_bf16_flat_impl(xs, dims), None),
+                         _gather_bf16_flat_bwd)
+
+
 def _auto_axes() -> tuple[str, ...]:
     abstract = jax.sharding.get_abstract_mesh()
     if abstract is None or abstract.empty:
@@ -151,9 +244,18 @@ def layer_gather(stack_state: Any, /) -> Callable[[Any], Any] | None:
     if all(fn is None for fn in fns):
         return None
 
+    manual = [i for i, fn in enumerate(fns) if isinstance(fn, _ManualGather)]
+
     def gather(layer_state: Any) -> Any:
         layer_leaves = jax.tree.leaves(layer_state)
-        return treedef.unflatten([x if fn is None else fn(x) for x, fn in zip(layer_leaves, fns)])
+        out = [x if fn is None or i in manual else fn(x)
+               for i, (x, fn) in enumerate(zip(layer_leaves, fns))]
+        if manual:
+            got = _gather_all([layer_leaves[i] for i in manual], [fns[i].dim for i in manual],
+                              [fns[i].auto_spec for i in manual])
+            for i, g in zip(manual, got):
+                out[i] = g
+        return treedef.unflatten(out)
 
     return gather
 
@@ -323,15 +425,19 @@ class ManualZero:
 
     def _prepare(self, leaves: list[jax.Array], pending: _Stacked) -> list[jax.Array]:
         # ZeRO-3: gather what is not a stack now; register stacks for scan_layers.
-        out = []
-        for x, d, s, spec in zip(leaves, self.param_dims, self.stacked, self.auto_specs):
+        out, now = list(leaves), []
+        for i, (x, d, s, spec) in enumerate(zip(leaves, self.param_dims, self.stacked,
+                                                self.auto_specs)):
             if d is not None and s:
                 # The scan removes the leading layer axis: the split dimension moves down one.
-                pending.gathers[id(x)] = lambda v, d=d, spec=spec: _gather(
-                    v, d - 1, PartitionSpec(*spec[1:]))
+                pending.gathers[id(x)] = _ManualGather(d - 1, PartitionSpec(*spec[1:]))
             elif d is not None:
-                x = _gather(x, d, spec)
-            out.append(x)
+                now.append(i)
+        if now:
+            got = _gather_all([leaves[i] for i in now], [self.param_dims[i] for i in now],
+                              [self.auto_specs[i] for i in now])
+            for i, g in zip(now, got):
+                out[i] = g
         return out
 
     def loss_and_grads(self, piece_fn: Callable[..., tuple[jax.Array, Any]], params: Any,
