@@ -141,10 +141,10 @@ class _ManualGather:
 
 def _gather_all(xs: list[jax.Array], dims: list[int], auto_specs: list[PartitionSpec]
                 ) -> list[jax.Array]:
-    """:func:`_gather` of several leaves as one all-gather per dtype (its transpose: one
+    """:func:`_gather` of one layer's leaves as one all-gather per dtype (its transpose: one
     reduce-scatter). Each collective is a rendezvous of every device: on XLA:CPU's emulated
-    devices their number, more than their bytes, made the step (a layer's 12 leaves: 23 gathers
-    and 12 reduce-scatters per layer and step with one per leaf)."""
+    devices their number, more than their bytes, made the step (a GPT layer's 12 leaves: 23
+    gathers and 12 reduce-scatters per layer and step with one per leaf)."""
     auto = _auto_axes()
     if not auto:
         return _gather_major_all(xs, dims)
@@ -425,19 +425,17 @@ class ManualZero:
 
     def _prepare(self, leaves: list[jax.Array], pending: _Stacked) -> list[jax.Array]:
         # ZeRO-3: gather what is not a stack now; register stacks for scan_layers.
-        out, now = list(leaves), []
-        for i, (x, d, s, spec) in enumerate(zip(leaves, self.param_dims, self.stacked,
-                                                self.auto_specs)):
+        # The up-front leaves are gathered one by one: combined, the embedding table's gradient
+        # was copied into the [fsdp, ...] layout of the joint reduce-scatter (a transpose of the
+        # whole fp32 table, a third of the fsdp=8 step's op time); they are few (4 in the GPT).
+        out = []
+        for x, d, s, spec in zip(leaves, self.param_dims, self.stacked, self.auto_specs):
             if d is not None and s:
                 # The scan removes the leading layer axis: the split dimension moves down one.
                 pending.gathers[id(x)] = _ManualGather(d - 1, PartitionSpec(*spec[1:]))
             elif d is not None:
-                now.append(i)
-        if now:
-            got = _gather_all([leaves[i] for i in now], [self.param_dims[i] for i in now],
-                              [self.auto_specs[i] for i in now])
-            for i, g in zip(now, got):
-                out[i] = g
+                x = _gather(x, d, spec)
+            out.append(x)
         return out
 
     def loss_and_grads(self, piece_fn: Callable[..., tuple[jax.Array, Any]], params: Any,

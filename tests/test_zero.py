@@ -163,7 +163,7 @@ def test_an_error_in_meshpars_own_gathers_surfaces_instead_of_a_silent_fallback(
     def broken(*args, **kwargs):
         raise RuntimeError("gather bug")
 
-    monkeypatch.setattr(zero, "_gather_all", broken)  # the up-front gathers
+    monkeypatch.setattr(zero, "_gather", broken)
     trainer = _trainer("fsdp=8", "zero3")
     with pytest.raises(RuntimeError, match="gather bug"):
         trainer.loss_and_grads(BATCH)
