@@ -232,10 +232,10 @@ def _layer_norm(x_BTD: jax.Array, scale_D: jax.Array, bias_D: jax.Array) -> jax.
 # would not do: its cotangent is fp32, so the backward dots would be fp32 x fp32. The numbers are
 # those of a bf16 dot: fp32 accumulation, one rounding to bf16.
 #
-# Canonical form: batch dims aside, the lhs is [free..., contracted...] and the rhs
-# [contracted..., free...] or [free..., contracted...], contracted dims in the same order. Other
-# bf16 -> fp32 dots (the weight gradients, contracted over batch and sequence; the gradient of
-# k and v in attention) are NOT safe on this XLA: its operand
+# Canonical form: a dot without batch dims (XLA transposes its operands into a plain matmul),
+# or, batch dims aside, an lhs [free..., contracted...] and an rhs [contracted..., free...] or
+# [free..., contracted...], contracted dims in the same order. Other bf16 -> fp32 dots (in
+# attention, the gradients of k and v) are NOT safe on this XLA: its operand
 # upcaster may leave them bf16 while the YNNPACK fusion then declines them, and the fallback dot
 # fails at run time ("Unsupported element type for DotThunk::Execute: BF16 x BF16 = F32"). They
 # stay bf16 -> bf16 dots, which XLA runs in fp32 (as before; the same numbers).
@@ -252,7 +252,13 @@ def _canonical(spec: str) -> bool:
     rhs = [i for i in sb if not (i in sa and i in out)]
     contract = [i for i in lhs if i in rhs]
     nc = len(contract)
-    if not nc or [i for i in rhs if i in contract] != contract:
+    if not nc:
+        return False
+    if len(lhs) == len(sa):
+        # No batch dims: XLA's dot decomposer transposes the operands of a plain matmul into
+        # [M, K] x [K, N] itself, and YNNPACK takes the result (the weight gradients).
+        return True
+    if [i for i in rhs if i in contract] != contract:
         return False
     return lhs[len(lhs) - nc:] == contract and contract in (rhs[:nc], rhs[len(rhs) - nc:])
 
