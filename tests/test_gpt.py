@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import jax
+import jax.extend
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -188,10 +189,60 @@ def test_bf16_params_give_float32_logits(tiny):
     tokens = random_batch(2, 16)["inputs"]
     logits = _apply(graphdef, state16, tokens)
     assert logits.dtype == jnp.float32
-    # Matmuls ran in bf16 (the parameters' dtype), not silently promoted to float32.
-    jaxpr = str(jax.make_jaxpr(lambda s: nnx.merge(graphdef, s)(tokens))(state16))
-    assert "bf16[3,4,16,2,16] = dot_general" in jaxpr  # the fused q/k/v projection
+    # Matmuls ran on bf16 operands (the parameters' dtype), not silently promoted to float32:
+    # bf16 x bf16 -> fp32 dots (the form XLA:CPU runs on its bf16 kernels), rounded to bf16.
+    jaxpr = jax.make_jaxpr(lambda s: nnx.merge(graphdef, s)(tokens))(state16)
+    dots = _dot_operand_dtypes(jaxpr.jaxpr)
+    assert len(dots) == 7 and set(dots) == {("bfloat16", "bfloat16")}, dots
+    assert "f32[2,16,3,4,16] = dot_general" in str(jaxpr)  # the fused q/k/v projection
     np.testing.assert_allclose(logits, forward(tiny, tokens), atol=0.05)
+
+
+# Layouts whose bf16 steps compile to different dot shapes and layouts (ZeRO-3 written out,
+# GSPMD tensor parallel with microbatches, sequence parallel, a circular pipeline).
+_BF16_LAYOUTS = [("fsdp=8", "auto", 1), ("data=2,fsdp=2,tensor=2", "auto", 2),
+                 ("fsdp=2,tensor=4", "tp_sp", 1), ("pipe=2,data=4", "auto", 2)]
+
+
+@pytest.mark.parametrize("mesh,strategy,m", _BF16_LAYOUTS, ids=[c[0] for c in _BF16_LAYOUTS])
+def test_bf16_dots_all_run_on_the_library_kernels(mesh, strategy, m):
+    # A bf16 x bf16 -> fp32 dot that XLA:CPU leaves outside a YNNPACK fusion fails at run time
+    # (DotThunk has no such kernel): every one must be inside a fusion (see gpt._einsum).
+    import re
+
+    import optax
+
+    from meshpar.strategy import get_strategy
+    from meshpar.train import TrainConfig, Trainer
+
+    mesh_ = make_mesh(mesh)
+    pipelined = "pipe" in mesh
+    trainer = Trainer(lambda: GPT(TINY, rngs=nnx.Rngs(0)), optax.adamw(1e-2), lm_loss, mesh=mesh_,
+                      strategy=get_strategy(strategy).for_mesh(mesh_),
+                      config=TrainConfig(precision="bf16", microbatches=m, row_separable=True,
+                                         **({"schedule": "circular"} if pipelined else {})))
+    text = trainer.lower(random_batch(16, 32)).compile().as_text()
+    fused = set(re.findall(r"kind=kCustom, calls=%?([^\s,]+)", text))
+    dtype = dict(re.findall(r"^\s+(?:ROOT )?%?(\S+) = ([a-z0-9]+)\[", text, re.M))
+    bare, comp = [], None
+    for line in text.splitlines():
+        if head := re.match(r"^(?:ENTRY )?%?(\S+) \(.*\{$", line):
+            comp = head.group(1)
+        if (dot := re.search(r"dot\(%?([^,\s]+), %?([^,\s)]+)\)", line)) and comp not in fused:
+            bare.append((line.strip()[:160], [dtype.get(o) for o in dot.groups()]))
+    assert len(fused) > 0 and len(bare) < 10, bare
+    assert not [b for b in bare if "bf16" in b[1]], bare
+
+
+def _dot_operand_dtypes(jaxpr) -> list[tuple[str, str]]:
+    """The operand dtypes of every dot_general in ``jaxpr`` and its sub-jaxprs."""
+    out = []
+    for eqn in jaxpr.eqns:
+        if eqn.primitive.name == "dot_general":
+            out.append(tuple(str(v.aval.dtype) for v in eqn.invars))
+        for sub in jax.extend.core.jaxprs_in_params(eqn.params):
+            out += _dot_operand_dtypes(sub)
+    return out
 
 
 def test_untied_model_runs():

@@ -250,6 +250,89 @@ def _layer_norm(x_BTD: jax.Array, scale_D: jax.Array, bias_D: jax.Array) -> jax.
     return y.astype(x_BTD.dtype)
 
 
+# -- matmuls -----------------------------------------------------------------------------------
+#
+# Every matmul of the model goes through `_einsum`. In fp32 it is `jnp.einsum`. In bf16 it is,
+# where the dot is in canonical form (below), a bf16 x bf16 -> fp32 dot
+# (`preferred_element_type=float32`) rounded to bf16, in the forward AND the backward pass:
+# XLA:CPU (jaxlib 0.10.2) hands only that form to its fast bf16 (YNNPACK) kernels. A bf16 -> bf16
+# dot is upcast whole to fp32 by its float normalization (two operand converts, an fp32 dot, a
+# result convert): 1.1-2.6x an fp32 dot, against 0.2-0.7x for the bf16 -> fp32 form
+# (benchmarks/README.md, "bf16 matmuls on XLA:CPU"). Plain autodiff of the bf16 -> fp32 form
+# would not do: its cotangent is fp32, so the backward dots would be fp32 x fp32. The numbers are
+# those of a bf16 dot: fp32 accumulation, one rounding to bf16.
+#
+# Canonical form: a dot without batch dims (XLA transposes its operands into a plain matmul),
+# or, batch dims aside, an lhs [free..., contracted...] and an rhs [contracted..., free...] or
+# [free..., contracted...], contracted dims in the same order. Other bf16 -> fp32 dots (in
+# attention, the gradients of k and v) are NOT safe on this XLA: its operand
+# upcaster may leave them bf16 while the YNNPACK fusion then declines them, and the fallback dot
+# fails at run time ("Unsupported element type for DotThunk::Execute: BF16 x BF16 = F32"). They
+# stay bf16 -> bf16 dots, which XLA runs in fp32 (as before; the same numbers).
+
+
+def _canonical(spec: str) -> bool:
+    """Whether the dot of einsum ``spec`` ("x,y->z") has the canonical form described above."""
+    ins, out = spec.split("->")
+    sa, sb = ins.split(",")
+    if len(set(sa) | set(sb)) != len(set(spec) - set(",->")):
+        return False
+    # XLA moves batch dims to the front itself; the other dims keep their order.
+    lhs = [i for i in sa if not (i in sb and i in out)]
+    rhs = [i for i in sb if not (i in sa and i in out)]
+    contract = [i for i in lhs if i in rhs]
+    nc = len(contract)
+    if not nc:
+        return False
+    if len(lhs) == len(sa):
+        # No batch dims: XLA's dot decomposer transposes the operands of a plain matmul into
+        # [M, K] x [K, N] itself, and YNNPACK takes the result (the weight gradients).
+        return True
+    if [i for i in rhs if i in contract] != contract:
+        return False
+    return lhs[len(lhs) - nc:] == contract and contract in (rhs[:nc], rhs[len(rhs) - nc:])
+
+
+def _einsum_bf16_impl(spec: str, a: jax.Array, b: jax.Array, out_dtype: Any) -> jax.Array:
+    if _canonical(spec):
+        return jnp.einsum(spec, a, b, preferred_element_type=jnp.float32).astype(out_dtype)
+    return jnp.einsum(spec, a, b).astype(out_dtype)
+
+
+_einsum_bf16 = jax.custom_vjp(_einsum_bf16_impl, nondiff_argnums=(0, 3))
+
+
+def _einsum_bf16_fwd(spec, a, b, out_dtype):
+    return _einsum_bf16_impl(spec, a, b, out_dtype), (a, b)
+
+
+def _einsum_bf16_bwd(spec, out_dtype, res, g):
+    a, b = res
+    ins, out = spec.split("->")
+    sa, sb = ins.split(",")
+    # The cotangent of a bf16 result is bf16 already; that of the fp32 logits is rounded here,
+    # as in a bf16 unembedding.
+    g = g.astype(jnp.bfloat16)
+    da = _einsum_bf16_impl(f"{out},{sb}->{sa}", g, b, a.dtype)
+    db = _einsum_bf16_impl(f"{sa},{out}->{sb}", a, g, b.dtype)
+    return da, db
+
+
+_einsum_bf16.defvjp(_einsum_bf16_fwd, _einsum_bf16_bwd)
+
+
+def _einsum(spec: str, a: jax.Array, b: jax.Array, *, out_dtype: Any = None) -> jax.Array:
+    """``jnp.einsum(spec, a, b)`` (result in ``out_dtype``, default the operands' dtype).
+
+    bf16 operands take the bf16 x bf16 -> fp32 form above. ``spec`` is ``"x,y->z"`` with no
+    index that is summed within one operand (each index is in two of x, y, z).
+    """
+    if a.dtype == jnp.bfloat16 and b.dtype == jnp.bfloat16:
+        return _einsum_bf16(spec, a, b, jnp.dtype(out_dtype or jnp.bfloat16))
+    out = jnp.einsum(spec, a, b, preferred_element_type=out_dtype)
+    return out if out_dtype is None else out.astype(out_dtype)
+
+
 class Block(nnx.Module):
     """One pre-LayerNorm transformer block: causal self-attention, then a GELU MLP.
 
@@ -307,24 +390,25 @@ class Block(nnx.Module):
             jnp.stack([self._w("wq"), self._w("wk"), self._w("wv")], axis=1),
             ("embed", None, "heads", "head_dim"),
         )
-        qkv_CBTHK = jnp.einsum("btd,dchk->cbthk", h_BTD, w_DCHK)
-        q_BTHK, k_BTHK, v_BTHK = (constrain(qkv_CBTHK[i], qkv_axes) for i in range(3))
+        # [B, T, 3, H, K]: the input gradient then contracts trailing dims (a fast bf16 dot).
+        qkv_BTCHK = _einsum("btd,dchk->btchk", h_BTD, w_DCHK)
+        q_BTHK, k_BTHK, v_BTHK = (constrain(qkv_BTCHK[:, :, i], qkv_axes) for i in range(3))
         t = h_BTD.shape[1]
         q_BTHK = q_BTHK * jnp.asarray(1.0 / math.sqrt(q_BTHK.shape[-1]), q_BTHK.dtype)
-        scores_BHTS = jnp.einsum("bthk,bshk->bhts", q_BTHK, k_BTHK).astype(jnp.float32)
+        scores_BHTS = _einsum("bthk,bshk->bhts", q_BTHK, k_BTHK).astype(jnp.float32)
         scores_BHTS = constrain(scores_BHTS, ("batch", "heads", None, None))
         causal_TS = jnp.tril(jnp.ones((t, t), dtype=jnp.bool_))
         scores_BHTS = jnp.where(causal_TS, scores_BHTS, jnp.finfo(jnp.float32).min)
         probs_BHTS = jax.nn.softmax(scores_BHTS, axis=-1).astype(v_BTHK.dtype)
-        out_BTHK = jnp.einsum("bhts,bshk->bthk", probs_BHTS, v_BTHK)
+        out_BTHK = _einsum("bhts,bshk->bthk", probs_BHTS, v_BTHK)
         out_BTHK = constrain(out_BTHK, qkv_axes)
-        out_BTD = jnp.einsum("bthk,hkd->btd", out_BTHK, self._w("wo"))
+        out_BTD = _einsum("bthk,hkd->btd", out_BTHK, self._w("wo"))
         return constrain(out_BTD, ("batch", "seq", "embed"))
 
     def _mlp(self, h_BTD: jax.Array) -> jax.Array:
-        hidden_BTM = jnp.einsum("btd,dm->btm", h_BTD, self._w("w_in")) + self._w("b_in")
+        hidden_BTM = _einsum("btd,dm->btm", h_BTD, self._w("w_in")) + self._w("b_in")
         hidden_BTM = constrain(jax.nn.gelu(hidden_BTM), ("batch", None, "mlp"))
-        out_BTD = jnp.einsum("btm,md->btd", hidden_BTM, self._w("w_out")) + self._w("b_out")
+        out_BTD = _einsum("btm,md->btd", hidden_BTM, self._w("w_out")) + self._w("b_out")
         return constrain(out_BTD, ("batch", "seq", "embed"))
 
 
@@ -451,10 +535,10 @@ class GPT(nnx.Module):
         h_BTD = _layer_norm(x_BTD, scale, bias)
         if self.config.tie_embeddings:
             table_VD = constrain(self.tok_embed[...], ("vocab", "embed"))
-            logits = jnp.einsum("btd,vd->btv", h_BTD, table_VD, preferred_element_type=jnp.float32)
+            logits = _einsum("btd,vd->btv", h_BTD, table_VD, out_dtype=jnp.float32)
         else:
             kernel_DV = constrain(self.unembed[...], ("embed", "vocab"))
-            logits = jnp.einsum("btd,dv->btv", h_BTD, kernel_DV, preferred_element_type=jnp.float32)
+            logits = _einsum("btd,dv->btv", h_BTD, kernel_DV, out_dtype=jnp.float32)
         return constrain(logits.astype(jnp.float32), ("batch", "seq", "vocab"))
 
 

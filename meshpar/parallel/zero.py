@@ -89,8 +89,28 @@ def _gather_major(x: jax.Array, dim: int) -> jax.Array:
     # before its reduce-scatter (w_out, wo of the GPT). Measured on the 20m preset, 8 emulated
     # devices, interleaved pairs: fsdp=8 step 0.95x, fsdp=4,tensor=2 0.97x of the minor gather.
     # (For dim 0 both moveaxis calls are the identity.)
+    if x.dtype == jnp.bfloat16:
+        return _gather_bf16_bits(x, dim)
     whole = jax.lax.all_gather(jnp.moveaxis(x, dim, 0), FSDP, axis=0, tiled=True)
     return jnp.moveaxis(whole, 0, dim)
+
+
+def _gather_bf16_bits_impl(x: jax.Array, dim: int) -> jax.Array:
+    # XLA:CPU (jaxlib 0.10.2) upcasts a bf16 all-gather to fp32 (convert, fp32 gather, convert):
+    # 2.3x the time of an fp32 gather of the same array. Its bits as uint16 travel as they are:
+    # 0.33x the bf16 path (a 32000 x 256 table over fsdp=8; benchmarks/README.md, "bf16 on XLA:CPU").
+    bits = jax.lax.bitcast_convert_type(jnp.moveaxis(x, dim, 0), jnp.uint16)
+    whole = jax.lax.all_gather(bits, FSDP, axis=0, tiled=True)
+    return jnp.moveaxis(jax.lax.bitcast_convert_type(whole, jnp.bfloat16), 0, dim)
+
+
+_gather_bf16_bits = jax.custom_vjp(_gather_bf16_bits_impl, nondiff_argnums=(1,))
+_gather_bf16_bits.defvjp(
+    lambda x, dim: (_gather_bf16_bits_impl(x, dim), None),
+    # What autodiff of the bf16 gather gives, as XLA:CPU runs it: an fp32 reduce-scatter of
+    # the bf16 cotangent, rounded to bf16.
+    lambda dim, _, g: (_scatter_major(g.astype(jnp.float32), dim).astype(jnp.bfloat16),),
+)
 
 
 def _scatter_major(g: jax.Array, dim: int) -> jax.Array:
@@ -98,6 +118,99 @@ def _scatter_major(g: jax.Array, dim: int) -> jax.Array:
     (see :func:`_gather_major`: XLA then takes it straight from the dot that made it)."""
     part = jax.lax.psum_scatter(jnp.moveaxis(g, dim, 0), FSDP, scatter_dimension=0, tiled=True)
     return jnp.moveaxis(part, 0, dim)
+
+
+@dataclasses.dataclass(frozen=True)
+class _ManualGather:
+    """One leaf's manual ZeRO-3 gather (``dim``, its split over the automatic axes); a callable
+    like the other per-leaf gathers, and combinable with its neighbours by :func:`_gather_all`."""
+
+    dim: int
+    auto_spec: PartitionSpec
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        return _gather(x, self.dim, self.auto_spec)
+
+
+def _gather_all(xs: list[jax.Array], dims: list[int], auto_specs: list[PartitionSpec]
+                ) -> list[jax.Array]:
+    """:func:`_gather` of one layer's leaves as one all-gather per dtype (its transpose: one
+    reduce-scatter). Each collective is a rendezvous of every device: on XLA:CPU's emulated
+    devices their number, more than their bytes, made the step (a GPT layer's 12 leaves: 23
+    gathers and 12 reduce-scatters per layer and step with one per leaf)."""
+    auto = _auto_axes()
+    if not auto:
+        return _gather_major_all(xs, dims)
+    # One nested shard_map per set of automatic axes the leaves are split over: a concatenation
+    # of leaves that vary over different axes would vary over all of them.
+    out: list[jax.Array | None] = [None] * len(xs)
+    groups: dict[frozenset, list[int]] = {}
+    for i, spec in enumerate(auto_specs):
+        axes = frozenset(a for e in spec if e is not None
+                         for a in (e if isinstance(e, tuple) else (e,)))
+        groups.setdefault(axes, []).append(i)
+    for idx in groups.values():
+        got = jax.shard_map(
+            lambda *vs, idx=idx: tuple(_gather_major_all(list(vs), [dims[i] for i in idx])),
+            mesh=jax.sharding.get_abstract_mesh(), in_specs=tuple(auto_specs[i] for i in idx),
+            out_specs=tuple(auto_specs[i] for i in idx), axis_names=set(auto),
+        )(*[xs[i] for i in idx])
+        for i, g in zip(idx, got):
+            out[i] = g
+    return out
+
+
+def _gather_major_all(xs: list[jax.Array], dims: list[int]) -> list[jax.Array]:
+    out: list[jax.Array | None] = [None] * len(xs)
+    for dtype in dict.fromkeys(x.dtype for x in xs):
+        idx = [i for i, x in enumerate(xs) if x.dtype == dtype]
+        if len(idx) == 1:
+            got = [_gather_major(xs[idx[0]], dims[idx[0]])]
+        elif dtype == jnp.bfloat16:
+            got = _gather_bf16_flat([xs[i] for i in idx], tuple(dims[i] for i in idx))
+        else:
+            got = _gather_flat([xs[i] for i in idx], tuple(dims[i] for i in idx))
+        for i, g in zip(idx, got):
+            out[i] = g
+    return out
+
+
+def _gather_flat(xs: list[jax.Array], dims: tuple[int, ...]) -> list[jax.Array]:
+    # Each leaf's split dimension major-most (as _gather_major), flattened, all concatenated:
+    # one [n, total] all-gather; autodiff makes it one reduce-scatter of the concatenation.
+    majors = [jnp.moveaxis(x, d, 0) for x, d in zip(xs, dims)]
+    whole = jax.lax.all_gather(jnp.concatenate([m.reshape(-1) for m in majors]), FSDP)
+    n, out, start = whole.shape[0], [], 0
+    for m, d in zip(majors, dims):
+        part = whole[:, start:start + m.size].reshape(n * m.shape[0], *m.shape[1:])
+        out.append(jnp.moveaxis(part, 0, d))
+        start += m.size
+    return out
+
+
+def _gather_bf16_flat_impl(xs: list[jax.Array], dims: tuple[int, ...]) -> list[jax.Array]:
+    bits = [jax.lax.bitcast_convert_type(x, jnp.uint16) for x in xs]
+    return [jax.lax.bitcast_convert_type(w, jnp.bfloat16) for w in _gather_flat(bits, dims)]
+
+
+def _gather_bf16_flat_bwd(dims, _, gs):
+    # As _gather_bf16_bits: an fp32 reduce-scatter of the bf16 cotangents, rounded to bf16.
+    n = jax.lax.axis_size(FSDP)
+    majors = [jnp.moveaxis(g.astype(jnp.float32), d, 0) for g, d in zip(gs, dims)]
+    flat = jnp.concatenate([m.reshape(n, -1) for m in majors], axis=1)
+    mine = jax.lax.psum_scatter(flat, FSDP, scatter_dimension=0)
+    out, start = [], 0
+    for m, d in zip(majors, dims):
+        size = m.size // n
+        part = mine[start:start + size].reshape(m.shape[0] // n, *m.shape[1:])
+        out.append(jnp.moveaxis(part, 0, d).astype(jnp.bfloat16))
+        start += size
+    return (out,)
+
+
+_gather_bf16_flat = jax.custom_vjp(_gather_bf16_flat_impl, nondiff_argnums=(1,))
+_gather_bf16_flat.defvjp(lambda xs, dims: (_gather_bf16_flat_impl(xs, dims), None),
+                         _gather_bf16_flat_bwd)
 
 
 def _auto_axes() -> tuple[str, ...]:
@@ -124,9 +237,18 @@ def layer_gather(stack_state: Any, /) -> Callable[[Any], Any] | None:
     if all(fn is None for fn in fns):
         return None
 
+    manual = [i for i, fn in enumerate(fns) if isinstance(fn, _ManualGather)]
+
     def gather(layer_state: Any) -> Any:
         layer_leaves = jax.tree.leaves(layer_state)
-        return treedef.unflatten([x if fn is None else fn(x) for x, fn in zip(layer_leaves, fns)])
+        out = [x if fn is None or i in manual else fn(x)
+               for i, (x, fn) in enumerate(zip(layer_leaves, fns))]
+        if manual:
+            got = _gather_all([layer_leaves[i] for i in manual], [fns[i].dim for i in manual],
+                              [fns[i].auto_spec for i in manual])
+            for i, g in zip(manual, got):
+                out[i] = g
+        return treedef.unflatten(out)
 
     return gather
 
@@ -296,12 +418,14 @@ class ManualZero:
 
     def _prepare(self, leaves: list[jax.Array], pending: _Stacked) -> list[jax.Array]:
         # ZeRO-3: gather what is not a stack now; register stacks for scan_layers.
+        # The up-front leaves are gathered one by one: combined, the embedding table's gradient
+        # was copied into the [fsdp, ...] layout of the joint reduce-scatter (a transpose of the
+        # whole fp32 table, a third of the fsdp=8 step's op time); they are few (4 in the GPT).
         out = []
         for x, d, s, spec in zip(leaves, self.param_dims, self.stacked, self.auto_specs):
             if d is not None and s:
                 # The scan removes the leading layer axis: the split dimension moves down one.
-                pending.gathers[id(x)] = lambda v, d=d, spec=spec: _gather(
-                    v, d - 1, PartitionSpec(*spec[1:]))
+                pending.gathers[id(x)] = _ManualGather(d - 1, PartitionSpec(*spec[1:]))
             elif d is not None:
                 x = _gather(x, d, spec)
             out.append(x)
