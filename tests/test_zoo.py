@@ -27,7 +27,7 @@ import pytest
 from flax import nnx
 
 import meshpar as mp
-from meshpar.errors import StrategyError, TrainingError
+
 from meshpar.mesh import make_mesh
 
 from helpers.compare import mesh_axes, single_device_mesh
