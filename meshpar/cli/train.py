@@ -78,6 +78,8 @@ def train_main(args: argparse.Namespace) -> int:
     trainer = Trainer(
         lambda: GPT(cfg, rngs=nnx.Rngs(args.seed)), make_optimizer(args.lr, args.steps), lm_loss,
         mesh=mesh, strategy=strategy, config=config,
+        # Traced now, so that every fallback is printed below before the first step.
+        example_batch=jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), data.batch(0)),
     )
     main_process = jax.process_index() == 0
     checkpointer, start = _open_checkpoints(args, trainer, cfg, mesh, strategy)
