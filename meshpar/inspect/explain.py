@@ -40,13 +40,14 @@ the ratio shows it and a note explains it.
 
 Reading the compiled program lives in :mod:`meshpar.inspect.measure`, the text table in
 :func:`meshpar.inspect.explain_text.format_explain` (both importable from here as before). What is
-left here is the analytic side and the built-in GPT's builder, :func:`explain_gpt`; sharing the
-formulas with ``benchmarks/bench_strategies.py`` is left for later.
+left here is the analytic side and the built-in GPT's builder, :func:`explain_gpt`; the formulas
+themselves are in :mod:`meshpar.inspect.costs`, shared with the benchmarks.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import enum
 import math
 from collections.abc import Mapping
 from typing import Any
@@ -57,6 +58,8 @@ import optax
 from flax import nnx
 
 from meshpar.axes import BATCH_AXES, FSDP, PIPE, TENSOR
+from meshpar.inspect.costs import gpt_train_flops, ring_all_gather, ring_all_reduce, zero_state_bytes
+from meshpar.inspect.hlo import CollectiveKind
 from meshpar.inspect.measure import dot_flops, measure
 from meshpar.inspect.explain_text import format_explain
 from meshpar.inspect.report import human_bytes
@@ -68,8 +71,44 @@ from meshpar.train.data import TokenBatches
 #: The name of the check that compares the step's model state (params + optimizer state).
 STATE_CHECK = "params + optimizer state"
 
-__all__ = ["STATE_CHECK", "dot_flops", "explain", "explain_gpt", "format_explain",
-           "gpt_train_flops", "measure"]
+__all__ = ["STATE_CHECK", "Check", "CheckSource", "dot_flops", "explain", "explain_gpt",
+           "format_explain", "gpt_train_flops", "measure"]
+
+_AR, _AG = CollectiveKind.ALL_REDUCE, CollectiveKind.ALL_GATHER
+_RS, _CP = CollectiveKind.REDUCE_SCATTER, CollectiveKind.COLLECTIVE_PERMUTE
+
+
+class CheckSource(enum.StrEnum):
+    """Where a check's measured figure comes from."""
+
+    COMPILED = "compiled"  # the compiled program (memory_analysis, HLO collectives and dots)
+    PLAN = "plan"          # meshpar's own sharding plans (bytes per device of each state)
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Check:
+    """One row of :func:`explain`: an analytic figure beside the measured one.
+
+    ``unit`` is ``"bytes"``, ``"ops"`` (executions) or ``"flop"``; :meth:`as_dict` is the row as
+    the JSON report holds it.
+    """
+
+    name: str
+    formula: str
+    analytic: float
+    measured: float
+    source: CheckSource = CheckSource.COMPILED
+    unit: str = "bytes"
+
+    @property
+    def ratio(self) -> float | None:
+        """measured / analytic (``None`` when the analytic figure is 0)."""
+        return self.measured / self.analytic if self.analytic else None
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"name": self.name, "formula": self.formula, "analytic": self.analytic,
+                "measured": self.measured, "ratio": self.ratio, "source": str(self.source),
+                "unit": self.unit}
 # -- the analytic side ------------------------------------------------------------------------
 
 
@@ -128,11 +167,9 @@ class _Facts:
         self.act_bytes = 2 if tr.config.precision == "bf16" else 4
 
     def check(self, name: str, formula: str, analytic: float, measured: float, *,
-              source: str = "compiled", unit: str = "bytes") -> dict:
-        row = {"name": name, "formula": formula, "analytic": float(analytic),
-               "measured": float(measured),
-               "ratio": float(measured / analytic) if analytic else None,
-               "source": source, "unit": unit}
+              source: CheckSource = CheckSource.COMPILED, unit: str = "bytes") -> Check:
+        row = Check(name=name, formula=formula, analytic=float(analytic), measured=float(measured),
+                    source=source, unit=unit)
         self.checks.append(row)
         return row
 
@@ -146,16 +183,15 @@ class _Facts:
 
 def _memory_checks(f: _Facts, batch_bytes: float, k_opt: float, opt_bytes: int) -> None:
     st, n = f.stage, f.n_fsdp
-    p_a = f.g / (n if st >= 3 else 1)
-    g_a = f.g / (n if st >= 2 else 1)
-    o_a = k_opt * f.g / (n if st >= 1 else 1)
+    state = zero_state_bytes(f.g, fsdp=n, zero_stage=st, optimizer_k=k_opt)
+    p_a, g_a, o_a = state["params"], state["grads"], state["optimizer"]
     params, grads = ("G/N" if st >= 3 else "G"), ("G/N" if st >= 2 else "G")
     opt = f"{k_opt:g}G{'/N' if st >= 1 else ''}"
     where = f"G = {human_bytes(f.g)}, " + (f"N = fsdp = {n}" if n > 1 else "no fsdp axis")
     # The step's arguments are the donated state plus this device's batch rows.
     row = f.check(STATE_CHECK, f"params {params} + {opt} optimizer state; {where}",
                   p_a + o_a, f.measured["memory"]["argument"] - batch_bytes)
-    if st >= 1 and row["ratio"] and row["ratio"] > 1.001:
+    if st >= 1 and row.ratio and row.ratio > 1.001:
         whole = [e.path for e in f.trainer.optimizer_plan.entries
                  if _split(e, f.mesh, (FSDP,)) == 1]
         f.notes.append("state above the formula: not split over fsdp (no free dimension "
@@ -163,7 +199,7 @@ def _memory_checks(f: _Facts, batch_bytes: float, k_opt: float, opt_bytes: int) 
     plan_total = f.plan.bytes_per_device + f.trainer.grad_plan.bytes_per_device + opt_bytes
     f.check("params + grads + optimizer state",
             f"ZeRO-{st}: {params} + {grads} + {opt} (the 16Ψ/N-style formula; plans)",
-            p_a + g_a + o_a, plan_total, source="plan")
+            p_a + g_a + o_a, plan_total, source=CheckSource.PLAN)
 
 
 def _reduction_checks(f: _Facts) -> None:
@@ -177,9 +213,9 @@ def _reduction_checks(f: _Facts) -> None:
     if hsdp:
         what += f", + G/N = {human_bytes(f.g / f.n_fsdp)}: the fsdp shards summed over the rest"
     row = f.check("gradient reduction over " + "+".join(f.batch_axes), what, analytic,
-                  f.volume(("all-reduce", "reduce-scatter"), _only_batch))
-    excess = row["measured"] - analytic
-    if row["ratio"] and row["ratio"] > 1.02:
+                  f.volume((_AR, _RS), _only_batch))
+    excess = row.measured - analytic
+    if row.ratio and row.ratio > 1.02:
         # A layer weight is used once per layer; a weight outside the stack used twice (a tied
         # embedding) is the usual suspect, so name it when exactly one size matches.
         twice = [p for p, v in f.mp.items()
@@ -195,7 +231,7 @@ def _reduction_checks(f: _Facts) -> None:
                "gathered where it is used has its gradient reduced whole before it is sliced) "
                "or in several parts")
             + "; the last few bytes are the loss and grad-norm scalars")
-    looped = f.volume(("all-reduce", "reduce-scatter"), _only_batch, in_loop=True)
+    looped = f.volume((_AR, _RS), _only_batch, in_loop=True)
     if f.pipeline is not None and looped:
         f.notes.append(
             f"{human_bytes(looped)} of the gradient reduction runs inside the pipeline loop: "
@@ -204,7 +240,7 @@ def _reduction_checks(f: _Facts) -> None:
             "another batch axis get their gradients reduced in every backward iteration "
             "instead of once after the loop")
     kinds = {o["kind"] for o in f.measured["ops"] if _only_batch(o["axes"])}
-    if f.stage >= 2 and "reduce-scatter" not in kinds and "all-reduce" in kinds:
+    if f.stage >= 2 and _RS not in kinds and _AR in kinds:
         f.notes.append(
             "GSPMD on CPU reduces the ZeRO-2/3 gradients with all-reduce + slice, not "
             "reduce-scatter: the same volume, but a ring all-reduce sends 2(N-1)/N x G per "
@@ -213,13 +249,18 @@ def _reduction_checks(f: _Facts) -> None:
             "with another axis on one dimension")
     if len(f.batch_axes) == 1:
         n, axis = f.batch_ways, f.batch_axes[0]
-        factor, how = {0: (2, "all-reduce"), 1: (2, "reduce-scatter + all-gather"),
-                       2: (2, "reduce-scatter + all-gather"),
-                       3: (3, "gather fwd + gather bwd + reduce-scatter")}[f.stage]
-        measured = sum(c["traffic_bytes_per_step"] for k, c in f.measured["collectives"].items()
-                       if k.split("@")[1] == axis)
+        # DP: one all-reduce of G; ZeRO-1/2: a reduce-scatter of G and an all-gather of the
+        # updated G; ZeRO-3: the parameters gathered forward and backward + a reduce-scatter.
+        analytic, factor, how = {
+            0: (ring_all_reduce(f.g, n), 2, "all-reduce"),
+            1: (2 * ring_all_gather(f.g, n), 2, "reduce-scatter + all-gather"),
+            2: (2 * ring_all_gather(f.g, n), 2, "reduce-scatter + all-gather"),
+            3: (3 * ring_all_gather(f.g, n), 3, "gather fwd + gather bwd + reduce-scatter"),
+        }[f.stage]
+        measured = sum(c["traffic_bytes_per_step"] for c in f.measured["collectives"].values()
+                       if c["axes"] == [axis])
         f.check(f"ring traffic over {axis}", f"{how}: {factor}(N-1)/N x G, N = {n}",
-                factor * (n - 1) / n * f.g, measured)
+                analytic, measured)
 
 
 def _zero_gather_checks(f: _Facts) -> None:
@@ -229,12 +270,12 @@ def _zero_gather_checks(f: _Facts) -> None:
                 "G: each device gathers the others' updated shards once, after the update",
                 sum(f.mp[e.path] for e in f.trainer.optimizer_plan.entries
                     if _split(e, f.mesh, (FSDP,)) > 1),
-                f.volume(("all-gather",), in_fsdp, phase=("update",)))
+                f.volume((_AG,), in_fsdp, phase=("update",)))
     if f.stage < 3:
         return
     if f.pipeline is not None:
         # Inside the stages fsdp stays automatic: each work item gathers its chunk again.
-        looped = f.volume(("all-gather",), in_fsdp, in_loop=True)
+        looped = f.volume((_AG,), in_fsdp, in_loop=True)
         f.notes.append(
             f"ZeRO-3 inside pipeline stages: the stage weights are gathered for every microbatch "
             f"(forward and each recompute), {human_bytes(looped)} of all-gathers in the loop "
@@ -247,9 +288,9 @@ def _zero_gather_checks(f: _Facts) -> None:
     why = ("forward, and again in the backward pass under remat" if times == 2
            else "forward only: the gathered layers are kept for the backward pass")
     f.check("ZeRO-3 all-gathers in the layer loop", f"{times} x G_layers ({why})",
-            times * lay, f.volume(("all-gather",), in_fsdp, in_loop=True))
+            times * lay, f.volume((_AG,), in_fsdp, in_loop=True))
     f.check("ZeRO-3 all-gathers, all", f"{times} x G_layers + G_rest (other weights once)",
-            times * lay + rest, f.volume(("all-gather",), in_fsdp))
+            times * lay + rest, f.volume((_AG,), in_fsdp))
 
 
 def _tensor_checks(f: _Facts) -> None:
@@ -268,32 +309,32 @@ def _tensor_checks(f: _Facts) -> None:
     fwd = {"phase": ("forward",), "in_loop": True}
     if f.strategy.sequence_parallel:
         f.check("SP all-gathers in the layer loop, forward", f"2 per layer {per_layer}",
-                2 * runs * unit, f.volume(("all-gather",), _only_tensor, **fwd))
+                2 * runs * unit, f.volume((_AG,), _only_tensor, **fwd))
         rs = f.check("SP reduce-scatters in the layer loop, forward (volume)",
                      f"2 per layer {per_layer}, the input of each reduce-scatter",
                      2 * runs * unit,
-                     f.volume(("reduce-scatter", "all-reduce"), _only_tensor, **fwd))
-        if rs["measured"] and not any(o["kind"] == "reduce-scatter" for o in f.measured["ops"]):
+                     f.volume((_RS, _AR), _only_tensor, **fwd))
+        if rs.measured and not any(o["kind"] == _RS for o in f.measured["ops"]):
             f.notes.append("sequence parallel: XLA emitted all-reduce + slice where Megatron-SP "
                            "reduce-scatters; same volume, twice the ring traffic")
         return
     f.check("TP all-reduces in the layer loop, forward", f"2 per layer {per_layer}",
-            2 * runs * unit, f.volume(("all-reduce",), _only_tensor, **fwd))
+            2 * runs * unit, f.volume((_AR,), _only_tensor, **fwd))
     # Gradient accumulation splits the batch: M times as many runs, each 1/M of the bytes.
     accumulate = f.trainer.config.microbatches if p is None else 1
     f.check("TP all-reduce executions in the layer loop, forward",
             f"2 per layer x {runs} layer runs"
             + (f" x {accumulate} microbatches" if accumulate > 1 else ""),
             2 * runs * accumulate,
-            f.volume(("all-reduce",), _only_tensor, executions=True, **fwd), unit="ops")
+            f.volume((_AR,), _only_tensor, executions=True, **fwd), unit="ops")
     recomputes = (f.layer_remat == "full") + (p is not None and p.remat)
     per = 2 + 2 * recomputes
     bw = f.check("TP all-reduces in the layer loop, backward",
                  f"{per} per layer {per_layer}: 2 input gradients"
                  + (f" + 2 per forward recompute ({recomputes})" if recomputes else ""),
                  per * runs * unit,
-                 f.volume(("all-reduce",), _only_tensor, phase=("backward",), in_loop=True))
-    if p is None and per == 4 and abs(bw["measured"] / (runs * unit) - 3) < 0.05:
+                 f.volume((_AR,), _only_tensor, phase=("backward",), in_loop=True))
+    if p is None and per == 4 and abs(bw.measured / (runs * unit) - 3) < 0.05:
         f.notes.append(
             "TP backward: 3 x B·T·D per layer, not 4. The recomputed forward keeps only "
             "attention's all-reduce (the MLP output is dead in the backward pass, so XLA drops "
@@ -310,12 +351,12 @@ def _pipeline_checks(f: _Facts) -> None:
     f.check("pipeline collective-permutes",
             f"2 x {p.iterations} iterations x one microbatch ({human_bytes(micro)}): forward "
             "shift and its transpose", 2 * p.iterations * micro,
-            f.volume(("collective-permute",), lambda a: tuple(a) == (PIPE,)))
+            f.volume((_CP,), lambda a: tuple(a) == (PIPE,)))
     # The outputs leave the loop through one psum over the stages; its transpose in the
     # backward pass sums the input gradient over the stages. Scalars ride along.
     f.check("pipeline output + input-gradient all-reduces over pipe",
             f"2 x {p.microbatches} microbatches x {human_bytes(micro)}",
-            2 * p.microbatches * micro, f.volume(("all-reduce",), lambda a: tuple(a) == (PIPE,)))
+            2 * p.microbatches * micro, f.volume((_AR,), lambda a: tuple(a) == (PIPE,)))
 
 
 def explain(
@@ -401,33 +442,13 @@ def explain(
                                       "optimizer": opt_bytes},
         },
         "measured": {k: v for k, v in m.items() if k != "ops"},
-        "flops": flops, "checks": f.checks, "notes": f.notes,
+        "flops": flops, "checks": [c.as_dict() for c in f.checks], "notes": f.notes,
     }
 
 
 # -- the built-in GPT -------------------------------------------------------------------------
 
 
-def gpt_train_flops(config: Any, /, *, batch_size: int, seq_len: int,
-                    pipelined: bool = False) -> float:
-    """Analytic FLOPs of one training step of :class:`meshpar.models.GPT`, over all devices.
-
-    Forward: ``2 x matmul params x tokens`` plus attention ``4·B·T²·H·K`` per layer (scores and
-    values, the full causal square); backward twice the forward. Each ``"full"`` remat recomputes
-    the layers' forward once more (the layer scan's, and the pipeline's stage remat when
-    pipelined). Other remat policies save matmul results and are counted as no recompute.
-
-    Example:
-        >>> gpt_train_flops(get_preset("tiny"), batch_size=16, seq_len=32)
-        486539264.0
-    """
-    tokens = batch_size * seq_len
-    h, k, d, m = config.heads, config.head_size, config.d_model, config.mlp_dim
-    attention = config.layers * 4.0 * batch_size * seq_len**2 * h * k
-    forward = 2.0 * config.matmul_param_count() * tokens + attention
-    layer_forward = 2.0 * config.layers * (4 * d * h * k + 2 * d * m) * tokens + attention
-    recomputes = (config.remat == "full") + bool(pipelined)
-    return 3 * forward + recomputes * layer_forward
 
 
 def explain_gpt(
