@@ -82,6 +82,16 @@ def build_parser() -> argparse.ArgumentParser:
     # The main job's defaults: a few minutes on 8 emulated CPU devices (the small preset at
     # 64 tokens per row) for a loss well below the corpus' unigram entropy.
     tr.set_defaults(seq_len=64)
+    dl = tr.add_argument_group("DiLoCo (a diloco mesh axis: replicas that synchronise every H steps)")
+    dl.add_argument("--inner-steps", type=int, metavar="H",
+                    help="inner steps per round; needs a diloco axis in --mesh, e.g. diloco=4,fsdp=2")
+    dl.add_argument("--outer-lr", type=float, default=0.7, help="outer SGD learning rate (default 0.7)")
+    dl.add_argument("--outer-momentum", type=float, default=0.9,
+                    help="outer Nesterov momentum (default 0.9; 0: plain SGD)")
+    dl.add_argument("--streaming-fragments", type=int, default=1, metavar="F",
+                    help="fragments synchronised at staggered steps (Streaming DiLoCo; default 1)")
+    dl.add_argument("--diloco-reduce", choices=("fp32", "bf16"), default="fp32",
+                    help="dtype the pseudo-gradients are averaged in (default fp32)")
     ck = tr.add_argument_group("checkpoints")
     ck.add_argument("--checkpoint-dir", help="save checkpoints (Orbax, sharded, async, atomic) here")
     ck.add_argument("--checkpoint-every", type=int, default=0,
