@@ -16,7 +16,7 @@ from flax import nnx
 
 from meshpar.axes import DILOCO, TENSOR
 from meshpar.backend.distributed import local_slice
-from meshpar.cli.args import mesh_and_strategy, model_config
+from meshpar.cli.args import diloco_config, mesh_and_strategy, model_config
 from meshpar.errors import CheckpointError, MeshparError, UsageError
 from meshpar.keypath import path_str
 from meshpar.mesh import format_mesh
@@ -24,7 +24,7 @@ from meshpar.models import GPT, lm_loss
 from meshpar.train import TrainConfig, Trainer
 from meshpar.train.checkpoint import Checkpointer
 from meshpar.train.data import TokenBatches, load_corpus, unigram_entropy
-from meshpar.train.diloco import DiLoCoConfig, DiLoCoTrainer
+from meshpar.train.diloco import DiLoCoTrainer
 
 
 def make_optimizer(lr: float, steps: int) -> optax.GradientTransformation:
@@ -44,13 +44,6 @@ def _check_args(args: argparse.Namespace, cfg) -> None:
         raise UsageError("--resume and --checkpoint-every need --checkpoint-dir")
     if not args.lr > 0:
         raise UsageError(f"--lr {args.lr}: must be > 0")
-    if args.inner_steps is not None and args.inner_steps < 1:
-        raise UsageError(f"--inner-steps {args.inner_steps}: must be >= 1 (steps per DiLoCo round)")
-    if not args.outer_lr > 0 or not 0 <= args.outer_momentum < 1:
-        raise UsageError(f"--outer-lr {args.outer_lr} --outer-momentum {args.outer_momentum}: "
-                         "the learning rate must be > 0 and the momentum in [0, 1)")
-    if args.inner_steps is None and args.streaming_fragments != 1:
-        raise UsageError("--streaming-fragments needs --inner-steps and a diloco mesh axis")
     if cfg.vocab_size < 256:
         raise UsageError(
             f"--vocab-size {cfg.vocab_size}: the embedded corpus is byte-level and needs >= 256"
@@ -81,25 +74,13 @@ def train_main(args: argparse.Namespace) -> int:
         # lm_loss is a mean over equal-length rows and the GPT computes each row on its own.
         row_separable=True,
     )
-    replicas = mesh.shape.get(DILOCO)
-    if (replicas is None) != (args.inner_steps is None):
-        raise UsageError(
-            "--inner-steps H and a diloco mesh axis go together (e.g. --mesh diloco=4,fsdp=2 "
-            f"--inner-steps 32); got --mesh {args.mesh}"
-            + (f" --inner-steps {args.inner_steps}" if args.inner_steps is not None else "")
-        )
+    diloco = diloco_config(args, mesh)
+    replicas = mesh.shape[DILOCO] if diloco is not None else None
     data = TokenBatches(batch_size=args.batch_size, seq_len=seq_len, seed=args.seed)
     make_model = lambda: GPT(cfg, rngs=nnx.Rngs(args.seed))  # noqa: E731
     if replicas is not None:
-        outer = (optax.sgd(args.outer_lr, momentum=args.outer_momentum, nesterov=True)
-                 if args.outer_momentum else optax.sgd(args.outer_lr))
-        trainer = DiLoCoTrainer(
-            make_model, make_optimizer(args.lr, args.steps), lm_loss, mesh=mesh,
-            strategy=strategy, config=config,
-            diloco=DiLoCoConfig(inner_steps=args.inner_steps, outer_optimizer=outer,
-                                streaming_fragments=args.streaming_fragments,
-                                reduce_dtype=args.diloco_reduce),
-        )
+        trainer = DiLoCoTrainer(make_model, make_optimizer(args.lr, args.steps), lm_loss,
+                                mesh=mesh, strategy=strategy, config=config, diloco=diloco)
         trainer.check_batch(args.batch_size)
     else:
         strategy.check_batch(mesh, args.batch_size, microbatches=args.microbatches)

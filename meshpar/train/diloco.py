@@ -507,8 +507,15 @@ class DiLoCoTrainer:
         return float(sum(per_sync[f] for f in self.diloco.due(steps_done)))
 
     def lower_inner(self, batch: Mapping[str, Any]):
-        """The lowered inner step (``.compile().as_text()`` for the HLO)."""
-        return self._inner_jit.lower(self.state, self.place_batch(batch))
+        """The lowered inner step for this process's rows of a batch (``.compile().as_text()``
+        for the HLO); nothing is placed on the devices."""
+        arrays = {k: np.asarray(v) for k, v in batch.items()}
+        n = jax.process_count()
+        self.check_batch(next(iter(arrays.values())).shape[0] * n)
+        abstract = {k: jax.ShapeDtypeStruct((x.shape[0] * n, *x.shape[1:]), x.dtype,
+                                            sharding=self.batch_sharding(x.ndim))
+                    for k, x in arrays.items()}
+        return self._inner_jit.lower(self.state, abstract)
 
     def lower_outer(self, fragment: int = 0):
         """The lowered outer step of ``fragment``."""
