@@ -36,7 +36,8 @@ the update of the averaged gradient. Each replica's step skips its own update on
 loss (replicas do not talk between synchronisations).
 
 Metrics: the loss is the global batch's (each replica's numerator and weight, added up on the
-host); ``grad_norm`` is the mean of the replicas' own gradient norms (no replica sees the
+host; with several processes these few scalars per replica are first gathered on the host side,
+outside the compiled step); ``grad_norm`` is the mean of the replicas' own gradient norms (no replica sees the
 others' gradients). :meth:`DiLoCoTrainer.communication` gives the bytes each device sends over
 ``diloco`` per step next to what data parallelism over an axis of the same size would send.
 
@@ -65,6 +66,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from flax import nnx
+from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from meshpar.axes import DILOCO, PIPE
@@ -457,6 +459,11 @@ class DiLoCoTrainer:
         done = self.step_count
         for f in self.diloco.due(done):
             self.state = self._outer_jits[f](self.state)
+        if jax.process_count() > 1:
+            # Each process holds its own replicas' metrics; a few scalars per replica are
+            # gathered on the host side, outside the compiled step (which stays free of
+            # collectives over diloco).
+            metrics = multihost_utils.process_allgather(metrics, tiled=True)
         m = jax.device_get(metrics)
         step_time_s = time.perf_counter() - start
         weight = np.asarray(m["loss_weight"], np.float64)
