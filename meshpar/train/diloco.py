@@ -49,8 +49,8 @@ new replica starts from the shared parameters of each fragment's last synchronis
 replicas' mean inner optimizer state and replica 0's model state: the work done since the last
 synchronisation is dropped, which is what DiLoCo loses when a worker disappears.
 
-This module is about 450 lines: one concept (the DiLoCo trainer and its state), most of it the
-checkpoint and resize handling.
+This module is about 700 lines: one concept (the DiLoCo trainer and its state); much of it is
+docstrings and the checkpoint and resize handling.
 """
 
 from __future__ import annotations
@@ -132,7 +132,12 @@ class DiLoCoConfig:
             )
 
     def offset(self, fragment: int) -> int:
-        """The step of the round at which ``fragment`` synchronises: ``fragment * H // F``."""
+        """The step of the round at which ``fragment`` synchronises: ``fragment * H // F``.
+
+        Example:
+            >>> DiLoCoConfig(inner_steps=32, streaming_fragments=4).offset(3)
+            24
+        """
         return fragment * self.inner_steps // self.streaming_fragments
 
     def due(self, steps_done: int) -> tuple[int, ...]:
@@ -392,28 +397,51 @@ class DiLoCoTrainer:
 
     @property
     def step_count(self) -> int:
-        """Inner steps done so far."""
+        """Inner steps done so far.
+
+        Example:
+            >>> trainer.step_count % trainer.diloco.inner_steps     # steps into the round
+        """
         return int(self.state.step)
 
     @property
     def fragments(self) -> tuple[tuple[str, ...], ...]:
-        """The parameter leaves of each fragment, by name (``path`` with dots)."""
+        """The parameter leaves of each fragment, by name (``path`` with dots).
+
+        Example:
+            >>> trainer.fragments[0][:2]
+            ('blocks.b_in', 'blocks.b_out')
+        """
         return tuple(tuple(self._names[i] for i in idx) for idx in self._fragments)
 
     @property
     def fallbacks(self) -> tuple[Fallback, ...]:
-        """What the inner step does differently from the strategy's usual path, and why."""
+        """What the inner step does differently from the strategy's usual path, and why.
+
+        Example:
+            >>> for fallback in trainer.fallbacks:
+            ...     print(fallback)
+        """
         return self.inner.fallbacks
 
     def batch_sharding(self, ndim: int) -> NamedSharding:
         """The sharding of a batch leaf: rows split over ``diloco`` (contiguous blocks, one per
-        replica), then over the batch axes inside each replica group."""
+        replica), then over the batch axes inside each replica group.
+
+        Example:
+            >>> trainer.batch_sharding(2).spec
+            PartitionSpec(('diloco', 'fsdp'), None)
+        """
         return NamedSharding(self.mesh, PartitionSpec((DILOCO, *self._batch_axes),
                                                       *([None] * (ndim - 1))))
 
     def check_batch(self, global_batch_size: int) -> None:
         """Raise :class:`StrategyError` unless the batch splits into R equal replica shares that
-        divide over each replica group's batch axes and microbatches."""
+        divide over each replica group's batch axes and microbatches.
+
+        Example:
+            >>> trainer.check_batch(48)      # diloco=4, fsdp=2: 12 rows per replica, 6 per device
+        """
         r = self.replicas
         if global_batch_size % r:
             raise StrategyError(
@@ -428,7 +456,12 @@ class DiLoCoTrainer:
             raise StrategyError(f"each replica's share of {global_batch_size // r} rows: {err}") from None
 
     def place_batch(self, batch: Mapping[str, Any]) -> Any:
-        """Put this process's rows of the global batch onto the mesh (see :meth:`Trainer.place_batch`)."""
+        """Put this process's rows of the global batch onto the mesh (see
+        :meth:`Trainer.place_batch`).
+
+        Example:
+            >>> placed = trainer.place_batch(data.batch(0))
+        """
         arrays = {k: np.asarray(v) for k, v in batch.items()}
         rows = {x.shape[0] for x in arrays.values() if x.ndim}
         if len(rows) != 1 or any(x.ndim == 0 for x in arrays.values()):
@@ -509,13 +542,22 @@ class DiLoCoTrainer:
                              dp_per_step=dp)
 
     def sync_bytes(self, steps_done: int) -> float:
-        """Bytes each device sent over ``diloco`` after inner step ``steps_done`` (1-based)."""
+        """Bytes each device sent over ``diloco`` after inner step ``steps_done`` (1-based).
+
+        Example:
+            >>> trainer.sync_bytes(32) == sum(trainer.communication().per_sync)   # H = 32, F = 1
+            True
+        """
         per_sync = self.communication().per_sync
         return float(sum(per_sync[f] for f in self.diloco.due(steps_done)))
 
     def lower_inner(self, batch: Mapping[str, Any]):
         """The lowered inner step for this process's rows of a batch (``.compile().as_text()``
-        for the HLO); nothing is placed on the devices."""
+        for the HLO); nothing is placed on the devices.
+
+        Example:
+            >>> hlo = trainer.lower_inner(data.batch(0)).compile().as_text()
+        """
         arrays = {k: np.asarray(v) for k, v in batch.items()}
         n = jax.process_count()
         self.check_batch(next(iter(arrays.values())).shape[0] * n)
@@ -525,11 +567,19 @@ class DiLoCoTrainer:
         return self._inner_jit.lower(self.state, abstract)
 
     def lower_outer(self, fragment: int = 0):
-        """The lowered outer step of ``fragment``."""
+        """The lowered outer step of ``fragment``.
+
+        Example:
+            >>> hlo = trainer.lower_outer(0).compile().as_text()
+        """
         return self._outer_jits[fragment].lower(self.state)
 
     def model(self, replica: int | None = None) -> nnx.Module:
-        """The shared model (the last synchronised parameters), or replica ``replica``'s."""
+        """The shared model (the last synchronised parameters), or replica ``replica``'s.
+
+        Example:
+            >>> logits = trainer.model()(tokens)
+        """
         one = self._one_replica(replica if replica is not None else 0)
         if replica is None:
             leaves, treedef = jax.tree.flatten(one.params)
@@ -562,14 +612,24 @@ class DiLoCoTrainer:
                 "outer": {"params": list(state.outer_params), "opt_state": list(state.outer_opt)}}
 
     def checkpoint_meta(self) -> dict[str, Any]:
-        """JSON metadata naming the run as DiLoCo (what a plain resume checks)."""
+        """JSON metadata naming the run as DiLoCo (what a plain resume checks).
+
+        Example:
+            >>> trainer.checkpoint_meta()["diloco"]["replicas"]
+            4
+        """
         return {"diloco": {"replicas": self.replicas, "inner_steps": self.diloco.inner_steps,
                            "streaming_fragments": self.diloco.streaming_fragments}}
 
     def checkpoint_target(self, *, replicas: int | None = None) -> Any:
         """Abstract arrays to restore a checkpoint written with ``replicas`` replicas onto
         (default: this trainer's). Another count's inner state is read replicated over
-        ``diloco``, then :meth:`load_checkpoint_state` resizes it."""
+        ``diloco``, then :meth:`load_checkpoint_state` resizes it.
+
+        Example:
+            >>> state, meta = checkpointer.restore(trainer.checkpoint_target(replicas=4))
+            >>> trainer.load_checkpoint_state(state)
+        """
         r = self.replicas if replicas is None else replicas
         if not is_int(r, minimum=1):
             raise CheckpointError(f"replicas={r!r}; expected an int >= 1")
@@ -599,6 +659,9 @@ class DiLoCoTrainer:
 
         Raises:
             CheckpointError: ``portable`` is not a DiLoCo checkpoint state.
+
+        Example:
+            >>> trainer.load_checkpoint_state(other.checkpoint_state())
         """
         if not (isinstance(portable, Mapping) and {"step", "inner", "outer"} <= set(portable)):
             raise CheckpointError(
