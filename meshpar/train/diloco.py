@@ -25,7 +25,9 @@ How it runs (the design):
   pseudo-gradients, casts them to ``reduce_dtype``, sums them in a ``shard_map`` manual over
   ``diloco`` only (one ``psum`` per parameter leaf, the only collective over the axis), applies
   the outer transformation to the shared parameters and broadcasts them back to every replica.
-  The inner optimizer state of each replica is kept (as in the paper and MaxText).
+  The inner optimizer state of each replica is kept (as in the paper and MaxText). Model state
+  (``rest``: RNG streams, batch statistics) is per replica and never synchronised; each
+  replica's RNG keys are folded with its index, so replicas draw different dropout masks.
 * The host decides when a fragment synchronises (after inner step t, fragment f does when
   ``t % H == f * H // F``), so the inner step compiles once.
 
@@ -49,7 +51,7 @@ new replica starts from the shared parameters of each fragment's last synchronis
 replicas' mean inner optimizer state and replica 0's model state: the work done since the last
 synchronisation is dropped, which is what DiLoCo loses when a worker disappears.
 
-This module is about 700 lines: one concept (the DiLoCo trainer and its state); much of it is
+This module is about 750 lines: one concept (the DiLoCo trainer and its state); much of it is
 docstrings and the checkpoint and resize handling.
 """
 
@@ -76,7 +78,7 @@ from meshpar.mesh import auto_mesh
 from meshpar.sharding.strategy import Strategy
 from meshpar.train.config import TrainConfig
 from meshpar.train.metrics import StepMetrics
-from meshpar.train.state import TrainState
+from meshpar.train.state import TrainState, is_prng_key
 from meshpar.train.trainer import Fallback, Trainer
 
 
@@ -181,6 +183,24 @@ class DiLoCoState:
     inner: TrainState
     outer_params: tuple[dict[str, jax.Array], ...]
     outer_opt: tuple[Any, ...]
+
+
+def _distinct_streams(inner: TrainState, replicas: int) -> TrainState:
+    """``inner`` with replica r's RNG keys (``nnx.Rngs`` streams) folded with r.
+
+    The replicas start as copies of one state; without this, every replica would draw the same
+    dropout masks for its own rows (a global batch on one device draws a different mask per
+    row).
+    """
+    def one(x):
+        if not is_prng_key(x):
+            return x
+        # Per-layer streams of a stacked block ([R, layers]) fold the same replica index.
+        flat = x.reshape(replicas, -1)
+        fold = jax.vmap(jax.vmap(jax.random.fold_in, in_axes=(0, None)))
+        return fold(flat, jnp.arange(replicas, dtype=jnp.uint32)).reshape(x.shape)
+
+    return dataclasses.replace(inner, rest=jax.tree.map(one, inner.rest))
 
 
 def _leaf_name(path) -> str:
@@ -291,7 +311,8 @@ class DiLoCoTrainer:
             outer = tuple(fragment_params(leaves, f) for f in range(len(self._fragments)))
             return DiLoCoState(
                 step=jnp.zeros((), jnp.int32),
-                inner=jax.tree.map(lambda x: jnp.broadcast_to(x, (r, *x.shape)), one),
+                inner=_distinct_streams(
+                    jax.tree.map(lambda x: jnp.broadcast_to(x, (r, *x.shape)), one), r),
                 outer_params=outer,
                 outer_opt=tuple(outer_tx.init(p) for p in outer),
             )
@@ -686,6 +707,8 @@ class DiLoCoTrainer:
                          "rest": jax.tree.map(lambda x: resized(x, True), inner["rest"]),
                          "opt_state": jax.tree.map(resized, inner["opt_state"])}
             state = jax.vmap(self.inner._from_portable)(inner)
+            if saved_r != r:
+                state = _distinct_streams(state, r)
             outer_params = tuple(p["outer"]["params"])
             if saved_r != r:
                 leaves, treedef = jax.tree.flatten(state.params)
