@@ -45,6 +45,11 @@ def _train_args(a: argparse.Namespace) -> list[str]:
             "--batch-size", str(a.batch_size), "--lr", str(a.lr), "--no-progress"]
 
 
+def _outer_args(a: argparse.Namespace) -> list[str]:
+    return ["--inner-steps", str(a.inner_steps), "--outer-lr", str(a.outer_lr),
+            "--outer-momentum", str(a.outer_momentum)]
+
+
 def _losses(path: str) -> list[tuple[int, float]]:
     with open(path) as f:
         return [(r["step"], r["loss"]) for r in map(json.loads, f)]
@@ -68,7 +73,7 @@ def kill_and_restart(a: argparse.Namespace) -> dict:
     ck = os.path.join(a.out, "ck")
     metrics = os.path.join(a.out, "killed.jsonl")
     py = sys.executable
-    common = [*_train_args(a), "--inner-steps", str(a.inner_steps), "--checkpoint-dir", ck,
+    common = [*_train_args(a), *_outer_args(a), "--checkpoint-dir", ck,
               "--checkpoint-every", str(a.inner_steps)]
     launch = [py, "-m", "meshpar", "launch", "--processes", "4", "--cpu-devices-per-process",
               "2", "--", "train", "--mesh", "diloco=4,fsdp=2", *common,
@@ -112,6 +117,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch-size", type=int, default=48)
     p.add_argument("--lr", type=float, default=5e-3)
     p.add_argument("--inner-steps", type=int, default=16)
+    p.add_argument("--outer-lr", type=float, default=0.7, help="outer SGD learning rate (0.7)")
+    p.add_argument("--outer-momentum", type=float, default=0.9,
+                   help="outer Nesterov momentum (0.9; 0: plain SGD)")
     p.add_argument("--kill-after", type=int, default=128,
                    help="kill one process once this step's checkpoint is complete (a multiple of H)")
     p.add_argument("--skip-kill", action="store_true", help="only the DP and DiLoCo runs")
@@ -121,7 +129,7 @@ def main(argv: list[str] | None = None) -> int:
     runs = {}
     for name, mesh, extra in (
         ("dp", "data=4,fsdp=2", []),
-        ("diloco", "diloco=4,fsdp=2", ["--inner-steps", str(a.inner_steps)]),
+        ("diloco", "diloco=4,fsdp=2", _outer_args(a)),
     ):
         path = os.path.join(a.out, f"{name}.jsonl")
         status = _run([py, "-m", "meshpar", "train", "--mesh", mesh, *_train_args(a), *extra,
@@ -134,7 +142,8 @@ def main(argv: list[str] | None = None) -> int:
     dp, dl = tail(runs["dp"]), tail(runs["diloco"])
     with open(os.path.join(a.out, "diloco.jsonl")) as f:
         first = json.loads(f.readline())
-    print(f"loss, mean of the last 20 of {a.steps} steps: DP {dp:.4f}, DiLoCo (4 x H={a.inner_steps})"
+    print(f"loss, mean of the last 20 of {a.steps} steps: DP {dp:.4f}, DiLoCo (4 x H={a.inner_steps}, "
+          f"outer lr {a.outer_lr} momentum {a.outer_momentum})"
           f" {dl:.4f}, ratio {dl / dp:.4f} ({(dl / dp - 1) * 100:+.2f} %)")
     print(f"bytes sent per device per step: over diloco {first['diloco_bytes_per_step']:,.0f}, "
           f"data parallel would send {first['dp_bytes_per_step']:,.0f} "
@@ -154,7 +163,8 @@ def main(argv: list[str] | None = None) -> int:
 
     fig, ax = plt.subplots(figsize=(8, 4.5))
     for name, label in (("dp", "DP (data=4,fsdp=2)"),
-                        ("diloco", f"DiLoCo (diloco=4,fsdp=2, H={a.inner_steps})")):
+                        ("diloco", f"DiLoCo (diloco=4,fsdp=2, H={a.inner_steps}, outer SGD lr "
+                                   f"{a.outer_lr}, momentum {a.outer_momentum})")):
         ax.plot(*zip(*runs[name]), label=label, lw=1)
     if killed and killed["after"]:
         ax.plot(*zip(*(killed["before"] + killed["after"])), lw=1, ls="--",
