@@ -27,6 +27,7 @@ from helpers.compare import flat, single_device_mesh
 import meshpar as mp
 from meshpar.cli import main as cli_main
 from meshpar.errors import CheckpointError, StrategyError
+from meshpar.inspect.diloco import explain_diloco, format_diloco
 from meshpar.inspect.hlo import collectives
 from meshpar.models import GPT, get_preset, lm_loss
 from meshpar.train.checkpoint import Checkpointer
@@ -124,6 +125,13 @@ def test_inner_step_has_no_collective_over_diloco_and_a_round_reduces_the_params
             jax.tree.leaves(trainer.inner.state_shardings.params)))
     assert sum(c.result_bytes for c in outer) == shard_bytes
     assert trainer.communication().per_sync == (shard_bytes * 2 * (2 - 1) / 2,)
+    # What `meshpar inspect --inner-steps H --compiled` prints says the same.
+    report = explain_diloco(trainer, gpt_data.batch(0))
+    assert report["checks"]["inner_collectives_over_diloco"] == 0
+    assert report["checks"]["outer_result_bytes"] == shard_bytes
+    text = format_diloco(report)
+    assert "collectives over diloco in the inner step: 0 (OK)" in text
+    assert re.search(r"all-reduce@diloco +1 op\(s\)", text), text
 
 
 @pytest.mark.parametrize("reduce_dtype", ["fp32", "bf16"])
