@@ -167,8 +167,11 @@ def test_bytes_per_step_are_one_over_h_of_data_parallel(reduce_dtype):
 # -- the algorithm against a hand-written loop ---------------------------------------------------
 
 
-def _reference_diloco(make, loss_fn, tx, config: DiLoCoConfig, replicas, batches, names):
-    """DiLoCo written out: R copies of the parameters, each with its own inner optimizer."""
+def _reference_diloco(make, loss_fn, tx, config: DiLoCoConfig, fragments, replicas, batches):
+    """DiLoCo written out: R copies of the parameters (by leaf name, in the trainer's leaf
+    order), each with its own inner optimizer; fragment f's outer step after the steps
+    ``config.due`` names."""
+    names = [n for f in fragments for n in f]   # fragments are contiguous runs of leaves
     with nnx.use_eager_sharding(False):
         graphdef, params = nnx.split(make(), nnx.Param)
     leaves, treedef = jax.tree.flatten(params)
@@ -181,7 +184,6 @@ def _reference_diloco(make, loss_fn, tx, config: DiLoCoConfig, replicas, batches
     outer = dict(named)
     reps = [dict(named) for _ in range(replicas)]
     inner_opt = [tx.init(r) for r in reps]
-    fragments = [list(f) for f in config.fragments] if hasattr(config, "fragments") else None
     outer_tx = config.outer_optimizer
     outer_opt = [outer_tx.init({n: outer[n] for n in f}) for f in fragments]
     losses = []
@@ -195,7 +197,7 @@ def _reference_diloco(make, loss_fn, tx, config: DiLoCoConfig, replicas, batches
             reps[r] = optax.apply_updates(reps[r], updates)
             step_losses.append(float(loss))
         losses.append(float(np.mean(step_losses)))
-        for f in config.config.due(t + 1):
+        for f in config.due(t + 1):
             frag = fragments[f]
             delta = {n: sum(outer[n] - rep[n] for rep in reps) / replicas for n in frag}
             updates, outer_opt[f] = outer_tx.update(delta, outer_opt[f], {n: outer[n] for n in frag})
@@ -204,13 +206,6 @@ def _reference_diloco(make, loss_fn, tx, config: DiLoCoConfig, replicas, batches
                 for rep in reps:
                     rep[n] = outer[n]
     return losses, outer, reps
-
-
-class _Config:
-    """The reference's view of a DiLoCo config plus the trainer's fragments."""
-
-    def __init__(self, config, fragments):
-        self.config, self.fragments, self.outer_optimizer = config, fragments, config.outer_optimizer
 
 
 def test_streaming_diloco_with_adam_and_nesterov_matches_the_written_out_loop():
@@ -223,8 +218,8 @@ def test_streaming_diloco_with_adam_and_nesterov_matches_the_written_out_loop():
     batches = [mlp_batch(s) for s in range(5)]
     losses = [trainer.step(b).loss for b in batches]
     names = [n for f in trainer.fragments for n in f]
-    ref_losses, outer, reps = _reference_diloco(
-        make_mlp, mlp_loss, tx, _Config(config, trainer.fragments), 2, batches, names)
+    ref_losses, outer, reps = _reference_diloco(make_mlp, mlp_loss, tx, config, trainer.fragments,
+                                                2, batches)
     np.testing.assert_allclose(losses, ref_losses, rtol=1e-5)
     state = trainer.state
     for f, frag in enumerate(trainer.fragments):
