@@ -286,6 +286,7 @@ class DiLoCoTrainer:
         self._names = [_leaf_name(p) for p, _ in param_leaves]
         param_shardings = jax.tree.leaves(inner.state_shardings.params)
         self._param_sharding = dict(zip(self._names, param_shardings))
+        self._param_shape = {n: tuple(x.shape) for n, (_, x) in zip(self._names, param_leaves)}
         self._fragments = self._split(
             [_shard_bytes(x.shape, x.dtype, s) for (_, x), s in zip(param_leaves, param_shardings)]
         )
@@ -361,9 +362,9 @@ class DiLoCoTrainer:
         def one(path, leaf):
             keys = [getattr(k, "key", None) for k in path]
             for key in reversed(keys):
-                s = self._param_sharding.get(key) if isinstance(key, str) else None
-                if s is not None:
-                    return s
+                if (isinstance(key, str) and key in self._param_sharding
+                        and self._param_shape[key] == tuple(leaf.shape)):
+                    return self._param_sharding[key]
             return replicated
 
         return jax.tree_util.tree_map_with_path(one, abs_opt)
