@@ -32,10 +32,11 @@ from meshpar.sharding.rules import Rules
 from meshpar.sharding.strategy import PRESETS as STRATEGIES
 from meshpar.sharding.strategy import Strategy, get_strategy
 from meshpar.train import Fallback, StepMetrics, TrainConfig, Trainer
+from meshpar.train.diloco import DiLoCoConfig, DiLoCoTrainer
 from meshpar.train.loss import Ratio, Summed
 
 __all__ = [
-    "DeviceEmulationError", "Fallback", "IndivisibleError", "MeshError", "MeshparError",
+    "DeviceEmulationError", "DiLoCoConfig", "DiLoCoTrainer", "Fallback", "IndivisibleError", "MeshError", "MeshparError",
     "Ratio", "RuleConflictError", "RuleError", "Rules", "STRATEGIES", "ShardingPlan",
     "StepMetrics", "Strategy", "StrategyError", "Summed", "TrainConfig", "Trainer", "TrainingError",
     "UnannotatedParameterError", "activate", "constrain",

@@ -6,13 +6,15 @@ from __future__ import annotations
 import argparse
 import dataclasses
 
+import optax
 from jax.sharding import Mesh
 
-from meshpar.axes import PIPE
+from meshpar.axes import DILOCO, PIPE
 from meshpar.errors import UsageError
 from meshpar.mesh import make_mesh, parse_mesh
 from meshpar.models import GPTConfig, get_preset
 from meshpar.sharding.strategy import Strategy, get_strategy
+from meshpar.train.diloco import DiLoCoConfig
 
 DEFAULT_MESH = "data=2,fsdp=2,tensor=2"
 #: The first line of ``meshpar --help``.
@@ -51,6 +53,49 @@ def _add_layout_args(p: argparse.ArgumentParser) -> None:
                    help="CPU devices to emulate (default 8; only the CPU backend is affected)")
 
 
+def _add_diloco_args(p: argparse.ArgumentParser) -> None:
+    dl = p.add_argument_group("DiLoCo (a diloco mesh axis: replicas that synchronise every H steps)")
+    dl.add_argument("--inner-steps", type=int, metavar="H",
+                    help="inner steps per round; needs a diloco axis in --mesh, e.g. diloco=4,fsdp=2")
+    dl.add_argument("--outer-lr", type=float, default=0.7, help="outer SGD learning rate (default 0.7)")
+    dl.add_argument("--outer-momentum", type=float, default=0.9,
+                    help="outer Nesterov momentum (default 0.9; 0: plain SGD)")
+    dl.add_argument("--streaming-fragments", type=int, default=1, metavar="F",
+                    help="fragments synchronised at staggered steps (Streaming DiLoCo; default 1)")
+    dl.add_argument("--diloco-reduce", choices=("fp32", "bf16"), default="fp32",
+                    help="dtype the pseudo-gradients are averaged in (default fp32)")
+
+
+def diloco_config(args: argparse.Namespace, mesh: Mesh):
+    """The :class:`~meshpar.train.diloco.DiLoCoConfig` of ``--inner-steps`` & co., or ``None``
+    without a ``diloco`` mesh axis.
+
+    Raises:
+        UsageError: a diloco axis without ``--inner-steps`` or the other way round, or a bad
+            outer learning rate or momentum.
+    """
+    if args.inner_steps is None and args.streaming_fragments != 1:
+        raise UsageError("--streaming-fragments needs --inner-steps and a diloco mesh axis")
+    if (DILOCO in mesh.shape) != (args.inner_steps is not None):
+        raise UsageError(
+            "--inner-steps H and a diloco mesh axis go together (e.g. --mesh diloco=4,fsdp=2 "
+            f"--inner-steps 32); got --mesh {args.mesh}"
+            + (f" --inner-steps {args.inner_steps}" if args.inner_steps is not None else "")
+        )
+    if args.inner_steps is None:
+        return None
+    if args.inner_steps < 1:
+        raise UsageError(f"--inner-steps {args.inner_steps}: must be >= 1 (steps per DiLoCo round)")
+    if not args.outer_lr > 0 or not 0 <= args.outer_momentum < 1:
+        raise UsageError(f"--outer-lr {args.outer_lr} --outer-momentum {args.outer_momentum}: "
+                         "the learning rate must be > 0 and the momentum in [0, 1)")
+    outer = (optax.sgd(args.outer_lr, momentum=args.outer_momentum, nesterov=True)
+             if args.outer_momentum else optax.sgd(args.outer_lr))
+    return DiLoCoConfig(inner_steps=args.inner_steps, outer_optimizer=outer,
+                        streaming_fragments=args.streaming_fragments,
+                        reduce_dtype=args.diloco_reduce)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="meshpar", description=DESCRIPTION)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -58,6 +103,7 @@ def build_parser() -> argparse.ArgumentParser:
     ins = sub.add_parser("inspect", help="print how every parameter is sharded")
     _add_model_args(ins)
     _add_layout_args(ins)
+    _add_diloco_args(ins)
     ins.add_argument("--json", action="store_true", help="print the report as JSON")
     ins.add_argument("--compiled", action="store_true",
                      help="also compile one train step (--batch-size, --microbatches) and report "
@@ -82,6 +128,7 @@ def build_parser() -> argparse.ArgumentParser:
     # The main job's defaults: a few minutes on 8 emulated CPU devices (the small preset at
     # 64 tokens per row) for a loss well below the corpus' unigram entropy.
     tr.set_defaults(seq_len=64)
+    _add_diloco_args(tr)
     ck = tr.add_argument_group("checkpoints")
     ck.add_argument("--checkpoint-dir", help="save checkpoints (Orbax, sharded, async, atomic) here")
     ck.add_argument("--checkpoint-every", type=int, default=0,

@@ -14,9 +14,9 @@ import numpy as np
 import optax
 from flax import nnx
 
-from meshpar.axes import TENSOR
+from meshpar.axes import DILOCO, TENSOR
 from meshpar.backend.distributed import local_slice
-from meshpar.cli.args import mesh_and_strategy, model_config
+from meshpar.cli.args import diloco_config, mesh_and_strategy, model_config
 from meshpar.errors import CheckpointError, MeshparError, UsageError
 from meshpar.keypath import path_str
 from meshpar.mesh import format_mesh
@@ -24,6 +24,7 @@ from meshpar.models import GPT, lm_loss
 from meshpar.train import TrainConfig, Trainer
 from meshpar.train.checkpoint import Checkpointer
 from meshpar.train.data import TokenBatches, load_corpus, unigram_entropy
+from meshpar.train.diloco import DiLoCoTrainer
 
 
 def make_optimizer(lr: float, steps: int) -> optax.GradientTransformation:
@@ -73,14 +74,23 @@ def train_main(args: argparse.Namespace) -> int:
         # lm_loss is a mean over equal-length rows and the GPT computes each row on its own.
         row_separable=True,
     )
-    strategy.check_batch(mesh, args.batch_size, microbatches=args.microbatches)
+    diloco = diloco_config(args, mesh)
+    replicas = mesh.shape[DILOCO] if diloco is not None else None
     data = TokenBatches(batch_size=args.batch_size, seq_len=seq_len, seed=args.seed)
-    trainer = Trainer(
-        lambda: GPT(cfg, rngs=nnx.Rngs(args.seed)), make_optimizer(args.lr, args.steps), lm_loss,
-        mesh=mesh, strategy=strategy, config=config,
-        # Traced now, so that every fallback is printed below before the first step.
-        example_batch=jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), data.batch(0)),
-    )
+    make_model = lambda: GPT(cfg, rngs=nnx.Rngs(args.seed))  # noqa: E731
+    if replicas is not None:
+        trainer = DiLoCoTrainer(make_model, make_optimizer(args.lr, args.steps), lm_loss,
+                                mesh=mesh, strategy=strategy, config=config, diloco=diloco)
+        trainer.check_batch(args.batch_size)
+    else:
+        strategy.check_batch(mesh, args.batch_size, microbatches=args.microbatches)
+        trainer = Trainer(
+            make_model, make_optimizer(args.lr, args.steps), lm_loss,
+            mesh=mesh, strategy=strategy, config=config,
+            # Traced now, so that every fallback is printed below before the first step.
+            example_batch=jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype),
+                                       data.batch(0)),
+        )
     main_process = jax.process_index() == 0
     checkpointer, start = _open_checkpoints(args, trainer, cfg, mesh, strategy)
     entropy = unigram_entropy(load_corpus())
@@ -92,7 +102,12 @@ def train_main(args: argparse.Namespace) -> int:
             f"{args.microbatches} microbatch(es), {args.precision}"
             + (f", dropout {cfg.dropout}" if cfg.dropout else "")
             + (f", pipeline {trainer.pipeline.schedule} x{trainer.pipeline.stages} stages "
-               f"(bubble {trainer.pipeline.bubble_fraction:.1%})" if trainer.pipeline else "")
+               f"(bubble {trainer.pipeline.bubble_fraction:.1%})"
+               if getattr(trainer, "pipeline", None) else "")
+            + (f", DiLoCo {replicas} replicas x {args.inner_steps} inner steps"
+               f" ({args.streaming_fragments} fragment(s), outer SGD lr {args.outer_lr}"
+               f" momentum {args.outer_momentum}, {args.diloco_reduce} reduction)"
+               if replicas is not None else "")
             + "; corpus unigram entropy "
             f"{entropy:.3f} nats",
             flush=True,
@@ -116,6 +131,12 @@ def train_main(args: argparse.Namespace) -> int:
             m = trainer.step(_local_rows(batch, trainer))
             losses.append(m["loss"])
             record = metrics_record(step, m, tokens_per_step)
+            if replicas is not None:
+                comm = trainer.communication()
+                # Bytes each device sent over diloco at this step (0 between synchronisations),
+                # the average per step, and what data parallelism over that axis would send.
+                record.update(diloco_bytes=trainer.sync_bytes(step + 1),
+                              diloco_bytes_per_step=comm.per_step, dp_bytes_per_step=comm.dp_per_step)
             if metrics_file:
                 metrics_file.write(json.dumps(record) + "\n")
                 metrics_file.flush()
@@ -124,7 +145,10 @@ def train_main(args: argparse.Namespace) -> int:
                 bar.update(1)
             done = step + 1
             if checkpointer and (done == args.steps or (args.checkpoint_every and done % args.checkpoint_every == 0)):
-                checkpointer.save(done, trainer.checkpoint_state(), meta=_meta(args, cfg, mesh, strategy, done))
+                meta = _meta(args, cfg, mesh, strategy, done)
+                if replicas is not None:
+                    meta.update(trainer.checkpoint_meta())
+                checkpointer.save(done, trainer.checkpoint_state(), meta=meta)
     finally:
         if checkpointer:
             checkpointer.close()  # waits for the last asynchronous save
@@ -252,8 +276,27 @@ def _open_checkpoints(args, trainer, cfg, mesh, strategy):
                 f"--resume: --{key.replace('_', '-')} {here} differs from the checkpoint's "
                 f"{meta.get(key)}; an exact resume needs the same value"
             )
-    state, _ = checkpointer.restore(trainer.checkpoint_target(), step=step)
-    trainer.load_checkpoint_state(state)
+    saved_diloco = meta.get("diloco")
+    if isinstance(trainer, DiLoCoTrainer):
+        trainer.restore(checkpointer, step=step)
+        if saved_diloco and saved_diloco.get("replicas") != trainer.replicas and jax.process_index() == 0:
+            print(f"note: the checkpoint has {saved_diloco.get('replicas')} DiLoCo replicas, this "
+                  f"run {trainer.replicas}: every replica restarts from the shared parameters of "
+                  "the last synchronisation (work since then is dropped)", flush=True)
+    elif saved_diloco:
+        raise CheckpointError(
+            f"--resume: the checkpoint at step {step} is of a DiLoCo run "
+            f"({DILOCO}={saved_diloco.get('replicas')}, --inner-steps "
+            f"{saved_diloco.get('inner_steps')}) and this mesh has no {DILOCO} axis. Resume it "
+            f"with a {DILOCO} axis of any size (e.g. --mesh {DILOCO}=1,{args.mesh} --inner-steps "
+            f"{saved_diloco.get('inner_steps')}), or convert it to a plain checkpoint: restore it "
+            "with mp.DiLoCoTrainer(...).restore(checkpointer) and save "
+            "trainer.plain_checkpoint_state() (the shared parameters, the replicas' mean "
+            "optimizer state) in a new directory"
+        )
+    else:
+        state, _ = checkpointer.restore(trainer.checkpoint_target(), step=step)
+        trainer.load_checkpoint_state(state)
     if jax.process_index() == 0:
         print(f"resumed from step {step} (saved on mesh {meta.get('mesh')}, strategy "
               f"{meta.get('strategy')})", flush=True)
