@@ -133,7 +133,8 @@ def build_data(args: argparse.Namespace, *, vocab_size: int, seq_len: int, batch
     if not args.data and vocab_size < 256:
         raise UsageError(f"--vocab-size {vocab_size}: the embedded corpus is byte-level and needs >= 256")
     tokenizer = Tokenizer(args.tokenizer)
-    tokenizer.check_fits(vocab_size)
+    if args.tokenizer:  # the byte tokenizer is checked only where text is read (and sampled)
+        tokenizer.check_fits(vocab_size)
     opened = lambda flag, pattern: open_token_files(  # noqa: E731
         resolve_files(pattern, flag=flag), seq_len=seq_len, vocab_size=vocab_size,
         tokenizer=tokenizer, token_dtype=args.token_dtype, flag=flag)

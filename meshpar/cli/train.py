@@ -62,6 +62,12 @@ def _check_args(args: argparse.Namespace, cfg) -> None:
         raise UsageError("--resume and --checkpoint-every need --checkpoint-dir")
     if not args.lr > 0:
         raise UsageError(f"--lr {args.lr}: must be > 0")
+    if (args.warmup_steps is not None and args.lr_schedule != LRSchedule.CONSTANT.value
+            and args.warmup_steps >= args.steps):
+        raise UsageError(
+            f"--warmup-steps {args.warmup_steps} must be below --steps {args.steps} for a "
+            f"{args.lr_schedule} decay after it (or use --lr-schedule constant)"
+        )
     _schedule(args.lr, args.steps, args.lr_schedule, args.warmup_steps)  # raises on bad values
 
 
@@ -119,6 +125,11 @@ def train_main(args: argparse.Namespace) -> int:
     data = build_data(args, vocab_size=cfg.vocab_size, seq_len=seq_len,
                       batch_rows=_batch_rows(mesh, strategy, args.batch_size),
                       local_rows=lambda batch: _local_rows(batch, trainer))
+    if args.resume and args.checkpoint_dir and os.path.isdir(args.checkpoint_dir):
+        saved = Checkpointer(args.checkpoint_dir, keep=None)
+        if saved.latest_step() is not None:  # other data is refused before anything compiles
+            saved_step, saved_meta = saved.read_meta()
+            check_resume_data(saved_meta.get("data"), data.spec, saved_step)
     schedule = _schedule(args.lr, args.steps, args.lr_schedule, args.warmup_steps)
     trainer = Trainer(
         lambda: GPT(cfg, rngs=nnx.Rngs(args.seed)),
@@ -127,8 +138,6 @@ def train_main(args: argparse.Namespace) -> int:
     )
     main_process = jax.process_index() == 0
     checkpointer, start, meta = _open_checkpoints(args, trainer, cfg, mesh, strategy)
-    if meta is not None:
-        check_resume_data(meta.get("data"), data.spec, start)
     data.start(start, (meta or {}).get("data_iterator"))
     _write_config(args, main_process)
     if checkpointer and data.tokenizer.path and main_process:

@@ -39,7 +39,10 @@ def lr_schedule(kind: LRSchedule, *, peak: float, steps: int, warmup: int,
         final_fraction: where cosine and linear decay end, as a fraction of ``peak``.
 
     Raises:
-        UsageError: ``warmup`` is negative or not below ``steps`` (with a decay), or ``peak <= 0``.
+        UsageError: ``warmup`` is negative, or ``peak <= 0``.
+
+    A warm-up as long as the run leaves a decay of one step (what ``meshpar train`` does by
+    default for a 1-step run); ``meshpar train`` refuses an explicit ``--warmup-steps`` that long.
 
     Example:
         >>> s = lr_schedule(LRSchedule.LINEAR, peak=1.0, steps=10, warmup=2)
@@ -51,11 +54,6 @@ def lr_schedule(kind: LRSchedule, *, peak: float, steps: int, warmup: int,
         raise UsageError(f"--warmup-steps {warmup}: must be an int >= 0")
     if not peak > 0:
         raise UsageError(f"--lr {peak}: must be > 0")
-    if kind is not LRSchedule.CONSTANT and warmup >= steps:
-        raise UsageError(
-            f"--warmup-steps {warmup} must be below --steps {steps} for a {kind.value} decay "
-            "after it (or use --lr-schedule constant)"
-        )
     if kind is LRSchedule.COSINE:
         # max(1, ...): optax needs a decay of at least one step even without warm-up.
         return optax.warmup_cosine_decay_schedule(0.0, peak, warmup, max(steps, warmup + 1),
@@ -65,7 +63,7 @@ def lr_schedule(kind: LRSchedule, *, peak: float, steps: int, warmup: int,
         pieces.append(optax.linear_schedule(0.0, peak, warmup))
         bounds.append(warmup)
     if kind is LRSchedule.LINEAR:
-        pieces.append(optax.linear_schedule(peak, peak * final_fraction, steps - warmup))
+        pieces.append(optax.linear_schedule(peak, peak * final_fraction, max(1, steps - warmup)))
     else:
         pieces.append(optax.constant_schedule(peak))
     return optax.join_schedules(pieces, bounds) if bounds else pieces[0]
