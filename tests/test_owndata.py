@@ -8,6 +8,8 @@ sample + eval on a second mesh); the loader, file and config checks compile noth
 from __future__ import annotations
 
 import argparse
+import contextlib
+import io
 import json
 import re
 import shutil
@@ -28,7 +30,8 @@ TEXT = "\n".join(f"Line {i}: the quick brown fox jumps over the lazy dog {i * 7 
 
 @pytest.fixture(scope="module")
 def files(tmp_path_factory):
-    """A text file, the same bytes as .bin (uint16) and .npy, and a trained BPE tokenizer."""
+    """Two text files, their bytes as .bin (uint16) and .npy, a trained BPE tokenizer, and
+    mixed/: a text file and a token file of that tokenizer."""
     from tokenizers import Tokenizer as HF, decoders, models, pre_tokenizers, trainers
 
     root = tmp_path_factory.mktemp("data")
@@ -43,6 +46,10 @@ def files(tmp_path_factory):
     tok.train_from_iterator([TEXT], trainers.BpeTrainer(
         vocab_size=300, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
     tok.save(str(root / "tok.json"))
+    # What the runs train on: a text file and a token file (the rest of the text, pre-tokenised).
+    (root / "mixed").mkdir()
+    (root / "mixed" / "a.txt").write_text(TEXT[: len(TEXT) // 2])
+    np.array(tok.encode(TEXT[len(TEXT) // 2:]).ids, np.uint16).tofile(root / "mixed" / "b.bin")
     return root
 
 
@@ -151,24 +158,41 @@ def _rows(path):
     return [json.loads(line) for line in open(path).read().splitlines()]
 
 
-def test_text_files_train_eval_tensorboard_resume_and_sample(files, tmp_path, capsys):
-    """One tokenised text run with eval, TB and checkpoints; resume; eval and sample on 2 meshes."""
+MESH = "data=4,tensor=2"  # 2 processes x 4 devices: each owns the rows of 2 of the 4 data shards
+
+
+@pytest.fixture(scope="module")
+def text_run(files, tmp_path_factory):
+    """One run on a text file and a token file (config file + overrides) with eval, TensorBoard, checkpoints and a
+    sample at the end, in this process: the reference of the resume, mesh and 2-process tests."""
+    root = tmp_path_factory.mktemp("run")
+    config = root / "run.toml"
+    config.write_text(f'preset = "tiny"\nseq-len = 32\nbatch-size = 16\nsteps = 9\nvocab-size = 320\n'
+                      f'data = "{files}/mixed/*"\ntokenizer = "{files / "tok.json"}"\n'
+                      'eval-fraction = 0.25\neval-every = 2\neval-batches = 2\nno-progress = true\n')
+    common = ["--config", str(config), "--steps", "4", "--mesh", MESH, "--sample-tokens", "8",
+              "--lr-schedule", "linear", "--warmup-steps", "1"]
+    run = {"root": root, "common": common, "ck": root / "ck", "tb": root / "tb",
+           "metrics": root / "m.jsonl"}
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        assert cli_main(["train", *common, "--metrics-file", str(run["metrics"]), "--tensorboard",
+                         str(run["tb"]), "--checkpoint-dir", str(run["ck"]),
+                         "--checkpoint-every", "2"]) == 0
+    run["out"] = out.getvalue()
+    return run
+
+
+def test_text_files_train_eval_tensorboard_resume_and_sample(text_run, tmp_path, capsys):
+    """The text run's outputs; kill + resume; eval and greedy sample on a second mesh."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     from meshpar.cli.sample import load_trainer
     from meshpar.cli.train import evaluate
     from meshpar.train.generate import generate
 
-    ck, tb, metrics = tmp_path / "ck", tmp_path / "tb", tmp_path / "m.jsonl"
-    config = tmp_path / "run.toml"
-    config.write_text(f'preset = "tiny"\nseq-len = 32\nbatch-size = 16\nsteps = 9\nvocab-size = 320\n'
-                      f'data = "{files}/*.txt"\ntokenizer = "{files / "tok.json"}"\n'
-                      'eval-fraction = 0.25\neval-every = 2\neval-batches = 2\nno-progress = true\n')
-    common = ["train", "--config", str(config), "--steps", "4", "--mesh", "data=4,tensor=2",
-              "--sample-tokens", "8", "--lr-schedule", "linear", "--warmup-steps", "1"]
-    assert cli_main([*common, "--metrics-file", str(metrics), "--tensorboard", str(tb),
-                     "--checkpoint-dir", str(ck), "--checkpoint-every", "2"]) == 0
-    out = capsys.readouterr().out
+    ck, tb, metrics, out = text_run["ck"], text_run["tb"], text_run["metrics"], text_run["out"]
+    common = ["train", *text_run["common"]]
     assert re.search(r"data: 2 file\(s\) .* tokenizer .*tok\.json; unigram entropy", out), out
     assert re.search(r"eval loss \d+\.\d+, perplexity \d+\.\d+", out) and "sample: " in out, out
     rows = _rows(metrics)
@@ -177,7 +201,7 @@ def test_text_files_train_eval_tensorboard_resume_and_sample(files, tmp_path, ca
     assert rows[1]["eval_perplexity"] == pytest.approx(np.exp(rows[1]["eval_loss"]))
     assert [r["lr"] for r in rows] == pytest.approx([0.0, 5e-3, 5e-3 * 0.7, 5e-3 * 0.4])
     assert 'steps = 4' in (ck / "config.toml").read_text()
-    assert (tmp_path / "m.config.toml").exists() and (ck / "tokenizer.json").exists()
+    assert (text_run["root"] / "m.config.toml").exists() and (ck / "tokenizer.json").exists()
     # TensorBoard's own reader.
     acc = EventAccumulator(str(tb))
     acc.Reload()
@@ -251,22 +275,20 @@ def test_usage_errors_come_before_anything_compiles(files, tmp_path, capsys):
         assert err.startswith("meshpar train: error: ") and err.count("\n") == 1
 
 
-def test_token_file_trains_in_two_processes_like_in_one(files, tmp_path):
-    """End to end on a .bin token file: 2 processes x 4 devices, each reading only its rows of
-    every global batch (ShardedBatches(rows=...), checked in the loader test), give the losses
-    of one process."""
-    from test_multiprocess_train import launch, meshpar, read_metrics
+def test_two_processes_read_their_rows_and_train_like_one(text_run, tmp_path):
+    """The text run again as 2 processes x 4 devices, each reading only its rows of every global
+    batch (``ShardedBatches(rows=...)``, checked in the loader test): the same losses, eval
+    losses and greedy sample as the one-process run."""
+    from test_multiprocess_train import launch, read_metrics
 
-    args = ["train", "--preset", "tiny", "--seq-len", "32", "--batch-size", "16", "--steps", "3",
-            "--mesh", "data=2,fsdp=2,tensor=2", "--data", str(files / "t.bin"), "--no-progress",
-            "--sample-tokens", "0", "--lr-schedule", "constant", "--warmup-steps", "0"]
-    rc, out, _ = launch("--processes", "2", "--cpu-devices-per-process", "4", "--", *args,
-                        "--metrics-file", str(tmp_path / "two.jsonl"))
+    metrics = tmp_path / "two.jsonl"
+    rc, out, _ = launch("--processes", "2", "--cpu-devices-per-process", "4", "--", "train",
+                        *text_run["common"], "--metrics-file", str(metrics))
     assert rc == 0, out[-4000:]
-    rc, out, _ = meshpar(*args, "--metrics-file", str(tmp_path / "one.jsonl"))
-    assert rc == 0, out[-4000:]
-    two, one = read_metrics(tmp_path / "two.jsonl"), read_metrics(tmp_path / "one.jsonl")
-    assert sorted(two) == [0, 1, 2]
-    np.testing.assert_allclose([two[s] for s in range(3)], [one[s] for s in range(3)], rtol=2e-5)
-    assert one[2] < one[0]  # it learns (constant lr 5e-3 from the first step)
-    assert [json.loads(l)["lr"] for l in open(tmp_path / "one.jsonl")] == [5e-3] * 3
+    two, one = _rows(metrics), _rows(text_run["metrics"])
+    assert [r["step"] for r in two] == [0, 1, 2, 3]
+    for key in ("loss", "eval_loss"):
+        np.testing.assert_allclose([r.get(key, 0) for r in two], [r.get(key, 0) for r in one], rtol=2e-5)
+    sample = re.search(r"^sample: .*$", text_run["out"], re.M).group(0)
+    assert f"[p0] {sample}" in out.split("\n"), out[-2000:]
+    assert "[p1] sample" not in out
