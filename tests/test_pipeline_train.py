@@ -525,7 +525,7 @@ def test_gpipe_with_repeats_is_refused_whatever_the_mesh():
 
 # -- the command line -------------------------------------------------------------------------
 
-CLI_TINY = ["--preset", "tiny", "--layers", "4", "--batch-size", "16"]
+CLI_TINY = ["--preset", "tiny", "--layers", "4", "--batch-size", "16", "--sample-tokens", "0"]
 
 
 def _cli_train(tmp_path, name, *extra) -> list[dict]:

@@ -14,7 +14,6 @@ import numpy as np
 from meshpar.errors import CheckpointError, DataError, UsageError
 from meshpar.train.data import TokenBatches, load_corpus, unigram_entropy
 from meshpar.train.files import Windows, open_token_files, resolve_files
-from meshpar.train.loader import ShardedBatches
 from meshpar.train.tokenizer import Tokenizer
 
 #: Tokens read to estimate a file corpus's unigram entropy (the yardstick in the summary).
@@ -36,9 +35,9 @@ class TrainData:
     """
 
     tokenizer: Tokenizer
-    train: ShardedBatches | None
+    train: Any  # a ShardedBatches, or None
     embedded: TokenBatches | None
-    eval: ShardedBatches | None
+    eval: Any  # a ShardedBatches, or None
     eval_batches: int
     spec: dict[str, Any]
     entropy: float
@@ -135,6 +134,9 @@ def build_data(args: argparse.Namespace, *, vocab_size: int, seq_len: int, batch
     tokenizer = Tokenizer(args.tokenizer)
     if args.tokenizer:  # the byte tokenizer is checked only where text is read (and sampled)
         tokenizer.check_fits(vocab_size)
+    if args.data or args.eval_data:
+        # Lazy: Grain takes a second to import, which runs on the embedded corpus do not need.
+        from meshpar.train.loader import ShardedBatches
     opened = lambda flag, pattern: open_token_files(  # noqa: E731
         resolve_files(pattern, flag=flag), seq_len=seq_len, vocab_size=vocab_size,
         tokenizer=tokenizer, token_dtype=args.token_dtype, flag=flag)

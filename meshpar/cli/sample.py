@@ -9,7 +9,7 @@ import jax
 from flax import nnx
 
 from meshpar.cli.args import mesh_and_strategy
-from meshpar.cli.train import TOKENIZER_FILE, _local_rows, make_optimizer
+from meshpar.cli.train import TOKENIZER_FILE, local_rows_of, make_optimizer
 from meshpar.errors import CheckpointError
 from meshpar.models import GPT, GPTConfig, lm_loss
 from meshpar.train import TrainConfig, Trainer
@@ -64,7 +64,7 @@ def sample_main(args: argparse.Namespace) -> int:
     prompt = tokenizer.encode(args.prompt)
     ids = generate(trainer, prompt, max_tokens=args.max_tokens, seq_len=meta["model"]["seq_len"],
                    temperature=args.temperature, top_k=args.top_k, seed=args.seed,
-                   local_rows=lambda batch: _local_rows(batch, trainer))
+                   local_rows=lambda batch: local_rows_of(batch, trainer))
     if jax.process_index() == 0:
         print(args.prompt + tokenizer.decode(ids), flush=True)
     return 0

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import os
 
+from tensorboardX import SummaryWriter
+
 #: ``--metrics-file`` key -> TensorBoard tag.
 TAGS = {
     "loss": "train/loss", "eval_loss": "eval/loss", "eval_perplexity": "eval/perplexity",
@@ -21,8 +23,6 @@ class TensorBoard:
     """
 
     def __init__(self, directory: str):
-        from tensorboardX import SummaryWriter  # lazy: only runs with --tensorboard need it
-
         os.makedirs(directory, exist_ok=True)
         self._writer = SummaryWriter(logdir=directory)
 

@@ -124,7 +124,7 @@ def train_main(args: argparse.Namespace) -> int:
     # The data before the model: a bad file or vocabulary is reported before anything compiles.
     data = build_data(args, vocab_size=cfg.vocab_size, seq_len=seq_len,
                       batch_rows=_batch_rows(mesh, strategy, args.batch_size),
-                      local_rows=lambda batch: _local_rows(batch, trainer))
+                      local_rows=lambda batch: local_rows_of(batch, trainer))
     if args.resume and args.checkpoint_dir and os.path.isdir(args.checkpoint_dir):
         saved = Checkpointer(args.checkpoint_dir, keep=None)
         if saved.latest_step() is not None:  # other data is refused before anything compiles
@@ -264,8 +264,12 @@ def metrics_record(step: int, metrics: dict, tokens_per_step: int) -> dict:
     return record
 
 
-def _local_rows(batch, trainer):
-    """This process's rows of a global host batch (all of it in a single process)."""
+def local_rows_of(batch, trainer):
+    """This process's rows of a global host batch (all of it in a single process).
+
+    Example:
+        >>> m = trainer.step(local_rows_of(data.batch(step), trainer))   # doctest: +SKIP
+    """
     if jax.process_count() == 1:
         return batch
     return local_slice(batch, {k: trainer.batch_sharding(v.ndim) for k, v in batch.items()})

@@ -14,6 +14,7 @@ import os
 from typing import Any
 
 import numpy as np
+from tokenizers import Tokenizer as HFTokenizer
 
 from meshpar.errors import DataError
 
@@ -50,8 +51,6 @@ class Tokenizer:
                 f"--tokenizer {self.path!r}: SentencePiece .model files are not read; convert it "
                 "to a Hugging Face tokenizers JSON file (tokenizer.json)"
             )
-        from tokenizers import Tokenizer as HFTokenizer  # lazy: only runs with --tokenizer need it
-
         try:
             impl = HFTokenizer.from_file(self.path)
         except Exception as err:  # noqa: BLE001 - the Rust library's own exception types
