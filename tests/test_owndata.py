@@ -139,6 +139,10 @@ def test_config_file_precedence_and_errors(tmp_path):
     assert (args.batch_size, args.steps, args.lr, args.mesh, args.no_progress, args.lr_schedule) == \
         (16, 3, 1.0, "data=8", True, "linear")
     assert _parse(["train"]).batch_size == 32  # the parser's defaults are left as they were
+    cfg.write_text('json = true\nmesh = "data=8"\n')
+    assert (_parse(["inspect", "--config", str(cfg)]).json, _parse(["inspect", "--config", str(cfg)]).mesh) == (True, "data=8")
+    with pytest.raises(UsageError, match=r"unknown key 'json' for meshpar sample"):
+        _parse(["sample", "--config", str(cfg), "--checkpoint-dir", "c", "--prompt", "p"])
     for text, pattern in [
         ("batch_size = 4", r"unknown key 'batch_size' for meshpar train; did you mean 'batch-size'\?"),
         ("stepz = 4", r"unknown key 'stepz' for meshpar train; did you mean 'steps'\?"),
@@ -183,7 +187,7 @@ def text_run(files, tmp_path_factory):
     return run
 
 
-def test_text_files_train_eval_tensorboard_resume_and_sample(text_run, tmp_path, capsys):
+def test_text_files_train_eval_tensorboard_resume_and_sample(files, text_run, tmp_path, capsys):
     """The text run's outputs; kill + resume; eval and greedy sample on a second mesh."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
@@ -225,6 +229,9 @@ def test_text_files_train_eval_tensorboard_resume_and_sample(text_run, tmp_path,
     # A resume with other data is refused before training.
     assert cli_main([*common, "--checkpoint-dir", str(resumed), "--resume",
                      "--eval-fraction", "0.3"]) == 2
+    assert "held out --eval-fraction 0.25 of --data, this run 0.3" in capsys.readouterr().err
+    assert cli_main([*common, "--checkpoint-dir", str(resumed), "--resume",
+                     "--data", str(files / "mixed" / "a.txt")]) == 2
     assert "was trained on other data (files:" in capsys.readouterr().err
 
     # The step-4 checkpoint on another mesh: the eval loss and the greedy sample of the

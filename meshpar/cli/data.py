@@ -140,7 +140,8 @@ def build_data(args: argparse.Namespace, *, vocab_size: int, seq_len: int, batch
     opened = lambda flag, pattern: open_token_files(  # noqa: E731
         resolve_files(pattern, flag=flag), seq_len=seq_len, vocab_size=vocab_size,
         tokenizer=tokenizer, token_dtype=args.token_dtype, flag=flag)
-    spec: dict[str, Any] = {"tokenizer": tokenizer.name, "token_dtype": args.token_dtype}
+    spec: dict[str, Any] = {"tokenizer": tokenizer.fingerprint, "tokenizer_path": tokenizer.name,
+                            "token_dtype": args.token_dtype}
     train = embedded = held = None
     if args.data:
         windows = opened("--data", args.data)
@@ -186,7 +187,14 @@ def build_data(args: argparse.Namespace, *, vocab_size: int, seq_len: int, batch
 def check_resume_data(saved: dict[str, Any] | None, here: dict[str, Any], step: int) -> None:
     """Raise :class:`CheckpointError` if a resumed run would read other data than the saved one."""
     saved = saved or {"source": "embedded"}
-    for key in ("source", "files", "tokenizer", "token_dtype", "eval"):
+    # Held-out files (--eval-data) do not change the training batches; a held-out fraction does.
+    fraction = lambda spec: (spec.get("eval") or {}).get("fraction")  # noqa: E731
+    if fraction(saved) != fraction(here):
+        raise CheckpointError(
+            f"--resume: the checkpoint at step {step} held out --eval-fraction {fraction(saved)} of "
+            f"--data, this run {fraction(here)}; the training windows would differ"
+        )
+    for key in ("source", "files", "tokenizer", "token_dtype"):
         if key == "tokenizer" and here.get("source") == "embedded" and saved.get(key) is None:
             continue  # checkpoints from before --data: the embedded corpus, bytes
         if key in ("token_dtype",) and saved.get(key) is None:
@@ -195,5 +203,5 @@ def check_resume_data(saved: dict[str, Any] | None, here: dict[str, Any], step: 
             raise CheckpointError(
                 f"--resume: the checkpoint at step {step} was trained on other data ({key}: "
                 f"{saved.get(key)!r} there, {here.get(key)!r} here); an exact resume needs the same "
-                "--data, --tokenizer, --token-dtype and held-out split"
+                "--data, --tokenizer and --token-dtype"
             )

@@ -56,11 +56,15 @@ def sample_main(args: argparse.Namespace) -> int:
     """Run ``meshpar sample`` with parsed arguments; returns the exit status."""
     trainer, meta = load_trainer(args.checkpoint_dir, args, step=args.step)
     path = os.path.join(args.checkpoint_dir, TOKENIZER_FILE)
-    saved = (meta.get("data") or {}).get("tokenizer", "bytes")
+    data = meta.get("data") or {}
+    saved = data.get("tokenizer", "bytes")
     if saved != "bytes" and not os.path.isfile(path):
-        raise CheckpointError(f"the checkpoint was trained with the tokenizer {saved}, but "
-                              f"{path} is missing")
+        raise CheckpointError(f"the checkpoint was trained with the tokenizer "
+                              f"{data.get('tokenizer_path')}, but {path} is missing")
     tokenizer = Tokenizer(path if saved != "bytes" else None)
+    if tokenizer.fingerprint != saved:
+        raise CheckpointError(f"{path} is not the tokenizer the checkpoint was trained with "
+                              f"({data.get('tokenizer_path')}: {saved})")
     prompt = tokenizer.encode(args.prompt)
     ids = generate(trainer, prompt, max_tokens=args.max_tokens, seq_len=meta["model"]["seq_len"],
                    temperature=args.temperature, top_k=args.top_k, seed=args.seed,

@@ -10,6 +10,7 @@ SentencePiece ``.model`` files are not read: convert them to a ``tokenizers`` JS
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import os
 from typing import Any
 
@@ -70,6 +71,20 @@ class Tokenizer:
     def name(self) -> str:
         """``"bytes"`` or the file's path, for messages and checkpoint metadata."""
         return "bytes" if self.path is None else self.path
+
+    @property
+    def fingerprint(self) -> str:
+        """``"bytes"``, or ``"sha256:..."`` of the file's content: what a checkpoint records, so
+        that the same tokenizer at another path resumes and another one does not.
+
+        Example:
+            >>> Tokenizer().fingerprint
+            'bytes'
+        """
+        if self.path is None:
+            return "bytes"
+        with open(self.path, "rb") as f:
+            return "sha256:" + hashlib.sha256(f.read()).hexdigest()
 
     def encode(self, text: str) -> np.ndarray:
         """Token ids of ``text`` as ``int64[N]``; no special tokens are added.
