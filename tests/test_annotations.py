@@ -374,6 +374,15 @@ def test_out_sharding_under_auto_axes_is_one_meshpar_error(mesh_text, strategy, 
         np.testing.assert_array_equal(got, ref, err_msg=key)
 
 
+def test_given_an_example_batch_out_sharding_is_refused_when_the_trainer_is_built():
+    example = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), batch_of(0))
+    with pytest.raises(mp.MeshError, match=r"passes out_sharding=PartitionSpec\(\.\.\.\) to a "
+                       r"layer or jnp operation at .*test_annotations\.py:\d+"):
+        mp.Trainer(lambda: AxisNamed(nnx.Rngs(0), out_sharding=True), optax.adamw(1e-2), loss_fn,
+                   mesh=mp.make_mesh("data=2,fsdp=2,tensor=2"), strategy="dp",
+                   example_batch=example)
+
+
 def test_explain_trace_error_leaves_other_errors_alone():
     assert explain_trace_error(ValueError("shapes (3,) and (4,) do not match")) is None
     assert explain_trace_error(TypeError("Cannot interpret 'key<fry>' as a data type")) is None

@@ -6,6 +6,7 @@ from __future__ import annotations
 import pathlib
 
 import matplotlib.image
+import numpy as np
 import pytest
 from flax import nnx
 
@@ -25,11 +26,40 @@ def _make():
 
 
 def _png(path) -> tuple[int, int]:
+    """Width and height of a PNG that holds a drawing: at least 10% of its pixels are not
+    white, in at least 3 colours that each cover 1% of it (a blank figure has 0 and 1)."""
     path = pathlib.Path(path)
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", path
-    assert path.stat().st_size > 5_000, path
-    height, width = matplotlib.image.imread(path).shape[:2]
+    img = matplotlib.image.imread(path)[..., :3]
+    assert (np.abs(img - 1).sum(-1) > 0.05).mean() > 0.10, f"{path}: almost blank"
+    assert len(_colour_areas(path)) >= 3, f"{path}: fewer than 3 colours"
+    height, width = img.shape[:2]
     return width, height
+
+
+def _colour_areas(path) -> list[int]:
+    """Pixel counts of the colours that each cover more than 1% of the image."""
+    rgb = (matplotlib.image.imread(path)[..., :3].reshape(-1, 3) * 255).round().astype(int)
+    _, counts = np.unique(rgb, axis=0, return_counts=True)
+    return sorted(int(c) for c in counts if c > 0.01 * len(rgb))
+
+
+def _equal_area_colours(path) -> int:
+    """How many colours cover the same area (within 3%) as the median large colour: in a
+    schedule plot, one colour per (microbatch, repeat), each drawn in the same number of cells."""
+    areas = _colour_areas(path)
+    median = float(np.median(areas))
+    return sum(abs(a - median) <= 0.03 * median for a in areas)
+
+
+def test_the_png_checks_reject_a_blank_figure(tmp_path):
+    import matplotlib.pyplot as plt
+
+    fig = plt.figure(figsize=(8, 4))
+    fig.savefig(tmp_path / "blank.png")
+    plt.close(fig)
+    with pytest.raises(AssertionError, match="almost blank"):
+        _png(tmp_path / "blank.png")
 
 
 def test_param_blocks_name_the_devices_holding_them():
@@ -62,6 +92,11 @@ def test_schedule_plot_for_gpipe_and_circular(tmp_path):
     assert len(fig.axes) == 2
     width, _ = _png(tmp_path / "p.png")
     assert width > 1000  # 19 iterations wide
+    # Pixels: one colour per microbatch (gpipe, 8) and per microbatch and repeat (circular, 16),
+    # each covering the same area: every work item drawn once on every stage.
+    for config, name in ((configs[0], "gpipe.png"), (configs[1], "circular.png")):
+        plot_pipeline_schedule([config], tmp_path / name)
+        assert _equal_area_colours(tmp_path / name) == config.microbatches * config.repeats, name
 
 
 def test_inspect_plots_plain_layout(tmp_path, capsys):

@@ -15,6 +15,7 @@ import importlib.util
 import json
 import pathlib
 import re
+import subprocess
 import types
 
 import pytest
@@ -116,3 +117,15 @@ def test_all_is_sorted_complete_and_importable():
 @pytest.mark.parametrize("name", ["scan_layers", "Rules", "Trainer", "TrainConfig", "make_mesh"])
 def test_names_the_readme_teaches(name):
     assert name in meshpar.__all__
+
+
+def test_no_file_carries_merge_conflict_markers():
+    # A merge once left `<<<<<<< HEAD` ... `>>>>>>> branch` in the README's Quickstart. Tracked
+    # files only (CI runs on a git checkout); generated files such as *.egg-info copy the README.
+    tracked = subprocess.run(["git", "ls-files", "-z"], cwd=ROOT, check=True,
+                             capture_output=True).stdout.decode().split("\0")
+    marker = re.compile(r"^(<{7} |>{7} |={7}$)", re.M)
+    found = [name for name in tracked
+             if name and (ROOT / name).is_file() and pathlib.Path(name).suffix in (".py", ".md", ".toml", ".ipynb", "")
+             and marker.search((ROOT / name).read_text(errors="replace"))]
+    assert not found, f"merge conflict markers in {found}"

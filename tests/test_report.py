@@ -6,6 +6,7 @@ import pathlib
 import subprocess
 import sys
 
+import jax.numpy as jnp
 import pytest
 from flax import nnx
 
@@ -68,9 +69,29 @@ def test_inspect_table_lists_every_parameter(capsys):
 
 
 def test_inspect_reports_fallbacks_and_unannotated():
-    plan = _plan("tiny", "data=2,fsdp=2,tensor=2", "auto")
-    text = mp.format_plan(plan)
-    assert "fallbacks: none" in text
+    # The built-in GPT needs none; a model with one of each kind of fallback lists every one.
+    assert "fallbacks: none" in mp.format_plan(_plan("tiny", "data=2,fsdp=2,tensor=2", "auto"))
+
+    class Odd(nnx.Module):
+        def __init__(self):
+            self.w = nnx.Param(jnp.zeros((6, 8)), out_sharding=("embed", "mlp"))  # 6 % 8 != 0
+            self.b = nnx.Param(jnp.zeros((8,)))                                   # no axes
+            self.c = nnx.Param(jnp.zeros((8,)), out_sharding=("mystery",))        # no rule
+
+    _, params, _ = abstract_nnx(Odd)
+    rules = mp.Rules.table([("embed", "fsdp"), ("mlp", None)], on_indivisible="replicate")
+    plan = mp.plan_nnx_state(params, mesh=mp.make_mesh(fsdp=8), rules=rules)[1]
+    lines = mp.format_plan(plan).splitlines()
+    listed = lines[lines.index("fallbacks: ") + 1:lines.index("fallbacks: ") + 4]
+    assert listed == [
+        "  - b: no logical axes and no path rule -> replicated",
+        "  - c: logical axis 'mystery' (annotation) has no rule -> replicated; add a rule "
+        "('mystery', <mesh axis>) or ('mystery', None)",
+        "  - w: w (shape (6, 8)): dimension 0 ('embed', size 6) is not divisible by mesh axis "
+        "'fsdp' of size 8 -> replicated",
+    ]
+    assert lines[-1] == ("logical names no rule maps (replicated; Rules(strict=True) makes them "
+                         "errors): mystery (1 params)")
 
 
 @pytest.mark.parametrize(

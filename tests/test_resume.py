@@ -425,19 +425,8 @@ def test_resume_of_a_checkpoint_from_before_dropout_existed(small_ckpt, tmp_path
 
 
 def test_resume_with_another_remat_policy(small_ckpt, tmp_path, capsys):
-    # KNOWN MESHPAR BUG (this test fails until it is fixed; do not "fix" the test):
-    # meshpar/run.py:195 (_open_checkpoints) refuses to resume unless the *whole*
-    # dataclasses.asdict(GPTConfig) saved in the meta equals the current one, and GPTConfig
-    # includes ``remat``, a memory/compute policy of the layer scan that changes neither the
-    # parameters nor the optimizer state (the checkpoint restores fine; only the meta check
-    # rejects it). So a run cannot be resumed with --remat none/dots on a machine with more or
-    # less memory, although it may be resumed on another mesh, strategy or pipeline layout.
-    # Today: "meshpar train: error: --resume: the checkpoint at step 2 is of a different model
-    # (remat='full' there, 'none' here)", exit 2.
-    # Suggested fix: compare the model configs without the compute-only fields, e.g.
-    #     _COMPUTE_ONLY = ("remat",)
-    #     model = lambda d: {k: v for k, v in d.items() if k not in _COMPUTE_ONLY}
-    #     if model(meta.get("model") or {}) != model(dataclasses.asdict(cfg)): ...
+    # remat is a compute policy of the layer scan: it changes neither the parameters nor the
+    # optimizer state, so a run may resume with another one (less or more memory).
     ckpt = resume_copy(small_ckpt, tmp_path / "ckpt", keep_up_to=2)
     status = cli_main([*SMALL, "--remat", "none", "--checkpoint-dir", str(ckpt), "--resume"])
     captured = capsys.readouterr()
@@ -446,22 +435,16 @@ def test_resume_with_another_remat_policy(small_ckpt, tmp_path, capsys):
 
 
 def test_resume_of_a_checkpoint_whose_meta_lacks_the_step_exits_2(small_ckpt, tmp_path, capsys):
-    # KNOWN MESHPAR BUG (this test fails until it is fixed; do not "fix" the test):
-    # meshpar/run.py:213 and :215 read meta['step'] / int(meta["step"]) unchecked, after the
-    # model/seed/batch-size checks (which use meta.get). A checkpoint whose JSON meta lacks
-    # "step" but the other keys (damaged or hand-edited; low severity) ends `meshpar train
-    # --resume` with a KeyError traceback and exit 1 instead of a CheckpointError (exit 2).
-    # Suggested fix: in _open_checkpoints, before using it,
-    #     if not isinstance(meta.get("step"), int):
-    #         raise CheckpointError(f"--resume: the checkpoint in {args.checkpoint_dir!r} has no "
-    #                               "step in its metadata; it was not written by meshpar train")
+    # A damaged or hand-edited meta without "step": one CheckpointError (exit 2), no KeyError.
     ckpt = resume_copy(small_ckpt, tmp_path / "ckpt", keep_up_to=2)
     path = ckpt / "2" / "meta" / "metadata"
     meta = json.loads(path.read_text())
     assert meta["step"] == 2
     del meta["step"]
     path.write_text(json.dumps(meta))
-    expect_usage_error([*SMALL, "--checkpoint-dir", str(ckpt), "--resume"], r"step", capsys)
+    expect_usage_error([*SMALL, "--checkpoint-dir", str(ckpt), "--resume"],
+                       r"--resume: checkpoint step 2 has no valid 'step' in its metadata \(None\); "
+                       r"it was not written by meshpar train", capsys)
 
 
 def test_resume_error_in_a_fresh_process_has_no_traceback(small_ckpt, tmp_path):

@@ -42,3 +42,15 @@ def test_describe_on_one_device():
 def test_describe_checks_the_mesh():
     with pytest.raises(mp.StrategyError, match=r"needs a 'tensor' mesh axis"):
         mp.get_strategy("tp").describe(mp.make_mesh(data=8))
+
+
+def test_the_pipelined_zero_stage_is_a_field_not_a_name():
+    # `name` is a label: a custom strategy called "auto" keeps its ZeRO stage on a pipelined mesh,
+    # and any strategy can ask for auto's lowering through the field.
+    pipelined = mp.make_mesh(pipe=2, fsdp=4)
+    assert mp.Strategy("auto", zero_stage=3).for_mesh(pipelined).zero_stage == 3
+    assert mp.Strategy("mine", zero_stage=3, pipeline_zero_stage=1).for_mesh(pipelined).zero_stage == 1
+    assert mp.Strategy("mine", zero_stage=3, pipeline_zero_stage=1).for_mesh(
+        mp.make_mesh(fsdp=8)).zero_stage == 3
+    with pytest.raises(mp.StrategyError, match=r"pipeline_zero_stage=4; ZeRO stages are 0, 1, 2 and 3"):
+        mp.Strategy(pipeline_zero_stage=4)

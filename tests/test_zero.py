@@ -1,6 +1,7 @@
 """``meshpar.parallel.zero``: ZeRO-2/3 gradients reduce-scattered by hand, and where GSPMD takes over."""
 
 import re
+import warnings
 
 import jax
 import jax.numpy as jnp
@@ -23,11 +24,12 @@ PSI = CFG.param_count()
 BATCH = TokenBatches(batch_size=16, seq_len=32, seed=0).batch(0)
 
 
-def _trainer(mesh_text, strategy, *, microbatches=1, make=None, loss=lm_loss):
+def _trainer(mesh_text, strategy, *, microbatches=1, make=None, loss=lm_loss, example_batch=None):
     make = make or (lambda: GPT(CFG, rngs=nnx.Rngs(0)))
     mesh = mp.make_mesh(mesh_text) if isinstance(mesh_text, str) else mesh_text
     return mp.Trainer(make, optax.adamw(1e-3), loss, mesh=mesh,
-                      strategy=strategy, config=mp.TrainConfig(microbatches=microbatches, row_separable=True))
+                      strategy=strategy, config=mp.TrainConfig(microbatches=microbatches, row_separable=True),
+                      example_batch=example_batch)
 
 
 def _check(report, name):
@@ -124,6 +126,30 @@ def test_a_model_that_scans_its_own_stack_trains_under_zero3_through_gspmd():
     assert float(loss) == pytest.approx(float(ref_loss), rel=1e-6)
     for a, b in zip(jax.tree.leaves(grads), jax.tree.leaves(ref_grads)):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-7)
+
+
+def test_given_an_example_batch_the_own_scan_fallback_is_decided_when_the_trainer_is_built():
+    # The same model as above: with example_batch the step is traced at construction, so the
+    # ZeRO fallback is listed (and warned about) before any step, and the first step does not
+    # warn again.
+    make = lambda: _OwnScan(nnx.Rngs(0))  # noqa: E731
+    example = {"x": jax.ShapeDtypeStruct((16, 16), jnp.float32),
+               "y": jax.ShapeDtypeStruct((16, 4), jnp.float32)}
+    with pytest.warns(UserWarning, match="GSPMD gathers the parameters and reduces the gradients"):
+        zero3 = _trainer("fsdp=8", "zero3", make=make, loss=_own_scan_loss, example_batch=example)
+    assert not zero3.explicit_zero
+    assert [f.what for f in zero3.fallbacks] == ["ZeRO-3 up-front gathers", "ZeRO-3 collectives"]
+    rng = np.random.default_rng(0)
+    batch = {"x": rng.normal(size=(16, 16)).astype(np.float32),
+             "y": rng.normal(size=(16, 4)).astype(np.float32)}
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert np.isfinite(zero3.step(batch)["loss"])
+    # A batch that cannot be split over the mesh is refused when the trainer is built.
+    with pytest.raises(mp.StrategyError, match="12"):
+        _trainer("fsdp=8", "zero3", make=make, loss=_own_scan_loss,
+                 example_batch={"x": np.zeros((12, 16), np.float32),
+                                "y": np.zeros((12, 4), np.float32)})
 
 
 @pytest.mark.parametrize("mesh_text", ["data=8", "data=2,tensor=4"])

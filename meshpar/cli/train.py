@@ -135,6 +135,9 @@ def train_main(args: argparse.Namespace) -> int:
         lambda: GPT(cfg, rngs=nnx.Rngs(args.seed)),
         make_optimizer(args.lr, args.steps, schedule=args.lr_schedule, warmup=args.warmup_steps),
         lm_loss, mesh=mesh, strategy=strategy, config=config,
+        # Traced now, so that every fallback is printed below before the first step.
+        example_batch={key: jax.ShapeDtypeStruct((args.batch_size, seq_len), np.int32)
+                       for key in ("inputs", "targets")},
     )
     main_process = jax.process_index() == 0
     checkpointer, start, meta = _open_checkpoints(args, trainer, cfg, mesh, strategy)

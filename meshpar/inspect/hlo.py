@@ -6,11 +6,15 @@ it, decodes its replica groups (explicit ``{{0,1},...}``, iota ``[4,2]<=[8]``, o
 shape, and weights it by the trip counts of the ``while`` loops around it, so that a collective
 inside a layer scan counts once per layer. This is how meshpar checks that a strategy's traffic
 is what it promises and that no collective sits inside a loop where it should not.
+
+Length: about 410 lines, one concept (reading HLO text): computations and loop trip counts, then
+collectives and dots, which share that reading.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import enum
 import math
 import re
 from collections import Counter, defaultdict
@@ -20,7 +24,18 @@ from typing import NamedTuple
 import numpy as np
 from jax.sharding import Mesh
 
-COLLECTIVES = ("all-reduce", "all-gather", "reduce-scatter", "collective-permute", "all-to-all")
+class CollectiveKind(enum.StrEnum):
+    """The collectives of an HLO program, named as HLO names them (a ``str``: ``op.kind ==
+    "all-reduce"`` holds too)."""
+
+    ALL_REDUCE = "all-reduce"
+    ALL_GATHER = "all-gather"
+    REDUCE_SCATTER = "reduce-scatter"
+    COLLECTIVE_PERMUTE = "collective-permute"
+    ALL_TO_ALL = "all-to-all"
+
+
+COLLECTIVES = tuple(CollectiveKind)
 
 _DTYPE_BYTES = {
     "pred": 1, "s8": 1, "u8": 1, "s16": 2, "u16": 2, "f16": 2, "bf16": 2, "s32": 4, "u32": 4,
@@ -37,7 +52,7 @@ _BRANCHES = re.compile(r"branch_computations=\{([^}]*)\}")
 class Collective:
     """One collective op of the compiled program."""
 
-    kind: str
+    kind: CollectiveKind
     name: str
     computation: str
     result_bytes: int  # per device, from the result shape
@@ -52,13 +67,13 @@ class Collective:
         n = self.group_size
         if n <= 1:
             return 0.0
-        if self.kind == "all-reduce":
+        if self.kind is CollectiveKind.ALL_REDUCE:
             return 2 * (n - 1) / n * self.result_bytes
-        if self.kind == "all-gather":
+        if self.kind is CollectiveKind.ALL_GATHER:
             return (n - 1) / n * self.result_bytes
-        if self.kind == "reduce-scatter":
+        if self.kind is CollectiveKind.REDUCE_SCATTER:
             return (n - 1) * self.result_bytes
-        if self.kind == "all-to-all":
+        if self.kind is CollectiveKind.ALL_TO_ALL:
             return (n - 1) / n * self.result_bytes
         return float(self.result_bytes)  # collective-permute: each device sends its buffer
 
@@ -259,12 +274,13 @@ def collectives(hlo_text: str, /, *, mesh: Mesh | None = None) -> list[Collectiv
             m = _INSTR.match(line)
             if not m:
                 continue
-            kind = m.group(3).removesuffix("-start")
-            if kind not in COLLECTIVES:
+            op = m.group(3).removesuffix("-start")
+            if op not in COLLECTIVES:
                 continue
+            kind = CollectiveKind(op)
             groups = parse_groups(m.group(4),
                                   num_devices=mesh.devices.size if mesh is not None else None)
-            size = 2 if kind == "collective-permute" else (len(groups[0]) if groups else 1)
+            size = 2 if kind is CollectiveKind.COLLECTIVE_PERMUTE else (len(groups[0]) if groups else 1)
             out.append(Collective(
                 kind, m.group(1), name, _shape_bytes(m.group(2)), size,
                 mesh_axes_of(groups, mesh), w, loop,

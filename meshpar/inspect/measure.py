@@ -39,7 +39,7 @@ def dot_flops(hlo_text: str, /) -> float:
 
 def _volume(op: hlo.Collective) -> int:
     # The tensor a collective works on: a reduce-scatter's input is its result x group size.
-    return op.result_bytes * (op.group_size if op.kind == "reduce-scatter" else 1)
+    return op.result_bytes * (op.group_size if op.kind is hlo.CollectiveKind.REDUCE_SCATTER else 1)
 
 
 def measure(compiled: Any, /, *, mesh: jax.sharding.Mesh) -> dict[str, Any]:
@@ -51,7 +51,9 @@ def measure(compiled: Any, /, *, mesh: jax.sharding.Mesh) -> dict[str, Any]:
 
     Returns:
         ``{"memory": {...}, "flops": {...}, "collectives": {kind@axes: {...}}, "ops": [...]}``;
-        bytes are per device, collective figures per step (trip counts included).
+        bytes are per device, collective figures per step (trip counts included). Each
+        ``collectives`` row carries its ``kind`` and ``axes`` too (the key is a label for
+        people; code reads the fields).
 
     Example:
         >>> measure(trainer.lower(batch).compile(), mesh=trainer.mesh)["memory"]["total"]
@@ -72,10 +74,11 @@ def measure(compiled: Any, /, *, mesh: jax.sharding.Mesh) -> dict[str, Any]:
         if ins.op.removesuffix("-start") in hlo.COLLECTIVES:
             m = _OP_NAME.search(ins.rest)
             names[ins.name] = m.group(1) if m else ""
-    ops, table = [], defaultdict(lambda: defaultdict(float))
+    ops, table, kinds = [], defaultdict(lambda: defaultdict(float)), {}
     for op in hlo.collectives(text, mesh=mesh):
         phase = _phase(names.get(op.name, ""))
         key = f"{op.kind}@{'+'.join(op.mesh_axes) or '-'}"
+        kinds[key] = {"kind": str(op.kind), "axes": list(op.mesh_axes)}
         row = table[key]
         row["ops"] += 1
         row["executions"] += op.trip_count
@@ -83,10 +86,11 @@ def measure(compiled: Any, /, *, mesh: jax.sharding.Mesh) -> dict[str, Any]:
         row["bytes_per_step"] += _volume(op) * op.trip_count
         row[f"{phase}_bytes"] += _volume(op) * op.trip_count
         row["traffic_bytes_per_step"] += op.traffic_per_step
-        ops.append({"kind": op.kind, "axes": list(op.mesh_axes), "bytes": _volume(op),
+        ops.append({"kind": str(op.kind), "axes": list(op.mesh_axes), "bytes": _volume(op),
                     "trip_count": op.trip_count, "in_loop": op.in_loop, "phase": phase})
     collectives = {
-        k: {f: (int(v) if f != "traffic_bytes_per_step" else float(v)) for f, v in row.items()}
+        k: {**kinds[k],
+            **{f: (int(v) if f != "traffic_bytes_per_step" else float(v)) for f, v in row.items()}}
         for k, row in sorted(table.items())
     }
     return {"memory": memory, "flops": flops, "collectives": collectives, "ops": ops}

@@ -64,6 +64,9 @@ class Strategy:
             rules for every logical name they mention. Their options (``strict``,
             ``on_indivisible``) apply to the whole table, even with no rows of their own.
         extra_compute_rules: user activation rules, likewise.
+        pipeline_zero_stage: the ZeRO stage to use instead of a higher ``zero_stage`` on a mesh
+            with a ``pipe`` axis of size > 1 (``None``: ``zero_stage`` everywhere); the
+            ``auto`` preset sets 1 (see :meth:`for_mesh`).
 
     Example:
         >>> strategy = Strategy(zero_stage=3, sequence_parallel=True)
@@ -77,10 +80,14 @@ class Strategy:
     requires: tuple[str, ...] = ()
     extra_param_rules: Rules = Rules()
     extra_compute_rules: Rules = Rules()
+    pipeline_zero_stage: Literal[0, 1, 2, 3] | None = None
 
     def __post_init__(self) -> None:
-        if isinstance(self.zero_stage, bool) or self.zero_stage not in (0, 1, 2, 3):
-            raise StrategyError(f"zero_stage={self.zero_stage!r}; ZeRO stages are 0, 1, 2 and 3")
+        for field in ("zero_stage", "pipeline_zero_stage"):
+            value = getattr(self, field)
+            if (value is not None or field == "zero_stage") and (
+                    isinstance(value, bool) or value not in (0, 1, 2, 3)):
+                raise StrategyError(f"{field}={value!r}; ZeRO stages are 0, 1, 2 and 3")
 
     # -- mesh checks -------------------------------------------------------------------------
 
@@ -94,7 +101,8 @@ class Strategy:
                 )
 
     def for_mesh(self, mesh: Mesh, /) -> Strategy:
-        """This strategy as applied to ``mesh``: checks the axes and settles ``auto``.
+        """This strategy as applied to ``mesh``: checks the axes and, on a pipelined mesh,
+        applies :attr:`pipeline_zero_stage`.
 
         ``auto`` is ZeRO-3 over ``fsdp``, except on a pipelined mesh, where it is ZeRO-1:
         ZeRO-3 re-gathers every stage's weights for every microbatch of the pipeline (DeepSpeed
@@ -102,8 +110,9 @@ class Strategy:
         pipeline sum gradients once per step. Ask for ``zero3`` explicitly to get it anyway.
         """
         self.check_mesh(mesh)
-        if self.name == "auto" and mesh.shape.get(PIPE, 1) > 1 and self.zero_stage > 1:
-            return dataclasses.replace(self, zero_stage=1)
+        lower = self.pipeline_zero_stage
+        if lower is not None and mesh.shape.get(PIPE, 1) > 1 and self.zero_stage > lower:
+            return dataclasses.replace(self, zero_stage=lower)
         return self
 
     @staticmethod
@@ -251,7 +260,7 @@ def _with_extra(extra: Rules, base: Rules) -> Rules:
 
 
 PRESETS: dict[str, Strategy] = {
-    "auto": Strategy("auto", zero_stage=3),
+    "auto": Strategy("auto", zero_stage=3, pipeline_zero_stage=1),
     "dp": Strategy("dp", zero_stage=0),
     "zero1": Strategy("zero1", zero_stage=1, requires=(FSDP,)),
     "zero2": Strategy("zero2", zero_stage=2, requires=(FSDP,)),

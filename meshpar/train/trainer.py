@@ -67,12 +67,50 @@ def _zeros_like_piece(make: Callable[[], Piece]) -> Piece:
     return jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), jax.eval_shape(make))
 
 
+def _batch_arrays(batch: Mapping[str, Any]) -> tuple[list[Any], Any, int]:
+    """The leaves of a host batch (NumPy arrays, or ``jax.ShapeDtypeStruct``s kept as they are),
+    its tree structure and its number of rows, after checking that every leaf is an array with
+    one leading batch dimension of one common size (a :class:`StrategyError` naming the key)."""
+    leaves, treedef = jax.tree_util.tree_flatten_with_path(batch)
+    if not leaves:
+        raise StrategyError("the batch is empty: it has no arrays")
+    arrays, rows = [], {}
+    for path, leaf in leaves:
+        key = jax.tree_util.keystr(path) or "<batch>"
+        if isinstance(leaf, jax.ShapeDtypeStruct):
+            x = leaf
+        else:
+            try:
+                x = np.asarray(leaf)
+            except Exception as err:  # noqa: BLE001 - whatever NumPy refuses
+                raise StrategyError(
+                    f"batch leaf {key} is a {type(leaf).__name__}, not an array ({err})"
+                ) from None
+            if x.dtype == object:
+                raise StrategyError(f"batch leaf {key} is a {type(leaf).__name__}, not an array")
+        if len(x.shape) == 0:
+            raise StrategyError(
+                f"batch leaf {key} is a scalar; every leaf needs a leading batch dimension "
+                "(give per-example values, or close over constants in loss_fn)"
+            )
+        rows.setdefault(x.shape[0], []).append(key)
+        arrays.append(x)
+    if len(rows) > 1:
+        sizes = ", ".join(f"{keys[0]}: {n}" for n, keys in sorted(rows.items()))
+        raise StrategyError(
+            f"batch leaves disagree on the batch size (first dimension): {sizes}; every "
+            "leaf needs one row per example"
+        )
+    return arrays, treedef, arrays[0].shape[0]
+
+
 @dataclasses.dataclass(frozen=True)
 class Fallback:
     """A part of the step that takes another path than the strategy's usual one, and why.
 
-    Decided when the :class:`Trainer` is built (or, for ``ZeRO layer gathers``, when the step is
-    first traced), listed in :attr:`Trainer.fallbacks` and printed by ``meshpar train``.
+    Decided when the :class:`Trainer` is built (for a ZeRO fallback of a model whose layer stack
+    is not run by :func:`meshpar.scan_layers`, when the step is traced: at construction given
+    ``example_batch``, else at the first step), listed in :attr:`Trainer.fallbacks` and printed by ``meshpar train``.
     """
 
     what: str
@@ -94,6 +132,13 @@ class Trainer:
         strategy: a preset name (``"auto"``, ``"dp"``, ``"zero1"``..``"zero3"``, ``"tp"``,
             ``"tp_sp"``) or a :class:`Strategy`.
         config: step options (:class:`TrainConfig`).
+        example_batch: optionally, the global batch's structure: arrays or
+            ``jax.ShapeDtypeStruct``s with the global shapes (every process passes the same). The step is then traced when the
+            trainer is built, not at the first :meth:`step`: everything decided while tracing
+            the model (a model's ``out_sharding=`` calls, a ZeRO fallback for a layer stack not
+            run by :func:`meshpar.scan_layers`, the loss's output layout) raises or is listed in
+            :attr:`fallbacks` before any step runs, and a batch that does not divide over the
+            mesh is refused here. ``meshpar train`` passes it.
 
     Example:
         >>> trainer = Trainer(lambda: GPT(cfg, rngs=nnx.Rngs(0)), optax.adamw(3e-4), lm_loss,
@@ -110,6 +155,7 @@ class Trainer:
         mesh: Mesh,
         strategy: str | Strategy = "auto",
         config: TrainConfig = TrainConfig(),
+        example_batch: Mapping[str, Any] | None = None,
     ) -> None:
         # Explicit axes become Auto over the same devices, with a warning (see meshpar.mesh).
         self.mesh = mesh = auto_mesh(mesh, caller="Trainer")
@@ -231,6 +277,19 @@ class Trainer:
             in_shardings=(self.state_shardings, None),
             out_shardings=(replicated, grad_shardings),
         )
+        if example_batch is not None:
+            self._trace(example_batch)
+
+    def _trace(self, example_batch: Mapping[str, Any]) -> None:
+        """Trace the step for a batch of this structure (nothing is compiled or run), so that
+        what tracing decides is decided now; the trace is reused by the first :meth:`step`."""
+        arrays, treedef, rows = _batch_arrays(example_batch)
+        self.check_batch(rows)
+        abstract = jax.tree.unflatten(treedef, [
+            jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=self.batch_sharding(len(x.shape)))
+            for x in arrays
+        ])
+        self._jitted.trace(self.state, abstract)
 
     # -- layouts -------------------------------------------------------------------------------
 
@@ -580,34 +639,7 @@ class Trainer:
         Example:
             >>> placed = trainer.place_batch({"x": np.zeros((16, 8), np.float32)})
         """
-        leaves = jax.tree_util.tree_flatten_with_path(batch)[0]
-        if not leaves:
-            raise StrategyError("the batch is empty: it has no arrays")
-        arrays, rows = [], {}
-        for path, leaf in leaves:
-            key = jax.tree_util.keystr(path) or "<batch>"
-            try:
-                x = np.asarray(leaf)
-            except Exception as err:  # noqa: BLE001 - whatever NumPy refuses
-                raise StrategyError(
-                    f"batch leaf {key} is a {type(leaf).__name__}, not an array ({err})"
-                ) from None
-            if x.dtype == object:
-                raise StrategyError(f"batch leaf {key} is a {type(leaf).__name__}, not an array")
-            if x.ndim == 0:
-                raise StrategyError(
-                    f"batch leaf {key} is a scalar; every leaf needs a leading batch dimension "
-                    "(give per-example values, or close over constants in loss_fn)"
-                )
-            rows.setdefault(x.shape[0], []).append(key)
-            arrays.append(x)
-        if len(rows) > 1:
-            sizes = ", ".join(f"{keys[0]}: {n}" for n, keys in sorted(rows.items()))
-            raise StrategyError(
-                f"batch leaves disagree on the batch size (first dimension): {sizes}; every "
-                "leaf needs one row per example"
-            )
-        local_rows = arrays[0].shape[0]
+        arrays, treedef, local_rows = _batch_arrays(batch)
         self.check_batch(local_rows * jax.process_count())
 
         def one(x):
@@ -616,7 +648,6 @@ class Trainer:
                 sharding, x, (x.shape[0] * jax.process_count(), *x.shape[1:])
             )
 
-        treedef = jax.tree.structure(batch)
         return jax.tree.unflatten(treedef, [one(x) for x in arrays])
 
     def step(self, batch: Mapping[str, Any]) -> StepMetrics:
@@ -750,7 +781,8 @@ class Trainer:
         """Every part of the step that takes another path than the strategy's usual one, and
         why (:class:`Fallback`): decided when the trainer is built, except a ZeRO fallback for a
         model that runs a layer stack without :func:`meshpar.scan_layers`, found when the step
-        is first traced (and warned about then). ``meshpar train`` prints them.
+        is traced: at construction when the trainer was given ``example_batch``, else at the
+        first step (and warned about then). ``meshpar train`` prints them.
 
         Example:
             >>> for fallback in trainer.fallbacks:

@@ -1,0 +1,178 @@
+"""What a layout should cost, by formula: FLOPs, collective bytes and ZeRO model state.
+
+Pure arithmetic (no JAX, no compiled program): the analytic side that
+:mod:`meshpar.inspect.explain` sets beside the compiled program, and that the benchmarks
+(``benchmarks/bench_strategies.py``, ``benchmarks/bench_peers.py``) import, so each formula is
+written once. Ring algorithms throughout: an all-reduce of ``X`` bytes over ``n`` devices sends
+``2 (n-1)/n X`` per device, an all-gather of an ``X``-byte result (or a reduce-scatter of an
+``X``-byte input) ``(n-1)/n X``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+from collections.abc import Sequence
+from typing import Any
+
+
+def zero_state_bytes(grad_bytes: float, *, fsdp: int, zero_stage: int,
+                     optimizer_k: float) -> dict[str, float]:
+    """Per-device bytes of parameters, gradients and optimizer state under ZeRO.
+
+    ``G`` (``grad_bytes``) is the fp32 size one device holds before ZeRO (the parameters split
+    only by the model-parallel axes); ZeRO splits, over ``fsdp`` devices, the optimizer state
+    (``K x G``, ``K = 2`` for Adam) from stage 1, the gradients from stage 2 and the parameters
+    from stage 3: ``16Ψ/N``-style, as in the ZeRO paper.
+
+    Example:
+        >>> zero_state_bytes(4000, fsdp=4, zero_stage=3, optimizer_k=2)
+        {'params': 1000.0, 'grads': 1000.0, 'optimizer': 2000.0}
+    """
+    n = fsdp
+    return {"params": grad_bytes / (n if zero_stage >= 3 else 1),
+            "grads": grad_bytes / (n if zero_stage >= 2 else 1),
+            "optimizer": optimizer_k * grad_bytes / (n if zero_stage >= 1 else 1)}
+
+
+def model_flops(*, layers: int, d_model: int, matmul_params: int, batch: int, seq: int) -> dict:
+    """Training FLOPs of one step of a GPT: forward + backward, no recompute.
+
+    ``matmul = 6 * tokens * matmul_params`` (2 forward, 4 backward per parameter and token) and
+    ``attention = 12 * layers * batch * seq**2 * d_model``: per layer the forward computes
+    ``Q K^T`` and ``P V``, each ``2 * batch * seq**2 * d_model`` FLOPs over all heads, and the
+    backward twice that. The full ``seq x seq`` score matrix is counted (the model computes it
+    and masks it; a causal kernel that skips the masked half would do half of this).
+    """
+    tokens = batch * seq
+    matmul = 6 * tokens * matmul_params
+    attention = 12 * layers * batch * seq * seq * d_model
+    return {"matmul": matmul, "attention": attention, "total": matmul + attention}
+
+
+def ring_all_reduce(nbytes: float, n: int) -> float:
+    """Bytes each device sends in a ring all-reduce of ``nbytes`` over ``n`` devices."""
+    return 2 * (n - 1) / n * nbytes if n > 1 else 0.0
+
+
+def ring_all_gather(full_bytes: float, n: int) -> float:
+    """Bytes each device sends to all-gather a ``full_bytes`` result over ``n`` devices (the
+    same as a reduce-scatter of a ``full_bytes`` input)."""
+    return (n - 1) / n * full_bytes if n > 1 else 0.0
+
+
+def dp_gradient_bytes(grad_bytes: float, n: int) -> float:
+    """DP: one ring all-reduce of the gradients, ``2 (n-1)/n * grad_bytes`` per device."""
+    return ring_all_reduce(grad_bytes, n)
+
+
+def zero3_bytes(param_bytes: float, n: int) -> float:
+    """ZeRO-3: all-gather the parameters forward and again backward, reduce-scatter the
+    gradients; each ``(n-1)/n * param_bytes``, so ``3 (n-1)/n * param_bytes`` per device."""
+    return 3 * ring_all_gather(param_bytes, n)
+
+
+def megatron_tp_bytes(*, layers: int, activation_bytes: float, n: int,
+                      recompute_per_layer: int = 0, embedding: int = 2) -> float:
+    """Megatron tensor parallel over ``n`` devices: per layer 2 all-reduces of the ``[B, T, D]``
+    activation forward (attention and MLP outputs) and 2 backward (their inputs' gradients),
+    ``recompute_per_layer`` more for a rematerialised forward, plus ``embedding`` for the
+    vocab-parallel embedding (forward) and unembedding (backward). Each is a ring all-reduce of
+    ``activation_bytes`` (the per-device ``B_local x T x D`` activation)."""
+    count = (4 + recompute_per_layer) * layers + embedding
+    return count * ring_all_reduce(activation_bytes, n)
+
+
+def _axis_factors(spec: Any, mesh_shape: dict[str, int]) -> dict[str, int]:
+    """How many ways each mesh axis splits a tensor with PartitionSpec ``spec``."""
+    out: dict[str, int] = defaultdict(lambda: 1)
+    for entry in spec:
+        for axis in (entry if isinstance(entry, tuple) else (entry,)):
+            if axis is not None:
+                out[axis] *= mesh_shape[axis]
+    return out
+
+
+def analytic_collectives(*, mesh_shape: dict[str, int], zero_stage: int,
+                         params: Sequence[tuple[int, Any, Any]], layers: int, batch: int,
+                         seq: int, d_model: int, act_itemsize: int = 4, remat: str = "full",
+                         batch_axes: Sequence[str] = ("data", "fsdp")) -> dict[str, dict]:
+    """Analytic per-step traffic per device, for each mesh axis of the mesh.
+
+    Args:
+        mesh_shape: axis name -> size.
+        zero_stage: the strategy's ZeRO stage (acts on ``fsdp``).
+        params: ``(bytes_total, param_spec, optimizer_spec)`` of every parameter.
+        layers, batch, seq, d_model: the GPT's sizes (for the tensor-parallel activations).
+        remat: the layer remat policy; ``"full"`` recomputes the forward in the backward pass,
+            which repeats the attention-output all-reduce (the recomputed MLP output is dead: the
+            backward never needs a block's own output), i.e. 1 more all-reduce per layer.
+
+    Returns:
+        ``{axis: {"min": bytes, "remat": bytes, "kinds": {kind: bytes}, "formula": str}}``;
+        ``min`` is the textbook minimum, ``remat`` adds what the configured recompute needs and
+        ``kinds`` splits ``remat`` into ``gather`` (all-gathers: ZeRO parameters) and
+        ``reduce`` (gradient reduce-scatters for parameters split over the axis, all-reduces for
+        the others and for Megatron activations).
+    """
+    out: dict[str, dict] = {}
+    for axis, n in mesh_shape.items():
+        if n == 1:
+            continue
+        if axis == "data":
+            grad = 0.0
+            for total, spec, _ in params:
+                f = _axis_factors(spec, mesh_shape)
+                grad += total / math.prod(f.values())
+            b = dp_gradient_bytes(grad, n)
+            out[axis] = {"min": b, "remat": b, "kinds": {"reduce": b},
+                         "formula": f"2(N-1)/N x grad B/device = 2*{n - 1}/{n} x {grad:.0f}"}
+        elif axis == "fsdp":
+            sharded = unsharded = 0.0
+            for total, spec, opt_spec in params:
+                f = _axis_factors(spec if zero_stage >= 3 else opt_spec, mesh_shape)
+                local = total / math.prod(v for a, v in f.items() if a != "fsdp")
+                if f["fsdp"] > 1 and zero_stage >= 1:
+                    sharded += local
+                else:
+                    unsharded += local
+            gathers = 2 if zero_stage >= 3 else 1  # ZeRO-3: forward and backward; 1/2: update
+            kinds = {"gather": gathers * ring_all_gather(sharded, n),
+                     "reduce": ring_all_gather(sharded, n) + ring_all_reduce(unsharded, n)}
+            b = sum(kinds.values())
+            out[axis] = {"min": b, "remat": b, "kinds": kinds,
+                         "formula": f"{gathers + 1}(N-1)/N x {sharded:.0f} B split over fsdp "
+                                    f"+ 2(N-1)/N x {unsharded:.0f} B not split"}
+        elif axis == "tensor":
+            ways = math.prod(mesh_shape.get(a, 1) for a in batch_axes)
+            act = batch // ways * seq * d_model * act_itemsize
+            recompute = 1 if remat == "full" else 0
+            lo = megatron_tp_bytes(layers=layers, activation_bytes=act, n=n)
+            hi = megatron_tp_bytes(layers=layers, activation_bytes=act, n=n,
+                                   recompute_per_layer=recompute)
+            out[axis] = {"min": lo, "remat": hi, "kinds": {"reduce": hi},
+                         "formula": f"(4L+2+{recompute}L) x 2(N-1)/N x B_loc*T*D*4 B "
+                                    f"= {4 * layers + 2 + recompute * layers} x AR({act:.0f} B)"}
+    return out
+
+
+def gpt_train_flops(config: Any, /, *, batch_size: int, seq_len: int,
+                    pipelined: bool = False) -> float:
+    """Analytic FLOPs of one training step of :class:`meshpar.models.GPT`, over all devices.
+
+    Forward: ``2 x matmul params x tokens`` plus attention ``4·B·T²·H·K`` per layer (scores and
+    values, the full causal square); backward twice the forward. Each ``"full"`` remat recomputes
+    the layers' forward once more (the layer scan's, and the pipeline's stage remat when
+    pipelined). Other remat policies save matmul results and are counted as no recompute.
+
+    Example:
+        >>> gpt_train_flops(get_preset("tiny"), batch_size=16, seq_len=32)
+        486539264.0
+    """
+    tokens = batch_size * seq_len
+    h, k, d, m = config.heads, config.head_size, config.d_model, config.mlp_dim
+    attention = config.layers * 4.0 * batch_size * seq_len**2 * h * k
+    forward = 2.0 * config.matmul_param_count() * tokens + attention
+    layer_forward = 2.0 * config.layers * (4 * d * h * k + 2 * d * m) * tokens + attention
+    recomputes = (config.remat == "full") + bool(pipelined)
+    return 3 * forward + recomputes * layer_forward
