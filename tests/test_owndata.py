@@ -272,6 +272,9 @@ def test_usage_errors_come_before_anything_compiles(files, tmp_path, capsys):
          r"the held-out data \(the last \d+ windows of --data\) has \d+ windows of --seq-len 32 "
          r"\+ 1 tokens, fewer than one batch of --batch-size 16"),
         (["--eval-fraction", "0.1"], r"--eval-fraction holds out part of --data"),
+        (["--eval-batches", "2"], r"--eval-batches is used only with --eval-every N"),
+        (["--data", str(files / "a.txt"), "--token-dtype", "uint16"],
+         r"--token-dtype uint16 is for .bin token files, and --data/--eval-data name none"),
         (["--data", str(files / "t.bin"), "--token-dtype", "uint32"], r"not a whole number of "
          r"--token-dtype uint32 tokens|token id \d+ at position"),
         (["--warmup-steps", "5", "--steps", "5"], r"--warmup-steps 5 must be below --steps 5"),

@@ -101,7 +101,7 @@ def build_parser() -> argparse.ArgumentParser:
     da = tr.add_argument_group("data (default: the embedded byte-level corpus)")
     da.add_argument("--data", metavar="PATH_OR_GLOB",
                     help="train on these files: UTF-8 text, or token ids in .npy or flat .bin files")
-    da.add_argument("--token-dtype", choices=TOKEN_DTYPES, default="uint16",
+    da.add_argument("--token-dtype", choices=TOKEN_DTYPES,
                     help="element type of .bin token files (default uint16)")
     da.add_argument("--tokenizer", metavar="FILE",
                     help="Hugging Face tokenizers JSON for text files and prompts (default: bytes)")
@@ -110,7 +110,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="hold out the last fraction F of --data's windows for --eval-every")
     da.add_argument("--eval-every", type=int, default=0, metavar="N",
                     help="evaluate every N steps and at the end (default 0: never)")
-    da.add_argument("--eval-batches", type=int, default=4, metavar="K",
+    da.add_argument("--eval-batches", type=int, metavar="K",
                     help="held-out batches per evaluation (default 4)")
     # The main job's defaults: a few minutes on 8 emulated CPU devices (the small preset at
     # 64 tokens per row) for a loss well below the corpus' unigram entropy.

@@ -113,8 +113,18 @@ def build_data(args: argparse.Namespace, *, vocab_size: int, seq_len: int, batch
         UsageError: inconsistent flags (``--eval-every`` without held-out data, ...).
         DataError: see :func:`meshpar.train.files.open_token_files`; too little held-out data.
     """
-    if args.eval_every < 0 or args.eval_batches < 1:
-        raise UsageError(f"--eval-every {args.eval_every} --eval-batches {args.eval_batches}: "
+    # Options that would go unused are errors, not silently ignored.
+    if args.eval_batches is not None and not args.eval_every:
+        raise UsageError("--eval-batches is used only with --eval-every N")
+    if args.token_dtype is not None:
+        patterns = [p for p in (args.data, args.eval_data) if p]
+        if not any(f.endswith(".bin") for p in patterns for f in resolve_files(p)):
+            raise UsageError(f"--token-dtype {args.token_dtype} is for .bin token files, and "
+                             "--data/--eval-data name none")
+    eval_batches = 4 if args.eval_batches is None else args.eval_batches
+    token_dtype = args.token_dtype or "uint16"
+    if args.eval_every < 0 or eval_batches < 1:
+        raise UsageError(f"--eval-every {args.eval_every} --eval-batches {eval_batches}: "
                          "need --eval-every >= 0 and --eval-batches >= 1")
     fraction = args.eval_fraction
     if fraction is not None:
@@ -139,9 +149,9 @@ def build_data(args: argparse.Namespace, *, vocab_size: int, seq_len: int, batch
         from meshpar.train.loader import ShardedBatches
     opened = lambda flag, pattern: open_token_files(  # noqa: E731
         resolve_files(pattern, flag=flag), seq_len=seq_len, vocab_size=vocab_size,
-        tokenizer=tokenizer, token_dtype=args.token_dtype, flag=flag)
+        tokenizer=tokenizer, token_dtype=token_dtype, flag=flag)
     spec: dict[str, Any] = {"tokenizer": tokenizer.fingerprint, "tokenizer_path": tokenizer.name,
-                            "token_dtype": args.token_dtype}
+                            "token_dtype": token_dtype}
     train = embedded = held = None
     if args.data:
         windows = opened("--data", args.data)
@@ -174,13 +184,13 @@ def build_data(args: argparse.Namespace, *, vocab_size: int, seq_len: int, batch
                 f"{args.batch_size}; hold out more"
             )
         evaluation = ShardedBatches(held, batch_size=args.batch_size, rows=batch_rows, shuffle=False)
-        if evaluation.num_batches < args.eval_batches:
+        if evaluation.num_batches < eval_batches:
             raise DataError(
-                f"--eval-batches {args.eval_batches}: the held-out data has only "
+                f"--eval-batches {eval_batches}: the held-out data has only "
                 f"{evaluation.num_batches} batch(es) of --batch-size {args.batch_size}"
             )
     return TrainData(tokenizer=tokenizer, train=train, embedded=embedded, eval=evaluation,
-                     eval_batches=args.eval_batches, spec=spec, entropy=entropy, prompt=prompt,
+                     eval_batches=eval_batches, spec=spec, entropy=entropy, prompt=prompt,
                      local_rows=local_rows)
 
 
