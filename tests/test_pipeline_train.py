@@ -525,12 +525,12 @@ def test_gpipe_with_repeats_is_refused_whatever_the_mesh():
 
 # -- the command line -------------------------------------------------------------------------
 
-CLI_TINY = ["--preset", "tiny", "--layers", "4", "--batch-size", "16", "--sample-tokens", "0"]
+CLI_TINY = ["--preset", "tiny", "--layers", "4", "--batch-size", "16"]
 
 
 def _cli_train(tmp_path, name, *extra) -> list[dict]:
     path = tmp_path / f"{name}.jsonl"
-    status = meshpar.cli.main(["train", *CLI_TINY, "--steps", "2", "--no-progress",
+    status = meshpar.cli.main(["train", *CLI_TINY, "--steps", "2", "--no-progress", "--sample-tokens", "0",
                                "--metrics-file", str(path), *extra])
     assert status == 0
     return [json.loads(line) for line in path.read_text().splitlines()]
