@@ -45,6 +45,7 @@ ALLOWED_LAZY = {
     ("meshpar.train.data", "pydoc_data.topics"): "a large module, read once to build the corpus",
     ("meshpar.cli.train", "tqdm"): "only a run that draws a progress bar needs it",
     ("meshpar.cli.inspect", "meshpar.inspect.plots"): "matplotlib, only for --plots",
+    ("meshpar.cli.data", "meshpar.train.loader"): "Grain (a second to import), only for --data",
 }
 
 

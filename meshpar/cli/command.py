@@ -1,4 +1,4 @@
-"""``meshpar``'s entry point: parse, set up the devices, run ``inspect``, ``train`` or ``launch``.
+"""``meshpar``'s entry point: parse, set up the devices, run ``inspect``, ``train``, ``sample`` or ``launch``.
 
 Device emulation has to happen before JAX starts its backend: importing these modules only
 imports JAX, it does not start the backend, and nothing here touches a device until the CPU
@@ -14,7 +14,9 @@ from collections.abc import Sequence
 from meshpar.backend import distributed, launch
 from meshpar.backend.devices import emulate_devices
 from meshpar.cli.args import build_parser
+from meshpar.cli.config import parse_args
 from meshpar.cli.inspect import inspect_main
+from meshpar.cli.sample import sample_main
 from meshpar.cli.train import train_main
 from meshpar.errors import MeshparError, UsageError
 
@@ -25,7 +27,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     if argv[:1] == ["launch"]:
         return launch.main(argv[1:])
     parser = build_parser()
-    args = parser.parse_args(argv)
+    try:
+        args = parse_args(parser, argv)
+    except MeshparError as err:  # the --config file
+        print(f"meshpar {argv[0] if argv else ''}: error: {err}", file=sys.stderr)
+        return 2
     try:
         if args.cpu_devices < 1:
             raise UsageError(f"--cpu-devices {args.cpu_devices}: must be >= 1")
@@ -39,6 +45,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return inspect_main(args)
         if args.command == "train":
             return train_main(args)
+        if args.command == "sample":
+            return sample_main(args)
     except MeshparError as err:
         print(f"meshpar {args.command}: error: {err}", file=sys.stderr)
         return 2

@@ -738,6 +738,57 @@ class Trainer:
 
         return jax.jit(forward).lower(self.state, self.place_batch(batch))
 
+    def evaluate(self, fn: Callable[[nnx.Module, Any], Any], batch: Mapping[str, Any]) -> Any:
+        """``fn(model, batch)`` at the current parameters: forward only, laid out like the step.
+
+        The batch is placed and sharded as :meth:`step` places it (each process passes its
+        rows), the parameters are cast as the step casts them (``precision``), ZeRO-3 gathers
+        them at use, and the model is made deterministic (``nnx.view(model,
+        deterministic=True)``: no dropout) for the call. Nothing is updated; the output is
+        brought to the host. One compiled program per ``fn`` and batch shape.
+
+        Args:
+            fn: a pure function of the model and the batch returning arrays (e.g. a loss, or
+                logits at some positions).
+            batch: this process's rows of a global batch (see :meth:`place_batch`).
+
+        Returns:
+            ``fn``'s output as NumPy arrays (replicated: every process gets all of it).
+
+        Raises:
+            StrategyError: the batch is malformed (see :meth:`place_batch`).
+
+        Example:
+            >>> eval_loss = float(trainer.evaluate(lm_loss, batch))
+        """
+        cache = self.__dict__.setdefault("_evaluate_jits", {})
+        if fn not in cache:
+            replicated = NamedSharding(self.mesh, PartitionSpec())
+
+            def forward(state, batch):
+                params = state.params
+                if self.config.precision == "bf16":
+                    params = jax.tree.map(
+                        lambda x: x.astype(jnp.bfloat16) if jnp.issubdtype(x.dtype, jnp.floating) else x,
+                        params,
+                    )
+                with activate(self.mesh, self.compute_rules, pipeline=self.pipeline), \
+                        contextlib.ExitStack() as scope:
+                    if self._gather_at_use is not None:
+                        params = self._gather_at_use.prepare(params, scope.enter_context(stacked_scope()))
+                    model = nnx.merge(self.graphdef, params, state.rest, copy=True)
+                    try:
+                        model = nnx.view(model, deterministic=True)
+                    except ValueError as err:
+                        # A model without any dropout-like layer has no 'deterministic' switch:
+                        # it is deterministic already.
+                        if "deterministic" not in str(err):
+                            raise
+                    return fn(model, batch)
+
+            cache[fn] = jax.jit(forward, out_shardings=replicated)
+        return jax.device_get(cache[fn](self.state, self.place_batch(batch)))
+
     def lower(self, batch: Mapping[str, Any]):
         """The lowered step for a host batch (``.compile()`` it to read the compiled program)."""
         return self._jitted.lower(self.state, self.place_batch(batch))
