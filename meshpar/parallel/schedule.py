@@ -541,3 +541,18 @@ def onef1b_table(config: PipelineConfig, /) -> OneFOneBTable:
         raise StrategyError(f"onef1b_table: schedule={config.schedule.value!r} is not a 1F1B "
                             "schedule")
     return _onef1b_table(config.stages, config.microbatches, config.repeats)
+
+
+def activation_bound(config: PipelineConfig, /) -> str:
+    """The formula behind :attr:`PipelineConfig.activation_slots`, in words, for reports.
+
+    Example:
+        >>> activation_bound(PipelineConfig(stages=4, microbatches=8))
+        '(v+1)*M + P - 1 = 2*8 + 3 = 19, linear in M'
+    """
+    if config.schedule.one_f_one_b:
+        t = onef1b_table(config)
+        return (f"stash {t.stash_slots} + cotangent buffer {t.cot_slots}, set by P={config.stages}"
+                f" and v={config.repeats}, flat in M")
+    v, m, p = config.repeats, config.microbatches, config.stages
+    return f"(v+1)*M + P - 1 = {v + 1}*{m} + {p - 1} = {config.activation_slots}, linear in M"
