@@ -366,8 +366,8 @@ def test_config_errors():
         PipelineConfig(stages=2, microbatches=4, schedule="gpipe", repeats=2)
     with pytest.raises(StrategyError, match=r"microbatches >= stages.*microbatches=2 < stages=4"):
         PipelineConfig(stages=4, microbatches=2, schedule="circular", repeats=2)
-    with pytest.raises(StrategyError, match="schedule='1f1b'"):
-        PipelineConfig(stages=2, microbatches=4, schedule="1f1b")
+    with pytest.raises(StrategyError, match="schedule='pipedream'"):
+        PipelineConfig(stages=2, microbatches=4, schedule="pipedream")
     with pytest.raises(StrategyError, match=r"stages=0 must be an int >= 1"):
         PipelineConfig(stages=0, microbatches=4)
     with pytest.raises(StrategyError, match="batch_axes"):

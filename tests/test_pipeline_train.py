@@ -154,6 +154,10 @@ CASES = [
     _case(4, "pipe=2,fsdp=2,tensor=2", "zero3", 4),                   # M = 2P
     _case(4, "pipe=2,fsdp=4", "zero1", 2),                            # M = P
     _case(8, "pipe=2,fsdp=4", "zero3", 2, "circular", 2),             # M = P
+    # 1F1B (meshpar.parallel.onef1b): the same math, the backward pass its own loop.
+    _case(4, "pipe=2,data=4", "dp", 2, "1f1b"),                       # M = P, data manual
+    _case(4, "pipe=2,fsdp=2,tensor=2", "zero3", 4, "1f1b"),           # M = 2P, fsdp + tensor
+    _case(8, "pipe=2,data=2,tensor=2", "auto", 8, "interleaved-1f1b", 2),  # M = 4P, tensor
 ]
 
 
@@ -310,6 +314,8 @@ HLO_CASES = [_find(i) for i in (
     "gpt8-auto-pipe2,data2,tensor2-circular-v2-M4",
     "gpt4-zero3-pipe2,fsdp2,tensor2-gpipe-M4",
     "gpt4-zero1-pipe2,fsdp4-gpipe-M2",
+    "gpt4-dp-pipe2,data4-1f1b-M2",
+    "gpt8-auto-pipe2,data2,tensor2-interleaved-1f1b-v2-M8",
 )]
 
 
@@ -318,11 +324,16 @@ def test_step_loops_permute_over_pipe_and_never_all_reduce_over_a_batch_axis(cas
     ops = step_collectives(case)
     in_loop = [o for o in ops if o.in_loop]
     # The pipeline loop moves activations (forward) and cotangents (backward) between stages:
-    # one permute each way, run once per pipeline iteration.
+    # one permute each way, run once per pipeline iteration. 1F1B: one permute per forward-loop
+    # iteration, two (activations forward, gradients back) per tick of its backward loop.
     permutes = [o for o in in_loop if o.kind == "collective-permute"]
     assert permutes and all(o.mesh_axes == ("pipe",) for o in permutes), _describe(in_loop)
-    iterations = trainer_of(case).pipeline.iterations
-    assert {o.trip_count for o in permutes} == {iterations}, _describe(permutes)
+    pipeline = trainer_of(case).pipeline
+    if pipeline.schedule.one_f_one_b:
+        trips = sorted(o.trip_count for o in permutes)
+        assert trips == sorted([pipeline.iterations] + 2 * [pipeline.ticks]), _describe(permutes)
+    else:
+        assert {o.trip_count for o in permutes} == {pipeline.iterations}, _describe(permutes)
     # The design's pitfall: the weight gradient all-reduced over data (or over fsdp where it
     # replicates the weights) in every iteration. Never over data; over no manual batch axis.
     manual = manual_axes(case)
