@@ -33,6 +33,12 @@ over the stages and of the weight gradients over ``batch_axes`` (transposes of t
 "varying" made before the loop). Autodiff of the scan is the backward pipeline: the transposed
 ``ppermute`` shifts cotangents from stage ``s+1`` to ``s``, in reverse iteration order.
 
+Schedules. ``gpipe`` and ``circular`` get their backward pass from autodiff of this loop.
+``1f1b`` and ``interleaved-1f1b`` run this loop (with the gpipe or circular table) as the forward
+pass only, and their backward pass is a 1F1B loop of their own, a custom VJP of the whole
+pipeline whose memory is flat in ``M`` (:mod:`meshpar.parallel.onef1b`). Everything below about
+memory is about gpipe and circular.
+
 Memory (per device). Each iteration's stage computation is wrapped in ``jax.checkpoint``. With
 ``remat=True`` (policy: save nothing) autodiff of the loop keeps, per iteration, only that
 computation's inputs that change between iterations: the stage input ``x`` (one microbatch's

@@ -17,6 +17,16 @@ The schedules, with ``P`` stages, ``M`` microbatches and ``v`` repeats (``v = 1`
   and needs stage 0 again at ``(r+1)*M + m``, so the schedule needs ``M >= P`` (it waits in a
   buffer on stage 0 for ``M - P`` iterations). The bubble fraction falls from
   ``(P-1)/(M+P-1)`` to ``(P-1)/(v*M+P-1)``.
+* **1f1b** and **interleaved-1f1b** use the gpipe and circular layouts and forward tables; their
+  backward pass is its own loop (:mod:`meshpar.parallel.onef1b`), whose tick tables
+  :func:`onef1b_table` builds by running each stage's action list (PipeDream-flush, or
+  Megatron-LM's interleaved order) as early as its inputs arrive. They need ``M >= P`` (and, for
+  interleaved-1f1b, ``M`` a multiple of ``P``).
+
+Activations a pipeline keeps per device, in microbatch activations ``|x|``
+(:attr:`PipelineConfig.activation_slots`, :func:`activation_bound`): gpipe ``2M + P - 1``,
+circular ``(v+1)M + P - 1`` (linear in ``M``); 1f1b ``P + 1``, interleaved-1f1b about
+``(v+1)P`` (flat in ``M``).
 """
 
 from __future__ import annotations
