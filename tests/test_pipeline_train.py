@@ -586,6 +586,8 @@ def test_cli_inspect_reports_the_pipeline(capsys, extra, stages, layers_per_stag
     assert f"{microbatches} microbatches" in line, line
     assert f"{repeats * microbatches + stages - 1} iterations" in line, line
     assert f"bubble fraction (P-1)/(v*M+P-1) = {bubble:.3f}" in line, line
+    activations = next(line for line in out.splitlines() if line.startswith("pipeline activ"))
+    assert f"{(repeats + 1) * microbatches + stages - 1} microbatch activations" in activations
 
     assert meshpar.cli.main([*argv, "--json"]) == 0
     pipeline = json.loads(capsys.readouterr().out)["pipeline"]
@@ -594,6 +596,19 @@ def test_cli_inspect_reports_the_pipeline(capsys, extra, stages, layers_per_stag
     assert pipeline["repeats"] == repeats
     assert pipeline["bubble_fraction"] == pytest.approx(bubble, rel=1e-12)
     assert {"schedule", "layers", "layers_per_chunk", "iterations"} <= set(pipeline)
+
+
+def test_cli_inspect_reports_1f1b_beside_gpipe(capsys):
+    argv = ["inspect", *CLI_TINY, "--mesh", "pipe=4,data=2", "--microbatches", "8", "--layers",
+            "8", "--schedule", "interleaved-1f1b", "--repeats", "2"]
+    assert meshpar.cli.main(argv) == 0
+    out = capsys.readouterr().out
+    line = next(line for line in out.splitlines() if line.startswith("pipeline:"))
+    assert "interleaved-1f1b, 4 stages x 2 repeat(s)" in line, line
+    assert "19 iterations + 36 1F1B ticks, bubble fraction (idle stage-ticks) = 0.167" in line
+    activations = next(line for line in out.splitlines() if line.startswith("pipeline activ"))
+    assert ("12 microbatch activations (stash 10 + cotangent buffer 2, set by P=4 and v=2, flat "
+            "in M); gpipe at these microbatches: 19") in activations, activations
 
 
 def test_cli_inspect_without_a_pipe_axis_has_no_pipeline(capsys):

@@ -71,9 +71,9 @@ def inspect_main(args: argparse.Namespace) -> int:
                 f"{pipeline['repeats']} repeat(s), {pipeline['layers_per_stage']} layer(s) per "
                 f"stage ({pipeline['layers_per_chunk']} per chunk), {pipeline['microbatches']} "
                 f"microbatches, {pipeline['iterations']} iterations"
-                + (f" + {pipeline['ticks']} 1F1B ticks" if pipeline["ticks"] else "")
-                + f", bubble fraction {pipeline['bubble_fraction']:.3f}"
-                + ("" if pipeline["ticks"] else " = (P-1)/(v*M+P-1)")
+                + (f" + {pipeline['ticks']} 1F1B ticks, bubble fraction (idle stage-ticks) = "
+                   if pipeline["ticks"] else ", bubble fraction (P-1)/(v*M+P-1) = ")
+                + f"{pipeline['bubble_fraction']:.3f}"
             )
             print(
                 f"pipeline activations kept per device: {pipeline['activation_slots']} "

@@ -320,7 +320,7 @@ def plot_pipeline_schedule(configs: Any, /, path: str | os.PathLike | None = Non
     grids = [_schedule_cells(c) for c in configs]
     width = max(w for w, _ in grids)
     heights = [c.stages for c in configs]
-    fig = _figure(figsize=(max(6.0, 0.45 * width + 1.5), sum(0.5 * h + 1.0 for h in heights)))
+    fig = _figure(figsize=(max(6.0, 0.55 * width + 1.5), sum(0.5 * h + 1.0 for h in heights)))
     axes = fig.subplots(len(configs), 1, squeeze=False, gridspec_kw={"height_ratios": heights})
     for ax, config, (slots, rows) in zip(axes[:, 0], configs, grids):
         cmap = matplotlib.colormaps["tab10" if config.microbatches <= 10 else "tab20"]
