@@ -494,8 +494,16 @@ def explain_gpt(
             "from the remat recompute, its result being unused by the backward pass")
     if trainer.pipeline is not None:
         p = trainer.pipeline
-        report["notes"].append(
-            f"pipelined: the dot count includes the {p.stages - 1} bubble iteration(s) of each "
-            "stage that lax.cond skips at run time "
-            f"(x{p.iterations / (p.repeats * p.microbatches):.2f} over the work done)")
+        if p.schedule.one_f_one_b:
+            report["notes"].append(
+                f"pipelined ({p.schedule.value}): the dot count weights both lax.cond branches "
+                f"of every iteration: the forward loop's {p.iterations} iterations and the "
+                f"backward loop's {p.ticks} ticks (each with a forward and a recomputing "
+                f"backward), of which a stage idles a fraction {p.bubble_fraction:.3f} at run "
+                "time")
+        else:
+            report["notes"].append(
+                f"pipelined: the dot count includes the {p.stages - 1} bubble iteration(s) of "
+                "each stage that lax.cond skips at run time "
+                f"(x{p.iterations / (p.repeats * p.microbatches):.2f} over the work done)")
     return report
