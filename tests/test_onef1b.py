@@ -212,6 +212,8 @@ def test_config_errors():
     with pytest.raises(StrategyError, match=r"6 layers cannot be split into stages=2 x "
                                             r"repeats=2 = 4 equal chunks"):
         inter(2, 4).validate(6, 32, make_mesh(pipe=2, data=4))
+    with pytest.raises(StrategyError, match=r"remat=False does not apply"):
+        one(2, 4, remat=False)
     assert PipelineConfig(2, 4, Schedule.ONE_F_ONE_B).schedule is Schedule("1f1b")
     with pytest.raises(StrategyError, match="skip_bubbles=False"):
         pipeline_apply(stage_fn, stack_stages(make_layers(4), stages=2), jnp.ones((2, 8, 16)),

@@ -108,7 +108,8 @@ class PipelineConfig:
         repeats: ``v``, chunks per stage; 1 for gpipe and 1f1b, >= 2 for interleaved-1f1b.
         axis: the mesh axis the stages live on.
         remat: recompute each stage during the backward pass, keeping only its input per
-            iteration (see :mod:`meshpar.parallel.pipeline`). The 1F1B schedules always do.
+            iteration (see :mod:`meshpar.parallel.pipeline`). The 1F1B schedules always do
+            (``remat=False`` is refused there).
         batch_axes: mesh axes that split each microbatch's batch dimension while *replicating*
             the stage weights (data parallelism). The pipeline runs them as manual axes too, so
             that the weight gradient is summed over them once, after the loop, instead of being
@@ -172,6 +173,12 @@ class PipelineConfig:
                 f"PipelineConfig: schedule='interleaved-1f1b' runs microbatches in groups of "
                 f"stages={self.stages}, so microbatches must be a multiple of it, got "
                 f"microbatches={self.microbatches}"
+            )
+        if schedule.one_f_one_b and not self.remat:
+            raise StrategyError(
+                f"PipelineConfig: schedule='{name}' always recomputes each chunk's forward in its "
+                f"backward (only stage inputs are stashed), so remat=False does not apply; leave "
+                f"remat=True or use schedule='gpipe'/'circular'"
             )
         if not isinstance(self.axis, str) or not self.axis:
             raise StrategyError(f"PipelineConfig.axis={self.axis!r} must be a mesh axis name")
