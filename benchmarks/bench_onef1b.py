@@ -52,6 +52,12 @@ def main(argv: Sequence[str] | None = None) -> dict:
     p = _common.parser(__doc__)
     p.add_argument("--preset", default="tiny")
     p.add_argument("--layers", type=int, default=8)
+    p.add_argument("--d-model", type=int, default=None, help="override the preset's width "
+                   "(and its MLP width, 4x)")
+    p.add_argument("--seq-len", type=int, default=None)
+    p.add_argument("--schedules", nargs="*", default=["gpipe", "1f1b", "circular",
+                                                      "interleaved-1f1b"],
+                   help="schedules of the memory sweep (circular ones with v = 2)")
     p.add_argument("--mesh", default="pipe=4,data=2")
     p.add_argument("--mb", type=int, default=4, help="rows per microbatch")
     p.add_argument("--time-microbatches", type=int, nargs="*", default=[8],
@@ -72,6 +78,10 @@ def main(argv: Sequence[str] | None = None) -> dict:
     from meshpar.parallel.schedule import PipelineConfig
 
     cfg = get_preset(args.preset).replace(layers=args.layers)
+    if args.d_model:
+        cfg = cfg.replace(d_model=args.d_model, mlp_dim=4 * args.d_model)
+    if args.seq_len:
+        cfg = cfg.replace(seq_len=args.seq_len)
     pairs = [("gpipe", 1, "1f1b", 1), ("circular", 2, "interleaved-1f1b", 2)]
     report: dict = {"step_time": [], "memory": [], "budget": {}}
 
@@ -96,7 +106,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
                   flush=True)
 
     print("\n(b) memory per device (arguments + outputs + temporaries - aliased), MiB")
-    schedules = [("gpipe", 1), ("1f1b", 1), ("circular", 2), ("interleaved-1f1b", 2)]
+    schedules = [(s, 2 if s in ("circular", "interleaved-1f1b") else 1) for s in args.schedules]
     mem: dict = {}
     for m in args.memory_microbatches:
         batch = _batch(cfg, m * args.mb)
@@ -108,9 +118,10 @@ def main(argv: Sequence[str] | None = None) -> dict:
             cells.append(f"{s} {got['total'] / 2**20:7.2f} (temp {got['temp'] / 2**20:6.2f})")
         print(f"  M={m:3d}: " + " | ".join(cells), flush=True)
 
-    budget = mem[("gpipe", args.budget_microbatches)]["total"]
+    base = schedules[0][0]
+    budget = mem[(base, args.budget_microbatches)]["total"]
     stages = int(args.mesh.split("pipe=")[1].split(",")[0])
-    print(f"\n    budget = GPipe at M={args.budget_microbatches}: {budget / 2**20:.2f} MiB")
+    print(f"\n    budget = {base} at M={args.budget_microbatches}: {budget / 2**20:.2f} MiB")
     for s, v in schedules:
         fits = [m for m in args.memory_microbatches if mem[(s, m)]["total"] <= budget]
         best = max(fits) if fits else None

@@ -156,7 +156,6 @@ CASES = [
     _case(8, "pipe=2,fsdp=4", "zero3", 2, "circular", 2),             # M = P
     # 1F1B (meshpar.parallel.onef1b): the same math, the backward pass its own loop.
     _case(4, "pipe=2,data=4", "dp", 2, "1f1b"),                       # M = P, data manual
-    _case(4, "pipe=2,fsdp=2,tensor=2", "zero3", 4, "1f1b"),           # M = 2P, fsdp + tensor
     _case(8, "pipe=2,data=2,tensor=2", "auto", 8, "interleaved-1f1b", 2),  # M = 4P, tensor
 ]
 
