@@ -70,8 +70,7 @@ loop. Inside ``stage_fn``, :func:`meshpar.parallel.layout.constrain` leaves manu
 
 from __future__ import annotations
 
-import functools
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from typing import Any
 
 import jax

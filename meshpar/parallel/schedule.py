@@ -232,8 +232,8 @@ class PipelineConfig:
         circular without ``remat``, each stage's intermediates.
 
         Example:
-            >>> PipelineConfig(4, 32, "1f1b").activation_slots < PipelineConfig(4, 32).activation_slots
-            True
+            >>> PipelineConfig(4, 32, "1f1b").activation_slots, PipelineConfig(4, 32).activation_slots
+            (5, 67)
         """
         if self.schedule.one_f_one_b:
             table = onef1b_table(self)

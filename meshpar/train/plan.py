@@ -35,8 +35,8 @@ def _axes(v: Any) -> tuple:
     return tuple(v.get_metadata().get("out_sharding") or ())
 
 
-def pipeline_config(abs_params: nnx.State, /, *, mesh: Mesh, microbatches: int, schedule: "Schedule | str",
-                    repeats: int, zero_stage: int = 0):
+def pipeline_config(abs_params: nnx.State, /, *, mesh: Mesh, microbatches: int,
+                    schedule: Schedule | str, repeats: int, zero_stage: int = 0):
     """The pipeline for a mesh with a ``pipe`` axis of size > 1 (else ``None``), and the depth.
 
     Raises:
@@ -184,7 +184,7 @@ def plan_training(
     strategy: Strategy,
     tx: optax.GradientTransformation | None = None,
     microbatches: int = 1,
-    schedule: "Schedule | str" = "gpipe",
+    schedule: Schedule | str = "gpipe",
     repeats: int = 1,
     offload_optimizer: bool = False,
 ) -> TrainingPlan:
