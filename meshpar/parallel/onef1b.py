@@ -31,9 +31,9 @@ Structure: a ``jax.custom_vjp`` of the whole pipeline.
      interleaved schedule, a line for 1f1b).
 
   Each ``cond`` carries only what it changes (the backward one: the weight-gradient
-  accumulator), since a single ``lax.switch`` over all the state made XLA copy the buffers at
-  every tick (+30% time, measured when the design was tried). Idle ticks compute nothing
-  (``cond``, not ``where``), so no garbage (NaN) reaches a result.
+  accumulator): issue 16's feasibility study found that a single ``lax.switch`` over all the
+  state made XLA copy the buffers at every tick (+30% time; not re-measured here). Idle ticks
+  compute nothing (``cond``, not ``where``), so no garbage (NaN) reaches a result.
 
 Why a custom VJP and not a loop at train-step level: the layer stack is one call inside the
 user's model (:func:`meshpar.parallel.stack.scan_layers`), with the embedding before it and the
