@@ -53,6 +53,16 @@ activations of one microbatch (:attr:`~meshpar.parallel.schedule.PipelineConfig.
 backward tick, and the weight-gradient accumulator. Flat in ``M``; ``tests/test_onef1b.py``
 checks it in ``memory_analysis``.
 
+What that buys against meshpar's GPipe, honestly: GPipe here already rematerialises each
+iteration, so it keeps one stage input per iteration (``(v+1) x |x|`` per microbatch with the
+output buffer), not every intermediate of every microbatch as textbook GPipe does. The custom
+VJP must keep the stack's input ``xs`` as a residual (``1 x |x|`` per microbatch) and the output
+(another), so per microbatch 1F1B saves ``v - 1`` activations (interleaved) or about none (1f1b,
+v = 1) of what grows with ``M``; what it makes flat is the pipeline's own state beyond those
+boundary values (measured: the stack's gradient with ``xs`` and ``dys`` given, 1F1B's
+temporaries identical at M = 8 and 32, GPipe's growing). A flat *step* needs the loss head inside
+the loop (a train-step-level loop), which this design does not do.
+
 Collectives: inside the loop only the two ``ppermute``s (plus what ``tensor`` parallelism puts
 inside a stage). The weights are cast to "varying" over the batch axes before the loop and their
 gradient summed over them once after it; the input gradient is summed over the stages once.
