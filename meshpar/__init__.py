@@ -25,6 +25,7 @@ from meshpar.inspect.report import format_plan, plan_to_dict
 from meshpar.mesh import format_mesh, make_mesh, parse_mesh
 from meshpar.models.linen import from_linen
 from meshpar.parallel.layout import activate, constrain
+from meshpar.parallel.schedule import Schedule
 from meshpar.parallel.stack import scan_layers
 from meshpar.sharding.placement import (ShardingPlan, init_linen, init_nnx, plan_linen,
                                        plan_nnx_state)
@@ -37,7 +38,7 @@ from meshpar.train.loss import Ratio, Summed
 
 __all__ = [
     "DeviceEmulationError", "DiLoCoConfig", "DiLoCoTrainer", "Fallback", "IndivisibleError", "MeshError", "MeshparError",
-    "Ratio", "RuleConflictError", "RuleError", "Rules", "STRATEGIES", "ShardingPlan",
+    "Ratio", "RuleConflictError", "RuleError", "Rules", "STRATEGIES", "Schedule", "ShardingPlan",
     "StepMetrics", "Strategy", "StrategyError", "Summed", "TrainConfig", "Trainer", "TrainingError",
     "UnannotatedParameterError", "activate", "constrain",
     "emulate_devices", "format_mesh", "format_plan", "from_linen", "get_strategy", "init_linen",

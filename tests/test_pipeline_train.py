@@ -154,6 +154,9 @@ CASES = [
     _case(4, "pipe=2,fsdp=2,tensor=2", "zero3", 4),                   # M = 2P
     _case(4, "pipe=2,fsdp=4", "zero1", 2),                            # M = P
     _case(8, "pipe=2,fsdp=4", "zero3", 2, "circular", 2),             # M = P
+    # 1F1B (meshpar.parallel.onef1b): the same math, the backward pass its own loop.
+    _case(4, "pipe=2,data=4", "dp", 2, "1f1b"),                       # M = P, data manual
+    _case(8, "pipe=2,data=2,tensor=2", "auto", 8, "interleaved-1f1b", 2),  # M = 4P, tensor
 ]
 
 
@@ -310,6 +313,8 @@ HLO_CASES = [_find(i) for i in (
     "gpt8-auto-pipe2,data2,tensor2-circular-v2-M4",
     "gpt4-zero3-pipe2,fsdp2,tensor2-gpipe-M4",
     "gpt4-zero1-pipe2,fsdp4-gpipe-M2",
+    "gpt4-dp-pipe2,data4-1f1b-M2",
+    "gpt8-auto-pipe2,data2,tensor2-interleaved-1f1b-v2-M8",
 )]
 
 
@@ -318,11 +323,16 @@ def test_step_loops_permute_over_pipe_and_never_all_reduce_over_a_batch_axis(cas
     ops = step_collectives(case)
     in_loop = [o for o in ops if o.in_loop]
     # The pipeline loop moves activations (forward) and cotangents (backward) between stages:
-    # one permute each way, run once per pipeline iteration.
+    # one permute each way, run once per pipeline iteration. 1F1B: one permute per forward-loop
+    # iteration, two (activations forward, gradients back) per tick of its backward loop.
     permutes = [o for o in in_loop if o.kind == "collective-permute"]
     assert permutes and all(o.mesh_axes == ("pipe",) for o in permutes), _describe(in_loop)
-    iterations = trainer_of(case).pipeline.iterations
-    assert {o.trip_count for o in permutes} == {iterations}, _describe(permutes)
+    pipeline = trainer_of(case).pipeline
+    if pipeline.schedule.one_f_one_b:
+        trips = sorted(o.trip_count for o in permutes)
+        assert trips == sorted([pipeline.iterations] + 2 * [pipeline.ticks]), _describe(permutes)
+    else:
+        assert {o.trip_count for o in permutes} == {pipeline.iterations}, _describe(permutes)
     # The design's pitfall: the weight gradient all-reduced over data (or over fsdp where it
     # replicates the weights) in every iteration. Never over data; over no manual batch axis.
     manual = manual_axes(case)
@@ -575,6 +585,8 @@ def test_cli_inspect_reports_the_pipeline(capsys, extra, stages, layers_per_stag
     assert f"{microbatches} microbatches" in line, line
     assert f"{repeats * microbatches + stages - 1} iterations" in line, line
     assert f"bubble fraction (P-1)/(v*M+P-1) = {bubble:.3f}" in line, line
+    activations = next(line for line in out.splitlines() if line.startswith("pipeline activ"))
+    assert f"{(repeats + 1) * microbatches + stages - 1} microbatch activations" in activations
 
     assert meshpar.cli.main([*argv, "--json"]) == 0
     pipeline = json.loads(capsys.readouterr().out)["pipeline"]
@@ -583,6 +595,19 @@ def test_cli_inspect_reports_the_pipeline(capsys, extra, stages, layers_per_stag
     assert pipeline["repeats"] == repeats
     assert pipeline["bubble_fraction"] == pytest.approx(bubble, rel=1e-12)
     assert {"schedule", "layers", "layers_per_chunk", "iterations"} <= set(pipeline)
+
+
+def test_cli_inspect_reports_1f1b_beside_gpipe(capsys):
+    argv = ["inspect", *CLI_TINY, "--mesh", "pipe=4,data=2", "--microbatches", "8", "--layers",
+            "8", "--schedule", "interleaved-1f1b", "--repeats", "2"]
+    assert meshpar.cli.main(argv) == 0
+    out = capsys.readouterr().out
+    line = next(line for line in out.splitlines() if line.startswith("pipeline:"))
+    assert "interleaved-1f1b, 4 stages x 2 repeat(s)" in line, line
+    assert "19 iterations + 36 1F1B ticks, bubble fraction (idle stage-ticks) = 0.167" in line
+    activations = next(line for line in out.splitlines() if line.startswith("pipeline activ"))
+    assert ("12 microbatch activations (stash 10 + cotangent buffer 2, set by P=4 and v=2, flat "
+            "in M); gpipe at these microbatches: 19") in activations, activations
 
 
 def test_cli_inspect_without_a_pipe_axis_has_no_pipeline(capsys):

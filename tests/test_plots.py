@@ -129,3 +129,19 @@ def test_inspect_plots_refuses_a_pipeline_the_model_does_not_fit(tmp_path, capsy
     assert cli_main(full) == 2
     assert "divisible by 8" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
+
+
+def test_schedule_plot_for_1f1b(tmp_path):
+    configs = [PipelineConfig(stages=4, microbatches=8, schedule="1f1b"),
+               PipelineConfig(stages=4, microbatches=8, schedule="interleaved-1f1b", repeats=2)]
+    fig = plot_pipeline_schedule(configs, tmp_path / "p.png")
+    titles = [ax.get_title() for ax in fig.axes]
+    assert "backward pass: 20 ticks" in titles[0] and "5 activations kept" in titles[0], titles
+    assert "backward pass: 36 ticks" in titles[1] and "12 activations kept" in titles[1], titles
+    # One labelled cell per forward and backward: P*M*v - M forwards (the last chunk's is left
+    # to its backward) and P*M*v backwards.
+    labels = [[t.get_text() for t in ax.texts] for ax in fig.axes]
+    assert sum(x.startswith("F") for x in labels[0]) == 4 * 8 - 8
+    assert sum(x.startswith("B") for x in labels[1]) == 4 * 8 * 2
+    width, _ = _png(tmp_path / "p.png")
+    assert width > 1500  # 36 ticks wide

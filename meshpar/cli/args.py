@@ -13,6 +13,7 @@ from meshpar.axes import DILOCO, PIPE
 from meshpar.errors import UsageError
 from meshpar.mesh import make_mesh, parse_mesh
 from meshpar.models import GPTConfig, get_preset
+from meshpar.parallel.schedule import SCHEDULES
 from meshpar.sharding.strategy import Strategy, get_strategy
 from meshpar.train.diloco import DiLoCoConfig
 from meshpar.train.files import TOKEN_DTYPES
@@ -53,10 +54,12 @@ def _add_layout_args(p: argparse.ArgumentParser) -> None:
     _add_mesh_args(g)
     g.add_argument("--microbatches", type=int, default=1,
                    help="gradient-accumulation microbatches; with a pipe axis, the pipeline's")
-    g.add_argument("--schedule", choices=("gpipe", "circular"), default="gpipe",
-                   help="pipeline schedule when the mesh has a pipe axis (default gpipe)")
+    g.add_argument("--schedule", choices=SCHEDULES, default="gpipe",
+                   help="pipeline schedule when the mesh has a pipe axis (default gpipe); 1f1b and "
+                        "interleaved-1f1b keep activation memory flat in --microbatches")
     g.add_argument("--repeats", type=int, default=1,
-                   help="layer chunks per stage for the circular schedule (default 1)")
+                   help="layer chunks per stage for the circular and interleaved-1f1b schedules "
+                        "(default 1)")
     g.add_argument("--batch-size", type=int, default=32, help="global batch size (default 32)")
     g.add_argument("--cpu-devices", type=int, default=8,
                    help="CPU devices to emulate (default 8; only the CPU backend is affected)")
@@ -218,6 +221,10 @@ def mesh_and_strategy(args: argparse.Namespace) -> tuple[Mesh, Strategy]:
             f"--schedule {args.schedule} --repeats {args.repeats} need a pipe axis of size > 1 "
             f"in the mesh, e.g. --mesh pipe=2,{args.mesh}"
         )
-    if args.schedule == "gpipe" and args.repeats != 1:
-        raise UsageError(f"--repeats {args.repeats} needs --schedule circular")
+    if args.schedule in ("gpipe", "1f1b") and args.repeats != 1:
+        other = "circular" if args.schedule == "gpipe" else "interleaved-1f1b"
+        raise UsageError(f"--repeats {args.repeats} needs --schedule {other}")
+    if args.schedule == "interleaved-1f1b" and args.repeats < 2:
+        raise UsageError(f"--schedule interleaved-1f1b needs --repeats >= 2, got --repeats "
+                         f"{args.repeats}; use --schedule 1f1b for one chunk per stage")
     return mesh, strategy.for_mesh(mesh)

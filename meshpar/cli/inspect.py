@@ -28,6 +28,7 @@ from meshpar.inspect.explain_text import format_explain
 from meshpar.inspect.report import format_plan, plan_to_dict
 from meshpar.mesh import format_mesh, make_mesh
 from meshpar.models import GPT, lm_loss
+from meshpar.parallel.schedule import PipelineConfig, activation_bound
 from meshpar.train import TrainConfig
 from meshpar.train.data import TokenBatches
 from meshpar.train.diloco import DiLoCoTrainer
@@ -87,8 +88,15 @@ def inspect_main(args: argparse.Namespace) -> int:
                 f"pipeline: {pipeline['schedule']}, {pipeline['stages']} stages x "
                 f"{pipeline['repeats']} repeat(s), {pipeline['layers_per_stage']} layer(s) per "
                 f"stage ({pipeline['layers_per_chunk']} per chunk), {pipeline['microbatches']} "
-                f"microbatches, {pipeline['iterations']} iterations, bubble fraction "
-                f"(P-1)/(v*M+P-1) = {pipeline['bubble_fraction']:.3f}"
+                f"microbatches, {pipeline['iterations']} iterations"
+                + (f" + {pipeline['ticks']} 1F1B ticks, bubble fraction (idle stage-ticks) = "
+                   if pipeline["ticks"] else ", bubble fraction (P-1)/(v*M+P-1) = ")
+                + f"{pipeline['bubble_fraction']:.3f}"
+            )
+            print(
+                f"pipeline activations kept per device: {pipeline['activation_slots']} "
+                f"microbatch activations ({pipeline['activation_bound']}); gpipe at these "
+                f"microbatches: {pipeline['gpipe_activation_slots']}"
             )
         if compiled is not None:
             print()
@@ -111,10 +119,12 @@ def _pipeline_summary(layout) -> dict | None:
         return None
     chunk = p.layers_per_chunk(layout.num_layers)
     return {
-        "schedule": p.schedule, "stages": p.stages, "repeats": p.repeats,
+        "schedule": p.schedule.value, "stages": p.stages, "repeats": p.repeats,
         "microbatches": p.microbatches, "layers": layout.num_layers,
         "layers_per_stage": chunk * p.repeats, "layers_per_chunk": chunk,
-        "iterations": p.iterations, "bubble_fraction": p.bubble_fraction,
+        "iterations": p.iterations, "ticks": p.ticks, "bubble_fraction": p.bubble_fraction,
+        "activation_slots": p.activation_slots, "activation_bound": activation_bound(p),
+        "gpipe_activation_slots": PipelineConfig(p.stages, p.microbatches).activation_slots,
     }
 
 

@@ -275,6 +275,11 @@ def _tensor_checks(f: Facts) -> None:
     if not (f.d_model and f.n_tensor > 1 and f.layers):
         return
     p = f.pipeline
+    if p is not None and p.schedule.one_f_one_b:
+        f.notes.append(
+            f"TP collectives of the {p.schedule.value} schedule are not predicted here: its "
+            "backward loop recomputes each chunk inside jax.vjp (see meshpar.parallel.onef1b)")
+        return
     if p is None:
         runs, unit = f.layers, f.b / f.batch_ways * f.t * f.d_model * f.act_bytes
         per_layer = f"x {f.layers} layers x B_dev·T·D ({human_bytes(unit)})"
@@ -326,10 +331,17 @@ def _pipeline_checks(f: Facts) -> None:
         return
     micro = f.b / p.microbatches / f.batch_ways * f.t * f.d_model * f.act_bytes
     micro /= f.n_tensor if f.strategy.sequence_parallel else 1
-    f.check("pipeline collective-permutes",
-            f"2 x {p.iterations} iterations x one microbatch ({human_bytes(micro)}): forward "
-            "shift and its transpose", 2 * p.iterations * micro,
-            f.volume((_CP,), lambda a: tuple(a) == (PIPE,)))
+    if p.schedule.one_f_one_b:
+        f.check("pipeline collective-permutes",
+                f"({p.iterations} forward iterations + 2 x {p.ticks} 1F1B ticks) x one "
+                f"microbatch ({human_bytes(micro)}): the forward shift, then activations forward "
+                "and gradients back at every tick", (p.iterations + 2 * p.ticks) * micro,
+                f.volume((_CP,), lambda a: tuple(a) == (PIPE,)))
+    else:
+        f.check("pipeline collective-permutes",
+                f"2 x {p.iterations} iterations x one microbatch ({human_bytes(micro)}): "
+                "forward shift and its transpose", 2 * p.iterations * micro,
+                f.volume((_CP,), lambda a: tuple(a) == (PIPE,)))
     # The outputs leave the loop through one psum over the stages; its transpose in the
     # backward pass sums the input gradient over the stages. Scalars ride along.
     f.check("pipeline output + input-gradient all-reduces over pipe",

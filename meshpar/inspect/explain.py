@@ -110,8 +110,10 @@ def explain(
             "microbatches": trainer.config.microbatches, "precision": trainer.config.precision,
             "batch": [f.b, f.t],
             "pipeline": None if p is None else {
-                "schedule": p.schedule, "stages": p.stages, "repeats": p.repeats,
-                "iterations": p.iterations},
+                "schedule": p.schedule.value, "stages": p.stages, "repeats": p.repeats,
+                "iterations": p.iterations, "ticks": p.ticks,
+                "bubble_fraction": p.bubble_fraction,
+                "activation_slots": p.activation_slots},
         },
         "model": {
             "params": int(sum(math.prod(e.shape) for e in f.plan.entries)),
@@ -180,8 +182,16 @@ def explain_gpt(
             "from the remat recompute, its result being unused by the backward pass")
     if trainer.pipeline is not None:
         p = trainer.pipeline
-        report["notes"].append(
-            f"pipelined: the dot count includes the {p.stages - 1} bubble iteration(s) of each "
-            "stage that lax.cond skips at run time "
-            f"(x{p.iterations / (p.repeats * p.microbatches):.2f} over the work done)")
+        if p.schedule.one_f_one_b:
+            report["notes"].append(
+                f"pipelined ({p.schedule.value}): the dot count weights both lax.cond branches "
+                f"of every iteration: the forward loop's {p.iterations} iterations and the "
+                f"backward loop's {p.ticks} ticks (each with a forward and a recomputing "
+                f"backward), of which a stage idles a fraction {p.bubble_fraction:.3f} at run "
+                "time")
+        else:
+            report["notes"].append(
+                f"pipelined: the dot count includes the {p.stages - 1} bubble iteration(s) of "
+                "each stage that lax.cond skips at run time "
+                f"(x{p.iterations / (p.repeats * p.microbatches):.2f} over the work done)")
     return report

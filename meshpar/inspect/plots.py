@@ -29,7 +29,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.patches import Patch, Rectangle
 
-from meshpar.parallel.schedule import repeat_table, schedule_table
+from meshpar.parallel.schedule import onef1b_table, repeat_table, schedule_table
 from meshpar.sharding.strategy import get_strategy
 from meshpar.train.plan import plan_training
 
@@ -253,68 +253,105 @@ def _unit(n: float) -> tuple[float, str]:
     return 1.0, "B"
 
 
+def _schedule_cells(config) -> tuple[int, list[list[tuple[str, int, int, str] | None]]]:
+    # Per stage and slot: (kind "F"/"B", microbatch, repeat, label) or None for idle.
+    if config.schedule.one_f_one_b:
+        t = onef1b_table(config)
+        rows = []
+        for s in range(config.stages):
+            row = []
+            for k in range(t.ticks):
+                if t.forward_mb[s, k] >= 0:
+                    m, r, kind = int(t.forward_mb[s, k]), int(t.forward_rep[s, k]), "F"
+                elif t.backward_mb[s, k] >= 0:
+                    m, r, kind = int(t.backward_mb[s, k]), int(t.backward_rep[s, k]), "B"
+                else:
+                    row.append(None)
+                    continue
+                label = f"{kind}{m}" + (f"\nr{r}" if config.repeats > 1 else "")
+                row.append((kind, m, r, label))
+            rows.append(row)
+        return t.ticks, rows
+    micro, rep = schedule_table(config), repeat_table(config)
+    rows = [[None if micro[s, k] < 0 else
+             ("F", int(micro[s, k]), int(rep[s, k]),
+              f"m{micro[s, k]}\nr{rep[s, k]}" if config.repeats > 1 else f"m{micro[s, k]}")
+             for k in range(config.iterations)] for s in range(config.stages)]
+    return config.iterations, rows
+
+
+def _schedule_title(config) -> str:
+    head = f"P={config.stages} stages, M={config.microbatches} microbatches"
+    if config.schedule.one_f_one_b:
+        kind = config.schedule.value + (f", v={config.repeats}" if config.repeats > 1 else "")
+        return (f"{kind}: {head}; backward pass: {config.ticks} ticks, one forward (F) or one "
+                f"backward (B, recomputing its forward) per stage per tick, after a "
+                f"{config.iterations}-iteration forward loop; idle {config.bubble_fraction:.3f}, "
+                f"{config.activation_slots} activations kept (flat in M)")
+    kind = (f"circular, v={config.repeats} repeats (a cell runs 1/v of a stage's layers)"
+            if config.repeats > 1 else config.schedule.value)
+    return (f"{kind}: {head}, {config.iterations} iterations, bubble fraction (P-1)/(vM+P-1) = "
+            f"{config.bubble_fraction:.3f}, {config.activation_slots} activations kept")
+
+
 def plot_pipeline_schedule(configs: Any, /, path: str | os.PathLike | None = None, *,
                            title: str = ""):
-    """The schedule of one or more pipelines: stage x iteration, microbatch per cell.
+    """The schedule of one or more pipelines: stage x iteration (or tick), microbatch per cell.
 
     Args:
         configs: a :class:`meshpar.parallel.schedule.PipelineConfig`, or a sequence of them (one panel
-            each, e.g. GPipe above circular).
+            each, e.g. GPipe above 1F1B).
         path: where to write the PNG (optional).
         title: the figure title.
 
-    Each cell is the microbatch that stage computes at that iteration (``m3`` or, for the
-    circular schedule, ``m3 r1``: microbatch 3 on its second trip round the stages, i.e. layer
-    chunk ``r*stages + s``). Colours follow the microbatch, later repeats are lighter, and
-    bubbles are hatched grey.
+    GPipe and circular: each cell is the microbatch that stage computes at that iteration (``m3``
+    or, for the circular schedule, ``m3 r1``: microbatch 3 on its second trip round the stages,
+    i.e. layer chunk ``r*stages + s``); autodiff runs the same table backwards. 1F1B schedules:
+    the ticks of the backward loop (:func:`meshpar.parallel.schedule.onef1b_table`), ``F3`` a
+    forward and ``B3`` a backward (hatched) of microbatch 3. Colours follow the microbatch, later
+    repeats are lighter, and idle cells are hatched grey.
 
     Example:
-        >>> plot_pipeline_schedule(PipelineConfig(stages=4, microbatches=8, schedule="circular",
-        ...                                       repeats=2), "schedule.png")   # doctest: +SKIP
+        >>> plot_pipeline_schedule([PipelineConfig(stages=4, microbatches=8),
+        ...                         PipelineConfig(stages=4, microbatches=8, schedule="1f1b")],
+        ...                        "schedule.png")   # doctest: +SKIP
     """
     configs = [configs] if not isinstance(configs, (list, tuple)) else list(configs)
-    width = max(c.iterations for c in configs)
+    grids = [_schedule_cells(c) for c in configs]
+    width = max(w for w, _ in grids)
     heights = [c.stages for c in configs]
     fig = _figure(figsize=(max(6.0, 0.55 * width + 1.5), sum(0.5 * h + 1.0 for h in heights)))
     axes = fig.subplots(len(configs), 1, squeeze=False, gridspec_kw={"height_ratios": heights})
-    for ax, config in zip(axes[:, 0], configs):
-        micro, rep = schedule_table(config), repeat_table(config)
+    for ax, config, (slots, rows) in zip(axes[:, 0], configs, grids):
         cmap = matplotlib.colormaps["tab10" if config.microbatches <= 10 else "tab20"]
-        circular = config.repeats > 1
-        for s in range(config.stages):
-            for t in range(config.iterations):
-                m, r = int(micro[s, t]), int(rep[s, t])
+        for s, row in enumerate(rows):
+            for t, cell in enumerate(row):
                 y = config.stages - 1 - s
-                if m < 0:
+                if cell is None:
                     # Hatch lines take the edge colour: a grey hatch, then a white cell border.
                     ax.add_patch(Rectangle((t, y), 1, 1, facecolor=_BUBBLE, edgecolor="#9a9a9a",
                                            hatch="///", linewidth=0))
                     ax.add_patch(Rectangle((t, y), 1, 1, fill=False, edgecolor="white",
                                            linewidth=1.5))
                     continue
+                kind, m, r, label = cell
                 # Later trips round the ring: the same microbatch colour, lighter.
                 ax.add_patch(Rectangle((t, y), 1, 1, facecolor=cmap(m % cmap.N),
                                        alpha=1.0 if r == 0 else 0.45, edgecolor="white",
-                                       linewidth=1.5))
-                ax.text(t + 0.5, y + 0.5, f"m{m}\nr{r}" if circular else f"m{m}",
-                        ha="center", va="center", fontsize=7, fontweight="bold",
-                        color="white" if r == 0 else "black")
+                                       linewidth=1.5, hatch="..." if kind == "B" else None))
+                ax.text(t + 0.5, y + 0.5, label, ha="center", va="center", fontsize=7,
+                        fontweight="bold", color="white" if r == 0 else "black")
         ax.set_xlim(0, width)
         ax.set_ylim(0, config.stages)
         ax.set_yticks(np.arange(config.stages) + 0.5)
         ax.set_yticklabels([f"stage {s}" for s in reversed(range(config.stages))], fontsize=8)
-        ax.set_xticks(np.arange(config.iterations) + 0.5)
-        ax.set_xticklabels([str(t) for t in range(config.iterations)], fontsize=7)
-        ax.set_xlabel("iteration", fontsize=8)
+        ax.set_xticks(np.arange(slots) + 0.5)
+        ax.set_xticklabels([str(t) for t in range(slots)], fontsize=7)
+        ax.set_xlabel("tick" if config.schedule.one_f_one_b else "iteration", fontsize=8)
         ax.tick_params(length=0)
         for side in ax.spines.values():
             side.set_visible(False)
-        kind = (f"circular, v={config.repeats} repeats (a cell runs 1/v of a stage's layers)"
-                if circular else config.schedule)
-        ax.set_title(
-            f"{kind}: P={config.stages} stages, M={config.microbatches} microbatches, "
-            f"{config.iterations} iterations, bubble fraction (P-1)/(vM+P-1) = "
-            f"{config.bubble_fraction:.3f}", fontsize=9)
+        ax.set_title(_schedule_title(config), fontsize=9)
     axes[-1, 0].legend(handles=[Patch(facecolor=_BUBBLE, edgecolor="#9a9a9a", hatch="///",
                                       label="bubble (idle)")],
                        loc="upper left", bbox_to_anchor=(1.0, 1.0), fontsize=8, frameon=False)

@@ -33,6 +33,12 @@ over the stages and of the weight gradients over ``batch_axes`` (transposes of t
 "varying" made before the loop). Autodiff of the scan is the backward pipeline: the transposed
 ``ppermute`` shifts cotangents from stage ``s+1`` to ``s``, in reverse iteration order.
 
+Schedules. ``gpipe`` and ``circular`` get their backward pass from autodiff of this loop.
+``1f1b`` and ``interleaved-1f1b`` run this loop (with the gpipe or circular table) as the forward
+pass only, and their backward pass is a 1F1B loop of their own, a custom VJP of the whole
+pipeline whose memory is flat in ``M`` (:mod:`meshpar.parallel.onef1b`). Everything below about
+memory is about gpipe and circular.
+
 Memory (per device). Each iteration's stage computation is wrapped in ``jax.checkpoint``. With
 ``remat=True`` (policy: save nothing) autodiff of the loop keeps, per iteration, only that
 computation's inputs that change between iterations: the stage input ``x`` (one microbatch's
@@ -64,8 +70,7 @@ loop. Inside ``stage_fn``, :func:`meshpar.parallel.layout.constrain` leaves manu
 
 from __future__ import annotations
 
-import functools
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -74,7 +79,9 @@ import numpy as np
 from jax.sharding import Mesh, PartitionSpec
 
 from meshpar.errors import StrategyError
-from meshpar.parallel.schedule import PipelineConfig, repeat_table, schedule_table
+from meshpar.parallel.onef1b import onef1b_apply
+from meshpar.parallel.schedule import PipelineConfig, Schedule, repeat_table, schedule_table
+from meshpar.parallel.varying import cast_varying, psum_wide
 
 __all__ = [
     "PipelineConfig",
@@ -125,7 +132,8 @@ def stack_stages(layer_tree: PyTree, /, *, stages: int, repeats: int = 1) -> PyT
         Array([[[0., 1.], [2., 3.]], [[4., 5.], [6., 7.]]], dtype=float32)
     """
     config = PipelineConfig(stages=stages, microbatches=max(stages, 1),
-                            schedule="gpipe" if repeats == 1 else "circular", repeats=repeats)
+                            schedule=Schedule.GPIPE if repeats == 1 else Schedule.CIRCULAR,
+                            repeats=repeats)
     dims = _leading_dims(layer_tree, "stack_stages")
     layers = {shape[0] if shape else None for _, shape in dims}
     if None in layers or len(layers) != 1:
@@ -151,7 +159,7 @@ def unstack_stages(stage_tree: PyTree, /, *, stages: int, repeats: int = 1) -> P
         (8, 3)
     """
     PipelineConfig(stages=stages, microbatches=max(stages, 1),
-                   schedule="gpipe" if repeats == 1 else "circular", repeats=repeats)
+                   schedule=Schedule.GPIPE if repeats == 1 else Schedule.CIRCULAR, repeats=repeats)
     lead = (stages,) if repeats == 1 else (repeats, stages)
     n = len(lead) + 1
     for path, shape in _leading_dims(stage_tree, "unstack_stages"):
@@ -163,54 +171,6 @@ def unstack_stages(stage_tree: PyTree, /, *, stages: int, repeats: int = 1) -> P
     return jax.tree.map(
         lambda a: a.reshape(int(np.prod(np.shape(a)[:n])), *np.shape(a)[n:]), stage_tree
     )
-
-
-def _needs_wide_psum(dtype, mesh: Mesh) -> bool:
-    # XLA:CPU (jaxlib 0.10.2) aborts the process ("Invalid binary instruction opcode copy") on a
-    # bf16 psum in a partial-manual shard_map; f16 and full-manual are fine. Sum such values in
-    # float32 there. Exact here: each psum adds one contribution to zeros (outputs) or sums
-    # gradients that are then rounded once.
-    return (jnp.issubdtype(dtype, jnp.floating) and jnp.dtype(dtype).itemsize < 4
-            and mesh.devices.flat[0].platform == "cpu")
-
-
-def _psum(x: jax.Array, axes: tuple[str, ...], mesh: Mesh) -> jax.Array:
-    if _needs_wide_psum(x.dtype, mesh):
-        return jax.lax.psum(x.astype(jnp.float32), axes).astype(x.dtype)
-    return jax.lax.psum(x, axes)
-
-
-def _vary(tree: PyTree, axes: Sequence[str], mesh: Mesh) -> PyTree:
-    # Mark values as varying over the manual axes *before* the loop. A loop carry must vary over
-    # every axis its update varies over, and a value cast inside the loop would put the cast's
-    # transpose (a psum) inside every backward iteration.
-    def cast(a):
-        have = jax.typeof(a).manual_axis_type.varying
-        missing = tuple(ax for ax in axes if ax not in have)
-        if not missing:
-            return a
-        if _needs_wide_psum(a.dtype, mesh):
-            return _pvary_wide_transpose(a, missing, mesh)
-        return jax.lax.pcast(a, missing, to="varying")
-
-    return jax.tree.map(cast, tree)
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2))
-def _pvary_wide_transpose(a: jax.Array, axes: tuple[str, ...], mesh: Mesh) -> jax.Array:
-    # pcast to varying whose transpose (the psum of the cotangent) runs in float32.
-    return jax.lax.pcast(a, axes, to="varying")
-
-
-def _pvary_fwd(a, axes, mesh):
-    return jax.lax.pcast(a, axes, to="varying"), None
-
-
-def _pvary_bwd(axes, mesh, _, ct):
-    return (_psum(ct, axes, mesh),)
-
-
-_pvary_wide_transpose.defvjp(_pvary_fwd, _pvary_bwd)
 
 
 def _check_args(stage_params: PyTree, inputs: jax.Array, mesh: Mesh, config: PipelineConfig):
@@ -294,6 +254,11 @@ def pipeline_apply(
         (4, 8, 16)
     """
     _check_args(stage_params, inputs, mesh, config)
+    if config.schedule.one_f_one_b and not skip_bubbles:
+        raise StrategyError(
+            f"pipeline_apply: skip_bubbles=False is a GPipe/circular benchmark option; the "
+            f"schedule={config.schedule.value!r} loop always skips idle ticks"
+        )
     n_stages, v, axis = config.stages, config.repeats, config.axis
     manual = (axis, *config.batch_axes)
     mb_table = schedule_table(config)                      # [P, T]
@@ -324,8 +289,8 @@ def pipeline_apply(
     def local(params, xs):
         # Drop this stage's size-1 slot of the stage dimension: [c, ...] or [v, c, ...].
         params = jax.tree.map(lambda a: a[0] if v == 1 else a[:, 0], params)
-        params = _vary(params, manual, mesh)
-        buf = _vary(xs, manual, mesh)
+        params = cast_varying(params, manual, mesh)
+        buf = cast_varying(xs, manual, mesh)
         stage = jax.lax.axis_index(axis)
         fill = None if bubble_fill is None else jnp.asarray(bubble_fill, xs.dtype)
         chunk_of = (lambda p, r: p) if v == 1 else (
@@ -381,15 +346,19 @@ def pipeline_apply(
         incoming = jnp.zeros_like(buf[0])
         (incoming, buf), _ = jax.lax.scan(step, (incoming, buf), per_step)
         buf = buf.at[final_slot].set(incoming)
-        return _psum(jnp.where(stage == 0, buf, jnp.zeros_like(buf)), (axis,), mesh)
+        return psum_wide(jnp.where(stage == 0, buf, jnp.zeros_like(buf)), (axis,), mesh)
 
-    return jax.shard_map(
+    forward = jax.shard_map(
         local,
         mesh=mesh,
         in_specs=(param_spec, act_spec),
         out_specs=act_spec,
         axis_names=set(manual),
-    )(stage_params, inputs)
+    )
+    if not config.schedule.one_f_one_b:
+        return forward(stage_params, inputs)
+    return onef1b_apply(run_chunk, forward, stage_params, inputs, mesh=mesh, config=config,
+                        param_spec=param_spec, act_spec=act_spec, bubble_fill=bubble_fill)
 
 
 # --- compiled-program check -------------------------------------------------------------------

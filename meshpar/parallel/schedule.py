@@ -17,20 +17,74 @@ The schedules, with ``P`` stages, ``M`` microbatches and ``v`` repeats (``v = 1`
   and needs stage 0 again at ``(r+1)*M + m``, so the schedule needs ``M >= P`` (it waits in a
   buffer on stage 0 for ``M - P`` iterations). The bubble fraction falls from
   ``(P-1)/(M+P-1)`` to ``(P-1)/(v*M+P-1)``.
+* **1f1b** and **interleaved-1f1b** use the gpipe and circular layouts and forward tables; their
+  backward pass is its own loop (:mod:`meshpar.parallel.onef1b`), whose tick tables
+  :func:`onef1b_table` builds by running each stage's action list (PipeDream-flush, or
+  Megatron-LM's interleaved order) as early as its inputs arrive. They need ``M >= P`` (and, for
+  interleaved-1f1b, ``M`` a multiple of ``P``).
+
+Activations a pipeline keeps per device, in microbatch activations ``|x|``
+(:attr:`PipelineConfig.activation_slots`, :func:`activation_bound`): gpipe ``2M + P - 1``,
+circular ``(v+1)M + P - 1`` (linear in ``M``); 1f1b ``P + 1``, interleaved-1f1b about
+``(v+1)P`` (flat in ``M``).
 """
 
 from __future__ import annotations
 
 import dataclasses
-from typing import Literal
+import enum
+import functools
 
 import numpy as np
 
 from meshpar.axes import PIPE
 from meshpar.errors import StrategyError, is_int
 
-Schedule = Literal["gpipe", "circular"]
-SCHEDULES: tuple[str, ...] = ("gpipe", "circular")
+
+class Schedule(str, enum.Enum):
+    """A pipeline schedule. ``str``-valued, so ``Schedule("1f1b")`` and the CLI strings work.
+
+    Example:
+        >>> Schedule("interleaved-1f1b").one_f_one_b, Schedule.GPIPE == "gpipe"
+        (True, True)
+    """
+
+    GPIPE = "gpipe"
+    CIRCULAR = "circular"
+    ONE_F_ONE_B = "1f1b"
+    INTERLEAVED_1F1B = "interleaved-1f1b"
+
+    @property
+    def one_f_one_b(self) -> bool:
+        """Whether the backward pass runs the 1F1B loop (:mod:`meshpar.parallel.onef1b`)."""
+        return self in (Schedule.ONE_F_ONE_B, Schedule.INTERLEAVED_1F1B)
+
+    @property
+    def interleaved(self) -> bool:
+        """Whether each stage holds ``repeats`` chunks of layers (circular, interleaved-1f1b)."""
+        return self in (Schedule.CIRCULAR, Schedule.INTERLEAVED_1F1B)
+
+    def __str__(self) -> str:
+        return self.value
+
+
+SCHEDULES: tuple[str, ...] = tuple(s.value for s in Schedule)
+
+
+def parse_schedule(value: object, *, what: str = "schedule") -> Schedule:
+    """``value`` as a :class:`Schedule`.
+
+    Raises:
+        StrategyError: ``value`` names no schedule.
+
+    Example:
+        >>> parse_schedule("1f1b")
+        <Schedule.ONE_F_ONE_B: '1f1b'>
+    """
+    try:
+        return Schedule(value)
+    except ValueError:
+        raise StrategyError(f"{what}={value!r}; expected one of {SCHEDULES}") from None
 
 
 def _check_int(name: str, value: object, minimum: int) -> int:
@@ -46,12 +100,16 @@ class PipelineConfig:
     Attributes:
         stages: pipeline stages ``P``; the size of the ``axis`` mesh axis.
         microbatches: microbatches ``M`` the batch is split into.
-        schedule: ``"gpipe"`` or ``"circular"`` (each stage holds ``repeats`` chunks of layers
-            and microbatches go round the ring ``repeats`` times).
-        repeats: ``v``, chunks per stage; must be 1 for gpipe.
+        schedule: a :class:`Schedule` (or its string): ``"gpipe"``, ``"circular"`` (each stage
+            holds ``repeats`` chunks of layers and microbatches go round the ring ``repeats``
+            times), ``"1f1b"`` or ``"interleaved-1f1b"`` (the same layouts, the backward pass run
+            as a one-forward-one-backward loop whose memory is flat in ``M``; see
+            :mod:`meshpar.parallel.onef1b`).
+        repeats: ``v``, chunks per stage; 1 for gpipe and 1f1b, >= 2 for interleaved-1f1b.
         axis: the mesh axis the stages live on.
         remat: recompute each stage during the backward pass, keeping only its input per
-            iteration (see :mod:`meshpar.parallel.pipeline`).
+            iteration (see :mod:`meshpar.parallel.pipeline`). The 1F1B schedules always do
+            (``remat=False`` is refused there).
         batch_axes: mesh axes that split each microbatch's batch dimension while *replicating*
             the stage weights (data parallelism). The pipeline runs them as manual axes too, so
             that the weight gradient is summed over them once, after the loop, instead of being
@@ -59,8 +117,10 @@ class PipelineConfig:
             ``tensor``): they stay automatic inside each stage.
 
     Raises:
-        StrategyError: a field out of range, ``repeats != 1`` for gpipe, or a circular schedule
-            with ``repeats > 1`` and fewer microbatches than stages.
+        StrategyError: a field out of range, an unknown schedule, ``repeats != 1`` for gpipe or
+            1f1b, ``repeats < 2`` for interleaved-1f1b, fewer microbatches than stages for a
+            circular schedule with ``repeats > 1`` or for a 1F1B schedule, or, for
+            interleaved-1f1b, microbatches not a multiple of stages.
 
     Example:
         >>> cfg = PipelineConfig(stages=4, microbatches=8, schedule="circular", repeats=2)
@@ -70,7 +130,7 @@ class PipelineConfig:
 
     stages: int
     microbatches: int
-    schedule: Schedule = "gpipe"
+    schedule: Schedule = Schedule.GPIPE
     repeats: int = 1
     axis: str = PIPE
     remat: bool = True
@@ -80,21 +140,45 @@ class PipelineConfig:
         _check_int("stages", self.stages, 1)
         _check_int("microbatches", self.microbatches, 1)
         _check_int("repeats", self.repeats, 1)
-        if self.schedule not in SCHEDULES:
+        schedule = parse_schedule(self.schedule, what="PipelineConfig.schedule")
+        object.__setattr__(self, "schedule", schedule)
+        name = schedule.value
+        if schedule in (Schedule.GPIPE, Schedule.ONE_F_ONE_B) and self.repeats != 1:
+            other = "circular" if schedule is Schedule.GPIPE else "interleaved-1f1b"
             raise StrategyError(
-                f"PipelineConfig.schedule={self.schedule!r}; expected one of {SCHEDULES}"
+                f"PipelineConfig: schedule='{name}' runs each stage's layers once, so repeats must "
+                f"be 1, got repeats={self.repeats}; use schedule='{other}' for repeats > 1"
             )
-        if self.schedule == "gpipe" and self.repeats != 1:
+        if schedule is Schedule.INTERLEAVED_1F1B and self.repeats < 2:
             raise StrategyError(
-                f"PipelineConfig: schedule='gpipe' runs each stage's layers once, so repeats must "
-                f"be 1, got repeats={self.repeats}; use schedule='circular' for repeats > 1"
+                f"PipelineConfig: schedule='interleaved-1f1b' needs repeats >= 2 chunks per stage, "
+                f"got repeats={self.repeats}; use schedule='1f1b' for one chunk per stage"
             )
-        if self.schedule == "circular" and self.repeats > 1 and self.microbatches < self.stages:
+        if schedule is Schedule.CIRCULAR and self.repeats > 1 and self.microbatches < self.stages:
             raise StrategyError(
                 f"PipelineConfig: the circular schedule needs microbatches >= stages (a "
                 f"microbatch leaving the last stage must find stage 0 free of the first pass), "
                 f"got microbatches={self.microbatches} < stages={self.stages}; use at least "
                 f"{self.stages} microbatches or the gpipe schedule"
+            )
+        if schedule.one_f_one_b and self.microbatches < self.stages:
+            raise StrategyError(
+                f"PipelineConfig: schedule='{name}' needs microbatches >= stages (its warm-up "
+                f"fills the pipeline with one microbatch per stage), got microbatches="
+                f"{self.microbatches} < stages={self.stages}; use at least {self.stages} "
+                f"microbatches, or the gpipe schedule"
+            )
+        if schedule is Schedule.INTERLEAVED_1F1B and self.microbatches % self.stages:
+            raise StrategyError(
+                f"PipelineConfig: schedule='interleaved-1f1b' runs microbatches in groups of "
+                f"stages={self.stages}, so microbatches must be a multiple of it, got "
+                f"microbatches={self.microbatches}"
+            )
+        if schedule.one_f_one_b and not self.remat:
+            raise StrategyError(
+                f"PipelineConfig: schedule='{name}' always recomputes each chunk's forward in its "
+                f"backward (only stage inputs are stashed), so remat=False does not apply; leave "
+                f"remat=True or use schedule='gpipe'/'circular'"
             )
         if not isinstance(self.axis, str) or not self.axis:
             raise StrategyError(f"PipelineConfig.axis={self.axis!r} must be a mesh axis name")
@@ -110,13 +194,51 @@ class PipelineConfig:
 
     @property
     def iterations(self) -> int:
-        """Loop iterations: ``v*M + P - 1`` (``M + P - 1`` for gpipe)."""
+        """Iterations of the forward loop: ``v*M + P - 1`` (``M + P - 1`` for gpipe and 1f1b).
+
+        For the 1F1B schedules this is the forward pass; the backward pass is the 1F1B loop of
+        :attr:`ticks` ticks.
+        """
         return self.repeats * self.microbatches + self.stages - 1
 
     @property
+    def ticks(self) -> int | None:
+        """Ticks of the 1F1B backward loop (one forward or one backward per stage per tick), or
+        ``None`` for gpipe and circular."""
+        return onef1b_table(self).ticks if self.schedule.one_f_one_b else None
+
+    @property
     def bubble_fraction(self) -> float:
-        """Fraction of stage-iterations that idle: ``(P-1) / (v*M + P - 1)``."""
+        """Fraction of stage-slots that idle.
+
+        gpipe and circular: ``(P-1) / (v*M + P - 1)`` of the loop's iterations (forward and, by
+        autodiff, backward). 1F1B schedules: the idle stage-ticks of the backward loop
+        (:func:`onef1b_table`), whose forward ticks skip the last chunk (its backward recomputes
+        it).
+        """
+        if self.schedule.one_f_one_b:
+            return onef1b_table(self).bubble_fraction
         return (self.stages - 1) / self.iterations
+
+    @property
+    def activation_slots(self) -> int:
+        """Stage activations of one microbatch (``[mb, ...]``) the loop keeps per device.
+
+        gpipe and circular, with ``remat``: one per iteration plus the ``M`` buffer,
+        ``(v+1)*M + P - 1``: linear in ``M``. 1F1B schedules: the stage-input stash and the
+        cotangent buffer of :func:`onef1b_table`, bounded by the warm-up depth and independent of
+        ``M`` (about ``P`` for 1f1b, ``(v+1)*P`` for interleaved-1f1b). Neither counts the stack's
+        input and output (``M`` activations each, the model's own batch) nor, for gpipe and
+        circular without ``remat``, each stage's intermediates.
+
+        Example:
+            >>> PipelineConfig(4, 32, "1f1b").activation_slots, PipelineConfig(4, 32).activation_slots
+            (5, 67)
+        """
+        if self.schedule.one_f_one_b:
+            table = onef1b_table(self)
+            return table.stash_slots + table.cot_slots
+        return (self.repeats + 1) * self.microbatches + self.stages - 1
 
     def layers_per_chunk(self, num_layers: int) -> int:
         """Layers in one stage chunk: ``num_layers / (stages * repeats)``.
@@ -228,3 +350,226 @@ def repeat_table(config: PipelineConfig, /) -> np.ndarray:
     """
     k = _item_table(config)
     return np.where(k >= 0, k // config.microbatches, -1).astype(np.int32)
+
+
+# --- 1F1B -------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class OneFOneBTable:
+    """What each stage does at each tick of the 1F1B backward loop (all ``int32[stages, ticks]``).
+
+    Chunk ``g = r*P + s`` (repeat ``r`` on stage ``s``). ``-1`` marks "none" in every table.
+
+    Attributes:
+        forward_mb, forward_rep: the forward this stage runs (microbatch, repeat), or ``-1``.
+        forward_slot: the stash slot holding its input, ``-1`` for chunk 0 (the stack's input).
+        backward_mb, backward_rep: the backward this stage runs (it recomputes the chunk's
+            forward from its input, then applies the cotangent), or ``-1``.
+        backward_slot: the stash slot holding its input, ``-1`` for chunk 0.
+        backward_cot: the cotangent slot holding the gradient of its output, ``-1`` for the last
+            chunk (the cotangent of the stack's output).
+        recv_forward: the stash slot the activation arriving from stage ``s-1`` at the start of
+            this tick goes to (sent by its forward at the tick before), or ``-1``.
+        recv_backward: the cotangent slot the gradient arriving from stage ``s+1`` goes to.
+        stash_slots, cot_slots: buffer sizes (the largest number live on any stage).
+        ticks: loop length.
+        bubble_fraction: idle stage-ticks over all stage-ticks.
+    """
+
+    forward_mb: np.ndarray
+    forward_rep: np.ndarray
+    forward_slot: np.ndarray
+    backward_mb: np.ndarray
+    backward_rep: np.ndarray
+    backward_slot: np.ndarray
+    backward_cot: np.ndarray
+    recv_forward: np.ndarray
+    recv_backward: np.ndarray
+    stash_slots: int
+    cot_slots: int
+    ticks: int
+    bubble_fraction: float
+
+
+def _action_lists(stages: int, micro: int, repeats: int) -> list[list[tuple[str, int, int]]]:
+    # Per stage, its (kind, microbatch, repeat) actions in order: PipeDream-flush (1F1B) for
+    # repeats == 1, Megatron-LM's interleaved order otherwise (microbatches in groups of P; forward
+    # over the chunks in increasing order, backward in decreasing order). A warm-up of forwards,
+    # then one forward and one backward alternately, then the remaining backwards.
+    n = repeats * micro
+    if repeats == 1:
+        fwd = [(m, 0) for m in range(micro)]
+        bwd = fwd
+    else:
+        def item(k, reverse):
+            r = (k // stages) % repeats
+            return ((k // (stages * repeats)) * stages + k % stages,
+                    repeats - 1 - r if reverse else r)
+        fwd = [item(k, False) for k in range(n)]
+        bwd = [item(k, True) for k in range(n)]
+    out = []
+    for s in range(stages):
+        if repeats == 1:
+            warm = min(n, stages - s - 1)
+        else:
+            warm = min(n, (stages - s - 1) * 2 + (repeats - 1) * stages)
+        acts = [("F", *fwd[i]) for i in range(warm)]
+        for i in range(warm, n):
+            acts += [("F", *fwd[i]), ("B", *bwd[i - warm])]
+        acts += [("B", *b) for b in bwd[n - warm:]]
+        out.append(acts)
+    return out
+
+
+def _allocate(intervals: list[tuple[int, int, object]]) -> tuple[dict, int]:
+    # Slots for values live from tick `start` (written at its beginning) to tick `end` (read
+    # during it, free from end + 1). Greedy by start tick; returns {key: slot}, slot count.
+    free: list[int] = []
+    busy: list[tuple[int, int]] = []          # (end, slot)
+    slots, count = {}, 0
+    for start, end, key in sorted(intervals, key=lambda i: (i[0], i[1])):
+        for item in sorted(b for b in busy if b[0] < start):
+            busy.remove(item)
+            free.append(item[1])
+        free.sort()
+        if free:
+            slot = free.pop(0)
+        else:
+            slot, count = count, count + 1
+        slots[key] = slot
+        busy.append((end, slot))
+    return slots, count
+
+
+@functools.lru_cache(maxsize=64)
+def _onef1b_table(stages: int, micro: int, repeats: int) -> OneFOneBTable:
+    P, V = stages, stages * repeats
+    acts = _action_lists(stages, micro, repeats)
+    inf = 1 << 30
+    done_f: dict[tuple[int, int], int] = {}
+    done_b: dict[tuple[int, int], int] = {}
+    runs: list[tuple[str, int, int, int, int]] = []     # (kind, stage, tick, m, r)
+    pos = [0] * P
+    t = 0
+    limit = 4 * (repeats * micro + P) * 2 + 8
+    while any(pos[s] < len(acts[s]) for s in range(P)):
+        if t > limit:   # cannot happen for the orders above; a bug, not a user error
+            raise RuntimeError(f"1F1B schedule P={P} M={micro} v={repeats} does not finish")
+        for s in range(P):
+            acted = False
+            while pos[s] < len(acts[s]):
+                kind, m, r = acts[s][pos[s]]
+                g = r * P + s
+                if kind == "F":
+                    if g > 0 and done_f.get((m, g - 1), inf) > t - 1:
+                        break
+                    if g == V - 1:
+                        # The last chunk's forward is recomputed by its backward: nothing to run,
+                        # its input waits in the stash.
+                        done_f[(m, g)] = t
+                        pos[s] += 1
+                        continue
+                    if acted:
+                        break
+                    done_f[(m, g)] = t
+                else:
+                    if acted or done_f.get((m, g), inf) > t:
+                        break
+                    if g < V - 1 and done_b.get((m, g + 1), inf) > t - 1:
+                        break
+                    done_b[(m, g)] = t
+                runs.append((kind, s, t, m, r))
+                pos[s] += 1
+                acted = True
+        t += 1
+    ticks = t
+
+    def table():
+        return np.full((P, ticks), -1, np.int32)
+
+    f_mb, f_rep, f_slot = table(), table(), table()
+    b_mb, b_rep, b_slot, b_cot = table(), table(), table(), table()
+    recv_f, recv_b = table(), table()
+    # Stash: the input of chunk g > 0 of microbatch m on its stage, from its arrival (the tick
+    # after chunk g-1's forward) to its backward. Cotangent: the gradient of chunk g < V-1's
+    # output, from the tick after chunk g+1's backward to chunk g's backward.
+    stash_slots = cot_slots = 0
+    stash, cot = {}, {}
+    for s in range(P):
+        chunks = [r * P + s for r in range(repeats)]
+        st = [(done_f[(m, g - 1)] + 1, done_b[(m, g)], (m, g))
+              for g in chunks if g > 0 for m in range(micro)]
+        ct = [(done_b[(m, g + 1)] + 1, done_b[(m, g)], (m, g))
+              for g in chunks if g < V - 1 for m in range(micro)]
+        a, na = _allocate(st)
+        b, nb = _allocate(ct)
+        stash.update(a)
+        cot.update(b)
+        stash_slots, cot_slots = max(stash_slots, na), max(cot_slots, nb)
+        for start, _, key in st:
+            recv_f[s, start] = a[key]
+        for start, _, key in ct:
+            recv_b[s, start] = b[key]
+    for kind, s, t, m, r in runs:
+        g = r * P + s
+        if kind == "F":
+            f_mb[s, t], f_rep[s, t] = m, r
+            f_slot[s, t] = stash[(m, g)] if g > 0 else -1
+        else:
+            b_mb[s, t], b_rep[s, t] = m, r
+            b_slot[s, t] = stash[(m, g)] if g > 0 else -1
+            b_cot[s, t] = cot[(m, g)] if g < V - 1 else -1
+    busy = (f_mb >= 0) | (b_mb >= 0)
+    for a in (f_mb, f_rep, f_slot, b_mb, b_rep, b_slot, b_cot, recv_f, recv_b):
+        a.setflags(write=False)
+    return OneFOneBTable(
+        forward_mb=f_mb, forward_rep=f_rep, forward_slot=f_slot, backward_mb=b_mb,
+        backward_rep=b_rep, backward_slot=b_slot, backward_cot=b_cot, recv_forward=recv_f,
+        recv_backward=recv_b, stash_slots=max(stash_slots, 1), cot_slots=max(cot_slots, 1),
+        ticks=ticks, bubble_fraction=float(1.0 - busy.mean()),
+    )
+
+
+def onef1b_table(config: PipelineConfig, /) -> OneFOneBTable:
+    """The tick tables of a 1F1B schedule's backward loop (:mod:`meshpar.parallel.onef1b`).
+
+    The action order is PipeDream-flush for ``1f1b`` (stage ``s`` runs ``P - s - 1`` forwards,
+    then alternates one forward and one backward) and Megatron-LM's for ``interleaved-1f1b``;
+    each action runs at the first tick its inputs have arrived (one tick per hop). At most
+    :attr:`OneFOneBTable.stash_slots` stage inputs are live on a stage, however large ``M``.
+
+    Args:
+        config: a pipeline with a 1F1B schedule.
+
+    Returns:
+        The :class:`OneFOneBTable` (cached; its arrays are read-only).
+
+    Raises:
+        StrategyError: ``config`` has no 1F1B schedule.
+
+    Example:
+        >>> t = onef1b_table(PipelineConfig(stages=2, microbatches=4, schedule="1f1b"))
+        >>> t.forward_mb
+        array([[ 0,  1, -1,  2, -1,  3, -1, -1],
+               [-1, -1, -1, -1, -1, -1, -1, -1]], dtype=int32)
+    """
+    if not config.schedule.one_f_one_b:
+        raise StrategyError(f"onef1b_table: schedule={config.schedule.value!r} is not a 1F1B "
+                            "schedule")
+    return _onef1b_table(config.stages, config.microbatches, config.repeats)
+
+
+def activation_bound(config: PipelineConfig, /) -> str:
+    """The formula behind :attr:`PipelineConfig.activation_slots`, in words, for reports.
+
+    Example:
+        >>> activation_bound(PipelineConfig(stages=4, microbatches=8))
+        '(v+1)*M + P - 1 = 2*8 + 3 = 19, linear in M'
+    """
+    if config.schedule.one_f_one_b:
+        t = onef1b_table(config)
+        return (f"stash {t.stash_slots} + cotangent buffer {t.cot_slots}, set by P={config.stages}"
+                f" and v={config.repeats}, flat in M")
+    v, m, p = config.repeats, config.microbatches, config.stages
+    return f"(v+1)*M + P - 1 = {v + 1}*{m} + {p - 1} = {config.activation_slots}, linear in M"

@@ -6,6 +6,7 @@ import dataclasses
 from typing import Literal
 
 from meshpar.errors import StrategyError, is_int
+from meshpar.parallel.schedule import Schedule, parse_schedule
 
 
 @dataclasses.dataclass(frozen=True)
@@ -20,9 +21,12 @@ class TrainConfig:
         on_nonfinite: ``"raise"`` (stop with the step number; the state is left as it was before
             the step) or ``"skip"`` (drop that update, count it in the metrics).
         donate: donate the state buffers to the step.
-        schedule: pipeline schedule, ``"gpipe"`` or ``"circular"``; used when the mesh has a
-            ``pipe`` axis of size > 1, where ``microbatches`` are the pipeline's microbatches.
-        repeats: chunks of layers per stage for the circular schedule (``v``).
+        schedule: pipeline :class:`~meshpar.parallel.schedule.Schedule` (or its string):
+            ``"gpipe"``, ``"circular"``, ``"1f1b"`` or ``"interleaved-1f1b"``; used when the mesh
+            has a ``pipe`` axis of size > 1, where ``microbatches`` are the pipeline's
+            microbatches.
+        repeats: chunks of layers per stage (``v``) for the circular and interleaved-1f1b
+            schedules.
         row_separable: declare that the loss is a mean, or a :class:`~meshpar.train.loss.Ratio`, of
             per-row terms and that the model computes each row of the batch on its own (no
             batch statistics, no batch-wide terms such as an MoE balance loss). meshpar may then
@@ -39,7 +43,7 @@ class TrainConfig:
     offload_optimizer: bool = False
     on_nonfinite: Literal["raise", "skip"] = "raise"
     donate: bool = True
-    schedule: Literal["gpipe", "circular"] = "gpipe"
+    schedule: Schedule = Schedule.GPIPE
     repeats: int = 1
     row_separable: bool = False
     allow_unused_axes: bool = False
@@ -49,14 +53,19 @@ class TrainConfig:
             raise StrategyError(f"microbatches={self.microbatches!r}; expected an int >= 1")
         if self.precision not in ("fp32", "bf16"):
             raise StrategyError(f"precision={self.precision!r}; expected 'fp32' or 'bf16'")
-        if self.schedule not in ("gpipe", "circular"):
-            raise StrategyError(f"schedule={self.schedule!r}; expected 'gpipe' or 'circular'")
+        object.__setattr__(self, "schedule", parse_schedule(self.schedule))
         if not is_int(self.repeats, minimum=1, numpy=False):
             raise StrategyError(f"repeats={self.repeats!r}; expected an int >= 1")
-        if self.schedule == "gpipe" and self.repeats != 1:
+        if self.schedule in (Schedule.GPIPE, Schedule.ONE_F_ONE_B) and self.repeats != 1:
+            other = "circular" if self.schedule is Schedule.GPIPE else "interleaved-1f1b"
             raise StrategyError(
-                f"repeats={self.repeats} needs schedule='circular'; gpipe runs each stage's "
-                "layers once"
+                f"repeats={self.repeats} needs schedule='{other}'; {self.schedule.value} runs "
+                "each stage's layers once"
+            )
+        if self.schedule is Schedule.INTERLEAVED_1F1B and self.repeats < 2:
+            raise StrategyError(
+                f"schedule='interleaved-1f1b' needs repeats >= 2 chunks per stage, got "
+                f"repeats={self.repeats}; use schedule='1f1b' for one chunk per stage"
             )
         if self.on_nonfinite not in ("raise", "skip"):
             raise StrategyError(f"on_nonfinite={self.on_nonfinite!r}; expected 'raise' or 'skip'")

@@ -20,7 +20,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from meshpar.axes import BATCH_AXES, DATA, PIPE
 from meshpar.errors import StrategyError
 from meshpar.parallel.pipeline import stack_stages, unstack_stages
-from meshpar.parallel.schedule import PipelineConfig
+from meshpar.parallel.schedule import PipelineConfig, Schedule
 from meshpar.sharding.placement import ShardingPlan, abstract_nnx, plan_nnx_state
 from meshpar.sharding.strategy import Strategy
 
@@ -35,8 +35,8 @@ def _axes(v: Any) -> tuple:
     return tuple(v.get_metadata().get("out_sharding") or ())
 
 
-def pipeline_config(abs_params: nnx.State, /, *, mesh: Mesh, microbatches: int, schedule: str,
-                    repeats: int, zero_stage: int = 0):
+def pipeline_config(abs_params: nnx.State, /, *, mesh: Mesh, microbatches: int,
+                    schedule: Schedule | str, repeats: int, zero_stage: int = 0):
     """The pipeline for a mesh with a ``pipe`` axis of size > 1 (else ``None``), and the depth.
 
     Raises:
@@ -184,7 +184,7 @@ def plan_training(
     strategy: Strategy,
     tx: optax.GradientTransformation | None = None,
     microbatches: int = 1,
-    schedule: str = "gpipe",
+    schedule: Schedule | str = "gpipe",
     repeats: int = 1,
     offload_optimizer: bool = False,
 ) -> TrainingPlan:

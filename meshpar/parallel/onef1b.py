@@ -1,0 +1,233 @@
+"""1F1B and interleaved 1F1B pipelines in one SPMD program: memory flat in the microbatches.
+
+GPipe and circular (:mod:`meshpar.parallel.pipeline`) get their backward pass from autodiff of
+the forward loop, so the loop keeps one stage input per iteration: ``(v+1) x |x|`` of activations
+per extra microbatch. PipeDream-flush (1F1B) starts the backward pass of a microbatch as soon as
+it has left the last stage, so a stage never holds more than about ``P`` microbatches in flight.
+Here that schedule is meshpar's own backward loop, run inside one ``jax.shard_map``.
+
+Structure: a ``jax.custom_vjp`` of the whole pipeline.
+
+* Forward (primal) pass: the forward-only loop of :func:`~meshpar.parallel.pipeline.pipeline_apply`
+  (GPipe's table for ``1f1b``, the circular one for ``interleaved-1f1b``); nothing is saved but
+  the custom VJP's residuals, the stage parameters and the stack's input ``xs``.
+* Backward pass: the 1F1B loop of :func:`meshpar.parallel.schedule.onef1b_table`, a
+  ``lax.scan`` over *ticks*; at each tick each stage runs one forward **or** one backward of one
+  microbatch on one chunk of its layers:
+
+  1. What arrived from the neighbours at the end of the previous tick is written into this
+     stage's buffers: a forward activation (the input of one of its chunks) into the *stash*
+     ``[S, mb, ...]``, a gradient into the *cotangent buffer* ``[C, mb, ...]``, at the slots the
+     table assigned. ``S`` and ``C`` are the most values ever live at once on a stage: they
+     depend on ``P`` and ``v``, not on ``M``.
+  2. Forward, under ``lax.cond``: the chunk on its input (the stash, or ``xs[m]`` for chunk 0);
+     the result goes to the next stage.
+  3. Backward, under a second ``lax.cond``: ``jax.vjp`` of the chunk on its stashed input (the
+     forward is recomputed: only stage inputs are kept) applied to its output's gradient (the
+     cotangent buffer, or the incoming ``dys[m]`` for the last chunk); the weight gradient is
+     added to this stage's accumulator, the input gradient goes to the previous stage (or, for
+     chunk 0, into ``dxs[m]``).
+  4. Two ``ppermute``s: activations one stage forward, gradients one stage back (a ring for the
+     interleaved schedule, a line for 1f1b).
+
+  Each ``cond`` carries only what it changes (the backward one: the weight-gradient
+  accumulator): issue 16's feasibility study found that a single ``lax.switch`` over all the
+  state made XLA copy the buffers at every tick (+30% time; not re-measured here). Idle ticks
+  compute nothing (``cond``, not ``where``), so no garbage (NaN) reaches a result.
+
+Why a custom VJP and not a loop at train-step level: the layer stack is one call inside the
+user's model (:func:`meshpar.parallel.stack.scan_layers`), with the embedding before it and the
+head and loss after it; a loop that also ran the loss head per microbatch would need the model
+cut into three parts. A custom VJP keeps the model unchanged and any loss. The price: the stack's
+boundary values, its input ``xs``, its output and the output's gradient ``dys`` (``M`` activations
+each, the model's own batch, as on one device), are whole arrays, and each chunk's forward runs
+three times (the forward loop, its forward tick, and inside its backward's ``jax.vjp``; the last
+chunk skips the forward tick) where GPipe with ``remat`` runs it twice: about 25% more work for
+a stage whose backward costs two forwards. Keeping each forward tick's ``jax.vjp`` residuals in
+the stash instead of its input would save the recomputation, at the price of a stash of
+residuals (a chunk's intermediates, and copies of its weights where they are residuals too).
+
+Memory (per device, beyond those boundary values): the stash and cotangent buffer, ``S + C``
+activations of one microbatch (:attr:`~meshpar.parallel.schedule.PipelineConfig.activation_slots`;
+``P + 1`` for 1f1b; about ``(v+1)*P`` for interleaved 1f1b), one chunk's intermediates inside a
+backward tick, and the weight-gradient accumulator. Flat in ``M``; ``tests/test_onef1b.py``
+checks it in ``memory_analysis``.
+
+What that buys against meshpar's GPipe, honestly: GPipe here already rematerialises each
+iteration, so it keeps one stage input per iteration (``(v+1) x |x|`` per microbatch with the
+output buffer), not every intermediate of every microbatch as textbook GPipe does. The custom
+VJP must keep the stack's input ``xs`` as a residual (``1 x |x|`` per microbatch) and the output
+(another), so per microbatch 1F1B saves ``v - 1`` activations (interleaved) or about none (1f1b,
+v = 1) of what grows with ``M``; what it makes flat is the pipeline's own state beyond those
+boundary values (measured: the stack's gradient with ``xs`` and ``dys`` given, 1F1B's
+temporaries identical at M = 8 and 32, GPipe's growing). A flat *step* needs the loss head inside
+the loop (a train-step-level loop), which this design does not do.
+
+Collectives: inside the loop only the two ``ppermute``s (plus what ``tensor`` parallelism puts
+inside a stage). The weights are cast to "varying" over the batch axes before the loop and their
+gradient summed over them once after it; the input gradient is summed over the stages once.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh, PartitionSpec
+
+from meshpar.parallel.schedule import PipelineConfig, onef1b_table
+from meshpar.parallel.varying import cast_varying, psum_wide
+
+__all__ = ["onef1b_apply"]
+
+PyTree = Any
+
+
+def _write(buf: jax.Array, slot: jax.Array, value: jax.Array) -> jax.Array:
+    # buf[slot] = value where slot >= 0, else unchanged (a select: garbage in `value` stays out).
+    i = jnp.maximum(slot, 0)
+    return buf.at[i].set(jnp.where(slot >= 0, value, buf[i]))
+
+
+def _read(buf: jax.Array, slot: jax.Array, other: jax.Array, index: jax.Array) -> jax.Array:
+    # buf[slot] where slot >= 0, else other[index].
+    return jnp.where(slot >= 0, buf[jnp.maximum(slot, 0)], other[jnp.maximum(index, 0)])
+
+
+def _backward(stage_fn: Callable, mesh: Mesh, config: PipelineConfig, param_spec, act_spec,
+              bubble_fill: float | None) -> Callable:
+    table = onef1b_table(config)
+    n_stages, v, axis = config.stages, config.repeats, config.axis
+    manual = (axis, *config.batch_axes)
+    # Per-tick columns [T, P]; each stage picks its entry.
+    columns = tuple(np.ascontiguousarray(a.T) for a in (
+        table.forward_mb, table.forward_rep, table.forward_slot, table.backward_mb,
+        table.backward_rep, table.backward_slot, table.backward_cot, table.recv_forward,
+        table.recv_backward))
+    if v == 1:   # 1f1b: nothing wraps round from the last stage to the first
+        fwd_perm = [(i, i + 1) for i in range(n_stages - 1)]
+        bwd_perm = [(i + 1, i) for i in range(n_stages - 1)]
+    else:
+        fwd_perm = [(i, (i + 1) % n_stages) for i in range(n_stages)]
+        bwd_perm = [((i + 1) % n_stages, i) for i in range(n_stages)]
+
+    def chunk_of(params, r):
+        return params if v == 1 else jax.tree.map(lambda a: a[r], params)
+
+    def acc_dtype(dtype):
+        # Sum sub-32-bit weight gradients in float32 across the M microbatches; round once.
+        return jnp.float32 if jnp.dtype(dtype).itemsize < 4 else dtype
+
+    def local(params, xs, dys):
+        params = jax.tree.map(lambda a: a[0] if v == 1 else a[:, 0], params)
+        params = cast_varying(params, manual, mesh)
+        xs, dys = cast_varying((xs, dys), manual, mesh)
+        stage = jax.lax.axis_index(axis)
+        fill = None if bubble_fill is None else jnp.asarray(bubble_fill, xs.dtype)
+
+        def empty(n):
+            shape = (n, *xs.shape[1:])
+            return jnp.zeros(shape, xs.dtype) if fill is None else jnp.full(shape, fill)
+
+        def idle_value(x):
+            return jnp.zeros_like(x) if fill is None else jnp.full_like(x, fill)
+
+        stash, cot = cast_varying((empty(table.stash_slots), empty(table.cot_slots)), manual, mesh)
+        acc = cast_varying(jax.tree.map(lambda a: jnp.zeros(a.shape, acc_dtype(a.dtype)), params),
+                           manual, mesh)
+        dxs = jnp.zeros_like(xs)
+        msg = cast_varying(jnp.zeros_like(xs[0]), manual, mesh)
+
+        def forward(params, r, x):
+            return stage_fn(chunk_of(params, r), x)
+
+        def backward(acc, params, r, x, dy):
+            chunk = chunk_of(params, r)
+            _, vjp = jax.vjp(stage_fn, chunk, x)
+            d_chunk, dx = vjp(dy)
+            if v == 1:
+                acc = jax.tree.map(lambda a, d: a + d.astype(a.dtype), acc, d_chunk)
+            else:
+                acc = jax.tree.map(lambda a, d: a.at[r].add(d.astype(a.dtype)), acc, d_chunk)
+            return acc, dx
+
+        def skip_backward(acc, params, r, x, dy):
+            return acc, idle_value(x)
+
+        def tick(carry, col):
+            f_in, b_in, stash, cot, acc, dxs = carry
+            fm, fr, fslot, bm, br, bslot, bcot, recv_f, recv_b = (c[stage] for c in col)
+            stash = _write(stash, recv_f, f_in)
+            cot = _write(cot, recv_b, b_in)
+            x = _read(stash, fslot, xs, fm)
+            y = jax.lax.cond(fm >= 0, forward, lambda p, r, x: idle_value(x), params,
+                             jnp.maximum(fr, 0), x)
+            xb = _read(stash, bslot, xs, bm)
+            dy = _read(cot, bcot, dys, bm)
+            acc, dx = jax.lax.cond(bm >= 0, backward, skip_backward, acc, params,
+                                   jnp.maximum(br, 0), xb, dy)
+            # Chunk 0 (read from xs) hands its input gradient out; the others send it back.
+            dxs = _write(dxs, jnp.where((bm >= 0) & (bslot < 0), bm, -1), dx)
+            f_out = jax.lax.ppermute(y, axis, fwd_perm)
+            b_out = jax.lax.ppermute(dx, axis, bwd_perm)
+            return (f_out, b_out, stash, cot, acc, dxs), None
+
+        carry = (msg, msg, stash, cot, acc, dxs)
+        (_, _, _, _, acc, dxs), _ = jax.lax.scan(tick, carry, columns)
+        # Once, after the loop: the weight gradient over the batch shards, the input gradient
+        # (on stage 0 only) to every stage.
+        if config.batch_axes:
+            acc = jax.tree.map(lambda a: psum_wide(a, tuple(config.batch_axes), mesh), acc)
+        grads = jax.tree.map(lambda a, p: a.astype(p.dtype), acc, params)
+        grads = jax.tree.map(lambda a: a[None] if v == 1 else a[:, None], grads)
+        dxs = psum_wide(jnp.where(stage == 0, dxs, jnp.zeros_like(dxs)), (axis,), mesh)
+        return grads, dxs
+
+    return jax.shard_map(local, mesh=mesh, in_specs=(param_spec, act_spec, act_spec),
+                         out_specs=(param_spec, act_spec), axis_names=set(manual))
+
+
+def onef1b_apply(stage_fn: Callable[[PyTree, jax.Array], jax.Array],
+                 forward: Callable[[PyTree, jax.Array], jax.Array], stage_params: PyTree,
+                 inputs: jax.Array, /, *, mesh: Mesh, config: PipelineConfig,
+                 param_spec: PartitionSpec, act_spec: PartitionSpec,
+                 bubble_fill: float | None = None) -> jax.Array:
+    """``forward(stage_params, inputs)``, differentiated by the 1F1B loop.
+
+    Called by :func:`meshpar.parallel.pipeline.pipeline_apply` for the ``1f1b`` and
+    ``interleaved-1f1b`` schedules, which checks the arguments; use that.
+
+    Args:
+        stage_fn: ``stage_fn(chunk_params, x) -> y`` for one microbatch (shape-checked).
+        forward: the forward pipeline, a ``shard_map``'d function of ``(stage_params, inputs)``.
+        stage_params: ``[P, c, ...]`` or ``[v, P, c, ...]`` stage parameters.
+        inputs: ``[M, mb, ...]`` microbatches.
+        mesh, config: the mesh and the pipeline (a 1F1B schedule).
+        param_spec, act_spec: the ``shard_map`` specs of the parameters and activations.
+        bubble_fill: testing hook: idle ticks emit, and the buffers start as, this value.
+
+    Returns:
+        ``[M, mb, ...]`` outputs, as ``forward`` returns them.
+
+    Example:
+        >>> y = onef1b_apply(stage_fn, forward, staged, xs, mesh=mesh, config=cfg,
+        ...                  param_spec=P("pipe"), act_spec=P())   # doctest: +SKIP
+    """
+    backward = _backward(stage_fn, mesh, config, param_spec, act_spec, bubble_fill)
+
+    @jax.custom_vjp
+    def pipeline(params, xs):
+        return forward(params, xs)
+
+    def pipeline_fwd(params, xs):
+        return forward(params, xs), (params, xs)
+
+    def pipeline_bwd(residuals, dys):
+        params, xs = residuals
+        return backward(params, xs, dys)
+
+    pipeline.defvjp(pipeline_fwd, pipeline_bwd)
+    return pipeline(stage_params, inputs)

@@ -1,0 +1,262 @@
+"""1F1B and interleaved 1F1B (``meshpar.parallel.onef1b``) against the sequential reference.
+
+The pipeline core is checked as in ``tests/test_pipeline.py`` (same residual-MLP stage, same
+reference, same tolerances, its ``run_case``): outputs, loss and ``jax.grad`` w.r.t. every layer
+parameter and the inputs, for pipe = 2 and 4, M in {P, 2P, 4P}, both schedules, alone and with
+``data`` (manual), ``tensor`` and ``fsdp`` (automatic inside the stages). Then: the tick tables
+replayed symbolically (every read finds the value it needs), NaN in every idle slot and empty
+buffer never reaching a result, ``memory_analysis`` flat in M (GPipe's growing beside it), the
+collectives inside the loops, and the errors. Trainer-level GPT runs (loss, gradients and
+parameters after 3 steps against one device) are in ``tests/test_pipeline_train.py``.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import optax
+import pytest
+from flax import nnx
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
+import meshpar as mp
+import meshpar.cli
+from meshpar.errors import StrategyError
+from meshpar.inspect.hlo import collectives
+from meshpar.mesh import make_mesh
+from meshpar.models import GPT, get_preset, lm_loss
+from meshpar.parallel.pipeline import PipelineConfig, pipeline_apply, stack_stages
+from meshpar.parallel.schedule import Schedule, activation_bound, onef1b_table
+from meshpar.train import TrainConfig
+
+from helpers.zoo import ZOO
+from test_pipeline_train import PlainMLP, _regression_loss
+from test_pipeline import (MEM_D, MEM_F, MEM_LAYERS, MEM_MB, TP_RULES, Case, make_layers,
+                           run_case, stage_fn)
+
+NAN = float("nan")
+
+
+def one(p, m, **kw):
+    return PipelineConfig(stages=p, microbatches=m, schedule="1f1b", **kw)
+
+
+def inter(p, m, v=2, **kw):
+    return PipelineConfig(stages=p, microbatches=m, schedule="interleaved-1f1b", repeats=v, **kw)
+
+
+DATA = {"batch_axes": ("data",)}
+TP = {"tensor": "tensor"}
+
+CASES = [
+    # pipe = 4 (M = P, 2P, 4P); NaN in every idle slot and empty buffer of the M = P runs.
+    Case({"pipe": 4, "data": 2}, one(4, 4), 8, bubble_fill=NAN),
+    Case({"pipe": 4, "data": 2}, one(4, 8, **DATA), 4, ("data",)),
+    Case({"pipe": 4, "data": 2}, one(4, 16), 4),
+    Case({"pipe": 4, "data": 2}, inter(4, 4), 8, bubble_fill=NAN),
+    Case({"pipe": 4, "tensor": 2}, one(4, 8), 4, (), TP, (("mlp", "tensor"),)),
+    Case({"pipe": 4, "fsdp": 2}, inter(4, 4), 8, ("fsdp",), {"fsdp": "fsdp"}),
+    # pipe = 2, with data (manual), tensor (Megatron weights, constrained activations) and fsdp
+    # (ZeRO-3-style weights gathered inside the stage, batch split over fsdp).
+    Case({"pipe": 2, "data": 4}, one(2, 2, **DATA), 4, ("data",), bubble_fill=NAN),
+    Case({"pipe": 2, "data": 2, "tensor": 2}, one(2, 4, **DATA), 4, ("data",), TP, TP_RULES,
+         bubble_fill=NAN),
+    Case({"pipe": 2, "fsdp": 2, "tensor": 2}, one(2, 8), 4, ("fsdp",),
+         {"tensor": "tensor", "fsdp": "fsdp"}),
+    Case({"pipe": 2, "data": 4}, inter(2, 2, **DATA), 4, ("data",), bubble_fill=NAN),
+    Case({"pipe": 2, "data": 2, "tensor": 2}, inter(2, 4, **DATA), 8, ("data",), TP, TP_RULES),
+    Case({"pipe": 2, "data": 2, "fsdp": 2}, inter(2, 8, **DATA), 4, (("data", "fsdp"),),
+         {"fsdp": "fsdp"}),
+]
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: c.id)
+def test_matches_sequential_reference(case):
+    hlo = run_case(case, return_hlo=True)
+    # Inside the loops: only the stage permutes (forward loop: 1; 1F1B loop: activations forward,
+    # gradients back), plus tensor all-reduces inside a stage's layers. Every reduction over the
+    # manual batch axes and over the stages happens once, after the loops.
+    mesh = make_mesh(**case.mesh)
+    in_loop = {(o.kind, o.mesh_axes) for o in collectives(hlo, mesh=mesh) if o.in_loop}
+    allowed = {("collective-permute", ("pipe",))}
+    if "tensor" in case.mesh:
+        allowed |= {("all-reduce", ("tensor",))}
+    if "fsdp" in case.mesh and "fsdp" not in case.config.batch_axes:
+        # Weights sharded over an automatic fsdp are gathered per use inside the stage, and
+        # their gradients reduced there: ZeRO-3 inside a pipeline, as with GPipe.
+        allowed |= {(k, ("fsdp",)) for k in ("all-gather", "all-reduce", "reduce-scatter",
+                                             "all-to-all")}
+    assert ("collective-permute", ("pipe",)) in in_loop
+    assert in_loop <= allowed, in_loop
+
+
+# --- the tick tables --------------------------------------------------------------------------
+
+TABLE_CONFIGS = [one(1, 3), one(2, 2), one(2, 5), one(4, 4), one(4, 9), one(3, 12),
+                 inter(2, 2), inter(2, 6, v=3), inter(4, 4), inter(4, 12), inter(3, 6, v=2)]
+
+
+@pytest.mark.parametrize("cfg", TABLE_CONFIGS,
+                         ids=lambda c: f"{c.schedule.value}-P{c.stages}-M{c.microbatches}"
+                                       f"-v{c.repeats}")
+def test_tables_replayed_symbolically(cfg):
+    # Replay the loop with labels instead of arrays: each forward and backward must read the
+    # input (and gradient) of exactly its own (microbatch, chunk), and every one must run once.
+    t = onef1b_table(cfg)
+    P_, v, M = cfg.stages, cfg.repeats, cfg.microbatches
+    V = P_ * v
+    stash = [[None] * t.stash_slots for _ in range(P_)]
+    cot = [[None] * t.cot_slots for _ in range(P_)]
+    f_msg, b_msg = [None] * P_, [None] * P_
+    ran_f, ran_b = set(), set()
+    for k in range(t.ticks):
+        for s in range(P_):
+            if t.recv_forward[s, k] >= 0:
+                assert f_msg[(s - 1) % P_] is not None, (k, s)
+                stash[s][t.recv_forward[s, k]] = f_msg[(s - 1) % P_]
+            if t.recv_backward[s, k] >= 0:
+                assert b_msg[(s + 1) % P_] is not None, (k, s)
+                cot[s][t.recv_backward[s, k]] = b_msg[(s + 1) % P_]
+        f_msg, b_msg = [None] * P_, [None] * P_
+        for s in range(P_):
+            assert not (t.forward_mb[s, k] >= 0 and t.backward_mb[s, k] >= 0), (k, s)
+            if t.forward_mb[s, k] >= 0:
+                m, g = int(t.forward_mb[s, k]), int(t.forward_rep[s, k]) * P_ + s
+                slot = t.forward_slot[s, k]
+                got = ("x", m, 0) if slot < 0 else stash[s][slot]
+                assert got == ("x", m, g), (k, s, got, m, g)
+                assert g < V - 1      # the last chunk's forward is left to its backward
+                ran_f.add((m, g))
+                f_msg[s] = ("x", m, g + 1)
+            if t.backward_mb[s, k] >= 0:
+                m, g = int(t.backward_mb[s, k]), int(t.backward_rep[s, k]) * P_ + s
+                slot, c = t.backward_slot[s, k], t.backward_cot[s, k]
+                assert (("x", m, 0) if slot < 0 else stash[s][slot]) == ("x", m, g), (k, s)
+                assert (("dy", m, V - 1) if c < 0 else cot[s][c]) == ("dy", m, g), (k, s)
+                assert g == 0 or (m, g - 1) not in ran_b
+                ran_b.add((m, g))
+                b_msg[s] = ("dy", m, g - 1)
+    assert ran_f == {(m, g) for m in range(M) for g in range(V - 1)}
+    assert ran_b == {(m, g) for m in range(M) for g in range(V)}
+    assert 0 <= t.bubble_fraction < 1
+
+
+def test_buffers_do_not_grow_with_microbatches():
+    for make, p in ((one, 2), (one, 4), (inter, 2), (inter, 4)):
+        slots = [make(p, m).activation_slots for m in (p, 2 * p, 4 * p, 8 * p)]
+        gpipe = [PipelineConfig(p, m).activation_slots for m in (p, 8 * p)]
+        # M = P may not reach the steady state; from 2P on the buffers stay the same.
+        assert slots[0] <= slots[1] == slots[2] == slots[3] <= 4 * p, (make, p, slots)
+        assert gpipe[1] > gpipe[0]
+    assert one(4, 8).activation_slots == 5                                    # P + 1
+    assert "flat in M" in activation_bound(one(4, 8))
+    assert "linear in M" in activation_bound(PipelineConfig(4, 8))
+
+
+# --- memory -----------------------------------------------------------------------------------
+
+
+def _vjp_temp_bytes(cfg: PipelineConfig, mesh) -> int:
+    # The pipeline's own memory: the gradient of the stack for a given output gradient, with the
+    # stack's input and output gradient as arguments (in a model they are its own activations,
+    # M x |x| each, as on one device: see meshpar.parallel.onef1b, "Memory").
+    staged = stack_stages(make_layers(MEM_LAYERS, d=MEM_D, f=MEM_F), stages=cfg.stages,
+                          repeats=cfg.repeats)
+    spec = P("pipe") if cfg.repeats == 1 else P(None, "pipe")
+    staged = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=NamedSharding(mesh, spec))
+              for k, v in staged.items()}
+    xs = jax.ShapeDtypeStruct((cfg.microbatches, MEM_MB, MEM_D), jnp.float32)
+
+    def grads(staged, xs, dys):
+        return jax.vjp(lambda s, x: pipeline_apply(stage_fn, s, x, mesh=mesh, config=cfg),
+                       staged, xs)[1](dys)
+
+    return jax.jit(grads).lower(staged, xs, xs).compile().memory_analysis().temp_size_in_bytes
+
+
+def test_memory_flat_in_microbatches_where_gpipe_grows():
+    mesh = make_mesh(pipe=4, data=2)
+    x_bytes = MEM_MB * MEM_D * 4
+    temps = {(s, v, m): _vjp_temp_bytes(PipelineConfig(4, m, s, v), mesh)
+             for s, v in (("1f1b", 1), ("gpipe", 1)) for m in (8, 32)}
+    # (interleaved-1f1b: flat too, 0.26 MiB at M = 8 and 32 when measured; left out for the
+    # suite's time, its buffers are bounded by test_buffers_do_not_grow_with_microbatches.)
+    assert temps[("1f1b", 1, 32)] <= 1.1 * temps[("1f1b", 1, 8)], temps
+    # GPipe: (v+1) x |x| per extra microbatch (tests/test_pipeline.py), at least the saved stage
+    # input of each extra iteration here.
+    assert temps[("gpipe", 1, 32)] - temps[("gpipe", 1, 8)] >= 24 * x_bytes, temps
+    assert temps[("1f1b", 1, 32)] < temps[("gpipe", 1, 32)]
+
+
+# --- errors -----------------------------------------------------------------------------------
+
+
+def test_config_errors():
+    with pytest.raises(StrategyError, match=r"schedule='zb-h1'; expected one of \('gpipe', "
+                                            r"'circular', '1f1b', 'interleaved-1f1b'\)"):
+        PipelineConfig(stages=2, microbatches=4, schedule="zb-h1")
+    with pytest.raises(StrategyError, match=r"schedule='1f1b' needs microbatches >= stages .* "
+                                            r"microbatches=2 < stages=4"):
+        one(4, 2)
+    with pytest.raises(StrategyError, match=r"'interleaved-1f1b' needs microbatches >= stages"):
+        inter(4, 2)
+    with pytest.raises(StrategyError, match=r"multiple of it, got microbatches=6"):
+        inter(4, 6)
+    with pytest.raises(StrategyError, match=r"'1f1b' runs each stage's layers once.*use "
+                                            r"schedule='interleaved-1f1b'"):
+        one(2, 4, repeats=2)
+    with pytest.raises(StrategyError, match=r"needs repeats >= 2.*use schedule='1f1b'"):
+        inter(2, 4, v=1)
+    with pytest.raises(StrategyError, match=r"6 layers cannot be split into stages=2 x "
+                                            r"repeats=2 = 4 equal chunks"):
+        inter(2, 4).validate(6, 32, make_mesh(pipe=2, data=4))
+    with pytest.raises(StrategyError, match=r"remat=False does not apply"):
+        one(2, 4, remat=False)
+    assert PipelineConfig(2, 4, Schedule.ONE_F_ONE_B).schedule is Schedule("1f1b")
+    with pytest.raises(StrategyError, match="skip_bubbles=False"):
+        pipeline_apply(stage_fn, stack_stages(make_layers(4), stages=2), jnp.ones((2, 8, 16)),
+                       mesh=make_mesh(pipe=2, data=4), config=one(2, 2), skip_bubbles=False)
+
+
+def test_train_config_and_cli_errors(capsys):
+    assert TrainConfig(schedule="interleaved-1f1b", repeats=2).schedule is \
+        Schedule.INTERLEAVED_1F1B
+    with pytest.raises(StrategyError, match=r"schedule='pipedream'; expected one of"):
+        TrainConfig(schedule="pipedream")
+    with pytest.raises(StrategyError, match=r"repeats=2 needs schedule='interleaved-1f1b'"):
+        TrainConfig(schedule="1f1b", repeats=2)
+    with pytest.raises(StrategyError, match=r"'interleaved-1f1b' needs repeats >= 2"):
+        TrainConfig(schedule="interleaved-1f1b")
+    for argv, message in (
+        (["--schedule", "interleaved-1f1b"], "needs --repeats >= 2"),
+        (["--schedule", "1f1b", "--repeats", "2"], "needs --schedule interleaved-1f1b"),
+    ):
+        assert meshpar.cli.main(["train", "--mesh", "pipe=2,data=4", "--layers", "4",
+                                 "--steps", "1", *argv]) == 2
+        assert message in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_:    # argparse's own usage error
+        meshpar.cli.main(["train", "--mesh", "pipe=2,data=4", "--schedule", "zb-h1"])
+    assert exit_.value.code == 2 and "invalid choice: 'zb-h1'" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("schedule,repeats,layers", [("1f1b", 1, 5), ("interleaved-1f1b", 2, 6)])
+def test_trainer_refusals_hold_for_1f1b(schedule, repeats, layers):
+    config = mp.TrainConfig(microbatches=2, schedule=schedule, repeats=repeats)
+    # Issue 12's refusal: stages run the stack's parameters only (the 2-layer convnet splits
+    # into 2 stages of 1 chunk).
+    with pytest.raises(StrategyError, match=r"pipe=2, but the model's layer stack holds "
+                                            r"non-parameter state: blocks/bn/mean \(BatchStat\)"):
+        mp.Trainer(ZOO["convnet"].make, optax.adam(1e-2), ZOO["convnet"].loss,
+                   mesh=mp.make_mesh("pipe=2,data=4"), strategy="dp",
+                   config=mp.TrainConfig(microbatches=2, schedule="1f1b"))
+    # A stack that does not split into pipe x repeats chunks.
+    cfg = get_preset("tiny").replace(layers=layers)
+    with pytest.raises(StrategyError, match=rf"{layers} layers cannot be split into "
+                                            rf"stages=2 x repeats={repeats}"):
+        mp.Trainer(lambda: GPT(cfg, rngs=nnx.Rngs(0)), optax.adam(1e-2), lm_loss,
+                   mesh=mp.make_mesh("pipe=2,data=4"), strategy="dp", config=config)
+    # A model with no stack to split into stages.
+    with pytest.raises(StrategyError, match=r"pipe=2, but the model has no repeated block"):
+        mp.Trainer(lambda: PlainMLP(nnx.Rngs(0)), optax.adam(1e-2), _regression_loss,
+                   mesh=mp.make_mesh("pipe=2,data=4"), strategy="dp", config=config)
