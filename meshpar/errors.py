@@ -84,6 +84,16 @@ class UsageError(MeshparError):
     """Bad command-line input (exit status 2)."""
 
 
+class PlanError(MeshparError):
+    """The planner (:mod:`meshpar.plan`) found no layout: none fits the memory, or the device
+    count has no factorisation the model's dimensions divide."""
+
+
+class ProfileError(MeshparError):
+    """A hardware profile is unknown (the message lists the valid names) or malformed (it names
+    the key and the value)."""
+
+
 class MeshparWarning(UserWarning):
     """Something meshpar changed on the user's behalf and reports (e.g. Explicit mesh axes made
     Auto for training); filter it with ``warnings.filterwarnings("ignore", category=...)``."""
