@@ -15,6 +15,8 @@ from meshpar.errors import (
     IndivisibleError,
     MeshError,
     MeshparError,
+    PlanError,
+    ProfileError,
     RuleConflictError,
     RuleError,
     StrategyError,
@@ -23,6 +25,7 @@ from meshpar.errors import (
 )
 from meshpar.inspect.report import format_plan, plan_to_dict
 from meshpar.mesh import format_mesh, make_mesh, parse_mesh
+from meshpar.planner import HardwareProfile, Layout, PlanResult, load_profile, plan, plan_gpt
 from meshpar.models.linen import from_linen
 from meshpar.parallel.layout import activate, constrain
 from meshpar.parallel.stack import scan_layers
@@ -35,7 +38,8 @@ from meshpar.train import Fallback, StepMetrics, TrainConfig, Trainer
 from meshpar.train.loss import Ratio, Summed
 
 __all__ = [
-    "DeviceEmulationError", "Fallback", "IndivisibleError", "MeshError", "MeshparError",
+    "DeviceEmulationError", "Fallback", "HardwareProfile", "Layout", "PlanError", "PlanResult",
+    "ProfileError", "load_profile", "plan", "plan_gpt", "IndivisibleError", "MeshError", "MeshparError",
     "Ratio", "RuleConflictError", "RuleError", "Rules", "STRATEGIES", "ShardingPlan",
     "StepMetrics", "Strategy", "StrategyError", "Summed", "TrainConfig", "Trainer", "TrainingError",
     "UnannotatedParameterError", "activate", "constrain",

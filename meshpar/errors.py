@@ -85,7 +85,7 @@ class UsageError(MeshparError):
 
 
 class PlanError(MeshparError):
-    """The planner (:mod:`meshpar.plan`) found no layout: none fits the memory, or the device
+    """The planner (:mod:`meshpar.planner`) found no layout: none fits the memory, or the device
     count has no factorisation the model's dimensions divide."""
 
 

@@ -17,7 +17,7 @@ from meshpar.sharding.strategy import Strategy, get_strategy
 DEFAULT_MESH = "data=2,fsdp=2,tensor=2"
 #: The first line of ``meshpar --help``.
 DESCRIPTION = (
-    "The ``meshpar`` command: ``inspect`` a layout, ``train`` the built-in GPT, ``launch`` processes."
+    "The ``meshpar`` command: ``inspect`` a layout, ``plan`` one, ``train`` the built-in GPT, ``launch`` processes."
 )
 
 
@@ -51,6 +51,18 @@ def _add_layout_args(p: argparse.ArgumentParser) -> None:
                    help="CPU devices to emulate (default 8; only the CPU backend is affected)")
 
 
+def add_plan_args(p: argparse.ArgumentParser) -> None:
+    """The planner's options (``meshpar plan``; ``meshpar train --layout auto``)."""
+    g = p.add_argument_group("planner")
+    g.add_argument("--devices", type=int, help="devices to plan for (default: the emulated ones)")
+    g.add_argument("--hardware", default="cpu",
+                   help="hardware profile: cpu (calibrated here, cached), a100-80g, h100-sxm, "
+                        "tpu-v5e, tpu-v5p or FILE.toml (default cpu)")
+    g.add_argument("--memory-mib", type=float, help="memory budget per device (default: the profile's)")
+    g.add_argument("--compile-top", type=int, default=6,
+                   help="compile this many of the best candidates by formula (default 6)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="meshpar", description=DESCRIPTION)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -65,6 +77,20 @@ def build_parser() -> argparse.ArgumentParser:
     ins.add_argument("--plots", metavar="DIR",
                      help="write PNGs to DIR: sharding.png, memory.png, and schedule.png with a "
                           "pipe axis")
+
+    pl = sub.add_parser("plan", help="choose the layout for a device count and a hardware profile")
+    _add_model_args(pl)
+    add_plan_args(pl)
+    pl.add_argument("--precision", choices=("fp32", "bf16"),
+                    help="compute precision (default: try fp32 and bf16)")
+    pl.add_argument("--batch-size", type=int, default=32, help="global batch size (default 32)")
+    pl.add_argument("--cpu-devices", type=int, default=None,
+                    help="CPU devices to emulate (default: --devices, or 8)")
+    pl.add_argument("--json", action="store_true",
+                    help="print the candidates, best first, as JSON (each with its command)")
+    pl.add_argument("--plot", metavar="PNG", help="write predicted time against memory here")
+    pl.add_argument("--top", type=int, default=15, help="rows of the table (default 15)")
+    pl.add_argument("--no-progress", action="store_true", help="no progress bar")
 
     tr = sub.add_parser("train", help="train the built-in GPT on the embedded corpus")
     _add_model_args(tr).add_argument(

@@ -15,6 +15,7 @@ from meshpar.backend import distributed, launch
 from meshpar.backend.devices import emulate_devices
 from meshpar.cli.args import build_parser
 from meshpar.cli.inspect import inspect_main
+from meshpar.cli.plan import plan_main
 from meshpar.cli.train import train_main
 from meshpar.errors import MeshparError, UsageError
 
@@ -27,6 +28,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
+        if args.command == "plan" and args.cpu_devices is None:
+            # Compile at the target count when it is small enough to emulate here.
+            args.cpu_devices = args.devices if args.devices and args.devices <= 64 else 8
         if args.cpu_devices < 1:
             raise UsageError(f"--cpu-devices {args.cpu_devices}: must be >= 1")
         if os.environ.get("MESHPAR_NUM_PROCESSES"):
@@ -37,6 +41,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             emulate_devices(args.cpu_devices)
         if args.command == "inspect":
             return inspect_main(args)
+        if args.command == "plan":
+            return plan_main(args)
         if args.command == "train":
             return train_main(args)
     except MeshparError as err:

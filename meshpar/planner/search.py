@@ -209,7 +209,9 @@ def _search(model: _Model, layouts: Sequence[Layout], rejected: list[str], *, de
     for layout in layouts:
         if bar is not None:
             bar.update(1)
-        key = (layout.mesh_text, layout.zero_stage, layout.schedule, layout.repeats, layout.remat)
+        # The placements depend on the mesh, the ZeRO stage and the stage layout only (not on
+        # the remat policy, the precision or the microbatches, which the enumeration checked).
+        key = (layout.mesh_text, layout.zero_stage, layout.schedule, layout.repeats)
         if key not in plans:
             try:
                 mesh = make_mesh(layout.mesh_shape, devices=jax.devices()[:devices]) \
