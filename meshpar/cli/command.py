@@ -29,8 +29,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         if args.command == "plan" and args.cpu_devices is None:
-            # Compile at the target count when it is small enough to emulate here.
-            args.cpu_devices = args.devices if args.devices and args.devices <= 64 else 8
+            # Compile at the target count when it is small enough to emulate here (fewer
+            # devices than 8 use the first ones of 8).
+            args.cpu_devices = max(args.devices or 8, 8) if (args.devices or 8) <= 64 else 8
         if args.cpu_devices < 1:
             raise UsageError(f"--cpu-devices {args.cpu_devices}: must be >= 1")
         if os.environ.get("MESHPAR_NUM_PROCESSES"):

@@ -8,7 +8,6 @@ import sys
 
 from meshpar.cli.args import model_config
 from meshpar.errors import UsageError
-from meshpar.inspect.plots import plot_plan
 from meshpar.planner import format_plan_result, plan_gpt
 from meshpar.planner.search import PlanResult, no_fit_error
 
@@ -49,6 +48,9 @@ def plan_main(args: argparse.Namespace) -> int:
     if not result.fitting:
         raise no_fit_error(result)
     if args.plot:
+        # matplotlib, only for --plot
+        from meshpar.inspect.plots import plot_plan
+
         plot_plan([c.as_dict() for c in result.candidates], args.plot,
                   budget=result.candidates[0].budget,
                   title=f"{args.preset}: {result.devices} x {result.hardware.name}")
