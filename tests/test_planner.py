@@ -160,3 +160,14 @@ def test_plan_any_model_compiles_its_best_layout():
     assert len(compiled) == 1 and compiled[0].memory_compiled > 0
     assert compiled[0].time.compute > 0 and compiled[0].command is None
     assert len(result.candidates) == 2
+
+
+def test_train_layout_auto_plans_prints_the_choice_and_runs_it(capsys):
+    assert cli_main(["train", "--layout", "auto", "--preset", "tiny", "--steps", "1",
+                     "--batch-size", "16", "--seq-len", "32", "--remat", "full",
+                     "--hardware", "h100-sxm", "--compile-top", "1", "--no-progress"]) == 0
+    out = capsys.readouterr().out
+    chosen = out.split("meshpar train --layout auto: ", 1)[1].split(" (predicted", 1)[0]
+    # The run's own banner shows it trained on the chosen mesh.
+    assert f"mesh {chosen.split()[0]} on 8 cpu devices" in out
+    assert "equivalent to: meshpar train --preset tiny" in out and "done: 1 steps" in out

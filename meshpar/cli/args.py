@@ -97,6 +97,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--dropout", type=float, default=0.0, metavar="P",
         help="dropout rate in [0, 1) on the embeddings and the last hidden state (default 0)")
     _add_layout_args(tr)
+    tr.add_argument("--layout", choices=("manual", "auto"), default="manual",
+                    help="auto: plan the layout (meshpar plan, over these devices, --hardware, "
+                         "remat unless --remat is given) and train with the top pick, replacing "
+                         "--mesh, --strategy, --zero, --microbatches, --schedule, --repeats")
+    add_plan_args(tr)
     tr.add_argument("--steps", type=int, default=300, help="optimizer steps (default 300)")
     tr.add_argument("--precision", choices=("fp32", "bf16"), default="fp32")
     tr.add_argument("--seed", type=int, default=0)

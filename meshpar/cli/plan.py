@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from meshpar.backend.devices import device_count
 from meshpar.cli.args import model_config
 from meshpar.errors import UsageError
 from meshpar.planner import format_plan_result, plan_gpt
@@ -62,3 +63,24 @@ def plan_main(args: argparse.Namespace) -> int:
             print(f"wrote {args.plot}")
     sys.stdout.flush()
     return 0
+
+
+def apply_auto_layout(args: argparse.Namespace) -> None:
+    """``meshpar train --layout auto``: plan over this run's devices and write the top pick's
+    layout flags into ``args`` (printed first).
+
+    Raises:
+        PlanError: nothing fits (see :func:`meshpar.planner.search.no_fit_error`).
+    """
+    args.devices = args.devices or device_count()
+    if args.devices != device_count():
+        raise UsageError(f"--layout auto --devices {args.devices}: this run has "
+                         f"{device_count()} devices; leave --devices out")
+    best = run_plan(args).best
+    lay = best.layout
+    print(f"meshpar train --layout auto: {lay.label} (predicted {best.time.step * 1e3:.1f} ms/step,"
+          f" {best.memory / 2**20:.1f} MiB/device, {best.source}); equivalent to: {best.command}",
+          flush=True)
+    args.mesh, args.strategy, args.zero = lay.mesh_text, "auto", lay.zero_stage
+    args.microbatches, args.schedule, args.repeats = lay.microbatches, lay.schedule, lay.repeats
+    args.remat, args.precision = lay.remat, lay.precision

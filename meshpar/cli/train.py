@@ -17,6 +17,7 @@ from flax import nnx
 from meshpar.axes import TENSOR
 from meshpar.backend.distributed import local_slice
 from meshpar.cli.args import mesh_and_strategy, model_config
+from meshpar.cli.plan import apply_auto_layout
 from meshpar.errors import CheckpointError, MeshparError, UsageError
 from meshpar.keypath import path_str
 from meshpar.mesh import format_mesh
@@ -51,6 +52,8 @@ def _check_args(args: argparse.Namespace, cfg) -> None:
 
 def train_main(args: argparse.Namespace) -> int:
     """Run ``meshpar train`` with parsed arguments; returns the exit status."""
+    if args.layout == "auto":
+        apply_auto_layout(args)
     cfg = model_config(args)
     _check_args(args, cfg)
     mesh, strategy = mesh_and_strategy(args)

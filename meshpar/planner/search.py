@@ -387,6 +387,9 @@ def plan_gpt(config: GPTConfig, /, *, batch_size: int, seq_len: int | None = Non
     if not layouts:
         raise PlanError(f"no factorisation of {devices} devices into pipe x data x fsdp x tensor"
                         f" suits this model and batch: " + "; ".join(rejected))
+    if "--seq-len" not in model_args:
+        # meshpar train's own default (64) is not the preset's: the command names the plan's.
+        model_args = [*model_args, "--seq-len", str(seq_len)]
     batch = {k: jax.ShapeDtypeStruct((batch_size, seq_len), np.int32)
              for k in ("inputs", "targets")}
     param_bytes = 4.0 * config.param_count()
