@@ -148,7 +148,8 @@ def test_nothing_fits_states_the_least_memory_and_what_would_fit(capsys):
     rows = json.loads(capsys.readouterr().out)
     assert len(rows) > 5 and all(r["fits"] and r["source"] == "analytic" for r in rows)
     assert [r["step_s"] for r in rows] == sorted(r["step_s"] for r in rows)
-    assert all(r["command"].startswith("meshpar train --preset tiny --mesh ") for r in rows)
+    assert all(r["command"].startswith("meshpar train --preset tiny --seq-len 32 --mesh ")
+               for r in rows)
 
 
 def test_plan_any_model_compiles_its_best_layout():
