@@ -20,14 +20,14 @@ def format_plan_result(result: PlanResult, /, *, top: int = 15) -> str:
              f"costing; {sum(c.source == 'compiled' for c in result.candidates)} compiled"]
     lines += [f"note: {n}" for n in result.notes]
     head = (f"{'#':>3} {'layout':44s} {'src':4s} {'mem/dev MiB':>11s} {'budget':>7s} "
-            f"{'compute':>9s} {'comm (per axis) ms':28s} {'bubble':>7s} {'step ms':>9s} {'MFU':>6s}")
+            f"{'compute':>9s} {'comm (per axis) ms':40s} {'bubble':>7s} {'step ms':>9s} {'MFU':>6s}")
     lines += [head, "-" * len(head)]
 
     def row(i, c):
         t = c.time
         comm = " ".join(f"{a}:{s * 1e3:.2f}" for a, s in sorted(t.comm_per_axis.items())) or "-"
         return (f"{i:>3} {c.layout.label[:44]:44s} {c.source[:4]:4s} {c.memory / MIB:>11.1f} "
-                f"{c.memory / c.budget:>7.0%} {t.compute * 1e3:>9.2f} {comm[:28]:28s} "
+                f"{c.memory / c.budget:>7.0%} {t.compute * 1e3:>9.2f} {comm[:40]:40s} "
                 f"{t.bubble * 1e3:>7.2f} {t.step * 1e3:>9.2f} {t.mfu:>6.1%}")
 
     fitting = result.fitting
