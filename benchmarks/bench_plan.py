@@ -166,6 +166,9 @@ def main(argv: Sequence[str] | None = None) -> dict:
               f"{len(report['rows'])} layouts; top pick {r['top_pick']!r} is "
               f"{r['top_pick_over_best']:+.1%} over the measured best {r['measured_best']!r} "
               f"({'within' if r['top_pick_over_best'] <= 0.10 else 'NOT within'} 10%)")
+    ratios = [r["memory_analytic_bytes"] / r["memory_bytes"] for r in report["rows"]]
+    print(f"memory formula / memory_analysis: {min(ratios):.2f} .. {max(ratios):.2f} over "
+          f"{len(ratios)} compiled layouts (<= 1: the pre-filter never rejects one that fits)")
     print(f"load average {report['meta']['loadavg']}; wall {report['meta']['wall_s']:.0f}s")
     _common.write_json(args.json, report)
     return report

@@ -215,10 +215,12 @@ def calibrate_cpu(*, matmul: int = 512, collective_mib: float = 8.0, reps: int =
     """Measure this process's devices: peak matmul FLOP/s and collective bandwidth.
 
     The emulated CPU devices share the host's cores, so the figures are per device *when every
-    device works at once*: a batched fp32 matmul over all devices (the rate of each is the total
-    over the device count), an all-reduce of ``collective_mib`` MiB over all of them (ring bytes
-    per device over its time) and of 4 bytes (latency). Memory per device is the host's memory
-    over the device count. bf16 is measured too (CPUs often run it slower than fp32).
+    device works at once*: a batched matmul over all devices (the rate of each is the total over
+    the device count; fp32, and bf16 operands with fp32 results as the GPT's dots take them), an
+    all-reduce of ``collective_mib`` MiB over all of them (ring bytes per device over its time)
+    and of 4 bytes (latency). Memory per device is the host's memory over the device count. The
+    figures move with the machine's load: recalibrate (``load_profile("cpu",
+    recalibrate=True)``) on a quiet machine.
 
     Example:
         >>> calibrate_cpu().peak_flops["fp32"] > 0
@@ -230,8 +232,12 @@ def calibrate_cpu(*, matmul: int = 512, collective_mib: float = 8.0, reps: int =
     split = NamedSharding(mesh, PartitionSpec("all"))
     peaks = {}
     for precision, dtype in (("fp32", jnp.float32), ("bf16", jnp.bfloat16)):
-        a = jax.jit(lambda: jnp.ones((n, matmul, matmul), dtype), out_shardings=split)()
-        f = jax.jit(lambda x: jnp.einsum("dij,djk->dik", x, x), out_shardings=split)
+        a = jax.jit(lambda: jax.random.normal(jax.random.key(0), (n, matmul, matmul), dtype),
+                    out_shardings=split)()
+        # bf16 operands with an fp32 result: the form the built-in GPT's dots take (XLA:CPU
+        # upcasts a bf16 -> bf16 dot whole; see benchmarks/README.md, issue 13).
+        f = jax.jit(lambda x: jnp.einsum("dij,djk->dik", x, x,
+                                         preferred_element_type=jnp.float32), out_shardings=split)
         peaks[precision] = 2.0 * matmul**3 / _best_time(lambda: f(a), reps)
     elems = int(collective_mib * 2**20 / 4)
 
