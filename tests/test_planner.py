@@ -127,7 +127,7 @@ def test_compiled_candidates_read_memory_analysis_and_the_prefilter_is_a_lower_b
     assert "top pick: " + result.best.layout.label in text and result.best.command in text
 
 
-def test_nothing_fits_states_the_least_memory_and_what_would_fit(capsys):
+def test_nothing_fits_states_the_least_memory_and_what_would_fit(capsys, tmp_path):
     # 4 of the 8 devices: fewer factorisations to place (nothing here compiles).
     result = plan_gpt(get_preset("tiny"), batch_size=16, devices=4, hardware="a100-80g",
                       memory_budget=2**16, compile_top=0, remats=("full",),
@@ -144,8 +144,15 @@ def test_nothing_fits_states_the_least_memory_and_what_would_fit(capsys):
     assert "least memory found" in capsys.readouterr().err
     assert cli_main(["plan", "--preset", "tiny", "--batch-size", "16", "--hardware", "tpu-v5e",
                      "--devices", "4", "--compile-top", "0", "--no-progress", "--json", "--remat", "full",
-                     "--precision", "bf16"]) == 0
+                     "--precision", "bf16", "--plot", str(tmp_path / "plan.png")]) == 0
     rows = json.loads(capsys.readouterr().out)
+    # The PNG has a point per candidate and the Pareto front in red: not a blank figure.
+    import matplotlib.image
+
+    pixels = matplotlib.image.imread(tmp_path / "plan.png")[..., :3]
+    assert (pixels.min(-1) < 0.9).mean() > 0.02
+    red = (pixels[..., 0] > 0.7) & (pixels[..., 1] < 0.3) & (pixels[..., 2] < 0.3)
+    assert red.sum() > 50
     assert len(rows) > 5 and all(r["fits"] and r["source"] == "analytic" for r in rows)
     assert [r["step_s"] for r in rows] == sorted(r["step_s"] for r in rows)
     assert all(r["command"].startswith("meshpar train --preset tiny --seq-len 32 --mesh ")

@@ -363,7 +363,10 @@ def plot_plan(rows: Iterable[Mapping[str, Any]], /, path: str | os.PathLike | No
     rows = list(rows)
     fig = _figure(figsize=(8, 5))
     ax = fig.add_subplot()
-    scale, unit = _unit(max([r["memory_bytes"] for r in rows] + [budget or 0, 1]))
+    top = max([r["memory_bytes"] for r in rows] + [1])
+    # The budget is drawn when it is on the chart's scale; far above, it is named instead.
+    show_budget = budget is not None and budget <= 2 * top
+    scale, unit = _unit(max(top, budget) if show_budget else top)
     for r in rows:
         x, y = r["memory_bytes"] / scale, r["step_s"] * 1e3
         if not r["fits"]:
@@ -377,13 +380,22 @@ def plot_plan(rows: Iterable[Mapping[str, Any]], /, path: str | os.PathLike | No
     if front:
         ax.plot([r["memory_bytes"] / scale for r in front], [r["step_s"] * 1e3 for r in front],
                 "-", color="C3", lw=1.5, label="Pareto front")
-        for r in front:
+        # Label the front's ends and a few points between (labels of a long front overlap).
+        step = max(1, len(front) // 6)
+        for r in front[::step] + ([front[-1]] if (len(front) - 1) % step else []):
             ax.annotate(r["layout"], (r["memory_bytes"] / scale, r["step_s"] * 1e3), fontsize=7,
                         xytext=(4, 4), textcoords="offset points")
-    if budget:
+    if show_budget:
         ax.axvline(budget / scale, color="C1", ls="--", label="memory budget")
+    elif budget is not None:
+        s_, u_ = _unit(budget)
+        ax.text(0.99, 0.98, f"memory budget {budget / s_:.0f} {u_} (off the chart)",
+                transform=ax.transAxes, ha="right", va="top", fontsize=8, color="C1")
+    ax.set_xlim(left=0)
     ax.set_xlabel(f"memory per device ({unit})")
     ax.set_ylabel("predicted step time (ms)")
-    ax.set_title(title or "candidate layouts: filled = compiled, hollow = formula, x = does not fit")
-    ax.legend(loc="best", fontsize=8)
+    ax.set_title(title or "candidate layouts")
+    ax.text(0.01, 0.01, "filled: compiled, hollow: formula only, x: does not fit",
+            transform=ax.transAxes, fontsize=7, color="#555555")
+    ax.legend(loc="upper center", fontsize=8)
     return _save(fig, path)
