@@ -214,3 +214,16 @@ def gpt_activation_bytes(config: Any, /, *, rows: int, seq_len: int, tensor: int
         saved = layers * max(carry, per_layer / 2)
     working = per_layer + 3 * rows * t * config.vocab_size / tensor * 4.0
     return {"saved": saved * in_flight, "working": working, "total": saved * in_flight + working}
+
+
+def zero3_working_bytes(layer_param_bytes: float, *, fsdp: int) -> float:
+    """What ZeRO-3 holds beyond its shards while a layer runs: that layer's gathered parameters
+    and its whole gradient before the reduce-scatter, ``2 (N-1)/N x layer bytes`` (the shard a
+    device already holds is not counted twice). A lower estimate: XLA may prefetch the next
+    layer's gather too.
+
+    Example:
+        >>> zero3_working_bytes(1000.0, fsdp=4)
+        1500.0
+    """
+    return 2 * (fsdp - 1) / fsdp * layer_param_bytes if fsdp > 1 else 0.0

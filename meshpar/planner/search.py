@@ -38,7 +38,7 @@ import optax
 from flax import nnx
 
 from meshpar.errors import MeshparError, PlanError
-from meshpar.inspect.costs import gpt_activation_bytes, gpt_train_flops
+from meshpar.inspect.costs import gpt_activation_bytes, gpt_train_flops, zero3_working_bytes
 from meshpar.inspect.measure import measure
 from meshpar.mesh import make_mesh
 from meshpar.models import GPT, GPTConfig, lm_loss
@@ -405,6 +405,10 @@ def plan_gpt(config: GPTConfig, /, *, batch_size: int, seq_len: int | None = Non
         act = gpt_activation_bytes(c, rows=micro, seq_len=seq_len, tensor=layout.tensor,
                                    layers=c.layers // layout.pipe, in_flight=in_flight,
                                    act_itemsize=2 if layout.precision == "bf16" else 4)
+        if layout.zero_stage >= 3 and layout.fsdp > 1 and layout.pipe == 1:
+            layer = 4.0 * (4 * c.d_model * c.heads * c.head_size + 2 * c.d_model * c.mlp_dim)
+            act["zero3"] = zero3_working_bytes(layer / layout.tensor, fsdp=layout.fsdp)
+            act["total"] += act["zero3"]
         if tplan is None:
             local = param_bytes / (layout.tensor * layout.pipe)
             z = layout.zero_stage
