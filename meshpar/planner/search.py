@@ -19,8 +19,10 @@ How a candidate is judged:
    collectives per kind and mesh axis (:func:`meshpar.inspect.measure.measure`); the time is
    predicted again from what the program does.
 
-Device counts above what this process emulates are planned by formula only (the candidates say
-``analytic``); extrapolating compiled figures to them is not implemented.
+Device counts above what this process emulates (``plan_gpt``): the shortlist is compiled as
+:func:`proxy_layout` s (``data``/``fsdp`` shrunk to fit, per-device shapes kept) and
+extrapolated per mesh axis; ``benchmarks/plan_extrapolation.py`` measures how far that is from
+full compiles.
 """
 
 from __future__ import annotations
@@ -37,8 +39,10 @@ import numpy as np
 import optax
 from flax import nnx
 
+from meshpar.axes import DATA, FSDP
 from meshpar.errors import MeshparError, PlanError
-from meshpar.inspect.costs import gpt_activation_bytes, gpt_train_flops, zero3_working_bytes
+from meshpar.inspect.costs import (gpt_activation_bytes, gpt_train_flops, zero3_working_bytes,
+                                   zero_state_bytes)
 from meshpar.inspect.measure import measure
 from meshpar.mesh import make_mesh
 from meshpar.models import GPT, GPTConfig, lm_loss
@@ -195,15 +199,88 @@ def _batch_bytes(batch: Mapping, layout: Layout) -> float:
                for x in jax.tree.leaves(batch)) / (layout.data * layout.fsdp)
 
 
+def proxy_layout(layout: Layout, limit: int, /) -> Layout | None:
+    """The layout compiled in place of one with more devices than ``limit``: the same
+    ``tensor`` and ``pipe`` (per-device weight and activation shapes), ``data`` shrunk first
+    and then ``fsdp`` (each kept >= 2 where it was > 1, so every collective still appears), the
+    per-device rows kept (the batch shrinks with ``data x fsdp``). ``None`` when none fits.
+
+    Example:
+        >>> proxy_layout(Layout(data=64, tensor=4), 8)
+        Layout(pipe=1, data=2, fsdp=1, tensor=4, ...)
+    """
+    if layout.devices <= limit:
+        return None
+    base = layout.tensor * layout.pipe
+    best = None
+    for f in sorted(d for d in range(1, layout.fsdp + 1) if layout.fsdp % d == 0):
+        for d in sorted(x for x in range(1, layout.data + 1) if layout.data % x == 0):
+            if (layout.fsdp > 1 and f < 2) or (layout.data > 1 and d < 2):
+                continue
+            # Prefer keeping fsdp whole (ZeRO shards keep their size), then the most devices.
+            if base * d * f <= limit and (best is None or (f, d) > best):
+                best = (f, d)
+    if best is None:
+        return None
+    return dataclasses.replace(layout, fsdp=best[0], data=best[1])
+
+
+def _ring(n: int) -> float:
+    return (n - 1) / n if n > 1 else 0.0
+
+
+def extrapolate_collectives(collectives: Sequence[Collective], *, proxy: Layout,
+                            target: Layout) -> list[Collective]:
+    """The proxy's collectives at the target's sizes, per axis: a ring collective over the batch
+    axes sends ``(n-1)/n`` of its volume, so traffic scales by ``ring(n_target) / ring(n_proxy)``;
+    a tensor shrunk over a smaller ``fsdp`` (ZeRO shards reduced over ``data``) by
+    ``fsdp_proxy / fsdp_target``; ``tensor`` and ``pipe`` collectives move per-device
+    activations, which the proxy keeps, and are unchanged."""
+    out = []
+    for c in collectives:
+        axes = set(c.axes)
+        if not axes or not axes <= {DATA, FSDP}:
+            out.append(c)
+            continue
+        n_p = math.prod(getattr(proxy, a) for a in axes)
+        n_t = math.prod(getattr(target, a) for a in axes)
+        factor = _ring(n_t) / _ring(n_p) if _ring(n_p) else 1.0
+        if FSDP not in axes and target.zero_stage >= 2 and proxy.fsdp != target.fsdp:
+            factor *= proxy.fsdp / target.fsdp
+        out.append(dataclasses.replace(c, traffic=c.traffic * factor))
+    return out
+
+
+def _scaled_batch(batch: Mapping, rows: int) -> dict:
+    return jax.tree.map(lambda x: jax.ShapeDtypeStruct((rows, *x.shape[1:]), x.dtype), batch)
+
+
+def _compile(model: _Model, layout: Layout, tx, batch) -> dict:
+    mesh = make_mesh(layout.mesh_shape, devices=jax.devices()[:layout.devices])
+    trainer = Trainer(model.make_model(layout), tx, model.loss_fn, mesh=mesh,
+                      strategy=layout.strategy(),
+                      config=layout.train_config(row_separable=model.row_separable),
+                      allocate=False)
+    return measure(trainer.lower(batch).compile(), mesh=mesh)
+
+
+def _formula_memory(model: _Model, layout: Layout, batch) -> float:
+    act, _, _, _ = model.analytic(layout, None)
+    return act["state"] + act["total"] + _batch_bytes(batch, layout)
+
+
 def _search(model: _Model, layouts: Sequence[Layout], rejected: list[str], *, devices: int,
             hardware: HardwareProfile, tx: optax.GradientTransformation, budget: float,
-            compile_top: int, progress: bool) -> PlanResult:
-    can_compile = devices <= jax.device_count()
+            compile_top: int, progress: bool, compile_devices: int | None = None) -> PlanResult:
+    limit = min(compile_devices or jax.device_count(), jax.device_count())
+    can_compile = devices <= limit
     notes = []
     if not can_compile:
-        notes.append(f"{devices} devices is more than the {jax.device_count()} this process "
-                     "emulates: every candidate is analytic (nothing compiled)")
-    analytic: list[tuple[Layout, float, StepTime]] = []
+        notes.append(
+            f"{devices} devices is more than the {limit} compiled here: the shortlist is "
+            f"extrapolated from compiles of the same layout with data/fsdp shrunk to {limit} "
+            "devices (source 'extrap'); the rest is analytic")
+    analytic: list[tuple[Layout, float, StepTime, float | None]] = []
     plans: dict[tuple, Any] = {}
     bar = _progress(len(layouts), "plan (formulas)", progress)
     for layout in layouts:
@@ -227,53 +304,64 @@ def _search(model: _Model, layouts: Sequence[Layout], rejected: list[str], *, de
             rejected.append(f"{layout.label}: {tplan}")
             continue
         act, colls, flops, model_flops = model.analytic(layout, tplan)
-        state = _state_bytes(tplan) if tplan is not None else act.pop("state")
+        state = _state_bytes(tplan) if tplan is not None else act["state"]
         memory = state + act["total"] + _batch_bytes(model.batch, layout)
         t = step_time(flops_per_device=flops, collectives=colls, mesh_shape=layout.mesh_shape,
                       hardware=hardware, precision=layout.precision,
                       bubble_fraction=_bubble(layout), model_flops=model_flops)
-        analytic.append((layout, memory, t))
+        analytic.append((layout, memory, t, model_flops))
     if bar is not None:
         bar.close()
     analytic.sort(key=lambda x: (x[1] > budget, x[2].step))
-    shortlist = [x for x in analytic if x[1] <= budget][:compile_top] if can_compile else []
+    rows = jax.tree.leaves(model.batch)[0].shape[0]
+    shortlist = []
+    for x in analytic:
+        if x[1] > budget or len(shortlist) >= compile_top:
+            continue
+        proxy = None if can_compile else proxy_layout(x[0], limit)
+        if can_compile or proxy is not None:
+            shortlist.append((*x, proxy))
     chosen = {id(x[0]) for x in shortlist}
     out = []
     bar = _progress(len(shortlist), "plan (compile)", progress)
-    for layout, memory, t in shortlist:
+    for layout, memory, t, model_flops, proxy in shortlist:
         if bar is not None:
             bar.set_postfix_str(layout.label)
+        compiled = proxy or layout
+        batch = model.batch if proxy is None else _scaled_batch(
+            model.batch, rows // (layout.data * layout.fsdp) * proxy.data * proxy.fsdp)
         try:
-            mesh = make_mesh(layout.mesh_shape, devices=jax.devices()[:devices])
-            trainer = Trainer(model.make_model(layout), tx, model.loss_fn, mesh=mesh,
-                              strategy=layout.strategy(),
-                              config=layout.train_config(row_separable=model.row_separable),
-                              allocate=False)
-            measured = measure(trainer.lower(model.batch).compile(), mesh=mesh)
+            measured = _compile(model, compiled, tx, batch)
         except MeshparError as err:
             rejected.append(f"{layout.label}: {err}")
             if bar is not None:
                 bar.update(1)
             continue
-        flops = model.compiled_flops(layout, measured)
-        compiled_t = step_time(
-            flops_per_device=flops, collectives=measured_collectives(measured),
-            mesh_shape=layout.mesh_shape, hardware=hardware, precision=layout.precision,
-            bubble_fraction=_bubble(layout), model_flops=t.mfu * devices *
-            hardware.peak(layout.precision) * t.step if t.mfu else None)
+        colls = measured_collectives(measured)
         mem = float(measured["memory"]["total"])
-        out.append(Candidate(layout, mem, memory, mem, budget, compiled_t, "compiled",
-                             model.command(layout)))
+        source = "compiled"
+        if proxy is not None:
+            colls = extrapolate_collectives(colls, proxy=proxy, target=layout)
+            # What the formulas leave out (XLA's temporaries) is taken from the proxy; what
+            # they count is recomputed at the target's sizes.
+            mem += _formula_memory(model, layout, model.batch) - _formula_memory(model, proxy, batch)
+            source = f"extrapolated from {proxy.mesh_text}"
+        new_t = step_time(
+            flops_per_device=model.compiled_flops(layout, measured), collectives=colls,
+            mesh_shape=layout.mesh_shape, hardware=hardware, precision=layout.precision,
+            bubble_fraction=_bubble(layout), model_flops=model_flops)
+        out.append(Candidate(layout, mem, memory, mem if proxy is None else None, budget, new_t,
+                             source, model.command(layout)))
         if bar is not None:
             bar.update(1)
     if bar is not None:
         bar.close()
-    for layout, memory, t in analytic:
+    for layout, memory, t, _ in analytic:
         if id(layout) not in chosen:
             out.append(Candidate(layout, memory, memory, None, budget, t, "analytic",
                                  model.command(layout)))
     out.sort(key=lambda c: (not c.fits, c.time.step if c.fits else c.memory,
-                            c.source != "compiled"))
+                            c.source == "analytic"))
     return PlanResult(tuple(out), tuple(rejected), hardware, devices, tuple(notes))
 
 
@@ -322,6 +410,11 @@ def plan(make_model: Callable[[], nnx.Module], loss_fn: Callable, *, batch: Mapp
     """
     hardware = _profile(hardware)
     devices = devices or jax.device_count()
+    if devices > jax.device_count():
+        raise PlanError(
+            f"plan(devices={devices}): a model of your own is planned by compiling it at the "
+            f"target count, and this process has {jax.device_count()} devices; emulate them "
+            f"first (mp.emulate_devices({devices})) or use plan_gpt, whose formulas extrapolate")
     batch = _abstract_batch(batch)
     rows = jax.tree.leaves(batch)[0].shape[0]
     rejected: list[str] = []
@@ -353,7 +446,7 @@ def plan_gpt(config: GPTConfig, /, *, batch_size: int, seq_len: int | None = Non
              remats: Sequence[str] = ("full", "none"), precisions: Sequence[str] = ("fp32", "bf16"),
              memory_budget: float | None = None, compile_top: int = 8,
              model_args: Sequence[str] = (), layouts: Sequence[Layout] | None = None,
-             progress: bool = True) -> PlanResult:
+             compile_devices: int | None = None, progress: bool = True) -> PlanResult:
     """Plan the layout of the built-in GPT (``meshpar plan``).
 
     Args:
@@ -365,6 +458,11 @@ def plan_gpt(config: GPTConfig, /, *, batch_size: int, seq_len: int | None = Non
         model_args: the ``meshpar train`` model flags for the ``command`` field (e.g.
             ``["--preset", "20m"]``).
         layouts: the candidates (default: every layout :func:`enumerate_layouts` allows).
+        compile_devices: the most devices a compile may use (default: this process's). A
+            layout with more is compiled as its :func:`proxy_layout` (``data``/``fsdp`` shrunk,
+            per-device shapes kept) and extrapolated per mesh axis
+            (:func:`extrapolate_collectives`; memory: the proxy's compiled bytes less its formula
+            plus the target's formula).
 
     Raises:
         PlanError: no factorisation of ``devices`` suits the model (each reason listed).
@@ -409,12 +507,16 @@ def plan_gpt(config: GPTConfig, /, *, batch_size: int, seq_len: int | None = Non
             layer = 4.0 * (4 * c.d_model * c.heads * c.head_size + 2 * c.d_model * c.mlp_dim)
             act["zero3"] = zero3_working_bytes(layer / layout.tensor, fsdp=layout.fsdp)
             act["total"] += act["zero3"]
-        if tplan is None:
-            local = param_bytes / (layout.tensor * layout.pipe)
-            z = layout.zero_stage
-            f = layout.fsdp
-            act["state"] = local / (f if z >= 3 else 1) + local / (f if z >= 2 else 1) \
-                + 2 * local / (f if z >= 1 else 1)
+        if layout.pipe > 1:
+            # The pipeline loop carries a gradient accumulator of the stage's weights besides
+            # the step's own gradient (counted in the state): one more stage's worth.
+            act["pipeline_grads"] = param_bytes / (layout.pipe * layout.tensor)
+            act["total"] += act["pipeline_grads"]
+        # The formula's state (ZeRO over fsdp of the weights split by tensor and pipe); where
+        # there is a plan its exact bytes are used instead.
+        local = param_bytes / (layout.tensor * layout.pipe)
+        act["state"] = sum(zero_state_bytes(local, fsdp=layout.fsdp, zero_stage=layout.zero_stage,
+                                            optimizer_k=2).values())
         colls = analytic_gpt_collectives(
             mesh_shape=layout.mesh_shape, zero_stage=layout.zero_stage,
             param_bytes=param_bytes / (layout.tensor * layout.pipe), layers=c.layers // layout.pipe,
@@ -440,4 +542,4 @@ def plan_gpt(config: GPTConfig, /, *, batch_size: int, seq_len: int | None = Non
                    lambda layout: layout.command(model_args, batch_size=batch_size))
     return _search(model, layouts, rejected, devices=devices, hardware=hardware,
                    tx=optax.adamw(1e-3), budget=memory_budget or hardware.memory_bytes,
-                   compile_top=compile_top, progress=progress)
+                   compile_top=compile_top, progress=progress, compile_devices=compile_devices)
