@@ -179,3 +179,20 @@ def test_train_layout_auto_plans_prints_the_choice_and_runs_it(capsys):
     # The run's own banner shows it trained on the chosen mesh.
     assert f"mesh {chosen.split()[0]} on 8 cpu devices" in out
     assert "equivalent to: meshpar train --preset tiny" in out and "done: 1 steps" in out
+
+
+def test_proxy_layouts_keep_per_device_shapes_and_collectives_scale_per_axis():
+    from meshpar.planner import Collective
+    from meshpar.planner.search import extrapolate_collectives, proxy_layout
+
+    target = Layout(data=64, fsdp=8, tensor=4, zero_stage=3)
+    proxy = proxy_layout(target, 64)
+    # fsdp kept whole (ZeRO shards keep their size), data shrunk, tensor kept.
+    assert (proxy.data, proxy.fsdp, proxy.tensor, proxy.zero_stage) == (2, 8, 4, 3)
+    assert proxy_layout(Layout(data=4, tensor=2), 8) is None  # fits: compiled as it is
+    assert proxy_layout(Layout(pipe=4, data=2, fsdp=2, tensor=2), 8) is None  # no proxy fits
+    colls = [Collective("all-reduce", ("data",), 100.0, 3), Collective("all-gather", ("fsdp",), 70.0),
+             Collective("all-reduce", ("tensor",), 5.0, 9)]
+    out = extrapolate_collectives(colls, proxy=proxy, target=target)
+    assert out[0].traffic == pytest.approx(100.0 * (63 / 64) / (1 / 2)) and out[0].executions == 3
+    assert out[1].traffic == 70.0 and out[2] == colls[2]

@@ -172,8 +172,9 @@ class _Model:
     loss_fn: Callable
     batch: Mapping[str, jax.ShapeDtypeStruct]
     row_separable: bool
-    # layout, plan -> (activation bytes, analytic collectives, FLOPs per device, model FLOPs)
-    analytic: Callable[[Layout, Any], tuple[float, list[Collective], float, float | None]]
+    # layout, plan, global batch rows -> (activation bytes, analytic collectives, FLOPs per
+    # device, model FLOPs)
+    analytic: Callable[[Layout, Any, int], tuple[dict, list[Collective], float, float | None]]
     # layout, measured -> FLOPs per device from the compiled program
     compiled_flops: Callable[[Layout, dict], float]
     command: Callable[[Layout], str | None]
@@ -233,17 +234,18 @@ def extrapolate_collectives(collectives: Sequence[Collective], *, proxy: Layout,
                             target: Layout) -> list[Collective]:
     """The proxy's collectives at the target's sizes, per axis: a ring collective over the batch
     axes sends ``(n-1)/n`` of its volume, so traffic scales by ``ring(n_target) / ring(n_proxy)``;
+    (``n`` the product of all the group's axes: one over ``data`` and ``tensor`` spans both);
     a tensor shrunk over a smaller ``fsdp`` (ZeRO shards reduced over ``data``) by
-    ``fsdp_proxy / fsdp_target``; ``tensor`` and ``pipe`` collectives move per-device
+    ``fsdp_proxy / fsdp_target``; collectives over ``tensor`` and ``pipe`` alone move per-device
     activations, which the proxy keeps, and are unchanged."""
     out = []
     for c in collectives:
         axes = set(c.axes)
-        if not axes or not axes <= {DATA, FSDP}:
-            out.append(c)
+        if not axes & {DATA, FSDP}:
+            out.append(c)  # tensor / pipe only: per-device activations, which the proxy keeps
             continue
-        n_p = math.prod(getattr(proxy, a) for a in axes)
-        n_t = math.prod(getattr(target, a) for a in axes)
+        n_p = math.prod(getattr(proxy, a, 1) for a in axes)
+        n_t = math.prod(getattr(target, a, 1) for a in axes)
         factor = _ring(n_t) / _ring(n_p) if _ring(n_p) else 1.0
         if FSDP not in axes and target.zero_stage >= 2 and proxy.fsdp != target.fsdp:
             factor *= proxy.fsdp / target.fsdp
@@ -265,7 +267,7 @@ def _compile(model: _Model, layout: Layout, tx, batch) -> dict:
 
 
 def _formula_memory(model: _Model, layout: Layout, batch) -> float:
-    act, _, _, _ = model.analytic(layout, None)
+    act, _, _, _ = model.analytic(layout, None, jax.tree.leaves(batch)[0].shape[0])
     return act["state"] + act["total"] + _batch_bytes(batch, layout)
 
 
@@ -303,7 +305,8 @@ def _search(model: _Model, layouts: Sequence[Layout], rejected: list[str], *, de
         if isinstance(tplan, MeshparError):
             rejected.append(f"{layout.label}: {tplan}")
             continue
-        act, colls, flops, model_flops = model.analytic(layout, tplan)
+        act, colls, flops, model_flops = model.analytic(
+            layout, tplan, jax.tree.leaves(model.batch)[0].shape[0])
         state = _state_bytes(tplan) if tplan is not None else act["state"]
         memory = state + act["total"] + _batch_bytes(model.batch, layout)
         t = step_time(flops_per_device=flops, collectives=colls, mesh_shape=layout.mesh_shape,
@@ -424,7 +427,7 @@ def plan(make_model: Callable[[], nnx.Module], loss_fn: Callable, *, batch: Mapp
             precisions=precisions, pipeline=False)
     tx = tx if tx is not None else optax.adamw(1e-3)
 
-    def analytic(layout, tplan):
+    def analytic(layout, tplan, batch_rows):
         flops = (model_flops or 0.0) / devices
         return {"total": 0.0}, [], flops, model_flops
 
@@ -495,9 +498,9 @@ def plan_gpt(config: GPTConfig, /, *, batch_size: int, seq_len: int | None = Non
     def cfg(layout):
         return config.replace(remat=layout.remat or config.remat)
 
-    def analytic(layout, tplan):
+    def analytic(layout, tplan, batch_rows):
         c = cfg(layout)
-        rows = batch_size // (layout.data * layout.fsdp)
+        rows = batch_rows // (layout.data * layout.fsdp)
         micro = rows // layout.microbatches
         in_flight = (layout.repeats * layout.microbatches + layout.pipe - 1) if layout.pipe > 1 else 1
         act = gpt_activation_bytes(c, rows=micro, seq_len=seq_len, tensor=layout.tensor,
