@@ -186,10 +186,11 @@ def load_profile(name: str | os.PathLike, /, *, recalibrate: bool = False) -> Ha
         path = cache_dir() / "hardware" / f"cpu-{jax.device_count()}.toml"
         if path.exists() and not recalibrate:
             return parse_profile(path.read_text(), where=str(path))
-        profile = calibrate_cpu()
+        text = calibrate_cpu().to_toml()
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(profile.to_toml())
-        return profile
+        path.write_text(text)
+        # Read back as the cache will be: the first and later calls give the same figures.
+        return parse_profile(text, where=str(path))
     if text in NAMES:
         path = PROFILE_DIR / f"{text}.toml"
     elif text.endswith(".toml"):
