@@ -35,17 +35,18 @@ from meshpar.sharding.rules import Rules
 from meshpar.sharding.strategy import PRESETS as STRATEGIES
 from meshpar.sharding.strategy import Strategy, get_strategy
 from meshpar.train import Fallback, StepMetrics, TrainConfig, Trainer
+from meshpar.train.diloco import DiLoCoConfig, DiLoCoTrainer
 from meshpar.train.loss import Ratio, Summed
 
 __all__ = [
-    "DeviceEmulationError", "Fallback", "HardwareProfile", "IndivisibleError", "Layout",
-    "MeshError", "MeshparError", "PlanError", "PlanResult", "ProfileError", "Ratio",
-    "RuleConflictError", "RuleError", "Rules", "STRATEGIES", "ShardingPlan", "StepMetrics",
-    "Strategy", "StrategyError", "Summed", "TrainConfig", "Trainer", "TrainingError",
-    "UnannotatedParameterError", "activate", "constrain", "emulate_devices", "format_mesh",
-    "format_plan", "from_linen", "get_strategy", "init_linen", "init_nnx", "load_profile",
-    "make_mesh", "parse_mesh", "plan", "plan_gpt", "plan_linen", "plan_nnx_state", "plan_to_dict",
-    "scan_layers",
+    "DeviceEmulationError", "DiLoCoConfig", "DiLoCoTrainer", "Fallback", "HardwareProfile",
+    "IndivisibleError", "Layout", "MeshError", "MeshparError", "PlanError", "PlanResult",
+    "ProfileError", "Ratio", "RuleConflictError", "RuleError", "Rules", "STRATEGIES",
+    "ShardingPlan", "StepMetrics", "Strategy", "StrategyError", "Summed", "TrainConfig",
+    "Trainer", "TrainingError", "UnannotatedParameterError", "activate", "constrain",
+    "emulate_devices", "format_mesh", "format_plan", "from_linen", "get_strategy", "init_linen",
+    "init_nnx", "load_profile", "make_mesh", "parse_mesh", "plan", "plan_gpt", "plan_linen",
+    "plan_nnx_state", "plan_to_dict", "scan_layers",
 ]
 __version__ = "0.1.0"
 

@@ -94,6 +94,11 @@ class ProfileError(MeshparError):
     the key and the value)."""
 
 
+class DataError(MeshparError):
+    """Training data or a tokenizer cannot be used: no file matches, a file is empty or too short
+    for the sequence length, a token id or the tokenizer's vocabulary does not fit the model."""
+
+
 class MeshparWarning(UserWarning):
     """Something meshpar changed on the user's behalf and reports (e.g. Explicit mesh axes made
     Auto for training); filter it with ``warnings.filterwarnings("ignore", category=...)``."""

@@ -10,7 +10,8 @@ import pytest
 
 from meshpar.cli import main as cli_main
 
-TINY = ["--preset", "tiny", "--steps", "3", "--batch-size", "16", "--no-progress"]
+# No end-of-run sample (--sample-tokens 0): its forward program would be compiled in every run.
+TINY = ["--preset", "tiny", "--steps", "3", "--batch-size", "16", "--no-progress", "--sample-tokens", "0"]
 
 
 def _train(tmp_path, name, *extra):

@@ -48,6 +48,7 @@ ALLOWED_LAZY = {
     ("meshpar.cli.inspect", "meshpar.inspect.plots"): "matplotlib, only for --plots",
     ("meshpar.cli.plan", "meshpar.inspect.plots"): "matplotlib, only for --plot",
     ("meshpar.planner.search", "tqdm"): "only a plan that draws a progress bar needs it",
+    ("meshpar.cli.data", "meshpar.train.loader"): "Grain (a second to import), only for --data",
 }
 
 

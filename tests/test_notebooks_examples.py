@@ -28,6 +28,8 @@ EXAMPLES = {
     "gpt_3d": ["--steps", "2"],
     "pipelined_gpt": ["--steps", "2", "--compare"],
     "resume_on_another_mesh": ["--steps", "2"],
+    # Sampling on the training mesh here: another mesh would compile its programs again.
+    "own_data": ["--steps", "2", "--vocab-size", "300", "--sample-mesh", "data=4,tensor=2"],
 }
 
 
@@ -65,7 +67,7 @@ def test_example_runs(name, tmp_path, capsys):
     source = (REPO / "examples" / f"{name}.py").read_text()
     # Run as a script, the file sets 8 devices before JAX starts (importing it does not).
     assert 'if __name__ == "__main__":\n    mp.emulate_devices(8)' in source
-    argv = EXAMPLES[name] + (["--dir", str(tmp_path / "ckpt")] if name.startswith("resume") else [])
+    argv = EXAMPLES[name] + (["--dir", str(tmp_path / "ckpt")] if name.startswith(("resume", "own")) else [])
     assert _load(name).main(argv) == 0, capsys.readouterr().out[-2000:]
 
 

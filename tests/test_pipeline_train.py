@@ -530,7 +530,7 @@ CLI_TINY = ["--preset", "tiny", "--layers", "4", "--batch-size", "16"]
 
 def _cli_train(tmp_path, name, *extra) -> list[dict]:
     path = tmp_path / f"{name}.jsonl"
-    status = meshpar.cli.main(["train", *CLI_TINY, "--steps", "2", "--no-progress",
+    status = meshpar.cli.main(["train", *CLI_TINY, "--steps", "2", "--no-progress", "--sample-tokens", "0",
                                "--metrics-file", str(path), *extra])
     assert status == 0
     return [json.loads(line) for line in path.read_text().splitlines()]

@@ -50,9 +50,10 @@ MESH = "data=2,fsdp=2,tensor=2"
 STEPS = 6
 #: The arguments every run of the kill/resume comparison shares.
 BASE = ["train", "--preset", "tiny", "--layers", "4", "--batch-size", "16", "--steps", str(STEPS),
-        "--no-progress"]
+        "--no-progress", "--sample-tokens", "0"]
 #: Smaller runs for the error tests (2 layers, 2 steps: only the checkpoint matters there).
-SMALL = ["train", "--preset", "tiny", "--batch-size", "16", "--steps", "2", "--no-progress"]
+SMALL = ["train", "--preset", "tiny", "--batch-size", "16", "--steps", "2", "--no-progress",
+         "--sample-tokens", "0"]
 
 
 def meshpar(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
@@ -284,7 +285,7 @@ def test_kill_during_save_keeps_the_previous_checkpoint(tmp_path, caplog):
 
     metrics = tmp_path / "m.jsonl"
     proc = meshpar("train", "--preset", "tiny", "--batch-size", "16", "--steps", "3",
-                   "--no-progress", *DROPOUT, "--checkpoint-dir", str(directory), "--resume",
+                   "--no-progress", "--sample-tokens", "0", *DROPOUT, "--checkpoint-dir", str(directory), "--resume",
                    "--metrics-file", str(metrics))
     assert proc.returncode == 0, output(proc)
     assert "resumed from step 1 (saved on mesh data=2,fsdp=2,tensor=2" in proc.stdout

@@ -6,19 +6,26 @@ from __future__ import annotations
 import argparse
 import dataclasses
 
+import optax
 from jax.sharding import Mesh
 
-from meshpar.axes import PIPE
+from meshpar.axes import DILOCO, PIPE
 from meshpar.errors import UsageError
 from meshpar.mesh import make_mesh, parse_mesh
 from meshpar.models import GPTConfig, get_preset
 from meshpar.sharding.strategy import Strategy, get_strategy
+from meshpar.train.diloco import DiLoCoConfig
+from meshpar.train.files import TOKEN_DTYPES
+from meshpar.train.lr import LRSchedule
 
 DEFAULT_MESH = "data=2,fsdp=2,tensor=2"
 #: The first line of ``meshpar --help``.
 DESCRIPTION = (
-    "The ``meshpar`` command: ``inspect`` a layout, ``plan`` one, ``train`` the built-in GPT, ``launch`` processes."
+    "The ``meshpar`` command: ``inspect`` a layout, ``plan`` one, ``train`` the built-in GPT, "
+    "``sample`` from it, ``launch`` processes."
 )
+CONFIG_HELP = ("read flags from this TOML file, keyed by their names without dashes "
+               "(batch-size = 16); flags on the command line override it")
 
 
 def _add_model_args(p: argparse.ArgumentParser) -> argparse._ArgumentGroup:
@@ -34,12 +41,16 @@ def _add_model_args(p: argparse.ArgumentParser) -> argparse._ArgumentGroup:
     return g
 
 
-def _add_layout_args(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("layout")
+def _add_mesh_args(g: argparse._ArgumentGroup) -> None:
     g.add_argument("--mesh", default=DEFAULT_MESH, help=f"mesh axes, e.g. {DEFAULT_MESH} (default)")
     g.add_argument("--strategy", default="auto", help="preset: auto, dp, zero1, zero2, zero3, tp, tp_sp")
     g.add_argument("--zero", type=int, choices=(0, 1, 2, 3), help="ZeRO stage over the fsdp axis")
     g.add_argument("--sequence-parallel", action="store_true", help="split activations over seq on tensor")
+
+
+def _add_layout_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("layout")
+    _add_mesh_args(g)
     g.add_argument("--microbatches", type=int, default=1,
                    help="gradient-accumulation microbatches; with a pipe axis, the pipeline's")
     g.add_argument("--schedule", choices=("gpipe", "circular"), default="gpipe",
@@ -63,6 +74,49 @@ def add_plan_args(p: argparse.ArgumentParser) -> None:
                    help="compile this many of the best candidates by formula (default 6)")
 
 
+def _add_diloco_args(p: argparse.ArgumentParser) -> None:
+    dl = p.add_argument_group("DiLoCo (a diloco mesh axis: replicas that synchronise every H steps)")
+    dl.add_argument("--inner-steps", type=int, metavar="H",
+                    help="inner steps per round; needs a diloco axis in --mesh, e.g. diloco=4,fsdp=2")
+    dl.add_argument("--outer-lr", type=float, default=0.7, help="outer SGD learning rate (default 0.7)")
+    dl.add_argument("--outer-momentum", type=float, default=0.9,
+                    help="outer Nesterov momentum (default 0.9; 0: plain SGD)")
+    dl.add_argument("--streaming-fragments", type=int, default=1, metavar="F",
+                    help="fragments synchronised at staggered steps (Streaming DiLoCo; default 1)")
+    dl.add_argument("--diloco-reduce", choices=("fp32", "bf16"), default="fp32",
+                    help="dtype the pseudo-gradients are averaged in (default fp32)")
+
+
+def diloco_config(args: argparse.Namespace, mesh: Mesh):
+    """The :class:`~meshpar.train.diloco.DiLoCoConfig` of ``--inner-steps`` & co., or ``None``
+    without a ``diloco`` mesh axis.
+
+    Raises:
+        UsageError: a diloco axis without ``--inner-steps`` or the other way round, or a bad
+            outer learning rate or momentum.
+    """
+    if args.inner_steps is None and args.streaming_fragments != 1:
+        raise UsageError("--streaming-fragments needs --inner-steps and a diloco mesh axis")
+    if (DILOCO in mesh.shape) != (args.inner_steps is not None):
+        raise UsageError(
+            "--inner-steps H and a diloco mesh axis go together (e.g. --mesh diloco=4,fsdp=2 "
+            f"--inner-steps 32); got --mesh {args.mesh}"
+            + (f" --inner-steps {args.inner_steps}" if args.inner_steps is not None else "")
+        )
+    if args.inner_steps is None:
+        return None
+    if args.inner_steps < 1:
+        raise UsageError(f"--inner-steps {args.inner_steps}: must be >= 1 (steps per DiLoCo round)")
+    if not args.outer_lr > 0 or not 0 <= args.outer_momentum < 1:
+        raise UsageError(f"--outer-lr {args.outer_lr} --outer-momentum {args.outer_momentum}: "
+                         "the learning rate must be > 0 and the momentum in [0, 1)")
+    outer = (optax.sgd(args.outer_lr, momentum=args.outer_momentum, nesterov=True)
+             if args.outer_momentum else optax.sgd(args.outer_lr))
+    return DiLoCoConfig(inner_steps=args.inner_steps, outer_optimizer=outer,
+                        streaming_fragments=args.streaming_fragments,
+                        reduce_dtype=args.diloco_reduce)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="meshpar", description=DESCRIPTION)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -70,6 +124,8 @@ def build_parser() -> argparse.ArgumentParser:
     ins = sub.add_parser("inspect", help="print how every parameter is sharded")
     _add_model_args(ins)
     _add_layout_args(ins)
+    _add_diloco_args(ins)
+    ins.add_argument("--config", metavar="TOML", help=CONFIG_HELP)
     ins.add_argument("--json", action="store_true", help="print the report as JSON")
     ins.add_argument("--compiled", action="store_true",
                      help="also compile one train step (--batch-size, --microbatches) and report "
@@ -92,7 +148,8 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("--top", type=int, default=15, help="rows of the table (default 15)")
     pl.add_argument("--no-progress", action="store_true", help="no progress bar")
 
-    tr = sub.add_parser("train", help="train the built-in GPT on the embedded corpus")
+    tr = sub.add_parser("train", help="train the built-in GPT on the embedded corpus or your files")
+    tr.add_argument("--config", metavar="TOML", help=CONFIG_HELP)
     _add_model_args(tr).add_argument(
         "--dropout", type=float, default=0.0, metavar="P",
         help="dropout rate in [0, 1) on the embeddings and the last hidden state (default 0)")
@@ -106,13 +163,36 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--precision", choices=("fp32", "bf16"), default="fp32")
     tr.add_argument("--seed", type=int, default=0)
     tr.add_argument("--lr", type=float, default=5e-3, help="peak AdamW learning rate (default 5e-3)")
+    tr.add_argument("--lr-schedule", choices=[k.value for k in LRSchedule], default="cosine",
+                    help="decay after warm-up, down to lr/10 at --steps (default cosine)")
+    tr.add_argument("--warmup-steps", type=int,
+                    help="linear warm-up steps (default: 10%% of --steps, 1 to 20)")
     tr.add_argument("--metrics-file", help="write one JSON line of metrics per step here")
     tr.add_argument("--skip-nonfinite", action="store_true",
                     help="skip updates whose loss is NaN/Inf instead of stopping")
     tr.add_argument("--no-progress", action="store_true", help="no progress bar")
+    tr.add_argument("--tensorboard", metavar="DIR",
+                    help="also write TensorBoard event files (loss, eval loss, lr, grad norm, tokens/s)")
+    tr.add_argument("--sample-tokens", type=int, default=32, metavar="N",
+                    help="print a greedy sample of N tokens at the end (default 32; 0: none)")
+    da = tr.add_argument_group("data (default: the embedded byte-level corpus)")
+    da.add_argument("--data", metavar="PATH_OR_GLOB",
+                    help="train on these files: UTF-8 text, or token ids in .npy or flat .bin files")
+    da.add_argument("--token-dtype", choices=TOKEN_DTYPES,
+                    help="element type of .bin token files (default uint16)")
+    da.add_argument("--tokenizer", metavar="FILE",
+                    help="Hugging Face tokenizers JSON for text files and prompts (default: bytes)")
+    da.add_argument("--eval-data", metavar="PATH_OR_GLOB", help="held-out files for --eval-every")
+    da.add_argument("--eval-fraction", type=float, metavar="F",
+                    help="hold out the last fraction F of --data's windows for --eval-every")
+    da.add_argument("--eval-every", type=int, default=0, metavar="N",
+                    help="evaluate every N steps and at the end (default 0: never)")
+    da.add_argument("--eval-batches", type=int, metavar="K",
+                    help="held-out batches per evaluation (default 4)")
     # The main job's defaults: a few minutes on 8 emulated CPU devices (the small preset at
     # 64 tokens per row) for a loss well below the corpus' unigram entropy.
     tr.set_defaults(seq_len=64)
+    _add_diloco_args(tr)
     ck = tr.add_argument_group("checkpoints")
     ck.add_argument("--checkpoint-dir", help="save checkpoints (Orbax, sharded, async, atomic) here")
     ck.add_argument("--checkpoint-every", type=int, default=0,
@@ -120,6 +200,21 @@ def build_parser() -> argparse.ArgumentParser:
     ck.add_argument("--keep-checkpoints", type=int, default=3, help="keep the last N (default 3)")
     ck.add_argument("--resume", action="store_true",
                     help="continue from the latest complete checkpoint in --checkpoint-dir")
+    sa = sub.add_parser("sample", help="write text with a model from a meshpar train checkpoint")
+    sa.add_argument("--config", metavar="TOML", help=CONFIG_HELP)
+    sa.add_argument("--checkpoint-dir", required=True, help="a meshpar train --checkpoint-dir")
+    sa.add_argument("--step", type=int, help="the checkpoint's step (default: the latest)")
+    sa.add_argument("--prompt", required=True, help="the text to continue")
+    sa.add_argument("--max-tokens", type=int, default=64, help="tokens to write (default 64)")
+    sa.add_argument("--temperature", type=float, default=0.0,
+                    help="0: greedy and deterministic (default); > 0: sample")
+    sa.add_argument("--top-k", type=int, help="sample among the K most likely tokens only")
+    sa.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
+    g = sa.add_argument_group("layout")
+    _add_mesh_args(g)
+    g.add_argument("--cpu-devices", type=int, default=8,
+                   help="CPU devices to emulate (default 8; only the CPU backend is affected)")
+    sa.set_defaults(schedule="gpipe", repeats=1, microbatches=1)
     return parser
 
 

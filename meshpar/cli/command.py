@@ -1,4 +1,4 @@
-"""``meshpar``'s entry point: parse, set up the devices, run ``inspect``, ``train`` or ``launch``.
+"""``meshpar``'s entry point: parse, set up the devices, run ``inspect``, ``train``, ``sample`` or ``launch``.
 
 Device emulation has to happen before JAX starts its backend: importing these modules only
 imports JAX, it does not start the backend, and nothing here touches a device until the CPU
@@ -14,8 +14,10 @@ from collections.abc import Sequence
 from meshpar.backend import distributed, launch
 from meshpar.backend.devices import emulate_devices
 from meshpar.cli.args import build_parser
+from meshpar.cli.config import parse_args
 from meshpar.cli.inspect import inspect_main
 from meshpar.cli.plan import plan_main
+from meshpar.cli.sample import sample_main
 from meshpar.cli.train import train_main
 from meshpar.errors import MeshparError, UsageError
 
@@ -26,7 +28,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     if argv[:1] == ["launch"]:
         return launch.main(argv[1:])
     parser = build_parser()
-    args = parser.parse_args(argv)
+    try:
+        args = parse_args(parser, argv)
+    except MeshparError as err:  # the --config file
+        print(f"meshpar {argv[0] if argv else ''}: error: {err}", file=sys.stderr)
+        return 2
     try:
         if args.command == "plan" and args.cpu_devices is None:
             # Compile at the target count when it is small enough to emulate here (fewer
@@ -46,6 +52,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return plan_main(args)
         if args.command == "train":
             return train_main(args)
+        if args.command == "sample":
+            return sample_main(args)
     except MeshparError as err:
         print(f"meshpar {args.command}: error: {err}", file=sys.stderr)
         return 2

@@ -15,15 +15,22 @@ import json
 import os
 import sys
 
+import jax
+import optax
 from flax import nnx
 
-from meshpar.cli.args import mesh_and_strategy, model_config
+from meshpar.backend.distributed import local_slice
+from meshpar.cli.args import diloco_config, mesh_and_strategy, model_config
 from meshpar.errors import MeshparError
+from meshpar.inspect.diloco import explain_diloco, format_diloco
 from meshpar.inspect.explain import STATE_CHECK, explain_gpt
 from meshpar.inspect.explain_text import format_explain
 from meshpar.inspect.report import format_plan, plan_to_dict
 from meshpar.mesh import format_mesh, make_mesh
-from meshpar.models import GPT
+from meshpar.models import GPT, lm_loss
+from meshpar.train import TrainConfig
+from meshpar.train.data import TokenBatches
+from meshpar.train.diloco import DiLoCoTrainer
 from meshpar.train.plan import plan_training
 
 
@@ -39,12 +46,23 @@ def inspect_main(args: argparse.Namespace) -> int:
     plan = layout.params
     pipeline = _pipeline_summary(layout)
     compiled = None
-    if getattr(args, "compiled", False):
+    diloco = diloco_config(args, mesh)
+    if diloco is not None and getattr(args, "compiled", False):
+        # The DiLoCo report replaces the strategy checks: it compares what the inner and outer
+        # steps send over diloco with DiLoCo's promises (meshpar.inspect.diloco).
+        trainer = DiLoCoTrainer(make_model, optax.adamw(1e-3), lm_loss, mesh=mesh,
+                                strategy=strategy, diloco=diloco,
+                                config=TrainConfig(microbatches=args.microbatches, row_separable=True))
+        batch = TokenBatches(batch_size=args.batch_size, seq_len=cfg.seq_len, seed=0).batch(0)
+        compiled = explain_diloco(trainer, _local_rows(batch, trainer))
+    elif getattr(args, "compiled", False):
         compiled = explain_gpt(
             cfg, mesh=mesh, strategy=strategy, microbatches=args.microbatches,
             schedule=args.schedule, repeats=args.repeats, batch_size=args.batch_size,
         )
     plots = []
+    if getattr(args, "plots", None) and diloco is not None:
+        raise MeshparError("--plots does not draw a diloco mesh yet; leave --plots out")
     if getattr(args, "plots", None):
         plots = write_plots(args.plots, make_model=make_model, layout=layout, mesh=mesh,
                             strategy=strategy, config=cfg, args=args, compiled=compiled)
@@ -74,10 +92,17 @@ def inspect_main(args: argparse.Namespace) -> int:
             )
         if compiled is not None:
             print()
-            print(format_explain(compiled))
+            print(format_diloco(compiled) if diloco is not None else format_explain(compiled))
         for path in plots:
             print(f"wrote {path}")
     return 0
+
+
+def _local_rows(batch, trainer):
+    # This process's rows (all of them in a single process), as trainer.step takes them.
+    if jax.process_count() == 1:
+        return batch
+    return local_slice(batch, {k: trainer.batch_sharding(v.ndim) for k, v in batch.items()})
 
 
 def _pipeline_summary(layout) -> dict | None:

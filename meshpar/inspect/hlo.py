@@ -6,6 +6,9 @@ it, decodes its replica groups (explicit ``{{0,1},...}``, iota ``[4,2]<=[8]``, o
 shape, and weights it by the trip counts of the ``while`` loops around it, so that a collective
 inside a layer scan counts once per layer. This is how meshpar checks that a strategy's traffic
 is what it promises and that no collective sits inside a loop where it should not.
+
+Length: about 410 lines, one concept (reading HLO text): computations and loop trip counts, then
+collectives and dots, which share that reading.
 """
 
 from __future__ import annotations

@@ -560,6 +560,17 @@ class Checkpointer:
         problems = len(missing) + len(extra) + len(mismatched)
         if not problems:
             return
+        diloco = lambda names: any(n.split("/")[0] in ("inner", "outer") for n in names)  # noqa: E731
+        if diloco(saved) and not diloco(wanted):
+            # DiLoCoTrainer.checkpoint_state's layout (meshpar.train.diloco): name the run and
+            # the conversion rather than every missing leaf.
+            raise CheckpointError(
+                f"{where} is of a DiLoCo run (every replica's state under 'inner/', the shared "
+                "parameters under 'outer/') and the restore target is not: restore it with "
+                "mp.DiLoCoTrainer on a mesh with a 'diloco' axis (any number of replicas, 1 "
+                "included: DiLoCoTrainer.restore(checkpointer)), or convert it to a plain "
+                "checkpoint by saving that trainer's plain_checkpoint_state() in a new directory"
+            )
         more = f" ({problems - 1} more difference(s))" if problems > 1 else ""
         if mismatched:
             name = mismatched[0]

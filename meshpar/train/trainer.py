@@ -44,6 +44,7 @@ import optax
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from meshpar.axes import DILOCO
 from meshpar.errors import StackNotScanned, StrategyError, TrainingError
 from meshpar.mesh import auto_mesh
 from meshpar.parallel.layout import activate
@@ -157,9 +158,20 @@ class Trainer:
         config: TrainConfig = TrainConfig(),
         example_batch: Mapping[str, Any] | None = None,
         allocate: bool = True,
+        _replica_axis: str | None = None,
     ) -> None:
+        # ``_replica_axis`` is for meshpar.train.diloco only: the step is then one replica's,
+        # mapped over that axis by jax.vmap, and nothing in it may communicate over the axis.
         # Explicit axes become Auto over the same devices, with a warning (see meshpar.mesh).
         self.mesh = mesh = auto_mesh(mesh, caller="Trainer")
+        if _replica_axis is None and mesh.shape.get(DILOCO, 1) > 1:
+            raise StrategyError(
+                f"the mesh has {DILOCO}={mesh.shape[DILOCO]}: replicas along the {DILOCO!r} "
+                "axis synchronise every H steps (DiLoCo), which mp.Trainer does not do; train "
+                "with mp.DiLoCoTrainer(..., diloco=mp.DiLoCoConfig(inner_steps=H)) (CLI: "
+                f"--inner-steps H), or rename the axis to 'data' for data parallelism"
+            )
+        self._replica_axis = _replica_axis
         self.strategy = get_strategy(strategy).for_mesh(mesh)
         self.config = config
         self.tx = tx
@@ -172,7 +184,7 @@ class Trainer:
             offload_optimizer=config.offload_optimizer,
         )
         # Mesh axes nothing uses: an error unless allowed, then recorded for reports.
-        self.unused_axes = unused_mesh_axes(layout, mesh)
+        self.unused_axes = tuple(a for a in unused_mesh_axes(layout, mesh) if a != _replica_axis)
         if self.unused_axes and not config.allow_unused_axes:
             raise unused_axes_error(self.unused_axes, mesh)
         self.layout = layout
@@ -207,8 +219,14 @@ class Trainer:
         # per shard (the same on every shard), batch statistics become per-shard. So it is
         # opt-in, and off for models with non-parameter state; otherwise the GSPMD paths run,
         # which see the global batch as one device does.
-        batch_local = config.row_separable and not state_leaves
-        if not config.row_separable:
+        batch_local = config.row_separable and not state_leaves and _replica_axis is None
+        if _replica_axis is not None:
+            why_not_local = (
+                f"DiLoCo maps each replica's step over the {_replica_axis!r} axis with jax.vmap, "
+                "and the batch-local paths' shard_maps are not written to run under it yet, so "
+                "the step stays global (GSPMD) inside each replica"
+            )
+        elif not config.row_separable:
             why_not_local = (
                 "the loss is not declared row-separable (TrainConfig(row_separable=True): the "
                 "loss is a mean or mp.Ratio of per-row terms and the model computes each row on "
@@ -613,7 +631,10 @@ class Trainer:
 
             # Outside the cond on purpose: inside, XLA shares g*g with Adam's second moment and
             # materialises it (measured: 2x the cost of the update).
-            grad_norm = global_grad_norm(grads, self._grad_shardings)
+            grad_norm = global_grad_norm(
+                grads, self._grad_shardings,
+                exclude=(self._replica_axis,) if self._replica_axis else (),
+            )
             metrics = {"loss": loss, "grad_norm": grad_norm, "finite": finite,
                        "loss_weight": weight, "aux": aux}
         return new_state, metrics
@@ -726,6 +747,57 @@ class Trainer:
                 return piece.loss / piece.weight
 
         return jax.jit(forward).lower(self.state, self.place_batch(batch))
+
+    def evaluate(self, fn: Callable[[nnx.Module, Any], Any], batch: Mapping[str, Any]) -> Any:
+        """``fn(model, batch)`` at the current parameters: forward only, laid out like the step.
+
+        The batch is placed and sharded as :meth:`step` places it (each process passes its
+        rows), the parameters are cast as the step casts them (``precision``), ZeRO-3 gathers
+        them at use, and the model is made deterministic (``nnx.view(model,
+        deterministic=True)``: no dropout) for the call. Nothing is updated; the output is
+        brought to the host. One compiled program per ``fn`` and batch shape.
+
+        Args:
+            fn: a pure function of the model and the batch returning arrays (e.g. a loss, or
+                logits at some positions).
+            batch: this process's rows of a global batch (see :meth:`place_batch`).
+
+        Returns:
+            ``fn``'s output as NumPy arrays (replicated: every process gets all of it).
+
+        Raises:
+            StrategyError: the batch is malformed (see :meth:`place_batch`).
+
+        Example:
+            >>> eval_loss = float(trainer.evaluate(lm_loss, batch))
+        """
+        cache = self.__dict__.setdefault("_evaluate_jits", {})
+        if fn not in cache:
+            replicated = NamedSharding(self.mesh, PartitionSpec())
+
+            def forward(state, batch):
+                params = state.params
+                if self.config.precision == "bf16":
+                    params = jax.tree.map(
+                        lambda x: x.astype(jnp.bfloat16) if jnp.issubdtype(x.dtype, jnp.floating) else x,
+                        params,
+                    )
+                with activate(self.mesh, self.compute_rules, pipeline=self.pipeline), \
+                        contextlib.ExitStack() as scope:
+                    if self._gather_at_use is not None:
+                        params = self._gather_at_use.prepare(params, scope.enter_context(stacked_scope()))
+                    model = nnx.merge(self.graphdef, params, state.rest, copy=True)
+                    try:
+                        model = nnx.view(model, deterministic=True)
+                    except ValueError as err:
+                        # A model without any dropout-like layer has no 'deterministic' switch:
+                        # it is deterministic already.
+                        if "deterministic" not in str(err):
+                            raise
+                    return fn(model, batch)
+
+            cache[fn] = jax.jit(forward, out_shardings=replicated)
+        return jax.device_get(cache[fn](self.state, self.place_batch(batch)))
 
     def lower(self, batch: Mapping[str, Any]):
         """The lowered step for a host batch (``.compile()`` it to read the compiled program).
