@@ -20,7 +20,8 @@ For one layout on one :class:`~meshpar.planner.hardware.HardwareProfile`:
   which run collectives on the cores that compute).
 * **bubble** = ``compute x f / (1 - f)`` with ``f`` the schedule's
   :attr:`~meshpar.parallel.schedule.PipelineConfig.bubble_fraction``: every stage idles ``P - 1``
-  of its ``v M + P - 1`` iterations.
+  of its ``v M + P - 1`` iterations. On a profile with ``shared_cores`` (emulated CPU devices)
+  the bubble is 0: an idle stage's cores run the busy stages' work.
 
 The model is documented, not fitted: ``benchmarks/bench_plan.py`` measures how well it ranks.
 """
@@ -120,7 +121,9 @@ def step_time(*, flops_per_device: float, collectives: Iterable[Collective],
             critical += t
     exposed = critical + max(0.0, hideable - hardware.overlap * compute)
     f = bubble_fraction
-    bubble = compute * f / (1 - f) if f else 0.0
+    # Devices sharing one pool of cores (emulated CPU devices) lend an idle stage's cores to the
+    # busy ones: the bubble adds no time there.
+    bubble = compute * f / (1 - f) if f and not hardware.shared_cores else 0.0
     step = compute + exposed + bubble
     devices = math.prod(mesh_shape.values())
     mfu = (model_flops / (devices * hardware.peak(precision) * step)) if model_flops and step else 0.0

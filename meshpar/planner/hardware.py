@@ -50,6 +50,9 @@ class HardwareProfile:
         devices_per_node: devices joined by the intra-node links.
         overlap: fraction in ``[0, 1]`` of the hideable communication that runs under compute
             (see :mod:`meshpar.planner.cost`); 0 on emulated CPU devices, which share the cores.
+        shared_cores: the devices share one pool of cores (emulated CPU devices): a pipeline
+            stage idling in the bubble lends its cores to the others, so the bubble costs no
+            time of its own (TOML ``shared_cores``, default ``false``).
 
     Example:
         >>> load_profile("h100-sxm").peak_flops["bf16"]
@@ -67,6 +70,7 @@ class HardwareProfile:
     inter_latency: float
     devices_per_node: int
     overlap: float
+    shared_cores: bool = False
 
     def link(self, span: int) -> tuple[float, float]:
         """``(bandwidth, latency)`` of a collective over a group spanning ``span`` consecutive
@@ -85,7 +89,8 @@ class HardwareProfile:
             f"name = {self.name!r}", f"source = {self.source!r}",
             f"devices_per_node = {self.devices_per_node}",
             f"memory_gib = {self.memory_bytes / GIB!r}", f"hbm_gb_s = {self.hbm_bandwidth / 1e9!r}",
-            f"overlap = {self.overlap!r}", "", "[peak_tflops]",
+            f"overlap = {self.overlap!r}",
+            f"shared_cores = {'true' if self.shared_cores else 'false'}", "", "[peak_tflops]",
             *(f"{k} = {v / 1e12!r}" for k, v in self.peak_flops.items()), "", "[intra_node]",
             f"bandwidth_gb_s = {self.intra_bandwidth / 1e9!r}",
             f"latency_us = {self.intra_latency * 1e6!r}", "", "[inter_node]",
@@ -134,7 +139,7 @@ def parse_profile(text: str, /, *, where: str = "<profile>") -> HardwareProfile:
     except tomllib.TOMLDecodeError as err:
         raise ProfileError(f"{where}: not valid TOML ({err})") from None
     known = {"name", "source", "devices_per_node", "memory_gib", "hbm_gb_s", "overlap",
-             "peak_tflops", "intra_node", "inter_node"}
+             "shared_cores", "peak_tflops", "intra_node", "inter_node"}
     unknown = sorted(set(data) - known)
     if unknown:
         raise ProfileError(f"{where}: unknown key(s) {unknown}; the keys are {sorted(known)}")
@@ -145,6 +150,9 @@ def parse_profile(text: str, /, *, where: str = "<profile>") -> HardwareProfile:
     for dtype in ("fp32", "bf16"):
         _number(peaks, dtype, f"{where} [peak_tflops]")
     intra, inter = _table(data, "intra_node", where), _table(data, "inter_node", where)
+    shared = data.get("shared_cores", False)
+    if not isinstance(shared, bool):
+        raise ProfileError(f"{where}: key 'shared_cores' = {shared!r} must be true or false")
     return HardwareProfile(
         name=data["name"], source=data["source"],
         memory_bytes=_number(data, "memory_gib", where) * GIB,
@@ -155,7 +163,7 @@ def parse_profile(text: str, /, *, where: str = "<profile>") -> HardwareProfile:
         inter_bandwidth=_number(inter, "bandwidth_gb_s", f"{where} [inter_node]") * 1e9,
         inter_latency=_number(inter, "latency_us", f"{where} [inter_node]") * 1e-6,
         devices_per_node=_number(data, "devices_per_node", where, integer=True),
-        overlap=_number(data, "overlap", where),
+        overlap=_number(data, "overlap", where), shared_cores=shared,
     )
 
 
@@ -170,7 +178,7 @@ def load_profile(name: str | os.PathLike, /, *, recalibrate: bool = False) -> Ha
     """A hardware profile by name (:data:`NAMES`) or from a ``.toml`` file.
 
     ``"cpu"`` calibrates the emulated devices of this process once (:func:`calibrate_cpu`) and
-    caches the result in ``cache_dir()/hardware/cpu-<devices>.toml``; ``recalibrate=True``
+    caches the result in ``cache_dir()/hardware/cpu-<devices>-v2.toml``; ``recalibrate=True``
     measures again.
 
     Raises:
@@ -183,7 +191,8 @@ def load_profile(name: str | os.PathLike, /, *, recalibrate: bool = False) -> Ha
     """
     text = str(name)
     if text == "cpu":
-        path = cache_dir() / "hardware" / f"cpu-{jax.device_count()}.toml"
+        # The file name carries the cache format: an older cache (without shared_cores) is measured again.
+        path = cache_dir() / "hardware" / f"cpu-{jax.device_count()}-v2.toml"
         if path.exists() and not recalibrate:
             return parse_profile(path.read_text(), where=str(path))
         text = calibrate_cpu().to_toml()
@@ -261,5 +270,5 @@ def calibrate_cpu(*, matmul: int = 512, collective_mib: float = 8.0, reps: int =
         memory_bytes=float(host / n), peak_flops=peaks, hbm_bandwidth=1e10,
         intra_bandwidth=float(bandwidth), intra_latency=float(latency),
         inter_bandwidth=float(bandwidth), inter_latency=float(latency),
-        devices_per_node=n, overlap=0.0,
+        devices_per_node=n, overlap=0.0, shared_cores=True,
     )
