@@ -505,7 +505,9 @@ def plan_gpt(config: GPTConfig, /, *, batch_size: int, seq_len: int | None = Non
         in_flight = (layout.repeats * layout.microbatches + layout.pipe - 1) if layout.pipe > 1 else 1
         act = gpt_activation_bytes(c, rows=micro, seq_len=seq_len, tensor=layout.tensor,
                                    layers=c.layers // layout.pipe, in_flight=in_flight,
-                                   act_itemsize=2 if layout.precision == "bf16" else 4)
+                                   # bf16 compute keeps fp32 intermediates too: the GPT's
+                                   # dots return fp32 before the cast to bf16.
+                                   act_itemsize=4)
         if layout.zero_stage >= 3 and layout.fsdp > 1 and layout.pipe == 1:
             layer = 4.0 * (4 * c.d_model * c.heads * c.head_size + 2 * c.d_model * c.mlp_dim)
             act["zero3"] = zero3_working_bytes(layer / layout.tensor, fsdp=layout.fsdp)
