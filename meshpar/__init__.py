@@ -15,6 +15,8 @@ from meshpar.errors import (
     IndivisibleError,
     MeshError,
     MeshparError,
+    PlanError,
+    ProfileError,
     RuleConflictError,
     RuleError,
     StrategyError,
@@ -23,6 +25,7 @@ from meshpar.errors import (
 )
 from meshpar.inspect.report import format_plan, plan_to_dict
 from meshpar.mesh import format_mesh, make_mesh, parse_mesh
+from meshpar.planner import HardwareProfile, Layout, PlanResult, load_profile, plan, plan_gpt
 from meshpar.models.linen import from_linen
 from meshpar.parallel.layout import activate, constrain
 from meshpar.parallel.schedule import Schedule
@@ -37,13 +40,14 @@ from meshpar.train.diloco import DiLoCoConfig, DiLoCoTrainer
 from meshpar.train.loss import Ratio, Summed
 
 __all__ = [
-    "DeviceEmulationError", "DiLoCoConfig", "DiLoCoTrainer", "Fallback", "IndivisibleError", "MeshError", "MeshparError",
-    "Ratio", "RuleConflictError", "RuleError", "Rules", "STRATEGIES", "Schedule", "ShardingPlan",
-    "StepMetrics", "Strategy", "StrategyError", "Summed", "TrainConfig", "Trainer", "TrainingError",
-    "UnannotatedParameterError", "activate", "constrain",
+    "DeviceEmulationError", "DiLoCoConfig", "DiLoCoTrainer", "Fallback", "HardwareProfile",
+    "IndivisibleError", "Layout", "MeshError", "MeshparError", "PlanError", "PlanResult",
+    "ProfileError", "Ratio", "RuleConflictError", "RuleError", "Rules", "STRATEGIES", "Schedule",
+    "ShardingPlan", "StepMetrics", "Strategy", "StrategyError", "Summed", "TrainConfig",
+    "Trainer", "TrainingError", "UnannotatedParameterError", "activate", "constrain",
     "emulate_devices", "format_mesh", "format_plan", "from_linen", "get_strategy", "init_linen",
-    "init_nnx",
-    "make_mesh", "parse_mesh", "plan_linen", "plan_nnx_state", "plan_to_dict", "scan_layers",
+    "init_nnx", "load_profile", "make_mesh", "parse_mesh", "plan", "plan_gpt", "plan_linen",
+    "plan_nnx_state", "plan_to_dict", "scan_layers",
 ]
 __version__ = "0.1.0"
 

@@ -35,7 +35,7 @@ MOVED = {
     "meshpar.zero": "meshpar.parallel.zero",
     "meshpar.schedule": "meshpar.parallel.schedule",
     "meshpar.pipeline": "meshpar.parallel.pipeline",
-    "meshpar.plan": "meshpar.train.plan",
+    # (meshpar.plan, the old path of meshpar.train.plan, is gone: mp.plan is the planner.)
     "meshpar.loss": "meshpar.train.loss",
     "meshpar.checkpoint": "meshpar.train.checkpoint",
     "meshpar.data": "meshpar.train.data",

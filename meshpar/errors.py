@@ -84,6 +84,16 @@ class UsageError(MeshparError):
     """Bad command-line input (exit status 2)."""
 
 
+class PlanError(MeshparError):
+    """The planner (:mod:`meshpar.planner`) found no layout: none fits the memory, or the device
+    count has no factorisation the model's dimensions divide."""
+
+
+class ProfileError(MeshparError):
+    """A hardware profile is unknown (the message lists the valid names) or malformed (it names
+    the key and the value)."""
+
+
 class DataError(MeshparError):
     """Training data or a tokenizer cannot be used: no file matches, a file is empty or too short
     for the sequence length, a token id or the tokenizer's vocabulary does not fit the model."""

@@ -3,7 +3,7 @@
 The subpackages follow the data flow, and each imports only from those before it:
 
     errors, axes, keypath, mesh  ->  backend  ->  sharding  ->  parallel  ->  models  ->  train
-        ->  inspect  ->  cli
+        ->  inspect  ->  planner  ->  cli
 
 ``models`` sits right after ``parallel``: a model uses only the parallel primitives
 (``constrain``, ``scan_layers``, remat policies) and never the trainer; ``inspect`` builds the
@@ -30,6 +30,7 @@ LAYERS = (
     ("meshpar.models",),
     ("meshpar.train",),
     ("meshpar.inspect",),
+    ("meshpar.planner",),
     ("meshpar.cli",),
 )
 #: The entry points above the flow.
@@ -45,6 +46,8 @@ ALLOWED_LAZY = {
     ("meshpar.train.data", "pydoc_data.topics"): "a large module, read once to build the corpus",
     ("meshpar.cli.train", "tqdm"): "only a run that draws a progress bar needs it",
     ("meshpar.cli.inspect", "meshpar.inspect.plots"): "matplotlib, only for --plots",
+    ("meshpar.cli.plan", "meshpar.inspect.plots"): "matplotlib, only for --plot",
+    ("meshpar.planner.search", "tqdm"): "only a plan that draws a progress bar needs it",
     ("meshpar.cli.data", "meshpar.train.loader"): "Grain (a second to import), only for --data",
 }
 

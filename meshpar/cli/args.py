@@ -22,8 +22,8 @@ from meshpar.train.lr import LRSchedule
 DEFAULT_MESH = "data=2,fsdp=2,tensor=2"
 #: The first line of ``meshpar --help``.
 DESCRIPTION = (
-    "The ``meshpar`` command: ``inspect`` a layout, ``train`` the built-in GPT, ``sample`` from "
-    "it, ``launch`` processes."
+    "The ``meshpar`` command: ``inspect`` a layout, ``plan`` one, ``train`` the built-in GPT, "
+    "``sample`` from it, ``launch`` processes."
 )
 CONFIG_HELP = ("read flags from this TOML file, keyed by their names without dashes "
                "(batch-size = 16); flags on the command line override it")
@@ -63,6 +63,18 @@ def _add_layout_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--batch-size", type=int, default=32, help="global batch size (default 32)")
     g.add_argument("--cpu-devices", type=int, default=8,
                    help="CPU devices to emulate (default 8; only the CPU backend is affected)")
+
+
+def add_plan_args(p: argparse.ArgumentParser) -> None:
+    """The planner's options (``meshpar plan``; ``meshpar train --layout auto``)."""
+    g = p.add_argument_group("planner")
+    g.add_argument("--devices", type=int, help="devices to plan for (default: the emulated ones)")
+    g.add_argument("--hardware", default="cpu",
+                   help="hardware profile: cpu (calibrated here, cached), a100-80g, h100-sxm, "
+                        "tpu-v5e, tpu-v5p or FILE.toml (default cpu)")
+    g.add_argument("--memory-mib", type=float, help="memory budget per device (default: the profile's)")
+    g.add_argument("--compile-top", type=int, default=6,
+                   help="compile this many of the best candidates by formula (default 6)")
 
 
 def _add_diloco_args(p: argparse.ArgumentParser) -> None:
@@ -125,12 +137,31 @@ def build_parser() -> argparse.ArgumentParser:
                      help="write PNGs to DIR: sharding.png, memory.png, and schedule.png with a "
                           "pipe axis")
 
+    pl = sub.add_parser("plan", help="choose the layout for a device count and a hardware profile")
+    _add_model_args(pl)
+    add_plan_args(pl)
+    pl.add_argument("--precision", choices=("fp32", "bf16"),
+                    help="compute precision (default: try fp32 and bf16)")
+    pl.add_argument("--batch-size", type=int, default=32, help="global batch size (default 32)")
+    pl.add_argument("--cpu-devices", type=int, default=None,
+                    help="CPU devices to emulate (default: --devices, or 8)")
+    pl.add_argument("--json", action="store_true",
+                    help="print the candidates, best first, as JSON (each with its command)")
+    pl.add_argument("--plot", metavar="PNG", help="write predicted time against memory here")
+    pl.add_argument("--top", type=int, default=15, help="rows of the table (default 15)")
+    pl.add_argument("--no-progress", action="store_true", help="no progress bar")
+
     tr = sub.add_parser("train", help="train the built-in GPT on the embedded corpus or your files")
     tr.add_argument("--config", metavar="TOML", help=CONFIG_HELP)
     _add_model_args(tr).add_argument(
         "--dropout", type=float, default=0.0, metavar="P",
         help="dropout rate in [0, 1) on the embeddings and the last hidden state (default 0)")
     _add_layout_args(tr)
+    tr.add_argument("--layout", choices=("manual", "auto"), default="manual",
+                    help="auto: plan the layout (meshpar plan, over these devices, --hardware, "
+                         "remat unless --remat is given) and train with the top pick, replacing "
+                         "--mesh, --strategy, --zero, --microbatches, --schedule, --repeats")
+    add_plan_args(tr)
     tr.add_argument("--steps", type=int, default=300, help="optimizer steps (default 300)")
     tr.add_argument("--precision", choices=("fp32", "bf16"), default="fp32")
     tr.add_argument("--seed", type=int, default=0)

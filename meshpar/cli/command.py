@@ -16,6 +16,7 @@ from meshpar.backend.devices import emulate_devices
 from meshpar.cli.args import build_parser
 from meshpar.cli.config import parse_args
 from meshpar.cli.inspect import inspect_main
+from meshpar.cli.plan import plan_main
 from meshpar.cli.sample import sample_main
 from meshpar.cli.train import train_main
 from meshpar.errors import MeshparError, UsageError
@@ -33,6 +34,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"meshpar {argv[0] if argv else ''}: error: {err}", file=sys.stderr)
         return 2
     try:
+        if args.command == "plan" and args.cpu_devices is None:
+            # Compile at the target count when it is small enough to emulate here (fewer
+            # devices than 8 use the first ones of 8).
+            args.cpu_devices = max(args.devices or 8, 8) if (args.devices or 8) <= 64 else 8
         if args.cpu_devices < 1:
             raise UsageError(f"--cpu-devices {args.cpu_devices}: must be >= 1")
         if os.environ.get("MESHPAR_NUM_PROCESSES"):
@@ -43,6 +48,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             emulate_devices(args.cpu_devices)
         if args.command == "inspect":
             return inspect_main(args)
+        if args.command == "plan":
+            return plan_main(args)
         if args.command == "train":
             return train_main(args)
         if args.command == "sample":

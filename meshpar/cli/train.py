@@ -23,6 +23,7 @@ from meshpar.cli.args import build_parser, diloco_config, mesh_and_strategy, mod
 from meshpar.cli.config import effective_config, write_effective
 from meshpar.cli.data import build_data, check_resume_data
 from meshpar.cli.tensorboard import TensorBoard
+from meshpar.cli.plan import apply_auto_layout
 from meshpar.errors import CheckpointError, MeshparError, UsageError
 from meshpar.keypath import path_str
 from meshpar.mesh import format_mesh
@@ -100,6 +101,8 @@ def _write_config(args, main_process: bool) -> None:
 
 def train_main(args: argparse.Namespace) -> int:
     """Run ``meshpar train`` with parsed arguments; returns the exit status."""
+    if args.layout == "auto":
+        apply_auto_layout(args)
     cfg = model_config(args)
     _check_args(args, cfg)
     mesh, strategy = mesh_and_strategy(args)

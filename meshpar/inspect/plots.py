@@ -359,3 +359,80 @@ def plot_pipeline_schedule(configs: Any, /, path: str | os.PathLike | None = Non
         fig.suptitle(title, fontsize=11)
     fig.tight_layout()
     return _save(fig, path)
+
+
+def pareto_front(points: Sequence[tuple[float, float]], /) -> list[int]:
+    """Indices of the points no other point beats on both coordinates (lower is better), in
+    increasing order of the first coordinate.
+
+    Example:
+        >>> pareto_front([(1, 5), (2, 3), (3, 4), (4, 1)])
+        [0, 1, 3]
+    """
+    order = sorted(range(len(points)), key=lambda i: (points[i][0], points[i][1]))
+    front, best = [], math.inf
+    for i in order:
+        if points[i][1] < best:
+            front.append(i)
+            best = points[i][1]
+    return front
+
+
+def plot_plan(rows: Iterable[Mapping[str, Any]], /, path: str | os.PathLike | None = None, *,
+              budget: float | None = None, title: str = "") -> Figure:
+    """Predicted step time against memory per device for a planner's candidates.
+
+    Args:
+        rows: one mapping per candidate with ``step_s``, ``memory_bytes``, ``fits``,
+            ``source`` (``"compiled"`` or ``"analytic"``) and ``layout`` (a label);
+            :meth:`meshpar.planner.Candidate.as_dict` gives them.
+        path: write a PNG here.
+        budget: memory per device allowed (a vertical line).
+        title: the figure's title.
+
+    The Pareto front of the fitting candidates (no other is both faster and smaller) is joined
+    by a line and its points labelled; compiled candidates are filled circles, analytic ones
+    hollow, those that do not fit grey crosses.
+
+    Example:
+        >>> plot_plan([c.as_dict() for c in result.candidates], "plan.png", budget=80 * 2**30)
+    """
+    rows = list(rows)
+    fig = _figure(figsize=(8, 5))
+    ax = fig.add_subplot()
+    top = max([r["memory_bytes"] for r in rows] + [1])
+    # The budget is drawn when it is on the chart's scale; far above, it is named instead.
+    show_budget = budget is not None and budget <= 2 * top
+    scale, unit = _unit(max(top, budget) if show_budget else top)
+    for r in rows:
+        x, y = r["memory_bytes"] / scale, r["step_s"] * 1e3
+        if not r["fits"]:
+            ax.plot(x, y, "x", color="#999999")
+        elif r["source"] == "compiled":
+            ax.plot(x, y, "o", color="C0")
+        else:
+            ax.plot(x, y, "o", mfc="none", color="C0", alpha=0.6)
+    fitting = [r for r in rows if r["fits"]]
+    front = [fitting[i] for i in pareto_front([(r["memory_bytes"], r["step_s"]) for r in fitting])]
+    if front:
+        ax.plot([r["memory_bytes"] / scale for r in front], [r["step_s"] * 1e3 for r in front],
+                "-", color="C3", lw=1.5, label="Pareto front")
+        # Label the front's ends and a few points between (labels of a long front overlap).
+        step = max(1, len(front) // 6)
+        for r in front[::step] + ([front[-1]] if (len(front) - 1) % step else []):
+            ax.annotate(r["layout"], (r["memory_bytes"] / scale, r["step_s"] * 1e3), fontsize=7,
+                        xytext=(4, 4), textcoords="offset points")
+    if show_budget:
+        ax.axvline(budget / scale, color="C1", ls="--", label="memory budget")
+    elif budget is not None:
+        s_, u_ = _unit(budget)
+        ax.text(0.99, 0.98, f"memory budget {budget / s_:.0f} {u_} (off the chart)",
+                transform=ax.transAxes, ha="right", va="top", fontsize=8, color="C1")
+    ax.set_xlim(left=0)
+    ax.set_xlabel(f"memory per device ({unit})")
+    ax.set_ylabel("predicted step time (ms)")
+    ax.set_title(title or "candidate layouts")
+    ax.text(0.01, 0.01, "filled: compiled, hollow: formula only, x: does not fit",
+            transform=ax.transAxes, fontsize=7, color="#555555")
+    ax.legend(loc="upper center", fontsize=8)
+    return _save(fig, path)

@@ -157,6 +157,7 @@ class Trainer:
         strategy: str | Strategy = "auto",
         config: TrainConfig = TrainConfig(),
         example_batch: Mapping[str, Any] | None = None,
+        allocate: bool = True,
         _replica_axis: str | None = None,
     ) -> None:
         # ``_replica_axis`` is for meshpar.train.diloco only: the step is then one replica's,
@@ -283,7 +284,13 @@ class Trainer:
             opt_state = tx.init(params)
             return TrainState(jnp.zeros((), jnp.int32), params, rest, opt_state)
 
-        self.state: TrainState = jax.jit(init, out_shardings=self.state_shardings)()
+        if allocate:
+            self.state: TrainState = jax.jit(init, out_shardings=self.state_shardings)()
+        else:
+            self.state = jax.tree.map(
+                lambda x, sh: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sh),
+                jax.eval_shape(init), self.state_shardings)
+        self.allocated = allocate
         self._jitted = jax.jit(
             self._step_fn,
             in_shardings=(self.state_shardings, None),
@@ -691,6 +698,9 @@ class Trainer:
             >>> metrics = trainer.step({"x": x, "y": y})
             >>> metrics.loss, metrics["loss"], metrics.get("aux")
         """
+        if not self.allocated:
+            raise TrainingError("this Trainer was built with allocate=False: its state is "
+                                "abstract, it can lower() and compile its step but not run it")
         step = int(self.state.step)
         placed = self.place_batch(batch)
         start = time.perf_counter()
@@ -790,7 +800,17 @@ class Trainer:
         return jax.device_get(cache[fn](self.state, self.place_batch(batch)))
 
     def lower(self, batch: Mapping[str, Any]):
-        """The lowered step for a host batch (``.compile()`` it to read the compiled program)."""
+        """The lowered step for a host batch (``.compile()`` it to read the compiled program).
+
+        ``batch`` may hold ``jax.ShapeDtypeStruct``s (global shapes): nothing is placed then.
+        """
+        arrays, treedef, rows = _batch_arrays(batch)
+        if all(isinstance(x, jax.ShapeDtypeStruct) for x in arrays):
+            self.check_batch(rows)
+            abstract = jax.tree.unflatten(treedef, [
+                jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=self.batch_sharding(len(x.shape)))
+                for x in arrays])
+            return self._jitted.lower(self.state, abstract)
         return self._jitted.lower(self.state, self.place_batch(batch))
 
     def model(self) -> nnx.Module:

@@ -1,0 +1,70 @@
+"""The planner's memory formula against ``memory_analysis`` on a random sample of layouts.
+
+Draws ``--sample`` layouts of the built-in GPT (seeded) from the planner's enumeration for
+``--cpu-devices`` devices (remat ``full``/``none``, fp32/bf16, every ZeRO stage, microbatches,
+pipelines), compiles each from abstract state (:func:`meshpar.planner.plan_gpt`, nothing
+allocated) and prints the formula's bytes over the compiled program's, per layout: the
+pre-filter is safe if no ratio exceeds 1 (it never rejects a layout that fits), and a predictor
+where it is within 10%.
+
+Run ``python benchmarks/plan_memory.py --preset 20m --batch-size 8 --seq-len 64 --sample 10``.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import sys
+from collections.abc import Sequence
+
+_HERE = os.path.dirname(os.path.abspath(__file__))
+if _HERE not in sys.path:
+    sys.path.insert(0, _HERE)
+import _common  # noqa: E402
+
+
+def parse_args(argv: Sequence[str] | None = None):
+    p = _common.parser(__doc__)
+    p.add_argument("--preset", default="20m")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--seq-len", type=int, default=64)
+    p.add_argument("--sample", type=int, default=10)
+    p.add_argument("--seed", type=int, default=0)
+    return _common.parse_args(p, argv)
+
+
+def main(argv: Sequence[str] | None = None) -> dict:
+    args = parse_args(argv)
+    import meshpar as mp
+
+    mp.emulate_devices(args.cpu_devices)
+    from meshpar.models import get_preset
+    from meshpar.planner import enumerate_layouts, plan_gpt
+    from meshpar.planner.layout import Dims
+
+    bench = _common.Run(args, "plan_memory.py")
+    cfg = get_preset(args.preset).replace(seq_len=args.seq_len)
+    layouts, _ = enumerate_layouts(
+        args.cpu_devices, batch_size=args.batch_size,
+        dims=Dims(layers=cfg.layers, heads=cfg.heads, mlp_dim=cfg.mlp_dim),
+        devices_per_node=args.cpu_devices, remats=("full", "none"), precisions=("fp32", "bf16"))
+    sample = random.Random(args.seed).sample(layouts, min(args.sample, len(layouts)))
+    result = plan_gpt(cfg, batch_size=args.batch_size, hardware="h100-sxm", layouts=sample,
+                      compile_top=len(sample), memory_budget=float("inf"), progress=False)
+    rows = [{"layout": c.layout.label, "compiled": c.memory_compiled, "formula": c.memory_analytic,
+             "ratio": c.memory_analytic / c.memory_compiled}
+            for c in result.candidates if c.memory_compiled]
+    for r in rows:
+        print(f"  {r['layout']:55s} compiled {r['compiled'] / 2**20:8.1f} MiB  formula "
+              f"{r['formula'] / 2**20:8.1f} MiB  ratio {r['ratio']:.2f}")
+    ratios = [r["ratio"] for r in rows]
+    print(f"{len(rows)} layouts: ratio {min(ratios):.2f} .. {max(ratios):.2f}; above 1 (the "
+          f"pre-filter would reject a layout that fits): {sum(q > 1 for q in ratios)}; within "
+          f"10%: {sum(0.9 <= q <= 1.1 for q in ratios)}")
+    report = {"rows": rows, "meta": bench.meta()}
+    _common.write_json(args.json, report)
+    return report
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,556 @@
+"""The planner: enumerate layouts, prune them by formula, compile the promising ones, rank.
+
+:func:`plan` works for any Flax NNX model (``make_model``, ``loss_fn``, an example batch);
+:func:`plan_gpt` for the built-in GPT, whose dimensions, FLOPs, activations and remat policies
+the planner knows by formula. Both return a :class:`PlanResult`: every candidate with its
+per-device memory against the budget, its predicted step time split into compute, communication
+per axis and bubble (:mod:`meshpar.planner.cost`), its MFU and a ready ``meshpar train`` command.
+
+How a candidate is judged:
+
+1. **pre-filter, by formula** (nothing compiled): :func:`meshpar.train.plan.plan_training` places
+   every parameter, gradient and optimizer-state leaf from abstract shapes (per-device bytes
+   exactly, an indivisible layout is rejected with its error); the GPT's activations come from
+   :func:`meshpar.inspect.costs.gpt_activation_bytes`, a lower estimate. A candidate whose
+   estimate is over the budget is rejected with the margin.
+2. **compile** the ``compile_top`` fastest survivors by the analytic time (their step on this
+   machine's emulated devices at the target count, from abstract shapes: nothing allocated) and
+   read ``memory_analysis`` (the memory then reported), the trip-weighted matmul FLOPs and the
+   collectives per kind and mesh axis (:func:`meshpar.inspect.measure.measure`); the time is
+   predicted again from what the program does.
+
+Device counts above what this process emulates (``plan_gpt``): the shortlist is compiled as
+:func:`proxy_layout` s (``data``/``fsdp`` shrunk to fit, per-device shapes kept) and
+extrapolated per mesh axis; ``benchmarks/plan_extrapolation.py`` measures how far that is from
+full compiles.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import sys
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import jax
+import numpy as np
+import optax
+from flax import nnx
+
+from meshpar.axes import DATA, FSDP
+from meshpar.errors import MeshparError, PlanError
+from meshpar.inspect.costs import (gpt_activation_bytes, gpt_train_flops, zero3_working_bytes,
+                                   zero_state_bytes)
+from meshpar.inspect.measure import measure
+from meshpar.mesh import make_mesh
+from meshpar.models import GPT, GPTConfig, lm_loss
+from meshpar.parallel.schedule import PipelineConfig
+from meshpar.planner.cost import (Collective, StepTime, analytic_gpt_collectives,
+                                  measured_collectives, step_time)
+from meshpar.planner.hardware import HardwareProfile, load_profile
+from meshpar.planner.layout import Dims, Layout, enumerate_layouts
+from meshpar.train import Trainer
+from meshpar.train.plan import plan_training
+
+MIB = 2**20
+
+
+@dataclasses.dataclass(frozen=True)
+class Candidate:
+    """One layout, judged.
+
+    Attributes:
+        layout: the layout.
+        memory: predicted bytes per device: the compiled program's ``memory_analysis`` total
+            when compiled, else the analytic estimate.
+        memory_analytic: the pre-filter's estimate (state from the plan + activations + batch).
+        memory_compiled: ``memory_analysis`` total (arguments + outputs + temporaries -
+            aliased), or ``None``.
+        budget: memory per device allowed.
+        time: the predicted step (:class:`~meshpar.planner.cost.StepTime`).
+        source: ``"compiled"`` or ``"analytic"``: where memory and collectives come from.
+        command: the ``meshpar train`` command line (``None`` for a model of your own).
+    """
+
+    layout: Layout
+    memory: float
+    memory_analytic: float
+    memory_compiled: float | None
+    budget: float
+    time: StepTime
+    source: str
+    command: str | None = None
+
+    @property
+    def fits(self) -> bool:
+        return self.memory <= self.budget
+
+    @property
+    def margin(self) -> float:
+        """Budget minus memory (negative: over by that much)."""
+        return self.budget - self.memory
+
+    def as_dict(self) -> dict[str, Any]:
+        t = self.time
+        return {
+            "layout": self.layout.label, "mesh": self.layout.mesh_shape,
+            **{f.name: getattr(self.layout, f.name) for f in dataclasses.fields(Layout)},
+            "fits": self.fits, "memory_bytes": self.memory,
+            "memory_analytic_bytes": self.memory_analytic,
+            "memory_compiled_bytes": self.memory_compiled, "budget_bytes": self.budget,
+            "margin_bytes": self.margin, "source": self.source,
+            "compute_s": t.compute, "comm_s_per_axis": t.comm_per_axis, "exposed_comm_s": t.exposed,
+            "bubble_s": t.bubble, "step_s": t.step, "mfu": t.mfu, "command": self.command,
+            "trainer": self.layout.trainer_code(),
+        }
+
+
+@dataclasses.dataclass(frozen=True)
+class PlanResult:
+    """What :func:`plan` found: candidates best first (fitting ones by predicted step time, then
+    those that do not fit by memory), the layouts rejected before costing and why, and the
+    profile."""
+
+    candidates: tuple[Candidate, ...]
+    rejected: tuple[str, ...]
+    hardware: HardwareProfile
+    devices: int
+    notes: tuple[str, ...] = ()
+
+    @property
+    def fitting(self) -> tuple[Candidate, ...]:
+        return tuple(c for c in self.candidates if c.fits)
+
+    @property
+    def best(self) -> Candidate:
+        """The top pick.
+
+        Raises:
+            PlanError: no candidate fits; the message states the least memory found and what
+                would fit.
+        """
+        if self.fitting:
+            return self.fitting[0]
+        raise no_fit_error(self)
+
+    def to_json(self) -> str:
+        """The candidates, best first, as a JSON list (each with its ``command``)."""
+        return json.dumps([c.as_dict() for c in self.candidates], indent=1)
+
+
+def no_fit_error(result: PlanResult) -> PlanError:
+    """The :class:`PlanError` for a plan where nothing fits the memory."""
+    if not result.candidates:
+        return PlanError(
+            f"no layout of {result.devices} devices is valid for this model: "
+            + "; ".join(result.rejected[:8]))
+    least = min(result.candidates, key=lambda c: c.memory)
+    need = least.memory / least.budget
+    return PlanError(
+        f"no candidate fits {result.hardware.name}'s {least.budget / MIB:.1f} MiB per device: the "
+        f"least memory found is {least.memory / MIB:.1f} MiB ({least.layout.label}, over by "
+        f"{-least.margin / MIB:.1f} MiB). What would fit: about {math.ceil(need * result.devices)}"
+        " devices (more ZeRO-3 / tensor / pipeline sharding of the state), remat='full', "
+        "smaller microbatches (more of them) or a smaller batch, or a device with more memory")
+
+
+def _progress(total: int, desc: str, enabled: bool):
+    if not enabled:
+        return None
+    from tqdm import tqdm  # only a plan that draws a progress bar needs it
+
+    return tqdm(total=total, desc=desc, unit="layout", file=sys.stderr, dynamic_ncols=True)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Model:
+    """What the search needs of a model (the GPT's or your own)."""
+
+    make_model: Callable[[Layout], Callable[[], nnx.Module]]
+    loss_fn: Callable
+    batch: Mapping[str, jax.ShapeDtypeStruct]
+    row_separable: bool
+    # layout, plan, global batch rows -> (activation bytes, analytic collectives, FLOPs per
+    # device, model FLOPs)
+    analytic: Callable[[Layout, Any, int], tuple[dict, list[Collective], float, float | None]]
+    # layout, measured -> FLOPs per device from the compiled program
+    compiled_flops: Callable[[Layout, dict], float]
+    command: Callable[[Layout], str | None]
+
+
+def _bubble(layout: Layout) -> float:
+    if layout.pipe == 1:
+        return 0.0
+    return PipelineConfig(stages=layout.pipe, microbatches=layout.microbatches,
+                          schedule=layout.schedule, repeats=layout.repeats).bubble_fraction
+
+
+def _state_bytes(tplan: Any) -> float:
+    opt = 0
+    for leaf, sharding in zip(jax.tree.leaves(tplan.abs_opt_state), jax.tree.leaves(tplan.opt_shardings)):
+        shard = sharding.shard_shape(leaf.shape) if leaf.shape else ()
+        opt += math.prod(shard) * np.dtype(leaf.dtype).itemsize
+    return float(tplan.params.bytes_per_device + tplan.gradients.bytes_per_device + opt)
+
+
+def _batch_bytes(batch: Mapping, layout: Layout) -> float:
+    return sum(math.prod(x.shape) * np.dtype(x.dtype).itemsize
+               for x in jax.tree.leaves(batch)) / (layout.data * layout.fsdp)
+
+
+def proxy_layout(layout: Layout, limit: int, /) -> Layout | None:
+    """The layout compiled in place of one with more devices than ``limit``: the same
+    ``tensor`` and ``pipe`` (per-device weight and activation shapes), ``data`` shrunk first
+    and then ``fsdp`` (each kept >= 2 where it was > 1, so every collective still appears), the
+    per-device rows kept (the batch shrinks with ``data x fsdp``). ``None`` when none fits.
+
+    Example:
+        >>> proxy_layout(Layout(data=64, tensor=4), 8)
+        Layout(pipe=1, data=2, fsdp=1, tensor=4, ...)
+    """
+    if layout.devices <= limit:
+        return None
+    base = layout.tensor * layout.pipe
+    best = None
+    for f in sorted(d for d in range(1, layout.fsdp + 1) if layout.fsdp % d == 0):
+        for d in sorted(x for x in range(1, layout.data + 1) if layout.data % x == 0):
+            if (layout.fsdp > 1 and f < 2) or (layout.data > 1 and d < 2):
+                continue
+            # Prefer keeping fsdp whole (ZeRO shards keep their size), then the most devices.
+            if base * d * f <= limit and (best is None or (f, d) > best):
+                best = (f, d)
+    if best is None:
+        return None
+    return dataclasses.replace(layout, fsdp=best[0], data=best[1])
+
+
+def _ring(n: int) -> float:
+    return (n - 1) / n if n > 1 else 0.0
+
+
+def extrapolate_collectives(collectives: Sequence[Collective], *, proxy: Layout,
+                            target: Layout) -> list[Collective]:
+    """The proxy's collectives at the target's sizes, per axis: a ring collective over the batch
+    axes sends ``(n-1)/n`` of its volume, so traffic scales by ``ring(n_target) / ring(n_proxy)``;
+    (``n`` the product of all the group's axes: one over ``data`` and ``tensor`` spans both);
+    a tensor shrunk over a smaller ``fsdp`` (ZeRO shards reduced over ``data``) by
+    ``fsdp_proxy / fsdp_target``; collectives over ``tensor`` and ``pipe`` alone move per-device
+    activations, which the proxy keeps, and are unchanged."""
+    out = []
+    for c in collectives:
+        axes = set(c.axes)
+        if not axes & {DATA, FSDP}:
+            out.append(c)  # tensor / pipe only: per-device activations, which the proxy keeps
+            continue
+        n_p = math.prod(getattr(proxy, a, 1) for a in axes)
+        n_t = math.prod(getattr(target, a, 1) for a in axes)
+        factor = _ring(n_t) / _ring(n_p) if _ring(n_p) else 1.0
+        if FSDP not in axes and target.zero_stage >= 2 and proxy.fsdp != target.fsdp:
+            factor *= proxy.fsdp / target.fsdp
+        out.append(dataclasses.replace(c, traffic=c.traffic * factor))
+    return out
+
+
+def _scaled_batch(batch: Mapping, rows: int) -> dict:
+    return jax.tree.map(lambda x: jax.ShapeDtypeStruct((rows, *x.shape[1:]), x.dtype), batch)
+
+
+def _compile(model: _Model, layout: Layout, tx, batch) -> dict:
+    mesh = make_mesh(layout.mesh_shape, devices=jax.devices()[:layout.devices])
+    trainer = Trainer(model.make_model(layout), tx, model.loss_fn, mesh=mesh,
+                      strategy=layout.strategy(),
+                      config=layout.train_config(row_separable=model.row_separable),
+                      allocate=False)
+    return measure(trainer.lower(batch).compile(), mesh=mesh)
+
+
+def _formula_memory(model: _Model, layout: Layout, batch) -> float:
+    act, _, _, _ = model.analytic(layout, None, jax.tree.leaves(batch)[0].shape[0])
+    return act["state"] + act["total"] + _batch_bytes(batch, layout)
+
+
+def _search(model: _Model, layouts: Sequence[Layout], rejected: list[str], *, devices: int,
+            hardware: HardwareProfile, tx: optax.GradientTransformation, budget: float,
+            compile_top: int, progress: bool, compile_devices: int | None = None) -> PlanResult:
+    limit = min(compile_devices or jax.device_count(), jax.device_count())
+    can_compile = devices <= limit
+    notes = []
+    if not can_compile:
+        notes.append(
+            f"{devices} devices is more than the {limit} compiled here: the shortlist is "
+            f"extrapolated from compiles of the same layout with data/fsdp shrunk to {limit} "
+            "devices (source 'extrap'); the rest is analytic")
+    analytic: list[tuple[Layout, float, StepTime, float | None]] = []
+    plans: dict[tuple, Any] = {}
+    bar = _progress(len(layouts), "plan (formulas)", progress)
+    for layout in layouts:
+        if bar is not None:
+            bar.update(1)
+        # The placements depend on the mesh, the ZeRO stage and the stage layout only (not on
+        # the remat policy, the precision or the microbatches, which the enumeration checked).
+        key = (layout.mesh_text, layout.zero_stage, layout.schedule, layout.repeats)
+        if key not in plans:
+            try:
+                mesh = make_mesh(layout.mesh_shape, devices=jax.devices()[:devices]) \
+                    if can_compile else None
+                plans[key] = plan_training(
+                    model.make_model(layout), mesh=mesh, strategy=layout.strategy(), tx=tx,
+                    microbatches=layout.microbatches, schedule=layout.schedule,
+                    repeats=layout.repeats) if mesh is not None else None
+            except MeshparError as err:
+                plans[key] = err
+        tplan = plans[key]
+        if isinstance(tplan, MeshparError):
+            rejected.append(f"{layout.label}: {tplan}")
+            continue
+        act, colls, flops, model_flops = model.analytic(
+            layout, tplan, jax.tree.leaves(model.batch)[0].shape[0])
+        state = _state_bytes(tplan) if tplan is not None else act["state"]
+        memory = state + act["total"] + _batch_bytes(model.batch, layout)
+        t = step_time(flops_per_device=flops, collectives=colls, mesh_shape=layout.mesh_shape,
+                      hardware=hardware, precision=layout.precision,
+                      bubble_fraction=_bubble(layout), model_flops=model_flops)
+        analytic.append((layout, memory, t, model_flops))
+    if bar is not None:
+        bar.close()
+    analytic.sort(key=lambda x: (x[1] > budget, x[2].step))
+    rows = jax.tree.leaves(model.batch)[0].shape[0]
+    shortlist = []
+    for x in analytic:
+        if x[1] > budget or len(shortlist) >= compile_top:
+            continue
+        proxy = None if can_compile else proxy_layout(x[0], limit)
+        if can_compile or proxy is not None:
+            shortlist.append((*x, proxy))
+    chosen = {id(x[0]) for x in shortlist}
+    out = []
+    bar = _progress(len(shortlist), "plan (compile)", progress)
+    for layout, memory, t, model_flops, proxy in shortlist:
+        if bar is not None:
+            bar.set_postfix_str(layout.label)
+        compiled = proxy or layout
+        batch = model.batch if proxy is None else _scaled_batch(
+            model.batch, rows // (layout.data * layout.fsdp) * proxy.data * proxy.fsdp)
+        try:
+            measured = _compile(model, compiled, tx, batch)
+        except MeshparError as err:
+            rejected.append(f"{layout.label}: {err}")
+            if bar is not None:
+                bar.update(1)
+            continue
+        colls = measured_collectives(measured)
+        mem = float(measured["memory"]["total"])
+        source = "compiled"
+        if proxy is not None:
+            colls = extrapolate_collectives(colls, proxy=proxy, target=layout)
+            # What the formulas leave out (XLA's temporaries) is taken from the proxy; what
+            # they count is recomputed at the target's sizes.
+            mem += _formula_memory(model, layout, model.batch) - _formula_memory(model, proxy, batch)
+            source = f"extrapolated from {proxy.mesh_text}"
+        new_t = step_time(
+            flops_per_device=model.compiled_flops(layout, measured), collectives=colls,
+            mesh_shape=layout.mesh_shape, hardware=hardware, precision=layout.precision,
+            bubble_fraction=_bubble(layout), model_flops=model_flops)
+        out.append(Candidate(layout, mem, memory, mem if proxy is None else None, budget, new_t,
+                             source, model.command(layout)))
+        if bar is not None:
+            bar.update(1)
+    if bar is not None:
+        bar.close()
+    for layout, memory, t, _ in analytic:
+        if id(layout) not in chosen:
+            out.append(Candidate(layout, memory, memory, None, budget, t, "analytic",
+                                 model.command(layout)))
+    out.sort(key=lambda c: (not c.fits, c.time.step if c.fits else c.memory,
+                            c.source == "analytic"))
+    return PlanResult(tuple(out), tuple(rejected), hardware, devices, tuple(notes))
+
+
+def _profile(hardware: str | HardwareProfile) -> HardwareProfile:
+    return hardware if isinstance(hardware, HardwareProfile) else load_profile(hardware)
+
+
+def _abstract_batch(batch: Mapping) -> dict:
+    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(np.shape(x), np.asarray(x).dtype)
+                        if not isinstance(x, jax.ShapeDtypeStruct) else x, batch)
+
+
+def plan(make_model: Callable[[], nnx.Module], loss_fn: Callable, *, batch: Mapping[str, Any],
+         devices: int | None = None, hardware: str | HardwareProfile = "cpu",
+         tx: optax.GradientTransformation | None = None, layouts: Sequence[Layout] | None = None,
+         precisions: Sequence[str] = ("fp32",), memory_budget: float | None = None,
+         model_flops: float | None = None, row_separable: bool = False, compile_top: int = 8,
+         progress: bool = True) -> PlanResult:
+    """Plan the layout of any Flax NNX model.
+
+    Args:
+        make_model: the model factory (as :class:`~meshpar.Trainer` takes it).
+        loss_fn: ``loss_fn(model, batch)``.
+        batch: the global batch: arrays or ``jax.ShapeDtypeStruct``s (only shapes are used).
+        devices: the device count (default: this process's devices).
+        hardware: a profile name (``cpu``, ``a100-80g``, ``h100-sxm``, ``tpu-v5e``,
+            ``tpu-v5p``), a ``.toml`` path or a :class:`HardwareProfile`.
+        tx: the optimizer (default ``optax.adamw(1e-3)``); its state counts in the memory.
+        layouts: the candidates (default: :func:`enumerate_layouts` of ``devices``, without a
+            pipeline: a model of your own may have no ``layers`` stack).
+        precisions: compute precisions to try.
+        memory_budget: bytes per device (default: the profile's memory).
+        model_flops: useful training FLOPs of one step over all devices, if known: the compute
+            term before compiling and the MFU (else compute comes from the compiled matmuls and
+            uncompiled candidates rank by communication only).
+        row_separable: :class:`~meshpar.TrainConfig`'s ``row_separable`` for the compiled steps.
+        compile_top: how many of the best candidates by formula to compile.
+        progress: draw a progress bar on stderr.
+
+    Raises:
+        PlanError: no layout is valid for the model (each factorisation's reason is listed).
+
+    Example:
+        >>> result = mp.plan(make_model, loss_fn, batch=batch, hardware="cpu")
+        >>> result.best.layout.trainer_code()
+    """
+    hardware = _profile(hardware)
+    devices = devices or jax.device_count()
+    if devices > jax.device_count():
+        raise PlanError(
+            f"plan(devices={devices}): a model of your own is planned by compiling it at the "
+            f"target count, and this process has {jax.device_count()} devices; emulate them "
+            f"first (mp.emulate_devices({devices})) or use plan_gpt, whose formulas extrapolate")
+    batch = _abstract_batch(batch)
+    rows = jax.tree.leaves(batch)[0].shape[0]
+    rejected: list[str] = []
+    if layouts is None:
+        layouts, rejected = enumerate_layouts(
+            devices, batch_size=rows, devices_per_node=hardware.devices_per_node,
+            precisions=precisions, pipeline=False)
+    tx = tx if tx is not None else optax.adamw(1e-3)
+
+    def analytic(layout, tplan, batch_rows):
+        flops = (model_flops or 0.0) / devices
+        return {"total": 0.0}, [], flops, model_flops
+
+    def compiled_flops(layout, measured):
+        return measured["flops"]["dots_weighted"] * (1 - _bubble(layout))
+
+    model = _Model(lambda layout: make_model, loss_fn, batch, row_separable, analytic,
+                   compiled_flops, lambda layout: None)
+    result = _search(model, layouts, rejected, devices=devices, hardware=hardware, tx=tx,
+                     budget=memory_budget or hardware.memory_bytes, compile_top=compile_top,
+                     progress=progress)
+    if not result.candidates:
+        raise no_fit_error(result)
+    return result
+
+
+def plan_gpt(config: GPTConfig, /, *, batch_size: int, seq_len: int | None = None,
+             devices: int | None = None, hardware: str | HardwareProfile = "cpu",
+             remats: Sequence[str] = ("full", "none"), precisions: Sequence[str] = ("fp32", "bf16"),
+             memory_budget: float | None = None, compile_top: int = 8,
+             model_args: Sequence[str] = (), layouts: Sequence[Layout] | None = None,
+             compile_devices: int | None = None, progress: bool = True) -> PlanResult:
+    """Plan the layout of the built-in GPT (``meshpar plan``).
+
+    Args:
+        config: the :class:`~meshpar.models.GPTConfig` (its ``remat`` is replaced by each of
+            ``remats``).
+        batch_size, seq_len: the global batch (``seq_len`` defaults to the config's).
+        devices, hardware, memory_budget, compile_top, progress: as :func:`plan`.
+        remats, precisions: the remat policies and compute precisions to try.
+        model_args: the ``meshpar train`` model flags for the ``command`` field (e.g.
+            ``["--preset", "20m"]``).
+        layouts: the candidates (default: every layout :func:`enumerate_layouts` allows).
+        compile_devices: the most devices a compile may use (default: this process's). A
+            layout with more is compiled as its :func:`proxy_layout` (``data``/``fsdp`` shrunk,
+            per-device shapes kept) and extrapolated per mesh axis
+            (:func:`extrapolate_collectives`; memory: the proxy's compiled bytes less its formula
+            plus the target's formula).
+
+    Raises:
+        PlanError: no factorisation of ``devices`` suits the model (each reason listed).
+        ProfileError: an unknown or malformed hardware profile.
+
+    Example:
+        >>> result = plan_gpt(get_preset("20m"), batch_size=32, devices=8, hardware="cpu")
+        >>> print(result.best.command)
+    """
+    hardware = _profile(hardware)
+    devices = devices or jax.device_count()
+    seq_len = seq_len or config.seq_len
+    config = config.replace(seq_len=seq_len)
+    rejected: list[str] = []
+    if layouts is None:
+        layouts, rejected = enumerate_layouts(
+            devices, batch_size=batch_size,
+            dims=Dims(layers=config.layers, heads=config.heads, mlp_dim=config.mlp_dim),
+            devices_per_node=hardware.devices_per_node, remats=remats, precisions=precisions)
+    if not layouts:
+        raise PlanError(f"no factorisation of {devices} devices into pipe x data x fsdp x tensor"
+                        f" suits this model and batch: " + "; ".join(rejected))
+    if "--seq-len" not in model_args:
+        # meshpar train's own default (64) is not the preset's: the command names the plan's.
+        model_args = [*model_args, "--seq-len", str(seq_len)]
+    batch = {k: jax.ShapeDtypeStruct((batch_size, seq_len), np.int32)
+             for k in ("inputs", "targets")}
+    param_bytes = 4.0 * config.param_count()
+
+    def cfg(layout):
+        return config.replace(remat=layout.remat or config.remat)
+
+    def analytic(layout, tplan, batch_rows):
+        c = cfg(layout)
+        rows = batch_rows // (layout.data * layout.fsdp)
+        micro = rows // layout.microbatches
+        in_flight = (layout.repeats * layout.microbatches + layout.pipe - 1) if layout.pipe > 1 else 1
+        act = gpt_activation_bytes(c, rows=micro, seq_len=seq_len, tensor=layout.tensor,
+                                   layers=c.layers // layout.pipe, in_flight=in_flight,
+                                   # bf16 compute keeps fp32 intermediates too: the GPT's
+                                   # dots return fp32 before the cast to bf16.
+                                   act_itemsize=4)
+        if layout.zero_stage >= 3 and layout.fsdp > 1 and layout.pipe == 1:
+            layer = 4.0 * (4 * c.d_model * c.heads * c.head_size + 2 * c.d_model * c.mlp_dim)
+            act["zero3"] = zero3_working_bytes(layer / layout.tensor, fsdp=layout.fsdp)
+            act["total"] += act["zero3"]
+        if layout.zero_stage == 2 and layout.fsdp > 1 and layout.pipe == 1:
+            # ZeRO-2 keeps the gradient sharded between steps, but the backward pass builds the
+            # whole (local) gradient before reducing and scattering it (measured on the 20m
+            # preset: the compiled peak holds it).
+            act["zero2_grads"] = param_bytes / layout.tensor * (1 - 1 / layout.fsdp)
+            act["total"] += act["zero2_grads"]
+        if layout.pipe > 1:
+            # The pipeline loop carries a gradient accumulator of the stage's weights besides
+            # the step's own gradient (counted in the state): one more stage's worth.
+            act["pipeline_grads"] = param_bytes / (layout.pipe * layout.tensor)
+            act["total"] += act["pipeline_grads"]
+        # The formula's state (ZeRO over fsdp of the weights split by tensor and pipe); where
+        # there is a plan its exact bytes are used instead.
+        local = param_bytes / (layout.tensor * layout.pipe)
+        act["state"] = sum(zero_state_bytes(local, fsdp=layout.fsdp, zero_stage=layout.zero_stage,
+                                            optimizer_k=2).values())
+        colls = analytic_gpt_collectives(
+            mesh_shape=layout.mesh_shape, zero_stage=layout.zero_stage,
+            param_bytes=param_bytes / (layout.tensor * layout.pipe), layers=c.layers // layout.pipe,
+            rows=rows, seq_len=seq_len, d_model=c.d_model, remat=c.remat,
+            microbatches=layout.microbatches, pipelined=layout.pipe > 1)
+        flops = gpt_train_flops(c, batch_size=batch_size, seq_len=seq_len,
+                                pipelined=layout.pipe > 1) / devices
+        useful = gpt_train_flops(c.replace(remat="none"), batch_size=batch_size, seq_len=seq_len)
+        return act, colls, flops, useful
+
+    def compiled_flops(layout, measured):
+        # The GPT's FLOPs by formula: the pipelined program's dot count includes the bubble
+        # iterations lax.cond skips (the bubble term counts them).
+        c = cfg(layout)
+        return gpt_train_flops(c, batch_size=batch_size, seq_len=seq_len,
+                               pipelined=layout.pipe > 1) / devices
+
+    def make(layout):
+        c = cfg(layout)
+        return lambda: GPT(c, rngs=nnx.Rngs(0))
+
+    model = _Model(make, lm_loss, batch, True, analytic, compiled_flops,
+                   lambda layout: layout.command(model_args, batch_size=batch_size))
+    return _search(model, layouts, rejected, devices=devices, hardware=hardware,
+                   tx=optax.adamw(1e-3), budget=memory_budget or hardware.memory_bytes,
+                   compile_top=compile_top, progress=progress, compile_devices=compile_devices)

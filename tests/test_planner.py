@@ -1,0 +1,201 @@
+"""The planner (issue 15): hardware profiles, candidate enumeration, the compiled candidates'
+figures, the analytic pre-filter against ``memory_analysis``, the JSON and command fields, and
+every error it promises."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import pathlib
+import shlex
+
+import pytest
+
+import meshpar as mp
+from helpers.zoo import ZOO
+from meshpar.cli import main as cli_main
+from meshpar.cli.args import build_parser, model_config
+from meshpar.errors import PlanError, ProfileError
+from meshpar.models import get_preset
+from meshpar.planner import Layout, enumerate_layouts, format_plan_result, load_profile, plan_gpt
+from meshpar.planner import hardware
+from meshpar.planner.layout import Dims
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+def test_shipped_profiles_parse_and_name_their_sources():
+    assert set(hardware.NAMES) == {"cpu", "a100-80g", "h100-sxm", "tpu-v5e", "tpu-v5p"}
+    for name in hardware.NAMES[1:]:
+        p = load_profile(name)
+        text = (hardware.PROFILE_DIR / f"{name}.toml").read_text()
+        assert p.name == name and p.source and "Source" in text, name
+        assert p.peak_flops["bf16"] > p.peak_flops["fp32"] > 0 and p.memory_bytes > 2**33
+        # The file round-trips through the dataclass's own TOML.
+        again = dataclasses.asdict(hardware.parse_profile(p.to_toml()))
+        assert again.pop("peak_flops") == pytest.approx(p.peak_flops)
+        assert again == pytest.approx({k: v for k, v in dataclasses.asdict(p).items()
+                                       if k != "peak_flops"})
+    assert load_profile("h100-sxm").peak_flops["bf16"] == 989e12
+    # Shipped as package data: a wheel without the TOML files would know no hardware.
+    assert '"planner/profiles/*.toml"' in (ROOT / "pyproject.toml").read_text()
+
+
+def test_malformed_and_unknown_profiles_name_the_key_the_value_and_the_choices(tmp_path):
+    good = (hardware.PROFILE_DIR / "a100-80g.toml").read_text()
+    cases = {
+        "memory_gib = 80.0": ("memory_gib = -3", r"'memory_gib' = -3 must be a positive number"),
+        "overlap = 1.0": ("overlap = 2", r"'overlap' = 2 must be a number in \[0, 1\]"),
+        "devices_per_node = 8": ("devices_per_node = 8.5", r"'devices_per_node' = 8.5 must be a "
+                                 "positive integer"),
+        "bf16 = 312.0": ("bf16 = \"fast\"", r"\[peak_tflops\]: key 'bf16' = 'fast'"),
+        "[inter_node]": ("[inter_nodes]", r"unknown key\(s\) \['inter_nodes'\]"),
+        "hbm_gb_s = 2039.0": ("hbm_gb_s = 2039.0\nshared_cores = 1",
+                              r"'shared_cores' = 1 must be true or false"),
+    }
+    for old, (new, message) in cases.items():
+        path = tmp_path / "bad.toml"
+        path.write_text(good.replace(old, new))
+        with pytest.raises(ProfileError, match=message):
+            load_profile(str(path))
+    (tmp_path / "broken.toml").write_text("memory_gib = = 3")
+    with pytest.raises(ProfileError, match="not valid TOML"):
+        load_profile(str(tmp_path / "broken.toml"))
+    with pytest.raises(ProfileError, match="unknown hardware 'h200'; valid: cpu, a100-80g, "
+                                           "h100-sxm, tpu-v5e, tpu-v5p or a FILE.toml"):
+        load_profile("h200")
+    with pytest.raises(ProfileError, match="does not exist"):
+        load_profile(str(tmp_path / "missing.toml"))
+
+
+def test_cpu_profile_is_calibrated_once_then_read_from_the_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("MESHPAR_CACHE_DIR", str(tmp_path))
+    calls = []
+    real = hardware.calibrate_cpu
+    monkeypatch.setattr(hardware, "calibrate_cpu",
+                        lambda: calls.append(1) or real(matmul=128, collective_mib=1, reps=2))
+    first = load_profile("cpu")
+    assert (tmp_path / "hardware" / "cpu-8-v2.toml").is_file() and calls == [1]
+    assert first.peak_flops["fp32"] > 1e8 and first.intra_bandwidth > 1e6 and first.overlap == 0
+    assert first.shared_cores  # emulated devices: a pipeline bubble lends its cores to the rest
+    assert load_profile("cpu") == first and calls == [1]  # the cache, not a second calibration
+    load_profile("cpu", recalibrate=True)
+    assert calls == [1, 1]
+
+
+def test_enumeration_keeps_tensor_in_a_node_and_says_why_a_factorisation_is_out():
+    layouts, rejected = enumerate_layouts(8, batch_size=16, dims=Dims(layers=2, heads=4,
+                                                                      mlp_dim=256),
+                                          devices_per_node=2, remats=("full",))
+    assert layouts and all(lay.devices == 8 and lay.tensor <= 2 for lay in layouts)
+    assert all(2 % lay.pipe == 0 for lay in layouts)
+    assert {lay.zero_stage for lay in layouts if lay.fsdp == 1} == {0}
+    assert {lay.zero_stage for lay in layouts if lay.fsdp > 1} == {1, 2, 3}
+    assert any(lay.pipe == 2 and lay.microbatches in (2, 4, 8) for lay in layouts)
+    assert "tensor=4 spans more than a node (2 devices)" in "\n".join(rejected)
+    assert "layers=2 is not divisible by pipe=4" in "\n".join(rejected)
+    with pytest.raises(PlanError, match=r"no factorisation of 8 devices.*heads=3 is not divisible"
+                                        r" by tensor=8.*batch 4 is not divisible by data x fsdp = 8"):
+        plan_gpt(get_preset("tiny").replace(heads=3, head_dim=None, d_model=63, mlp_dim=63,
+                                            layers=1),
+                 batch_size=4, devices=8, hardware="h100-sxm", progress=False)
+
+
+def test_compiled_candidates_read_memory_analysis_and_the_prefilter_is_a_lower_bound():
+    """Two layouts of the tiny GPT compiled from abstract state: the candidate's memory is the
+    compiled program's, the formula never exceeds it (so the pre-filter never rejects a layout
+    that fits), communication is costed per mesh axis, and the command line and JSON describe
+    the same layout."""
+    layouts = [Layout(data=2, fsdp=2, tensor=2, zero_stage=3, remat="full"),
+               Layout(data=8, remat="none", precision="bf16")]
+    result = plan_gpt(get_preset("tiny"), batch_size=16, devices=8, hardware="h100-sxm",
+                      layouts=layouts, compile_top=2, model_args=["--preset", "tiny"],
+                      progress=False)
+    assert [c.source for c in result.candidates] == ["compiled", "compiled"]
+    for c in result.candidates:
+        assert c.memory == c.memory_compiled and c.fits
+        assert 0.4 * c.memory_compiled < c.memory_analytic <= c.memory_compiled, c.layout.label
+        t = c.time
+        assert t.step == pytest.approx(t.compute + t.exposed + t.bubble) and 0 < t.mfu < 1
+        args = build_parser().parse_args(shlex.split(c.command)[1:])
+        assert (args.mesh, args.zero, args.precision, args.remat, args.batch_size) == (
+            c.layout.mesh_text, c.layout.zero_stage, c.layout.precision, c.layout.remat, 16)
+        assert model_config(args).replace(remat="full") == get_preset("tiny")
+    three_d = next(c for c in result.candidates if c.layout.tensor == 2)
+    assert {"data", "fsdp", "tensor"} <= set(three_d.time.comm_per_axis)
+    rows = json.loads(result.to_json())
+    assert [r["step_s"] for r in rows] == sorted(r["step_s"] for r in rows)
+    assert rows[0]["command"] == result.best.command and "mp.Trainer(" in rows[0]["trainer"]
+    text = format_plan_result(result)
+    assert "top pick: " + result.best.layout.label in text and result.best.command in text
+
+
+def test_nothing_fits_states_the_least_memory_and_what_would_fit(capsys, tmp_path):
+    # 4 of the 8 devices: fewer factorisations to place (nothing here compiles).
+    result = plan_gpt(get_preset("tiny"), batch_size=16, devices=4, hardware="a100-80g",
+                      memory_budget=2**16, compile_top=0, remats=("full",),
+                      precisions=("fp32",), progress=False)
+    assert result.candidates and not result.fitting
+    least = min(c.memory for c in result.candidates)
+    with pytest.raises(PlanError, match=rf"no candidate fits a100-80g's 0.1 MiB per device: the "
+                                        rf"least memory found is {least / 2**20:.1f} MiB .*over "
+                                        r"by .* What would fit: about \d+ devices"):
+        result.best
+    # The command: exit status 2 and the same message; --json lists candidates best first.
+    assert cli_main(["plan", "--preset", "tiny", "--batch-size", "16", "--hardware", "a100-80g",
+                     "--devices", "4", "--memory-mib", "0.0625", "--compile-top", "0", "--no-progress"]) == 2
+    assert "least memory found" in capsys.readouterr().err
+    assert cli_main(["plan", "--preset", "tiny", "--batch-size", "16", "--hardware", "tpu-v5e",
+                     "--devices", "4", "--compile-top", "0", "--no-progress", "--json", "--remat", "full",
+                     "--precision", "bf16", "--plot", str(tmp_path / "plan.png")]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    # The PNG has a point per candidate and the Pareto front in red: not a blank figure.
+    import matplotlib.image
+
+    pixels = matplotlib.image.imread(tmp_path / "plan.png")[..., :3]
+    assert (pixels.min(-1) < 0.9).mean() > 0.02
+    red = (pixels[..., 0] > 0.7) & (pixels[..., 1] < 0.3) & (pixels[..., 2] < 0.3)
+    assert red.sum() > 50
+    assert len(rows) > 5 and all(r["fits"] and r["source"] == "analytic" for r in rows)
+    assert [r["step_s"] for r in rows] == sorted(r["step_s"] for r in rows)
+    assert all(r["command"].startswith("meshpar train --preset tiny --seq-len 32 --mesh ")
+               for r in rows)
+
+
+def test_plan_any_model_compiles_its_best_layout():
+    zoo = ZOO["encoder"]
+    result = mp.plan(zoo.make, zoo.loss, batch=zoo.batch(0), hardware="h100-sxm",
+                     compile_top=1, layouts=[Layout(data=8), Layout(fsdp=8, zero_stage=3)],
+                     progress=False)
+    compiled = [c for c in result.candidates if c.source == "compiled"]
+    assert len(compiled) == 1 and compiled[0].memory_compiled > 0
+    assert compiled[0].time.compute > 0 and compiled[0].command is None
+    assert len(result.candidates) == 2
+
+
+def test_train_layout_auto_plans_prints_the_choice_and_runs_it(capsys):
+    assert cli_main(["train", "--layout", "auto", "--preset", "tiny", "--steps", "1",
+                     "--batch-size", "16", "--seq-len", "32", "--remat", "full",
+                     "--hardware", "h100-sxm", "--compile-top", "1", "--no-progress"]) == 0
+    out = capsys.readouterr().out
+    chosen = out.split("meshpar train --layout auto: ", 1)[1].split(" (predicted", 1)[0]
+    # The run's own banner shows it trained on the chosen mesh.
+    assert f"mesh {chosen.split()[0]} on 8 cpu devices" in out
+    assert "equivalent to: meshpar train --preset tiny" in out and "done: 1 steps" in out
+
+
+def test_proxy_layouts_keep_per_device_shapes_and_collectives_scale_per_axis():
+    from meshpar.planner import Collective
+    from meshpar.planner.search import extrapolate_collectives, proxy_layout
+
+    target = Layout(data=64, fsdp=8, tensor=4, zero_stage=3)
+    proxy = proxy_layout(target, 64)
+    # fsdp kept whole (ZeRO shards keep their size), data shrunk, tensor kept.
+    assert (proxy.data, proxy.fsdp, proxy.tensor, proxy.zero_stage) == (2, 8, 4, 3)
+    assert proxy_layout(Layout(data=4, tensor=2), 8) is None  # fits: compiled as it is
+    assert proxy_layout(Layout(pipe=4, data=2, fsdp=2, tensor=2), 8) is None  # no proxy fits
+    colls = [Collective("all-reduce", ("data",), 100.0, 3), Collective("all-gather", ("fsdp",), 70.0),
+             Collective("all-reduce", ("tensor",), 5.0, 9)]
+    out = extrapolate_collectives(colls, proxy=proxy, target=target)
+    assert out[0].traffic == pytest.approx(100.0 * (63 / 64) / (1 / 2)) and out[0].executions == 3
+    assert out[1].traffic == 70.0 and out[2] == colls[2]
