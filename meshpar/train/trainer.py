@@ -134,12 +134,15 @@ class Trainer:
             ``"tp_sp"``) or a :class:`Strategy`.
         config: step options (:class:`TrainConfig`).
         example_batch: optionally, the global batch's structure: arrays or
-            ``jax.ShapeDtypeStruct``s with the global shapes (every process passes the same). The step is then traced when the
-            trainer is built, not at the first :meth:`step`: everything decided while tracing
-            the model (a model's ``out_sharding=`` calls, a ZeRO fallback for a layer stack not
-            run by :func:`meshpar.scan_layers`, the loss's output layout) raises or is listed in
-            :attr:`fallbacks` before any step runs, and a batch that does not divide over the
-            mesh is refused here. ``meshpar train`` passes it.
+            ``jax.ShapeDtypeStruct``s with the global shapes (every process passes the same).
+            The step is then traced when the trainer is built, not at the first :meth:`step`:
+            everything decided while tracing the model (a model's ``out_sharding=`` calls, a
+            ZeRO fallback for a layer stack not run by :func:`meshpar.scan_layers`, the loss's
+            output layout) raises or is listed in :attr:`fallbacks` before any step runs, and a
+            batch that does not divide over the mesh is refused here. ``meshpar train`` passes it.
+        allocate: ``False`` keeps the state abstract (``jax.ShapeDtypeStruct``s with their
+            shardings): the step can be lowered and compiled (:meth:`lower`, e.g. to read the
+            ``memory_analysis`` of a layout too large for this machine) but not run.
 
     Example:
         >>> trainer = Trainer(lambda: GPT(cfg, rngs=nnx.Rngs(0)), optax.adamw(3e-4), lm_loss,
@@ -308,13 +311,17 @@ class Trainer:
     def _trace(self, example_batch: Mapping[str, Any]) -> None:
         """Trace the step for a batch of this structure (nothing is compiled or run), so that
         what tracing decides is decided now; the trace is reused by the first :meth:`step`."""
-        arrays, treedef, rows = _batch_arrays(example_batch)
+        self._jitted.trace(self.state, self._abstract_batch(example_batch))
+
+    def _abstract_batch(self, batch: Mapping[str, Any]) -> Any:
+        """``jax.ShapeDtypeStruct``s of a global batch (arrays or shapes), with the batch
+        sharding, after the checks :meth:`place_batch` makes."""
+        arrays, treedef, rows = _batch_arrays(batch)
         self.check_batch(rows)
-        abstract = jax.tree.unflatten(treedef, [
+        return jax.tree.unflatten(treedef, [
             jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=self.batch_sharding(len(x.shape)))
             for x in arrays
         ])
-        self._jitted.trace(self.state, abstract)
 
     # -- layouts -------------------------------------------------------------------------------
 
@@ -804,13 +811,8 @@ class Trainer:
 
         ``batch`` may hold ``jax.ShapeDtypeStruct``s (global shapes): nothing is placed then.
         """
-        arrays, treedef, rows = _batch_arrays(batch)
-        if all(isinstance(x, jax.ShapeDtypeStruct) for x in arrays):
-            self.check_batch(rows)
-            abstract = jax.tree.unflatten(treedef, [
-                jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=self.batch_sharding(len(x.shape)))
-                for x in arrays])
-            return self._jitted.lower(self.state, abstract)
+        if all(isinstance(x, jax.ShapeDtypeStruct) for x in jax.tree.leaves(batch)):
+            return self._jitted.lower(self.state, self._abstract_batch(batch))
         return self._jitted.lower(self.state, self.place_batch(batch))
 
     def model(self) -> nnx.Module:
