@@ -9,6 +9,7 @@ Grain pipeline) and text generation (``generate``).
 from meshpar.train.config import TrainConfig
 from meshpar.train.metrics import StepMetrics
 from meshpar.train.state import TrainState
-from meshpar.train.trainer import Fallback, Trainer
+from meshpar.train.paths import Fallback
+from meshpar.train.trainer import Trainer
 
 __all__ = ["Fallback", "StepMetrics", "TrainConfig", "TrainState", "Trainer"]

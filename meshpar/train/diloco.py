@@ -79,7 +79,8 @@ from meshpar.sharding.strategy import Strategy
 from meshpar.train.config import TrainConfig
 from meshpar.train.metrics import StepMetrics
 from meshpar.train.state import TrainState, is_prng_key
-from meshpar.train.trainer import Fallback, Trainer
+from meshpar.train.paths import Fallback
+from meshpar.train.trainer import Trainer
 
 
 def _default_outer() -> optax.GradientTransformation:

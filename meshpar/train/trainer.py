@@ -21,19 +21,18 @@ state are fp32. A non-finite loss never updates the state: the step either raise
 :class:`TrainingError` naming the step (default) or skips the update and reports it.
 
 Its options are :class:`~meshpar.train.config.TrainConfig`, the gradient norm is in
-:mod:`meshpar.train.gradients` and the state's portable form in :mod:`meshpar.train.state`. The
-module is still about 700 lines: the :class:`Trainer` and its three accumulation paths (GSPMD
-scan, manual ZeRO ``shard_map``, pipeline) share the step's set-up; splitting the paths apart is
-left for later.
+:mod:`meshpar.train.gradients`, the gradient paths (GSPMD scan, manual ZeRO, local accumulation)
+in :mod:`meshpar.train.paths`, the state's portable form in :mod:`meshpar.train.portable` and
+:mod:`meshpar.train.state`, batch checks in :mod:`meshpar.train.batch`. The module is still
+about 620 lines, one concept (the :class:`Trainer`): the construction, where every path decision
+is made and listed, is a third of it; the rest is the step, its host side and evaluation.
 """
 
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import math
 import time
-import warnings
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -45,7 +44,7 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from meshpar.axes import DILOCO
-from meshpar.errors import StackNotScanned, StrategyError, TrainingError
+from meshpar.errors import StrategyError, TrainingError
 from meshpar.mesh import auto_mesh
 from meshpar.parallel.layout import activate
 from meshpar.parallel.stack import pipeline_was_used, reset_pipeline_flag, restore_pipeline_flag
@@ -53,75 +52,19 @@ from meshpar.parallel.zero import GatherAtUse, ManualZero, stacked_scope
 from meshpar.sharding.explicit import explain_trace_error
 from meshpar.sharding.placement import ShardingPlan
 from meshpar.sharding.strategy import Strategy, get_strategy
+from meshpar.train.batch import batch_arrays
 from meshpar.train.config import TrainConfig
 from meshpar.train.gradients import global_grad_norm
-from meshpar.train.loss import OutputLayout, Piece, split_output
+from meshpar.train.loss import OutputLayout, split_output
 from meshpar.train.metrics import StepMetrics
-from meshpar.train.plan import plan_training, to_flat_layout, to_stage_layout
+from meshpar.train.paths import Fallback, GradientPaths
+from meshpar.train.plan import plan_training, to_stage_layout
 from meshpar.train.plan import unused_axes_error, unused_mesh_axes
-from meshpar.train.state import TrainState, data_to_keys, describe_state, keys_to_data, named_leaves
+from meshpar.train.portable import PortableState
+from meshpar.train.state import TrainState, describe_state, named_leaves
 
 
-def _zeros_like_piece(make: Callable[[], Piece]) -> Piece:
-    """Zeros shaped like the :class:`Piece` that ``make`` returns, traced abstractly only: the
-    starting value of a loop that adds pieces up."""
-    return jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), jax.eval_shape(make))
-
-
-def _batch_arrays(batch: Mapping[str, Any]) -> tuple[list[Any], Any, int]:
-    """The leaves of a host batch (NumPy arrays, or ``jax.ShapeDtypeStruct``s kept as they are),
-    its tree structure and its number of rows, after checking that every leaf is an array with
-    one leading batch dimension of one common size (a :class:`StrategyError` naming the key)."""
-    leaves, treedef = jax.tree_util.tree_flatten_with_path(batch)
-    if not leaves:
-        raise StrategyError("the batch is empty: it has no arrays")
-    arrays, rows = [], {}
-    for path, leaf in leaves:
-        key = jax.tree_util.keystr(path) or "<batch>"
-        if isinstance(leaf, jax.ShapeDtypeStruct):
-            x = leaf
-        else:
-            try:
-                x = np.asarray(leaf)
-            except Exception as err:  # noqa: BLE001 - whatever NumPy refuses
-                raise StrategyError(
-                    f"batch leaf {key} is a {type(leaf).__name__}, not an array ({err})"
-                ) from None
-            if x.dtype == object:
-                raise StrategyError(f"batch leaf {key} is a {type(leaf).__name__}, not an array")
-        if len(x.shape) == 0:
-            raise StrategyError(
-                f"batch leaf {key} is a scalar; every leaf needs a leading batch dimension "
-                "(give per-example values, or close over constants in loss_fn)"
-            )
-        rows.setdefault(x.shape[0], []).append(key)
-        arrays.append(x)
-    if len(rows) > 1:
-        sizes = ", ".join(f"{keys[0]}: {n}" for n, keys in sorted(rows.items()))
-        raise StrategyError(
-            f"batch leaves disagree on the batch size (first dimension): {sizes}; every "
-            "leaf needs one row per example"
-        )
-    return arrays, treedef, arrays[0].shape[0]
-
-
-@dataclasses.dataclass(frozen=True)
-class Fallback:
-    """A part of the step that takes another path than the strategy's usual one, and why.
-
-    Decided when the :class:`Trainer` is built (for a ZeRO fallback of a model whose layer stack
-    is not run by :func:`meshpar.scan_layers`, when the step is traced: at construction given
-    ``example_batch``, else at the first step), listed in :attr:`Trainer.fallbacks` and printed by ``meshpar train``.
-    """
-
-    what: str
-    detail: str
-
-    def __str__(self) -> str:
-        return f"{self.what}: {self.detail}"
-
-
-class Trainer:
+class Trainer(PortableState, GradientPaths):
     """Trains any Flax NNX module with a strategy on a mesh.
 
     Args:
@@ -316,76 +259,12 @@ class Trainer:
     def _abstract_batch(self, batch: Mapping[str, Any]) -> Any:
         """``jax.ShapeDtypeStruct``s of a global batch (arrays or shapes), with the batch
         sharding, after the checks :meth:`place_batch` makes."""
-        arrays, treedef, rows = _batch_arrays(batch)
+        arrays, treedef, rows = batch_arrays(batch)
         self.check_batch(rows)
         return jax.tree.unflatten(treedef, [
             jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=self.batch_sharding(len(x.shape)))
             for x in arrays
         ])
-
-    # -- layouts -------------------------------------------------------------------------------
-
-    def _to_portable(self, state: TrainState) -> dict[str, Any]:
-        # Checkpoints hold plain arrays in the model's own layout, so that the format depends
-        # on neither the mesh nor a pipeline's stage layout, nor on NNX variable metadata.
-        flat = (lambda t: to_flat_layout(t, self.pipeline)) if self.pipeline else (lambda t: t)
-        plain = lambda t: jax.tree.map(lambda v: v.get_value() if isinstance(v, nnx.Variable) else v, t,  # noqa: E731
-                                       is_leaf=lambda v: isinstance(v, nnx.Variable))
-        return {"step": state.step, "params": plain(flat(state.params)),
-                "rest": keys_to_data(plain(state.rest)), "opt_state": plain(flat(state.opt_state))}
-
-    def _from_portable(self, portable: dict[str, Any]) -> TrainState:
-        template = self._flat_template
-        fill = lambda tmpl, tree: jax.tree.map(  # noqa: E731
-            lambda v, a: v.replace(a) if isinstance(v, nnx.Variable) else a, tmpl, tree,
-            is_leaf=lambda v: isinstance(v, nnx.Variable))
-        params = fill(template.params, portable["params"])
-        opt_state = fill(template.opt_state, portable["opt_state"])
-        if self.pipeline:
-            params = to_stage_layout(params, self.pipeline)
-            opt_state = to_stage_layout(opt_state, self.pipeline)
-        rest = data_to_keys(portable["rest"], template.rest)
-        return TrainState(portable["step"], params, fill(template.rest, rest), opt_state)
-
-    @property
-    def _flat_template(self) -> TrainState:
-        # Abstract state in the model's own layout (Variables keep their metadata).
-        flat = (lambda t: to_flat_layout(t, self.pipeline)) if self.pipeline else (lambda t: t)
-        return jax.eval_shape(
-            lambda s: TrainState(s.step, flat(s.params), s.rest, flat(s.opt_state)), self.state
-        )
-
-    def checkpoint_state(self) -> dict[str, Any]:
-        """The state as plain arrays in the model's own layout: what a checkpoint stores.
-
-        Example:
-            >>> checkpointer.save(step, trainer.checkpoint_state(), meta={"step": step})
-        """
-        return self._portable_fn()(self.state)
-
-    def _portable_fn(self):
-        if getattr(self, "_portable_jit", None) is None:
-            self._portable_jit = jax.jit(self._to_portable)
-        return self._portable_jit
-
-    def checkpoint_target(self) -> Any:
-        """Abstract arrays with this trainer's shardings, to restore a checkpoint onto."""
-        compiled = self._portable_fn().lower(self.state).compile()
-        shapes = jax.eval_shape(self._to_portable, self.state)
-        return jax.tree.map(
-            lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-            shapes, compiled.output_shardings,
-        )
-
-    def load_checkpoint_state(self, portable: dict[str, Any]) -> None:
-        """Replace the state with one restored from a checkpoint (any mesh, any layout)."""
-        self.state = jax.jit(self._from_portable, out_shardings=self.state_shardings)(portable)
-
-    def flat_params(self) -> nnx.State:
-        """The parameters in the model's own layout (pipeline stages merged back into layers)."""
-        if self.pipeline is None:
-            return self.state.params
-        return jax.jit(lambda p: to_flat_layout(p, self.pipeline))(self.state.params)
 
     # -- the step ------------------------------------------------------------------------------
 
@@ -500,109 +379,6 @@ class Trainer:
         aux = self._output_layout.finish(sums.aux, sums.aux_weight)
         return sums.loss / weight, weight, grads, aux, rest
 
-    def _summed(self, state: TrainState, batch) -> tuple[Piece, Any, nnx.State]:
-        """Summed pieces, summed gradients (in their strategy layout) and the new rest."""
-        if self._manual_zero is not None:
-            return self._manual_zero_sums(state, batch)
-        # In a pipelined layout the microbatches belong to the pipeline, not to accumulation.
-        m = 1 if self.pipeline is not None else self.config.microbatches
-        grad_fn = jax.value_and_grad(self._piece, has_aux=True)
-        if m == 1:
-            (_, (piece, rest)), grads = grad_fn(state.params, state.rest, batch)
-            return piece, self._constrain_grads(grads), rest
-        micro = self._microbatches(batch)
-        if self._local_accumulation:
-            return self._accumulate_locally(state, micro)
-        zeros = self._constrain_grads(
-            jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), state.params)
-        )
-
-        def body(carry, mb):
-            sums, acc, rest = carry
-            (_, (piece, rest)), grads = grad_fn(state.params, rest, mb)
-            # Under ZeRO-2 the constraint makes each microbatch's gradient land in its shard.
-            acc = self._constrain_grads(jax.tree.map(lambda a, g: a + g.astype(jnp.float32), acc, grads))
-            return (sums + piece, acc, rest), None
-
-        first = jax.tree.map(lambda x: x[0], micro)
-        sums0 = _zeros_like_piece(lambda: grad_fn(state.params, state.rest, first)[0][1][0])
-        (sums, acc, rest), _ = jax.lax.scan(body, (sums0, zeros, state.rest), micro)
-        return sums, acc, rest
-
-    def _microbatches(self, batch):
-        # Microbatch k takes rows k, k+M, k+2M, ...: every device keeps its own rows.
-        m = self.config.microbatches
-        micro_spec = NamedSharding(self.mesh, PartitionSpec(None, *self._batch_spec))
-        return jax.tree.map(
-            lambda x: jax.lax.with_sharding_constraint(
-                jnp.swapaxes(x.reshape(x.shape[0] // m, m, *x.shape[1:]), 0, 1), micro_spec
-            ),
-            batch,
-        )
-
-    def _manual_zero_sums(self, state: TrainState, batch):
-        """ZeRO-2/3 with explicit reduce-scatters (see :mod:`meshpar.parallel.zero`)."""
-        try:
-            sums, grads, rest = self._manual_zero.loss_and_grads(
-                self._piece, state.params, state.rest, self._microbatches(batch),
-                microbatches=self.config.microbatches,
-            )
-        except StackNotScanned as err:
-            # The model runs a layer stack without meshpar.scan_layers, so nothing can gather
-            # it one layer at a time: GSPMD places the gathers (and all-reduces the gradients).
-            self._manual_zero = None
-            self._gather_at_use = GatherAtUse.build(
-                mesh=self.mesh, zero_stage=self.strategy.zero_stage,
-                abs_params=self.layout.abs_params, param_shardings=self.layout.param_shardings,
-            )
-            fallback = Fallback(
-                f"ZeRO-{self.strategy.zero_stage} collectives",
-                f"GSPMD gathers the parameters and reduces the gradients: {err}",
-            )
-            if fallback not in self.fallbacks:
-                self._fallbacks.append(fallback)
-                warnings.warn(str(fallback), stacklevel=2)
-            return self._summed(state, batch)
-        return sums, self._constrain_grads(grads), rest
-
-    def _accumulate_locally(self, state: TrainState, micro):
-        """DP / ZeRO-1 accumulation: sum local gradients, reduce once after the loop.
-
-        Under GSPMD a replicated accumulator forces an all-reduce of every microbatch's
-        gradient inside the loop (M times the traffic). Here the loop runs inside a
-        ``shard_map`` that is manual over the batch axes: the parameters are cast to *varying*
-        before the loop, so their gradients stay per-device partial sums (no collective in the
-        transpose), and one ``psum`` after the loop reduces them. Only for models without
-        non-parameter state (see :attr:`Trainer.fallbacks`).
-        """
-        axes = self.batch_axes
-
-        def local(params, rest, micro):
-            varying = lambda t: jax.tree.map(lambda x: jax.lax.pcast(x, axes, to="varying"), t)  # noqa: E731
-            params = varying(params)
-            zeros = varying(jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params))
-            grad_fn = jax.value_and_grad(self._piece, has_aux=True)
-            first = jax.tree.map(lambda x: x[0], micro)
-            sums0 = varying(_zeros_like_piece(lambda: grad_fn(params, rest, first)[0][1][0]))
-
-            def local_body(carry, mb):
-                sums, acc, rest = carry
-                (_, (piece, rest)), grads = grad_fn(params, rest, mb)
-                acc = jax.tree.map(lambda a, g: a + g.astype(jnp.float32), acc, grads)
-                return (sums + piece, acc, rest), None
-
-            (sums, acc, rest), _ = jax.lax.scan(local_body, (sums0, zeros, rest), micro)
-            return jax.lax.psum(sums, axes), jax.lax.psum(acc, axes), rest
-
-        sums, grads, rest = jax.shard_map(
-            local,
-            mesh=self.mesh,
-            in_specs=(PartitionSpec(), PartitionSpec(), PartitionSpec(None, axes)),
-            out_specs=(PartitionSpec(), PartitionSpec(), PartitionSpec()),
-            axis_names=set(axes),
-        )(state.params, state.rest, micro)
-        return sums, self._constrain_grads(grads), rest
-
     def _grads_fn(self, state: TrainState, batch):
         with activate(self.mesh, self.compute_rules, pipeline=self.pipeline):
             loss, _, grads, _, _ = self._loss_and_grads(state, batch)
@@ -674,7 +450,7 @@ class Trainer:
         Example:
             >>> placed = trainer.place_batch({"x": np.zeros((16, 8), np.float32)})
         """
-        arrays, treedef, local_rows = _batch_arrays(batch)
+        arrays, treedef, local_rows = batch_arrays(batch)
         self.check_batch(local_rows * jax.process_count())
 
         def one(x):
