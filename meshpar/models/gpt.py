@@ -29,6 +29,9 @@ Logical axes of the parameters::
 Non-parameter state: none, unless ``config.dropout > 0``; then two RNG streams,
 ``embed_dropout/rngs`` and ``final_dropout/rngs`` (a key and a counter each), for the dropout
 on the embedding output and on the last hidden state (see :class:`GPT`).
+
+Length: about 560 lines, one concept (the built-in GPT): its config and presets, the bf16 einsum
+it runs its matmuls through on XLA:CPU (most of it the reasons), the block and the model.
 """
 
 from __future__ import annotations
