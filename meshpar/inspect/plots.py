@@ -12,6 +12,8 @@ notebook) uses. Each returns the figure and, given ``path``, writes a PNG there.
 * :func:`plot_pipeline_schedule`: the stage x iteration table of
   :func:`meshpar.parallel.schedule.schedule_table`, cells labelled with the microbatch (and the repeat for
   the circular schedule), bubbles hatched grey.
+
+Length: about 440 lines, one concept (the PNGs meshpar draws), one function per figure.
 """
 
 from __future__ import annotations

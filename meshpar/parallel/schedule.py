@@ -27,6 +27,9 @@ Activations a pipeline keeps per device, in microbatch activations ``|x|``
 (:attr:`PipelineConfig.activation_slots`, :func:`activation_bound`): gpipe ``2M + P - 1``,
 circular ``(v+1)M + P - 1`` (linear in ``M``); 1f1b ``P + 1``, interleaved-1f1b about
 ``(v+1)P`` (flat in ``M``).
+
+Length: about 575 lines, one concept (pipeline schedules as pure tables): the config and its
+checks, GPipe/circular tables, and the 1F1B tick tables with their buffer allocation.
 """
 
 from __future__ import annotations
