@@ -33,7 +33,7 @@ NAMES = ("cpu", *sorted(p.stem for p in PROFILE_DIR.glob("*.toml")))
 GIB = 2**30
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, kw_only=True)
 class HardwareProfile:
     """One device of a cluster and the links between devices.
 

@@ -22,7 +22,7 @@ from meshpar.train import TrainConfig
 AXES = (PIPE, DATA, FSDP, TENSOR)
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, kw_only=True)
 class Layout:
     """One candidate layout (see the module docstring).
 

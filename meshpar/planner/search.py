@@ -60,7 +60,7 @@ from meshpar.train.plan import plan_training
 MIB = 2**20
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, kw_only=True)
 class Candidate:
     """One layout, judged.
 
@@ -110,7 +110,7 @@ class Candidate:
         }
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, kw_only=True)
 class PlanResult:
     """What :func:`plan` found: candidates best first (fitting ones by predicted step time, then
     those that do not fit by memory), the layouts rejected before costing and why, and the
@@ -356,19 +356,22 @@ def _search(model: _Model, layouts: Sequence[Layout], rejected: list[str], *, de
             flops_per_device=model.compiled_flops(layout, measured), collectives=colls,
             mesh_shape=layout.mesh_shape, hardware=hardware, precision=layout.precision,
             bubble_fraction=_bubble(layout), model_flops=model_flops)
-        out.append(Candidate(layout, mem, memory, mem if proxy is None else None, budget, new_t,
-                             source, model.command(layout)))
+        out.append(Candidate(layout=layout, memory=mem, memory_analytic=memory,
+                             memory_compiled=mem if proxy is None else None, budget=budget,
+                             time=new_t, source=source, command=model.command(layout)))
         if bar is not None:
             bar.update(1)
     if bar is not None:
         bar.close()
     for layout, memory, t, _ in analytic:
         if id(layout) not in chosen:
-            out.append(Candidate(layout, memory, memory, None, budget, t, "analytic",
-                                 model.command(layout)))
+            out.append(Candidate(layout=layout, memory=memory, memory_analytic=memory,
+                                 memory_compiled=None, budget=budget, time=t, source="analytic",
+                                 command=model.command(layout)))
     out.sort(key=lambda c: (not c.fits, c.time.step if c.fits else c.memory,
                             c.source == "analytic"))
-    return PlanResult(tuple(out), tuple(rejected), hardware, devices, tuple(notes))
+    return PlanResult(candidates=tuple(out), rejected=tuple(rejected), hardware=hardware,
+                      devices=devices, notes=tuple(notes))
 
 
 def _profile(hardware: str | HardwareProfile) -> HardwareProfile:
