@@ -1,4 +1,4 @@
-"""1F1B and interleaved 1F1B pipelines in one SPMD program: memory flat in the microbatches.
+"""1F1B and interleaved 1F1B pipelines in one SPMD program: the pipeline's own state flat in M.
 
 GPipe and circular (:mod:`meshpar.parallel.pipeline`) get their backward pass from autodiff of
 the forward loop, so the loop keeps one stage input per iteration: ``(v+1) x |x|`` of activations
