@@ -44,12 +44,6 @@ from meshpar.train.data import TokenBatches
 from helpers.compare import (assert_losses_and_grads_match, deviations, flat, init_params,
                              mesh_axes, paired, rel_norm, run_steps, single_device_mesh)
 
-# One xdist worker runs this whole module (`--dist loadgroup`, pyproject.toml): its cases are
-# cached per process (run_case, reference), and test_same_losses_whatever_the_mesh compares the
-# cases test_matches_single_device already ran; split over two workers, one of them re-ran them
-# all (118 s of a 14-minute suite).
-pytestmark = pytest.mark.xdist_group("equivalence")
-
 # -- tolerances -----------------------------------------------------------------------------------
 #
 # One set of tolerances per precision, chosen once; never loosened per case.
