@@ -15,6 +15,8 @@ from collections import defaultdict
 from collections.abc import Sequence
 from typing import Any
 
+from meshpar.axes import BATCH_AXES, DATA, FSDP, TENSOR
+
 
 def zero_state_bytes(grad_bytes: float, *, fsdp: int, zero_stage: int,
                      optimizer_k: float) -> dict[str, float]:
@@ -96,7 +98,7 @@ def _axis_factors(spec: Any, mesh_shape: dict[str, int]) -> dict[str, int]:
 def analytic_collectives(*, mesh_shape: dict[str, int], zero_stage: int,
                          params: Sequence[tuple[int, Any, Any]], layers: int, batch: int,
                          seq: int, d_model: int, act_itemsize: int = 4, remat: str = "full",
-                         batch_axes: Sequence[str] = ("data", "fsdp")) -> dict[str, dict]:
+                         batch_axes: Sequence[str] = BATCH_AXES) -> dict[str, dict]:
     """Analytic per-step traffic per device, for each mesh axis of the mesh.
 
     Args:
@@ -119,7 +121,7 @@ def analytic_collectives(*, mesh_shape: dict[str, int], zero_stage: int,
     for axis, n in mesh_shape.items():
         if n == 1:
             continue
-        if axis == "data":
+        if axis == DATA:
             grad = 0.0
             for total, spec, _ in params:
                 f = _axis_factors(spec, mesh_shape)
@@ -127,12 +129,12 @@ def analytic_collectives(*, mesh_shape: dict[str, int], zero_stage: int,
             b = dp_gradient_bytes(grad, n)
             out[axis] = {"min": b, "remat": b, "kinds": {"reduce": b},
                          "formula": f"2(N-1)/N x grad B/device = 2*{n - 1}/{n} x {grad:.0f}"}
-        elif axis == "fsdp":
+        elif axis == FSDP:
             sharded = unsharded = 0.0
             for total, spec, opt_spec in params:
                 f = _axis_factors(spec if zero_stage >= 3 else opt_spec, mesh_shape)
-                local = total / math.prod(v for a, v in f.items() if a != "fsdp")
-                if f["fsdp"] > 1 and zero_stage >= 1:
+                local = total / math.prod(v for a, v in f.items() if a != FSDP)
+                if f[FSDP] > 1 and zero_stage >= 1:
                     sharded += local
                 else:
                     unsharded += local
@@ -143,7 +145,7 @@ def analytic_collectives(*, mesh_shape: dict[str, int], zero_stage: int,
             out[axis] = {"min": b, "remat": b, "kinds": kinds,
                          "formula": f"{gathers + 1}(N-1)/N x {sharded:.0f} B split over fsdp "
                                     f"+ 2(N-1)/N x {unsharded:.0f} B not split"}
-        elif axis == "tensor":
+        elif axis == TENSOR:
             ways = math.prod(mesh_shape.get(a, 1) for a in batch_axes)
             act = batch // ways * seq * d_model * act_itemsize
             recompute = 1 if remat == "full" else 0
