@@ -17,8 +17,10 @@ jax.config.update("jax_enable_x64", False)
 # A persistent compilation cache makes subprocess tests and re-runs cheap (2.3 s -> 0.1 s seen).
 # It lives outside the checkout so that a fresh clone on the same machine (CI) reuses it; it is
 # only a cache: a cold one gives the same results, slower (MESHPAR_TEST_CACHE moves it).
-_cache = pathlib.Path(os.environ.get(
-    "MESHPAR_TEST_CACHE", pathlib.Path.home() / ".cache" / "meshpar" / "jax-test-cache"))
+# An empty MESHPAR_TEST_CACHE (`MESHPAR_TEST_CACHE=$UNSET_VAR`) counts as unset: as a path it
+# would be the working directory, and a run once filled the repository root with cache files.
+_cache = pathlib.Path(os.environ.get("MESHPAR_TEST_CACHE") or
+                      pathlib.Path.home() / ".cache" / "meshpar" / "jax-test-cache")
 os.environ["MESHPAR_TEST_CACHE"] = str(_cache)  # the subprocess tests share it
 jax.config.update("jax_compilation_cache_dir", str(_cache))
 jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
