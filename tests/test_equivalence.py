@@ -12,7 +12,9 @@ Two models take part: meshpar's built-in GPT (``tiny``: scanned, remat'd, tied e
 :class:`MixerClassifier`, a differently shaped NNX model defined here (a python list of un-stacked
 blocks, token mixing, a heads projection, a classifier head over ``vocab``, its own loss on
 float features and integer labels). References are computed once per (model, precision) and
-cached, as are the case results (the cross-mesh test at the end reuses them).
+cached, as are the case results. Any two meshes agree with each other to within twice the loss
+tolerance, since each agrees with the same reference (no separate pairwise run: under
+pytest-xdist it re-ran every case on the other worker, 2 minutes).
 
 Run ``python tests/test_equivalence.py`` to print the largest deviation seen per case.
 """
@@ -333,18 +335,6 @@ def test_reference_is_sane():
     assert abs(ref.init_loss - math.log(256)) < 0.1
     assert ref.losses[0] == pytest.approx(ref.init_loss, rel=1e-6)  # same batch, same params
     assert ref.losses[-1] < ref.losses[0] - 0.1
-
-
-@pytest.mark.parametrize("model", ["gpt", "mixer"])
-def test_same_losses_whatever_the_mesh(model):
-    """Same seed + same global batches => the same losses on every mesh/strategy/microbatching.
-
-    Pairwise, not only against the reference: two sharded runs agree with each other too.
-    """
-    cases = [c for c in CASES if c.model == model and c.precision == "fp32"]
-    losses = np.array([[run_case(c).init_loss, *run_case(c).losses] for c in cases])
-    spread = (losses.max(0) - losses.min(0)) / np.abs(losses.min(0))
-    assert np.all(spread <= 2 * LOSS_RTOL), dict(zip([c.id for c in cases], losses.tolist()))
 
 
 # -- offload ----------------------------------------------------------------------------------

@@ -243,10 +243,11 @@ def test_train_config_and_cli_errors(capsys):
 @pytest.mark.parametrize("schedule,repeats,layers", [("1f1b", 1, 5), ("interleaved-1f1b", 2, 6)])
 def test_trainer_refusals_hold_for_1f1b(schedule, repeats, layers):
     config = mp.TrainConfig(microbatches=2, schedule=schedule, repeats=repeats)
-    # Issue 12's refusal: stages run the stack's parameters only (the 2-layer convnet splits
-    # into 2 stages of 1 chunk).
-    with pytest.raises(StrategyError, match=r"pipe=2, but the model's layer stack holds "
-                                            r"non-parameter state: blocks/bn/mean \(BatchStat\)"):
+    # The 1F1B backward recomputes chunks without the state they saw (the 2-layer convnet
+    # splits into 2 stages of 1 chunk; GPipe and circular run it, test_zoo.py).
+    with pytest.raises(StrategyError, match=r"pipe=2 with schedule='1f1b', but the model's layer "
+                                            r"stack holds non-parameter state: blocks/bn/mean "
+                                            r"\(BatchStat\)"):
         mp.Trainer(ZOO["convnet"].make, optax.adam(1e-2), ZOO["convnet"].loss,
                    mesh=mp.make_mesh("pipe=2,data=4"), strategy="dp",
                    config=mp.TrainConfig(microbatches=2, schedule="1f1b"))

@@ -417,3 +417,21 @@ def test_apply_errors():
     with pytest.raises(StrategyError, match=r"closes over 1 traced value\(s\) \(float32\[\]\)"):
         jax.jit(jax.grad(closes_over_traced))(2.0)
 
+
+
+def test_stage_state_errors():
+    mesh = make_mesh(pipe=2, data=4)
+    staged = stack_stages(make_layers(4), stages=2)
+    xs = jnp.ones((4, MB, D))
+    count = stack_stages(jnp.zeros((4,), jnp.uint32), stages=2)          # [2, 2]
+    with pytest.raises(StrategyError, match=r"stage_state with batch_axes=\('data',\): inside "
+                                            r"manual batch axes each shard would draw"):
+        pipeline_apply(stage_fn, staged, xs, mesh=mesh, stage_state=count,
+                       config=dataclasses.replace(gpipe(2, 4), batch_axes=("data",)))
+    with pytest.raises(StrategyError, match=r"stage_state with schedule='1f1b'"):
+        pipeline_apply(stage_fn, staged, xs, mesh=mesh, stage_state=count,
+                       config=dataclasses.replace(gpipe(2, 4), schedule="1f1b"))
+    with pytest.raises(StrategyError, match=r"stage state <root> has shape \(2, 3\); expected "
+                                            r"leading dimensions \(2, 2\)"):
+        pipeline_apply(stage_fn, staged, xs, mesh=mesh, stage_state=jnp.zeros((2, 3)),
+                       config=gpipe(2, 4))

@@ -140,11 +140,11 @@ def _case(layers, mesh: str, strategy, m, schedule="gpipe", repeats=1) -> Case:
 
 
 CASES = [
-    # pipe alone, the rest of the devices on data (manual inside the pipeline): M in {1, P, 2P}.
+    # pipe alone, the rest of the devices on data (manual inside the pipeline): M in {1, P, 2P}
+    # (M = 1, the maximal bubble, at P = 2 only).
     _case(4, "pipe=2,data=4", "dp", 1),                               # maximal bubble, P=2
     _case(4, "pipe=2,data=4", "dp", 2),                               # M = P
     _case(4, "pipe=2,data=4", "dp", 4, "circular", 2),                # M = 2P, 1 layer per chunk
-    _case(4, "pipe=4,data=2", "dp", 1),                               # maximal bubble, P=4
     _case(4, "pipe=4,data=2", "dp", 8),                               # M = 2P
     _case(8, "pipe=4,data=2", "dp", 4, "circular", 2),                # M = P
     # pipe x data x tensor: Megatron-sharded weights inside each stage.

@@ -426,9 +426,10 @@ class GPT(nnx.Module):
     the embedding output (token plus position) and to the last hidden state before the final
     LayerNorm and the unembedding. So every layout runs it, pipelines included, and trains like
     one device (JAX's threefry is partitionable: the global mask is the same whatever the
-    sharding). Residual dropout inside the scanned blocks would need RNG state inside the layer
-    stack, which pipeline stages do not support (the :class:`~meshpar.Trainer` refuses such a
-    stack on a ``pipe`` mesh), so there is none. Each dropout layer owns an RNG stream that
+    sharding). There is no residual dropout inside the scanned blocks: a pipeline runs the stack
+    once per microbatch, so RNG state there would draw per-microbatch masks (exact against a
+    one-device run with the same microbatching, see :mod:`meshpar.parallel.pipeline`, but not
+    against an unpipelined run), and the 1F1B schedules do not run such a stack. Each dropout layer owns an RNG stream that
     advances on every call: a new mask every step, saved and restored with the checkpoint.
 
     Dropout is active by default (training mode). ``model.eval()`` makes the model deterministic

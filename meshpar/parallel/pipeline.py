@@ -53,6 +53,18 @@ iteration, every intermediate ``stage_fn`` saves for its backward pass (``c`` la
 chunk's weights per iteration (the chunk is picked per iteration and the layer scan saves its
 per-layer slices), so use ``remat=True`` there.
 
+State. Layers may hold non-parameter state (RNG streams for dropout, batch statistics): passed
+as ``stage_state`` in stage layout, each chunk's state is part of the loop's carry, and the
+iteration that runs microbatch ``m`` through a chunk hands the chunk's new state on (a bubble
+leaves it as it was). Every chunk sees the microbatches in order ``0 .. M-1``, so a layer's
+state advances exactly as in a loop over the microbatches on one device: an RNG counter once per
+microbatch (a fresh mask for each), batch statistics over each microbatch. For those to be over
+the whole microbatch -- not over one device's rows -- the batch axes must stay automatic
+(``batch_axes=()``): inside manual batch axes every shard would draw the same mask and normalise
+by its own rows. The price is the weight gradients' reduction over the batch axes inside every
+backward iteration (see "Data parallelism and the loop"). The 1F1B schedules do not take state
+yet: their backward loop recomputes each chunk's forward without the state it saw.
+
 Closures. ``stage_fn`` must not close over traced floating-point values (weights, tables computed
 under ``jit``): inside the ``shard_map`` they are invariant over the stages, and their gradient
 would need a psum inside every backward iteration, inside the bubble ``cond`` that only some
@@ -201,6 +213,33 @@ def _check_args(stage_params: PyTree, inputs: jax.Array, mesh: Mesh, config: Pip
     config.validate(num_layers, shape[0] * shape[1], mesh)
 
 
+def _check_state(stage_state: PyTree, stage_params: PyTree, config: PipelineConfig) -> None:
+    if config.schedule.one_f_one_b:
+        raise StrategyError(
+            f"pipeline_apply: stage_state with schedule={config.schedule.value!r}: the 1F1B "
+            "backward loop recomputes each chunk's forward pass and does not keep the state "
+            "each microbatch saw, so layers with RNG streams or batch statistics cannot run "
+            "under it yet; use schedule 'gpipe' or 'circular'"
+        )
+    if config.batch_axes:
+        raise StrategyError(
+            f"pipeline_apply: stage_state with batch_axes={config.batch_axes}: inside manual "
+            "batch axes each shard would draw its own copy of the same random numbers and "
+            "compute batch statistics over its own rows; leave batch_axes empty (the batch "
+            "axes then stay automatic and see the whole microbatch)"
+        )
+    lead = (config.stages,) if config.repeats == 1 else (config.repeats, config.stages)
+    chunk = {s[len(lead)] for _, s in _leading_dims(stage_params, "pipeline_apply")}
+    for path, leaf in jax.tree_util.tree_flatten_with_path(stage_state)[0]:
+        shape = tuple(np.shape(leaf))
+        if shape[: len(lead) + 1] != (*lead, *chunk):
+            raise StrategyError(
+                f"pipeline_apply: stage state {jax.tree_util.keystr(path) or '<root>'} has shape "
+                f"{shape}; expected leading dimensions {(*lead, *chunk)} like the stage "
+                "parameters (made by stack_stages with the same stages and repeats)"
+            )
+
+
 def pipeline_apply(
     stage_fn: Callable[[PyTree, jax.Array], jax.Array],
     stage_params: PyTree,
@@ -211,7 +250,8 @@ def pipeline_apply(
     config: PipelineConfig,
     bubble_fill: float | None = None,
     skip_bubbles: bool = True,
-) -> jax.Array:
+    stage_state: PyTree | None = None,
+) -> jax.Array | tuple[jax.Array, PyTree]:
     """Run every microbatch through all stages' layers, pipelined over ``config.axis``.
 
     Equal (up to float reassociation) to applying all ``L`` layers in order to each microbatch,
@@ -233,15 +273,23 @@ def pipeline_apply(
         skip_bubbles: skip bubble compute with ``lax.cond`` (default). ``False`` computes
             ``stage_fn`` on garbage in bubbles, for benchmarks only: with non-finite garbage
             (``bubble_fill=nan``) the gradients become NaN.
+        stage_state: the layers' non-parameter state (RNG keys and counters, batch
+            statistics), in stage layout like ``stage_params``. ``stage_fn`` then is
+            ``stage_fn(chunk_params, chunk_state, x) -> (y, new_chunk_state)``; each chunk's
+            state is carried through the loop and updated once per microbatch, microbatches in
+            order, as a loop over the microbatches on one device would (see "State" in the
+            module docstring). Needs ``config.batch_axes == ()`` and a GPipe or circular
+            schedule.
 
     Returns:
         ``[M, mb, ...]`` outputs, replicated over ``config.axis`` (batch dimension sharded over
-        ``batch_axes``).
+        ``batch_axes``); with ``stage_state``, ``(outputs, new stage state)``.
 
     Raises:
         StrategyError: the inputs, parameters or mesh do not fit ``config`` (see
             :meth:`PipelineConfig.validate`), ``stage_fn`` changes its input's shape or dtype,
-            or it closes over traced float values.
+            or it closes over traced float values; ``stage_state`` with batch axes or a 1F1B
+            schedule.
 
     Example:
         >>> def stage_fn(w, x):                          # w: [c, d, d]
@@ -254,6 +302,9 @@ def pipeline_apply(
         (4, 8, 16)
     """
     _check_args(stage_params, inputs, mesh, config)
+    stateful = stage_state is not None
+    if stateful:
+        _check_state(stage_state, stage_params, config)
     if config.schedule.one_f_one_b and not skip_bubbles:
         raise StrategyError(
             f"pipeline_apply: skip_bubbles=False is a GPipe/circular benchmark option; the "
@@ -276,32 +327,40 @@ def pipeline_apply(
         act_spec = PartitionSpec()
     param_spec = PartitionSpec(axis) if v == 1 else PartitionSpec(None, axis)
 
-    def run_chunk(chunk, x):
-        y = stage_fn(chunk, x)
+    def run_chunk(chunk, st, x):
+        if stateful:
+            y, st = stage_fn(chunk, st, x)
+            # The state is not differentiated (the trainer takes it as an aux output); a
+            # stop_gradient keeps autodiff from carrying tangents of batch statistics round
+            # the loop.
+            st = jax.lax.stop_gradient(st)
+        else:
+            y = stage_fn(chunk, x)
         if getattr(y, "shape", None) != x.shape or getattr(y, "dtype", None) != x.dtype:
             raise StrategyError(
                 f"pipeline_apply: stage_fn must return an array of its input's shape and dtype "
                 f"{x.dtype}{list(x.shape)}, got {getattr(y, 'dtype', type(y).__name__)}"
                 f"{list(getattr(y, 'shape', ()))}"
             )
-        return y
+        return y, st
 
-    def local(params, xs):
+    def local(params, xs, state):
         # Drop this stage's size-1 slot of the stage dimension: [c, ...] or [v, c, ...].
-        params = jax.tree.map(lambda a: a[0] if v == 1 else a[:, 0], params)
+        params, state = jax.tree.map(lambda a: a[0] if v == 1 else a[:, 0], (params, state))
         params = cast_varying(params, manual, mesh)
         buf = cast_varying(xs, manual, mesh)
         stage = jax.lax.axis_index(axis)
         fill = None if bubble_fill is None else jnp.asarray(bubble_fill, xs.dtype)
         chunk_of = (lambda p, r: p) if v == 1 else (
             lambda p, r: jax.tree.map(lambda a: a[r], p))
-        example_chunk = chunk_of(params, jnp.asarray(per_step[1])[0, stage])
+        first_chunk = jnp.asarray(per_step[1])[0, stage]
+        example_chunk, example_state = chunk_of(params, first_chunk), chunk_of(state, first_chunk)
         # Trace stage_fn once, here, to see what it closes over. A traced float value from
         # outside the shard_map is invariant over the manual axes; if autodiff reaches it, the
         # transpose sums its gradient over the stages with a psum at the point of use: inside
         # every backward iteration, and inside the bubble `cond` that only some stages enter --
         # a deadlock. It cannot be re-typed after the fact, so refuse it with a fix.
-        run, consts = jax.closure_convert(run_chunk, example_chunk, buf[0])
+        run, consts = jax.closure_convert(run_chunk, example_chunk, example_state, buf[0])
         if consts:
             raise StrategyError(
                 f"pipeline_apply: stage_fn closes over {len(consts)} traced value(s) "
@@ -312,15 +371,20 @@ def pipeline_apply(
                 "over NumPy arrays instead of traced ones"
             )
 
-        def iteration(params, r, x, valid):
+        def iteration(params, state, r, x, valid):
             # Select the chunk outside the cond: the cond then returns a chunk-sized weight
             # cotangent, and the scatter into [v, c, ...] fuses into the loop's accumulator.
             # Inside the cond it materialised all v chunks' cotangent per iteration (measured:
             # gradient 1.3x the CPU time; the forward pass is slightly faster that way).
-            chunk = chunk_of(params, r)
+            chunk, st = chunk_of(params, r), chunk_of(state, r)
             if skip_bubbles:
-                return jax.lax.cond(valid, run, lambda c, x: x, chunk, x)
-            return run(chunk, x)
+                # A bubble leaves the state as it was: only real microbatches advance it.
+                y, st = jax.lax.cond(valid, run, lambda c, s, x: (x, s), chunk, st, x)
+            else:
+                y, st = run(chunk, st, x)
+            if v == 1:
+                return y, st
+            return y, jax.tree.map(lambda a, new: a.at[r].set(new), state, st)
 
         # remat: save only the inputs. No remat still goes through jax.checkpoint, saving
         # everything: plain autodiff of the cond would save its operands -- the chunk's weights --
@@ -331,7 +395,7 @@ def pipeline_apply(
         iteration = jax.checkpoint(iteration, prevent_cse=False, policy=policy)
 
         def step(carry, col):
-            incoming, buf = carry
+            incoming, buf, state = carry
             mb_col, rep_col, slot_in = col
             slot = jnp.maximum(slot_in, 0)
             buf = buf.at[slot].set(jnp.where(slot_in >= 0, incoming, buf[slot]))
@@ -340,25 +404,30 @@ def pipeline_apply(
             x = jnp.where(stage == 0, buf[jnp.maximum(m, 0)], incoming)
             if fill is not None:
                 x = jnp.where(valid, x, fill)
-            y = iteration(params, jnp.maximum(r, 0), x, valid)
-            return (jax.lax.ppermute(y, axis, ring), buf), None
+            y, state = iteration(params, state, jnp.maximum(r, 0), x, valid)
+            return (jax.lax.ppermute(y, axis, ring), buf, state), None
 
         incoming = jnp.zeros_like(buf[0])
-        (incoming, buf), _ = jax.lax.scan(step, (incoming, buf), per_step)
+        (incoming, buf, state), _ = jax.lax.scan(step, (incoming, buf, state), per_step)
         buf = buf.at[final_slot].set(incoming)
-        return psum_wide(jnp.where(stage == 0, buf, jnp.zeros_like(buf)), (axis,), mesh)
+        out = psum_wide(jnp.where(stage == 0, buf, jnp.zeros_like(buf)), (axis,), mesh)
+        return out, jax.tree.map(lambda a: a[None] if v == 1 else a[:, None], state)
 
     forward = jax.shard_map(
         local,
         mesh=mesh,
-        in_specs=(param_spec, act_spec),
-        out_specs=act_spec,
+        in_specs=(param_spec, act_spec, param_spec),
+        out_specs=(act_spec, param_spec),
         axis_names=set(manual),
     )
+    if stateful:
+        return forward(stage_params, inputs, stage_state)
     if not config.schedule.one_f_one_b:
-        return forward(stage_params, inputs)
-    return onef1b_apply(run_chunk, forward, stage_params, inputs, mesh=mesh, config=config,
-                        param_spec=param_spec, act_spec=act_spec, bubble_fill=bubble_fill)
+        return forward(stage_params, inputs, None)[0]
+    return onef1b_apply(lambda chunk, x: run_chunk(chunk, None, x)[0],
+                        lambda p, xs: forward(p, xs, None)[0], stage_params, inputs, mesh=mesh,
+                        config=config, param_spec=param_spec, act_spec=act_spec,
+                        bubble_fill=bubble_fill)
 
 
 # --- compiled-program check -------------------------------------------------------------------

@@ -6,6 +6,11 @@ compile time stays flat in depth. When the trainer runs a pipelined layout, the 
 the stack as pipeline stages (:func:`meshpar.parallel.pipeline.pipeline_apply`): the parameters then
 arrive already in stage layout (``[stages, layers_per_stage, ...]`` or ``[repeats, stages, ...]``)
 and the batch is cut into the pipeline's microbatches here. The model does not change.
+
+Layers with RNG streams or batch statistics run in a pipeline too: the stack then runs once per
+microbatch (rows ``k, k+M, ...``), microbatches in order, so each layer's state advances as in a
+loop over the microbatches on one device -- a fresh dropout mask per microbatch, batch statistics
+per microbatch. Without a pipeline the stack runs once on the whole batch.
 """
 
 from __future__ import annotations
@@ -17,7 +22,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from meshpar.parallel.layout import active_layout
-from meshpar.parallel.pipeline import pipeline_apply
+from meshpar.parallel.pipeline import pipeline_apply, stack_stages, unstack_stages
 from meshpar.parallel.remat import maybe_remat
 from meshpar.parallel.zero import layer_gather
 
@@ -72,10 +77,24 @@ def scan_layers(stack: nnx.Module, x: jax.Array, /, *, remat: str = "full") -> j
     m = config.microbatches
     # Microbatch k takes rows k, k+M, ...: the batch sharding stays where it is (no traffic).
     xs = jnp.swapaxes(x.reshape(x.shape[0] // m, m, *x.shape[1:]), 0, 1)
-    out = pipeline_apply(
-        lambda chunk, h: _scan(graphdef, chunk, h, remat)[0], state, xs,
-        mesh=layout.mesh, config=config,
-    )
+    params, rest = nnx.split_state(state, nnx.Param, ...)
+    if not jax.tree.leaves(rest):
+        out = pipeline_apply(
+            lambda chunk, h: _scan(graphdef, chunk, h, remat)[0], params, xs,
+            mesh=layout.mesh, config=config,
+        )
+    else:
+        # RNG streams or batch statistics in the layers: the parameters arrive in stage
+        # layout, the state in the model's [layers, ...]; the pipeline carries each chunk's
+        # state and hands it back, and the stack keeps it (meshpar.parallel.pipeline, "State").
+        staged = stack_stages(rest, stages=config.stages, repeats=config.repeats)
+
+        def stage_fn(chunk, chunk_state, h):
+            return _scan(graphdef, nnx.merge_state(chunk, chunk_state), h, remat)
+
+        out, staged = pipeline_apply(stage_fn, params, xs, mesh=layout.mesh, config=config,
+                                     stage_state=staged)
+        nnx.update(stack, unstack_stages(staged, stages=config.stages, repeats=config.repeats))
     return jnp.swapaxes(out, 0, 1).reshape(x.shape)
 
 

@@ -23,6 +23,7 @@ from meshpar.parallel.pipeline import stack_stages, unstack_stages
 from meshpar.parallel.schedule import PipelineConfig, Schedule
 from meshpar.sharding.placement import ShardingPlan, abstract_nnx, plan_nnx_state
 from meshpar.sharding.strategy import Strategy
+from meshpar.train.state import describe_state, named_leaves
 
 
 def _is_var(x: Any) -> bool:
@@ -35,13 +36,35 @@ def _axes(v: Any) -> tuple:
     return tuple(v.get_metadata().get("out_sharding") or ())
 
 
+def stack_state(abs_params: nnx.State, abs_rest: nnx.State, /) -> list[tuple[str, Any]]:
+    """``(path, Variable)`` of the non-parameter state inside a layer stack: leaves under a module
+    whose parameters carry a leading ``layers`` axis, with that many rows (RNG streams and batch
+    statistics of the stacked layers).
+
+    Example:
+        >>> stack_state(abs_params, abs_rest)    # doctest: +SKIP
+        [('blocks/drop/rngs/count', RngCount), ...]
+    """
+    lengths = {path.split("/")[0]: v.get_value().shape[0] for path, v in named_leaves(abs_params)
+               if _axes(v)[:1] == ("layers",)}
+    return [(path, v) for path, v in named_leaves(abs_rest)
+            if path.split("/")[0] in lengths
+            and tuple(getattr(v.get_value(), "shape", ()))[:1] == (lengths[path.split("/")[0]],)]
+
+
 def pipeline_config(abs_params: nnx.State, /, *, mesh: Mesh, microbatches: int,
-                    schedule: Schedule | str, repeats: int, zero_stage: int = 0):
+                    schedule: Schedule | str, repeats: int, zero_stage: int = 0,
+                    state_in_stack: list[tuple[str, Any]] = ()):
     """The pipeline for a mesh with a ``pipe`` axis of size > 1 (else ``None``), and the depth.
+
+    ``state_in_stack`` (from :func:`stack_state`): the layers' RNG streams and batch statistics,
+    which the stages carry; the batch axes then stay automatic (see
+    :mod:`meshpar.parallel.pipeline`, "State").
 
     Raises:
         StrategyError: no parameter has a leading ``layers`` axis (no repeated block), stacks
-            disagree on their depth, or the depth does not split into ``stages × repeats``.
+            disagree on their depth, the depth does not split into ``stages × repeats``, or
+            the stack holds state under a 1F1B schedule.
     """
     stages = mesh.shape.get(PIPE, 1)
     if stages == 1:
@@ -62,12 +85,23 @@ def pipeline_config(abs_params: nnx.State, /, *, mesh: Mesh, microbatches: int,
         raise StrategyError(
             f"parameters with a leading 'layers' axis disagree on its size: {sorted(lengths)}"
         )
+    if state_in_stack and Schedule(schedule).one_f_one_b:
+        raise StrategyError(
+            f"the mesh has pipe={stages} with schedule={Schedule(schedule).value!r}, but the "
+            f"model's layer stack holds non-parameter state: {describe_state(state_in_stack)}. "
+            "The 1F1B backward loop recomputes each chunk's forward pass without the RNG "
+            "stream or batch statistics that microbatch saw, so it does not run such layers "
+            "yet; use --schedule gpipe or circular (TrainConfig(schedule=...)), or keep the "
+            "state outside the stack"
+        )
     config = PipelineConfig(
         stages=stages, microbatches=microbatches, schedule=schedule, repeats=repeats,
         # The batch axes that replicate the weights run manual inside the stages, so weight
         # gradients are summed once after the loop instead of in every backward iteration (see
         # meshpar.parallel.pipeline). fsdp replicates them too below ZeRO-3; tensor stays automatic.
-        batch_axes=tuple(
+        # Not with state in the stack: dropout masks and batch statistics must cover the whole
+        # microbatch, which only automatic axes see.
+        batch_axes=() if state_in_stack else tuple(
             a for a in BATCH_AXES if a in mesh.shape and (a == DATA or zero_stage < 3)
         ),
     )
@@ -156,8 +190,10 @@ class TrainingPlan:
         param_shardings, grad_shardings, rest_shardings: the shardings of each, as trees.
         abs_opt_state: abstract optimizer state (``None`` without an optimizer).
         opt_shardings: shardings of the optimizer state (``None`` without an optimizer).
+        stack_state: ``(path, Variable)`` of the non-parameter state inside the layer stack
+            (:func:`stack_state`), which a pipeline's stages carry.
 
-    Built with keywords only (fourteen fields: a positional call is too easy to get wrong).
+    Built with keywords only (fifteen fields: a positional call is too easy to get wrong).
     """
 
     strategy: Strategy
@@ -174,6 +210,7 @@ class TrainingPlan:
     rest_shardings: Any
     abs_opt_state: Any
     opt_shardings: Any
+    stack_state: tuple = ()
 
 
 def plan_training(
@@ -197,9 +234,10 @@ def plan_training(
     """
     strategy = strategy.for_mesh(mesh)
     graphdef, abs_params, abs_rest = abstract_nnx(make_model)
+    in_stack = tuple(stack_state(abs_params, abs_rest))
     pipeline, num_layers = pipeline_config(
         abs_params, mesh=mesh, microbatches=microbatches, schedule=schedule, repeats=repeats,
-        zero_stage=strategy.zero_stage,
+        zero_stage=strategy.zero_stage, state_in_stack=in_stack,
     )
     if pipeline is not None:
         abs_params = jax.eval_shape(lambda p: to_stage_layout(p, pipeline), abs_params)
@@ -225,6 +263,7 @@ def plan_training(
         pipeline=pipeline, num_layers=num_layers, params=params, param_shardings=param_shardings,
         gradients=gradients, grad_shardings=grad_shardings, optimizer=optimizer,
         rest_shardings=rest_shardings, abs_opt_state=abs_opt, opt_shardings=opt_shardings,
+        stack_state=in_stack,
     )
 
 

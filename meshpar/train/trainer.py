@@ -43,7 +43,7 @@ import optax
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from meshpar.axes import DILOCO
+from meshpar.axes import BATCH_AXES, DATA, DILOCO
 from meshpar.errors import StrategyError, TrainingError
 from meshpar.mesh import auto_mesh
 from meshpar.parallel.layout import activate
@@ -156,8 +156,19 @@ class Trainer(PortableState, GradientPaths):
         ]
         self._output_layout: OutputLayout | None = None
         state_leaves = named_leaves(layout.abs_rest)
-        if self.pipeline is not None:
-            self._check_stack_state(state_leaves)
+        if self.pipeline is not None and layout.stack_state:
+            manual = [a for a in BATCH_AXES if mesh.shape.get(a, 1) > 1
+                      and (a == DATA or self.strategy.zero_stage < 3)]
+            if manual:
+                self._fallbacks.append(Fallback(
+                    "pipeline batch axes",
+                    f"the layer stack holds non-parameter state ("
+                    f"{describe_state(list(layout.stack_state))}), "
+                    f"so {', '.join(manual)} stay automatic inside the pipeline stages (dropout "
+                    "masks and batch statistics over the whole microbatch); the weight gradients "
+                    f"are then reduced over {', '.join(manual)} in every backward iteration of "
+                    "the loop instead of once after it",
+                ))
         # Batch-local execution (a shard_map manual over the batch axes, each device running the
         # model on its own rows) is exact only for a model and loss that treat rows
         # independently: a loss built from batch-wide statistics (an MoE balance loss, a plain
@@ -267,29 +278,6 @@ class Trainer(PortableState, GradientPaths):
         ])
 
     # -- the step ------------------------------------------------------------------------------
-
-    def _check_stack_state(self, state_leaves: list[tuple[str, Any]]) -> None:
-        """Refuse a pipelined layer stack that holds non-parameter state.
-
-        The pipeline runs the stack's parameters, in stage layout, on microbatches inside a
-        ``shard_map``; an RNG stream or batch statistics inside the stack would be drawn per
-        microbatch and per shard, and could not equal the unpipelined model's.
-        """
-        stacked_roots = {
-            path.split("/")[0] for path, v in named_leaves(self.layout.abs_params)
-            if tuple(v.get_metadata().get("out_sharding") or ())[:1] in (("stages",), ("repeats",))
-        }
-        inside = [(path, v) for path, v in state_leaves
-                  if path.split("/")[0] in stacked_roots
-                  and getattr(v.get_value(), "shape", ())[:1] == (self.num_layers,)]
-        if inside:
-            raise StrategyError(
-                f"the mesh has pipe={self.pipeline.stages}, but the model's layer stack holds "
-                f"non-parameter state: {describe_state(inside)}. Pipeline stages run the "
-                "stack's parameters only, so RNG streams (dropout) and batch statistics inside "
-                "the stack are not supported there yet; keep them outside the stack (before or "
-                "after meshpar.scan_layers) or train without the pipe axis"
-            )
 
     def _piece(self, params, rest, batch, prepare=None):
         """One piece of the loss: the numerator to differentiate, and ``(Piece, new rest)``."""

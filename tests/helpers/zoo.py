@@ -68,7 +68,13 @@ class ConvBlock(nnx.Module):
 
 
 class ConvNet(nnx.Module):
-    def __init__(self, rngs: nnx.Rngs, *, channels: int = 16, classes: int = 10, layers: int = 2):
+    """``stack_microbatches=M`` runs the block stack once per microbatch (rows ``k, k+M, ...``,
+    in order) on the whole batch's stem output: on one device, what a pipeline of ``M``
+    microbatches does with the stack's dropout streams and batch statistics."""
+
+    def __init__(self, rngs: nnx.Rngs, *, channels: int = 16, classes: int = 10, layers: int = 2,
+                 stack_microbatches: int = 1):
+        self.stack_microbatches = stack_microbatches
         # No bias before a BatchNorm: its gradient is zero up to rounding, which Adam would turn
         # into full-size steps of noise (a comparison of nothing).
         self.stem = nnx.Conv(3, channels, (3, 3), padding="SAME", use_bias=False,
@@ -84,7 +90,13 @@ class ConvNet(nnx.Module):
 
     def __call__(self, x):
         h = jax.nn.relu(self.bn(self.stem(x)))
-        h = mp.scan_layers(self.blocks, h, remat="none")
+        m = self.stack_microbatches
+        if m == 1:
+            h = mp.scan_layers(self.blocks, h, remat="none")
+        else:
+            rows = h.reshape(h.shape[0] // m, m, *h.shape[1:])
+            h = jnp.stack([mp.scan_layers(self.blocks, rows[:, k], remat="none")
+                           for k in range(m)], axis=1).reshape(h.shape)
         return self.head(self.drop(jnp.mean(h, axis=(1, 2))))
 
 
@@ -274,12 +286,16 @@ class ZooModel:
     make: Callable[[], nnx.Module]
     loss: Callable[[nnx.Module, Any], Any]
     batch: Callable[[int], dict[str, np.ndarray]]
-    scanned: bool  # has a stack run by scan_layers without non-parameter state: pipelines run it
+    scanned: bool  # has a layer stack run by scan_layers: pipelines run it
+    # The model running its stack per microbatch on one device (the reference of a pipelined
+    # run), for a model with state (dropout, batch statistics) in the stack; None: no state there.
+    make_stack_microbatched: Callable[[int], nnx.Module] | None = None
 
 
 ZOO: dict[str, ZooModel] = {
     "convnet": ZooModel("convnet", lambda: ConvNet(nnx.Rngs(0, dropout=1)), conv_loss, conv_batch,
-                        scanned=False),
+                        scanned=True, make_stack_microbatched=lambda m: ConvNet(
+                            nnx.Rngs(0, dropout=1), stack_microbatches=m)),
     "encoder": ZooModel("encoder", lambda: Encoder(nnx.Rngs(0, dropout=1)), masked_token_loss,
                         encoder_batch, scanned=True),
     "moe": ZooModel("moe", lambda: MoE(nnx.Rngs(0)), moe_loss, moe_batch, scanned=False),
