@@ -289,7 +289,7 @@ def test_two_processes_read_their_rows_and_train_like_one(text_run, tmp_path):
     """The text run again as 2 processes x 4 devices, each reading only its rows of every global
     batch (``ShardedBatches(rows=...)``, checked in the loader test): the same losses, eval
     losses and greedy sample as the one-process run."""
-    from test_multiprocess_train import launch, read_metrics
+    from test_multiprocess_train import launch
 
     metrics = tmp_path / "two.jsonl"
     rc, out, _ = launch("--processes", "2", "--cpu-devices-per-process", "4", "--", "train",

@@ -428,9 +428,6 @@ def test_stage_state_errors():
                                             r"manual batch axes each shard would draw"):
         pipeline_apply(stage_fn, staged, xs, mesh=mesh, stage_state=count,
                        config=dataclasses.replace(gpipe(2, 4), batch_axes=("data",)))
-    with pytest.raises(StrategyError, match=r"stage_state with schedule='1f1b'"):
-        pipeline_apply(stage_fn, staged, xs, mesh=mesh, stage_state=count,
-                       config=dataclasses.replace(gpipe(2, 4), schedule="1f1b"))
     with pytest.raises(StrategyError, match=r"stage state <root> has shape \(2, 3\); expected "
                                             r"leading dimensions \(2, 2\)"):
         pipeline_apply(stage_fn, staged, xs, mesh=mesh, stage_state=jnp.zeros((2, 3)),

@@ -429,7 +429,7 @@ class GPT(nnx.Module):
     sharding). There is no residual dropout inside the scanned blocks: a pipeline runs the stack
     once per microbatch, so RNG state there would draw per-microbatch masks (exact against a
     one-device run with the same microbatching, see :mod:`meshpar.parallel.pipeline`, but not
-    against an unpipelined run), and the 1F1B schedules do not run such a stack. Each dropout layer owns an RNG stream that
+    against an unpipelined run). Each dropout layer owns an RNG stream that
     advances on every call: a new mask every step, saved and restored with the checkpoint.
 
     Dropout is active by default (training mode). ``model.eval()`` makes the model deterministic

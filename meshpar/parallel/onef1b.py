@@ -97,7 +97,7 @@ def _read(buf: jax.Array, slot: jax.Array, other: jax.Array, index: jax.Array) -
     return jnp.where(slot >= 0, buf[jnp.maximum(slot, 0)], other[jnp.maximum(index, 0)])
 
 
-def _backward(stage_fn: Callable, mesh: Mesh, config: PipelineConfig, param_spec, act_spec,
+def _backward(run_chunk: Callable, mesh: Mesh, config: PipelineConfig, param_spec, act_spec,
               bubble_fill: float | None) -> Callable:
     table = onef1b_table(config)
     n_stages, v, axis = config.stages, config.repeats, config.axis
@@ -121,8 +121,10 @@ def _backward(stage_fn: Callable, mesh: Mesh, config: PipelineConfig, param_spec
         # Sum sub-32-bit weight gradients in float32 across the M microbatches; round once.
         return jnp.float32 if jnp.dtype(dtype).itemsize < 4 else dtype
 
-    def local(params, xs, dys):
-        params = jax.tree.map(lambda a: a[0] if v == 1 else a[:, 0], params)
+    def local(params, xs, dys, hist):
+        # hist: the state each chunk had before each microbatch ([(v,) M, c, ...]; None for
+        # stateless layers), so that every rerun of a chunk sees what its forward pass saw.
+        params, hist = jax.tree.map(lambda a: a[0] if v == 1 else a[:, 0], (params, hist))
         params = cast_varying(params, manual, mesh)
         xs, dys = cast_varying((xs, dys), manual, mesh)
         stage = jax.lax.axis_index(axis)
@@ -141,12 +143,15 @@ def _backward(stage_fn: Callable, mesh: Mesh, config: PipelineConfig, param_spec
         dxs = jnp.zeros_like(xs)
         msg = cast_varying(jnp.zeros_like(xs[0]), manual, mesh)
 
-        def forward(params, r, x):
-            return stage_fn(chunk_of(params, r), x)
+        def state_of(r, m):
+            return jax.tree.map(lambda a: a[m] if v == 1 else a[r, m], hist)
 
-        def backward(acc, params, r, x, dy):
-            chunk = chunk_of(params, r)
-            _, vjp = jax.vjp(stage_fn, chunk, x)
+        def forward(params, r, m, x):
+            return run_chunk(chunk_of(params, r), state_of(r, m), x)[0]
+
+        def backward(acc, params, r, m, x, dy):
+            chunk, st = chunk_of(params, r), state_of(r, m)
+            _, vjp = jax.vjp(lambda c, x: run_chunk(c, st, x)[0], chunk, x)
             d_chunk, dx = vjp(dy)
             if v == 1:
                 acc = jax.tree.map(lambda a, d: a + d.astype(a.dtype), acc, d_chunk)
@@ -154,7 +159,7 @@ def _backward(stage_fn: Callable, mesh: Mesh, config: PipelineConfig, param_spec
                 acc = jax.tree.map(lambda a, d: a.at[r].add(d.astype(a.dtype)), acc, d_chunk)
             return acc, dx
 
-        def skip_backward(acc, params, r, x, dy):
+        def skip_backward(acc, params, r, m, x, dy):
             return acc, idle_value(x)
 
         def tick(carry, col):
@@ -163,12 +168,12 @@ def _backward(stage_fn: Callable, mesh: Mesh, config: PipelineConfig, param_spec
             stash = _write(stash, recv_f, f_in)
             cot = _write(cot, recv_b, b_in)
             x = _read(stash, fslot, xs, fm)
-            y = jax.lax.cond(fm >= 0, forward, lambda p, r, x: idle_value(x), params,
-                             jnp.maximum(fr, 0), x)
+            y = jax.lax.cond(fm >= 0, forward, lambda p, r, m, x: idle_value(x), params,
+                             jnp.maximum(fr, 0), jnp.maximum(fm, 0), x)
             xb = _read(stash, bslot, xs, bm)
             dy = _read(cot, bcot, dys, bm)
             acc, dx = jax.lax.cond(bm >= 0, backward, skip_backward, acc, params,
-                                   jnp.maximum(br, 0), xb, dy)
+                                   jnp.maximum(br, 0), jnp.maximum(bm, 0), xb, dy)
             # Chunk 0 (read from xs) hands its input gradient out; the others send it back.
             dxs = _write(dxs, jnp.where((bm >= 0) & (bslot < 0), bm, -1), dx)
             f_out = jax.lax.ppermute(y, axis, fwd_perm)
@@ -186,48 +191,65 @@ def _backward(stage_fn: Callable, mesh: Mesh, config: PipelineConfig, param_spec
         dxs = psum_wide(jnp.where(stage == 0, dxs, jnp.zeros_like(dxs)), (axis,), mesh)
         return grads, dxs
 
-    return jax.shard_map(local, mesh=mesh, in_specs=(param_spec, act_spec, act_spec),
+    return jax.shard_map(local, mesh=mesh, in_specs=(param_spec, act_spec, act_spec, param_spec),
                          out_specs=(param_spec, act_spec), axis_names=set(manual))
 
 
-def onef1b_apply(stage_fn: Callable[[PyTree, jax.Array], jax.Array],
-                 forward: Callable[[PyTree, jax.Array], jax.Array], stage_params: PyTree,
-                 inputs: jax.Array, /, *, mesh: Mesh, config: PipelineConfig,
-                 param_spec: PartitionSpec, act_spec: PartitionSpec,
-                 bubble_fill: float | None = None) -> jax.Array:
-    """``forward(stage_params, inputs)``, differentiated by the 1F1B loop.
+def _no_cotangent(shape: jax.ShapeDtypeStruct) -> jax.Array | np.ndarray:
+    # The layers' state is not differentiated: zeros (float0 for integers and PRNG keys).
+    if jnp.issubdtype(shape.dtype, jnp.inexact):
+        return jnp.zeros(shape.shape, shape.dtype)
+    return np.zeros(shape.shape, jax.dtypes.float0)
+
+
+def onef1b_apply(run_chunk: Callable[[PyTree, PyTree, jax.Array], tuple[jax.Array, PyTree]],
+                 forward: Callable[[PyTree, jax.Array, PyTree], tuple[jax.Array, PyTree, PyTree]],
+                 stage_params: PyTree, inputs: jax.Array, stage_state: PyTree | None = None, /,
+                 *, mesh: Mesh, config: PipelineConfig, param_spec: PartitionSpec,
+                 act_spec: PartitionSpec, bubble_fill: float | None = None,
+                 ) -> jax.Array | tuple[jax.Array, PyTree]:
+    """The forward pipeline, differentiated by the 1F1B loop.
 
     Called by :func:`meshpar.parallel.pipeline.pipeline_apply` for the ``1f1b`` and
     ``interleaved-1f1b`` schedules, which checks the arguments; use that.
 
     Args:
-        stage_fn: ``stage_fn(chunk_params, x) -> y`` for one microbatch (shape-checked).
-        forward: the forward pipeline, a ``shard_map``'d function of ``(stage_params, inputs)``.
+        run_chunk: ``run_chunk(chunk_params, chunk_state, x) -> (y, new_chunk_state)`` for one
+            microbatch (shape-checked; the state is ``None`` for stateless layers).
+        forward: the forward pipeline, a ``shard_map``'d function of ``(stage_params, inputs,
+            stage_state)`` returning the outputs, the new state and the state each chunk had
+            before each microbatch (``[(v,) P, M, c, ...]``; ``None`` without state).
         stage_params: ``[P, c, ...]`` or ``[v, P, c, ...]`` stage parameters.
         inputs: ``[M, mb, ...]`` microbatches.
+        stage_state: the layers' state in stage layout, or ``None``.
         mesh, config: the mesh and the pipeline (a 1F1B schedule).
         param_spec, act_spec: the ``shard_map`` specs of the parameters and activations.
         bubble_fill: testing hook: idle ticks emit, and the buffers start as, this value.
 
     Returns:
-        ``[M, mb, ...]`` outputs, as ``forward`` returns them.
+        ``[M, mb, ...]`` outputs, as ``forward`` returns them; with ``stage_state``,
+        ``(outputs, new stage state)``.
 
     Example:
-        >>> y = onef1b_apply(stage_fn, forward, staged, xs, mesh=mesh, config=cfg,
+        >>> y = onef1b_apply(run_chunk, forward, staged, xs, mesh=mesh, config=cfg,
         ...                  param_spec=P("pipe"), act_spec=P())   # doctest: +SKIP
     """
-    backward = _backward(stage_fn, mesh, config, param_spec, act_spec, bubble_fill)
+    backward = _backward(run_chunk, mesh, config, param_spec, act_spec, bubble_fill)
+    state_shapes = jax.eval_shape(lambda s: s, stage_state)
 
     @jax.custom_vjp
-    def pipeline(params, xs):
-        return forward(params, xs)
+    def pipeline(params, xs, state):
+        return forward(params, xs, state)[:2]
 
-    def pipeline_fwd(params, xs):
-        return forward(params, xs), (params, xs)
+    def pipeline_fwd(params, xs, state):
+        out, new_state, hist = forward(params, xs, state)
+        return (out, new_state), (params, xs, hist)
 
-    def pipeline_bwd(residuals, dys):
-        params, xs = residuals
-        return backward(params, xs, dys)
+    def pipeline_bwd(residuals, cotangents):
+        params, xs, hist = residuals
+        d_params, d_xs = backward(params, xs, cotangents[0], hist)
+        return d_params, d_xs, jax.tree.map(_no_cotangent, state_shapes)
 
     pipeline.defvjp(pipeline_fwd, pipeline_bwd)
-    return pipeline(stage_params, inputs)
+    out, new_state = pipeline(stage_params, inputs, stage_state)
+    return out if stage_state is None else (out, new_state)

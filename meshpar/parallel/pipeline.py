@@ -62,8 +62,10 @@ microbatch (a fresh mask for each), batch statistics over each microbatch. For t
 the whole microbatch -- not over one device's rows -- the batch axes must stay automatic
 (``batch_axes=()``): inside manual batch axes every shard would draw the same mask and normalise
 by its own rows. The price is the weight gradients' reduction over the batch axes inside every
-backward iteration (see "Data parallelism and the loop"). The 1F1B schedules do not take state
-yet: their backward loop recomputes each chunk's forward without the state it saw.
+backward iteration (see "Data parallelism and the loop"). Under the 1F1B schedules the forward
+loop also records the state each chunk had before each microbatch (``M`` copies of the layers'
+state: keys, counters, per-channel statistics -- small next to one activation), and the 1F1B
+backward loop reruns every chunk with the state its forward pass saw (the same dropout mask).
 
 Closures. ``stage_fn`` must not close over traced floating-point values (weights, tables computed
 under ``jit``): inside the ``shard_map`` they are invariant over the stages, and their gradient
@@ -214,13 +216,6 @@ def _check_args(stage_params: PyTree, inputs: jax.Array, mesh: Mesh, config: Pip
 
 
 def _check_state(stage_state: PyTree, stage_params: PyTree, config: PipelineConfig) -> None:
-    if config.schedule.one_f_one_b:
-        raise StrategyError(
-            f"pipeline_apply: stage_state with schedule={config.schedule.value!r}: the 1F1B "
-            "backward loop recomputes each chunk's forward pass and does not keep the state "
-            "each microbatch saw, so layers with RNG streams or batch statistics cannot run "
-            "under it yet; use schedule 'gpipe' or 'circular'"
-        )
     if config.batch_axes:
         raise StrategyError(
             f"pipeline_apply: stage_state with batch_axes={config.batch_axes}: inside manual "
@@ -278,8 +273,7 @@ def pipeline_apply(
             ``stage_fn(chunk_params, chunk_state, x) -> (y, new_chunk_state)``; each chunk's
             state is carried through the loop and updated once per microbatch, microbatches in
             order, as a loop over the microbatches on one device would (see "State" in the
-            module docstring). Needs ``config.batch_axes == ()`` and a GPipe or circular
-            schedule.
+            module docstring). Needs ``config.batch_axes == ()``.
 
     Returns:
         ``[M, mb, ...]`` outputs, replicated over ``config.axis`` (batch dimension sharded over
@@ -288,8 +282,8 @@ def pipeline_apply(
     Raises:
         StrategyError: the inputs, parameters or mesh do not fit ``config`` (see
             :meth:`PipelineConfig.validate`), ``stage_fn`` changes its input's shape or dtype,
-            or it closes over traced float values; ``stage_state`` with batch axes or a 1F1B
-            schedule.
+            or it closes over traced float values; ``stage_state`` with batch axes or not in
+            stage layout.
 
     Example:
         >>> def stage_fn(w, x):                          # w: [c, d, d]
@@ -371,20 +365,29 @@ def pipeline_apply(
                 "over NumPy arrays instead of traced ones"
             )
 
-        def iteration(params, state, r, x, valid):
+        def iteration(params, state, hist, r, m, x, valid):
             # Select the chunk outside the cond: the cond then returns a chunk-sized weight
             # cotangent, and the scatter into [v, c, ...] fuses into the loop's accumulator.
             # Inside the cond it materialised all v chunks' cotangent per iteration (measured:
             # gradient 1.3x the CPU time; the forward pass is slightly faster that way).
-            chunk, st = chunk_of(params, r), chunk_of(state, r)
+            chunk, st, h = chunk_of(params, r), chunk_of(state, r), chunk_of(hist, r)
+
+            def live(chunk, st, h, x):
+                y, new = run(chunk, st, x)
+                # 1F1B's backward loop reruns this chunk on microbatch m with the state it saw.
+                if h is not None:
+                    h = jax.tree.map(lambda a, b: a.at[m].set(b), h, st)
+                return y, new, h
+
             if skip_bubbles:
                 # A bubble leaves the state as it was: only real microbatches advance it.
-                y, st = jax.lax.cond(valid, run, lambda c, s, x: (x, s), chunk, st, x)
+                y, st, h = jax.lax.cond(valid, live, lambda c, s, h, x: (x, s, h), chunk, st, h, x)
             else:
-                y, st = run(chunk, st, x)
+                y, st, h = live(chunk, st, h, x)
             if v == 1:
-                return y, st
-            return y, jax.tree.map(lambda a, new: a.at[r].set(new), state, st)
+                return y, st, h
+            put = lambda whole, part: jax.tree.map(lambda a, b: a.at[r].set(b), whole, part)  # noqa: E731
+            return y, put(state, st), put(hist, h)
 
         # remat: save only the inputs. No remat still goes through jax.checkpoint, saving
         # everything: plain autodiff of the cond would save its operands -- the chunk's weights --
@@ -395,7 +398,7 @@ def pipeline_apply(
         iteration = jax.checkpoint(iteration, prevent_cse=False, policy=policy)
 
         def step(carry, col):
-            incoming, buf, state = carry
+            incoming, buf, state, hist = carry
             mb_col, rep_col, slot_in = col
             slot = jnp.maximum(slot_in, 0)
             buf = buf.at[slot].set(jnp.where(slot_in >= 0, incoming, buf[slot]))
@@ -404,28 +407,34 @@ def pipeline_apply(
             x = jnp.where(stage == 0, buf[jnp.maximum(m, 0)], incoming)
             if fill is not None:
                 x = jnp.where(valid, x, fill)
-            y, state = iteration(params, state, jnp.maximum(r, 0), x, valid)
-            return (jax.lax.ppermute(y, axis, ring), buf, state), None
+            y, state, hist = iteration(params, state, hist, jnp.maximum(r, 0), jnp.maximum(m, 0),
+                                       x, valid)
+            return (jax.lax.ppermute(y, axis, ring), buf, state, hist), None
 
         incoming = jnp.zeros_like(buf[0])
-        (incoming, buf, state), _ = jax.lax.scan(step, (incoming, buf, state), per_step)
+        # The state each chunk had before each microbatch, [(v,) M, c, ...], for 1F1B only.
+        hist = None
+        if stateful and config.schedule.one_f_one_b:
+            hist = jax.tree.map(
+                lambda a: jnp.stack([a] * config.microbatches, axis=0 if v == 1 else 1), state)
+        (incoming, buf, state, hist), _ = jax.lax.scan(step, (incoming, buf, state, hist),
+                                                       per_step)
         buf = buf.at[final_slot].set(incoming)
         out = psum_wide(jnp.where(stage == 0, buf, jnp.zeros_like(buf)), (axis,), mesh)
-        return out, jax.tree.map(lambda a: a[None] if v == 1 else a[:, None], state)
+        add_stage = lambda t: jax.tree.map(lambda a: a[None] if v == 1 else a[:, None], t)  # noqa: E731
+        return out, add_stage(state), add_stage(hist)
 
     forward = jax.shard_map(
         local,
         mesh=mesh,
         in_specs=(param_spec, act_spec, param_spec),
-        out_specs=(act_spec, param_spec),
+        out_specs=(act_spec, param_spec, param_spec),
         axis_names=set(manual),
     )
-    if stateful:
-        return forward(stage_params, inputs, stage_state)
     if not config.schedule.one_f_one_b:
-        return forward(stage_params, inputs, None)[0]
-    return onef1b_apply(lambda chunk, x: run_chunk(chunk, None, x)[0],
-                        lambda p, xs: forward(p, xs, None)[0], stage_params, inputs, mesh=mesh,
+        out, new_state, _ = forward(stage_params, inputs, stage_state)
+        return (out, new_state) if stateful else out
+    return onef1b_apply(run_chunk, forward, stage_params, inputs, stage_state, mesh=mesh,
                         config=config, param_spec=param_spec, act_spec=act_spec,
                         bubble_fill=bubble_fill)
 

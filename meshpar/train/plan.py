@@ -23,7 +23,7 @@ from meshpar.parallel.pipeline import stack_stages, unstack_stages
 from meshpar.parallel.schedule import PipelineConfig, Schedule
 from meshpar.sharding.placement import ShardingPlan, abstract_nnx, plan_nnx_state
 from meshpar.sharding.strategy import Strategy
-from meshpar.train.state import describe_state, named_leaves
+from meshpar.train.state import named_leaves
 
 
 def _is_var(x: Any) -> bool:
@@ -63,8 +63,7 @@ def pipeline_config(abs_params: nnx.State, /, *, mesh: Mesh, microbatches: int,
 
     Raises:
         StrategyError: no parameter has a leading ``layers`` axis (no repeated block), stacks
-            disagree on their depth, the depth does not split into ``stages × repeats``, or
-            the stack holds state under a 1F1B schedule.
+            disagree on their depth, or the depth does not split into ``stages × repeats``.
     """
     stages = mesh.shape.get(PIPE, 1)
     if stages == 1:
@@ -84,15 +83,6 @@ def pipeline_config(abs_params: nnx.State, /, *, mesh: Mesh, microbatches: int,
     if len(lengths) > 1:
         raise StrategyError(
             f"parameters with a leading 'layers' axis disagree on its size: {sorted(lengths)}"
-        )
-    if state_in_stack and Schedule(schedule).one_f_one_b:
-        raise StrategyError(
-            f"the mesh has pipe={stages} with schedule={Schedule(schedule).value!r}, but the "
-            f"model's layer stack holds non-parameter state: {describe_state(state_in_stack)}. "
-            "The 1F1B backward loop recomputes each chunk's forward pass without the RNG "
-            "stream or batch statistics that microbatch saw, so it does not run such layers "
-            "yet; use --schedule gpipe or circular (TrainConfig(schedule=...)), or keep the "
-            "state outside the stack"
         )
     config = PipelineConfig(
         stages=stages, microbatches=microbatches, schedule=schedule, repeats=repeats,
