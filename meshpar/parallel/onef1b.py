@@ -10,7 +10,10 @@ Structure: a ``jax.custom_vjp`` of the whole pipeline.
 
 * Forward (primal) pass: the forward-only loop of :func:`~meshpar.parallel.pipeline.pipeline_apply`
   (GPipe's table for ``1f1b``, the circular one for ``interleaved-1f1b``); nothing is saved but
-  the custom VJP's residuals, the stage parameters and the stack's input ``xs``.
+  the custom VJP's residuals, the stage parameters and the stack's input ``xs`` -- and, for layers
+  with RNG streams or batch statistics, the state each chunk had before each microbatch
+  (``M`` copies of that small state), so that the backward loop reruns every chunk with what its
+  forward pass saw (the same dropout mask). The state itself is not differentiated.
 * Backward pass: the 1F1B loop of :func:`meshpar.parallel.schedule.onef1b_table`, a
   ``lax.scan`` over *ticks*; at each tick each stage runs one forward **or** one backward of one
   microbatch on one chunk of its layers:
