@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
@@ -52,9 +52,22 @@ def stack_state(abs_params: nnx.State, abs_rest: nnx.State, /) -> list[tuple[str
             and tuple(getattr(v.get_value(), "shape", ()))[:1] == (lengths[path.split("/")[0]],)]
 
 
+def replicating_batch_axes(mesh: Mesh, /, *, zero_stage: int) -> tuple[str, ...]:
+    """The mesh's batch axes that replicate the weights: ``data``, and ``fsdp`` below ZeRO-3.
+
+    A pipeline runs them manual inside its stages (weight gradients summed once after the loop)
+    unless its layer stack holds state (:func:`pipeline_config`).
+
+    Example:
+        >>> replicating_batch_axes(make_mesh(pipe=2, data=2, fsdp=2), zero_stage=1)
+        ('data', 'fsdp')
+    """
+    return tuple(a for a in BATCH_AXES if a in mesh.shape and (a == DATA or zero_stage < 3))
+
+
 def pipeline_config(abs_params: nnx.State, /, *, mesh: Mesh, microbatches: int,
                     schedule: Schedule | str, repeats: int, zero_stage: int = 0,
-                    state_in_stack: list[tuple[str, Any]] = ()):
+                    state_in_stack: Sequence[tuple[str, Any]] = ()):
     """The pipeline for a mesh with a ``pipe`` axis of size > 1 (else ``None``), and the depth.
 
     ``state_in_stack`` (from :func:`stack_state`): the layers' RNG streams and batch statistics,
@@ -91,9 +104,7 @@ def pipeline_config(abs_params: nnx.State, /, *, mesh: Mesh, microbatches: int,
         # meshpar.parallel.pipeline). fsdp replicates them too below ZeRO-3; tensor stays automatic.
         # Not with state in the stack: dropout masks and batch statistics must cover the whole
         # microbatch, which only automatic axes see.
-        batch_axes=() if state_in_stack else tuple(
-            a for a in BATCH_AXES if a in mesh.shape and (a == DATA or zero_stage < 3)
-        ),
+        batch_axes=() if state_in_stack else replicating_batch_axes(mesh, zero_stage=zero_stage),
     )
     num_layers = lengths.pop()
     config.layers_per_chunk(num_layers)

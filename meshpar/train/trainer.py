@@ -43,7 +43,7 @@ import optax
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from meshpar.axes import BATCH_AXES, DATA, DILOCO
+from meshpar.axes import DILOCO
 from meshpar.errors import StrategyError, TrainingError
 from meshpar.mesh import auto_mesh
 from meshpar.parallel.layout import activate
@@ -58,7 +58,7 @@ from meshpar.train.gradients import global_grad_norm
 from meshpar.train.loss import OutputLayout, split_output
 from meshpar.train.metrics import StepMetrics
 from meshpar.train.paths import Fallback, GradientPaths
-from meshpar.train.plan import plan_training, to_stage_layout
+from meshpar.train.plan import plan_training, replicating_batch_axes, to_stage_layout
 from meshpar.train.plan import unused_axes_error, unused_mesh_axes
 from meshpar.train.portable import PortableState
 from meshpar.train.state import TrainState, describe_state, named_leaves
@@ -157,8 +157,8 @@ class Trainer(PortableState, GradientPaths):
         self._output_layout: OutputLayout | None = None
         state_leaves = named_leaves(layout.abs_rest)
         if self.pipeline is not None and layout.stack_state:
-            manual = [a for a in BATCH_AXES if mesh.shape.get(a, 1) > 1
-                      and (a == DATA or self.strategy.zero_stage < 3)]
+            manual = [a for a in replicating_batch_axes(mesh, zero_stage=self.strategy.zero_stage)
+                      if mesh.shape[a] > 1]
             if manual:
                 self._fallbacks.append(Fallback(
                     "pipeline batch axes",
