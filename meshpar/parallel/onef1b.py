@@ -82,7 +82,7 @@ import numpy as np
 from jax.sharding import Mesh, PartitionSpec
 
 from meshpar.parallel.schedule import PipelineConfig, onef1b_table
-from meshpar.parallel.varying import cast_varying, psum_wide
+from meshpar.parallel.varying import cast_varying, drop_stage_slot, psum_wide, restore_stage_slot
 
 __all__ = ["onef1b_apply"]
 
@@ -127,7 +127,7 @@ def _backward(run_chunk: Callable, mesh: Mesh, config: PipelineConfig, param_spe
     def local(params, xs, dys, hist):
         # hist: the state each chunk had before each microbatch ([(v,) M, c, ...]; None for
         # stateless layers), so that every rerun of a chunk sees what its forward pass saw.
-        params, hist = jax.tree.map(lambda a: a[0] if v == 1 else a[:, 0], (params, hist))
+        params, hist = drop_stage_slot((params, hist), v)
         params = cast_varying(params, manual, mesh)
         xs, dys = cast_varying((xs, dys), manual, mesh)
         stage = jax.lax.axis_index(axis)
@@ -190,7 +190,7 @@ def _backward(run_chunk: Callable, mesh: Mesh, config: PipelineConfig, param_spe
         if config.batch_axes:
             acc = jax.tree.map(lambda a: psum_wide(a, tuple(config.batch_axes), mesh), acc)
         grads = jax.tree.map(lambda a, p: a.astype(p.dtype), acc, params)
-        grads = jax.tree.map(lambda a: a[None] if v == 1 else a[:, None], grads)
+        grads = restore_stage_slot(grads, v)
         dxs = psum_wide(jnp.where(stage == 0, dxs, jnp.zeros_like(dxs)), (axis,), mesh)
         return grads, dxs
 

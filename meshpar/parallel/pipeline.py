@@ -95,7 +95,7 @@ from jax.sharding import Mesh, PartitionSpec
 from meshpar.errors import StrategyError
 from meshpar.parallel.onef1b import onef1b_apply
 from meshpar.parallel.schedule import PipelineConfig, Schedule, repeat_table, schedule_table
-from meshpar.parallel.varying import cast_varying, psum_wide
+from meshpar.parallel.varying import cast_varying, drop_stage_slot, psum_wide, restore_stage_slot
 
 __all__ = [
     "PipelineConfig",
@@ -340,7 +340,7 @@ def pipeline_apply(
 
     def local(params, xs, state):
         # Drop this stage's size-1 slot of the stage dimension: [c, ...] or [v, c, ...].
-        params, state = jax.tree.map(lambda a: a[0] if v == 1 else a[:, 0], (params, state))
+        params, state = drop_stage_slot((params, state), v)
         params = cast_varying(params, manual, mesh)
         buf = cast_varying(xs, manual, mesh)
         stage = jax.lax.axis_index(axis)
@@ -421,8 +421,7 @@ def pipeline_apply(
                                                        per_step)
         buf = buf.at[final_slot].set(incoming)
         out = psum_wide(jnp.where(stage == 0, buf, jnp.zeros_like(buf)), (axis,), mesh)
-        add_stage = lambda t: jax.tree.map(lambda a: a[None] if v == 1 else a[:, None], t)  # noqa: E731
-        return out, add_stage(state), add_stage(hist)
+        return out, restore_stage_slot(state, v), restore_stage_slot(hist, v)
 
     forward = jax.shard_map(
         local,

@@ -1,4 +1,5 @@
-"""Values inside a ``shard_map``: casting to "varying" over manual axes, sums that XLA:CPU runs.
+"""Values inside a ``shard_map``: casting to "varying" over manual axes, sums that XLA:CPU runs, the
+stage slot of stage-layout trees.
 
 Shared by the pipeline loops (:mod:`meshpar.parallel.pipeline`, :mod:`meshpar.parallel.onef1b`).
 """
@@ -13,7 +14,7 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import Mesh
 
-__all__ = ["cast_varying", "psum_wide"]
+__all__ = ["cast_varying", "drop_stage_slot", "psum_wide", "restore_stage_slot"]
 
 PyTree = Any
 
@@ -76,3 +77,22 @@ def _pvary_bwd(axes, mesh, _, ct):
 
 
 _pvary_wide_transpose.defvjp(_pvary_fwd, _pvary_bwd)
+
+
+def drop_stage_slot(tree: PyTree, repeats: int) -> PyTree:
+    """Inside the stage ``shard_map``: a stage-layout tree's size-1 stage slot dropped,
+    ``[1, c, ...] -> [c, ...]`` or ``[v, 1, c, ...] -> [v, c, ...]`` (``repeats = v``).
+
+    Example:
+        >>> params = drop_stage_slot(params, config.repeats)     # inside a shard_map
+    """
+    return jax.tree.map(lambda a: a[0] if repeats == 1 else a[:, 0], tree)
+
+
+def restore_stage_slot(tree: PyTree, repeats: int) -> PyTree:
+    """The inverse of :func:`drop_stage_slot`, for what leaves the ``shard_map`` in stage layout.
+
+    Example:
+        >>> grads = restore_stage_slot(grads, config.repeats)    # inside a shard_map
+    """
+    return jax.tree.map(lambda a: a[None] if repeats == 1 else a[:, None], tree)
