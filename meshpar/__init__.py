@@ -32,7 +32,7 @@ from meshpar.parallel.schedule import Schedule
 from meshpar.parallel.stack import scan_layers
 from meshpar.sharding.placement import (ShardingPlan, init_linen, init_nnx, plan_linen,
                                        plan_nnx_state)
-from meshpar.sharding.rules import Rules
+from meshpar.sharding.rules import Rule, Rules
 from meshpar.sharding.strategy import PRESETS as STRATEGIES
 from meshpar.sharding.strategy import Strategy, get_strategy
 from meshpar.train import Fallback, StepMetrics, TrainConfig, Trainer
@@ -42,9 +42,9 @@ from meshpar.train.loss import Ratio, Summed
 __all__ = [
     "DeviceEmulationError", "DiLoCoConfig", "DiLoCoTrainer", "Fallback", "HardwareProfile",
     "IndivisibleError", "Layout", "MeshError", "MeshparError", "PlanError", "PlanResult",
-    "ProfileError", "Ratio", "RuleConflictError", "RuleError", "Rules", "STRATEGIES", "Schedule",
-    "ShardingPlan", "StepMetrics", "Strategy", "StrategyError", "Summed", "TrainConfig",
-    "Trainer", "TrainingError", "UnannotatedParameterError", "activate", "constrain",
+    "ProfileError", "Ratio", "Rule", "RuleConflictError", "RuleError", "Rules", "STRATEGIES",
+    "Schedule", "ShardingPlan", "StepMetrics", "Strategy", "StrategyError", "Summed",
+    "TrainConfig", "Trainer", "TrainingError", "UnannotatedParameterError", "activate", "constrain",
     "emulate_devices", "format_mesh", "format_plan", "from_linen", "get_strategy", "init_linen",
     "init_nnx", "load_profile", "make_mesh", "parse_mesh", "plan", "plan_gpt", "plan_linen",
     "plan_nnx_state", "plan_to_dict", "scan_layers",

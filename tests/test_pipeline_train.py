@@ -300,10 +300,13 @@ def assert_maximal_bubble_leaves_no_trace(case: Case, trainer: Trainer, got: Res
 
 
 @functools.cache
+def step_hlo(case: Case) -> str:
+    return trainer_of(case).lower(DATA.batch(0)).compile().as_text()
+
+
+@functools.cache
 def step_collectives(case: Case):
-    trainer = trainer_of(case)
-    hlo = trainer.lower(DATA.batch(0)).compile().as_text()
-    return collectives(hlo, mesh=trainer.mesh)
+    return collectives(step_hlo(case), mesh=trainer_of(case).mesh)
 
 
 def _describe(ops) -> list[str]:
@@ -374,6 +377,11 @@ def test_zero1_over_fsdp_reduces_weight_gradients_once_after_the_loop():
     reduced = sum(o.result_bytes * o.trip_count for o in ops
                   if o.kind == "all-reduce" and "fsdp" in o.mesh_axes)
     assert stage_bytes <= reduced < 2 * stage_bytes, (stage_bytes, _describe(ops))
+    # Outside the stack the batch is split over pipe too: each device computes the logits of
+    # 16 / (fsdp 4 x pipe 2) = 2 rows, not the 4 rows of its fsdp shard (both stages the same).
+    logits = re.findall(r"= f32\[(\d+),256\]\{1,0\} (?:dot|fusion)\(.*op_name=\"jit\(_step_fn\)/"
+                        r"jvp\(btd,vd->btv\)", step_hlo(case))
+    assert logits and set(logits) == {str(GLOBAL_BATCH // 8 * TINY.seq_len)}, logits
 
 
 def test_zero3_over_fsdp_gathers_inside_the_stages():

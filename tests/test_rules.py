@@ -4,7 +4,7 @@ import pytest
 from jax.sharding import PartitionSpec as P
 
 import meshpar as mp
-from meshpar.sharding.rules import Rules
+from meshpar.sharding.rules import Rule, Rules
 
 
 @pytest.fixture(scope="module")
@@ -63,6 +63,24 @@ def test_indivisible_replicate_is_opt_in_and_recorded(mesh):
     res = rules.resolve(("mlp",), (3,), mesh, name="b")
     assert res.spec == P()
     assert len(res.fallbacks) == 1 and "not divisible" in res.fallbacks[0]
+
+
+def test_an_if_divisible_rule_is_a_preference_passed_over_where_it_does_not_divide(mesh):
+    # The fsdp preset's table for a [vocab, embed] embedding: vocab takes fsdp where it
+    # divides, and otherwise embed does, as without the preference -- said, never raised.
+    rules = Rules.table([Rule("vocab", ("fsdp",), if_divisible=True), ("embed", "fsdp"),
+                         ("vocab", None), ("embed", None)])
+    assert rules.resolve(("vocab", "embed"), (32, 8), mesh).spec == P("fsdp")
+    res = rules.resolve(("vocab", "embed"), (33, 8), mesh, name="tok_embed")
+    assert res.spec == P(None, "fsdp")
+    assert res.dims[0].rule == ("vocab->fsdp if divisible: not taken, size 33 does not divide "
+                                "over 2; vocab->replicated")
+    assert "not taken" in res.rules_text and not res.fallbacks
+    # With nothing after it for the name, the dimension is replicated and says why.
+    alone = Rules.table([Rule("vocab", ("fsdp",), if_divisible=True)])
+    res = alone.resolve(("vocab",), (33,), mesh)
+    assert res.spec == P() and "not taken" in res.rules_text
+    assert str(Rule("vocab", ("fsdp",), if_divisible=True)) == "vocab->fsdp if divisible"
 
 
 def test_rule_naming_unknown_mesh_axis(mesh):
@@ -139,3 +157,23 @@ def test_unmatched_names_are_recorded_and_strict_rejects_them(mesh):
                              r"\('kv', None\) to replicate it"):
         Rules.table([("embed", "tensor")], strict=True).resolve(("kv", "embed"), (3, 4), mesh,
                                                                  name="w")
+
+
+def test_the_presets_prefer_vocab_for_fsdp_without_tensor_and_pipe_for_the_outer_batch():
+    """Two if-divisible preferences of the built-in tables (issue 13, benchmarks/README.md)."""
+    strategy = mp.get_strategy("auto")
+    fsdp8 = mp.make_mesh(fsdp=8)
+    table = lambda mesh, v: strategy.param_rules(mesh).resolve(("vocab", "embed"), (v, 64), mesh)
+    assert table(fsdp8, 256).spec == P("fsdp")
+    assert table(fsdp8, 257).spec == P(None, "fsdp")  # passed over: embed, as before
+    ft = mp.make_mesh(fsdp=4, tensor=2)
+    assert table(ft, 256).spec == P("tensor", "fsdp")  # vocab is tensor's
+    piped = mp.make_mesh(pipe=2, fsdp=4)
+    logits = lambda b: strategy.compute_rules(piped).resolve(("batch", "seq", "vocab"),
+                                                             (b, 8, 256), piped)
+    assert logits(8).spec == P(("fsdp", "pipe"))
+    assert logits(4).spec == P("fsdp")  # 4 rows do not divide over fsdp x pipe
+    # Inside the stages pipe is manual and drops out of the rule.
+    inside = strategy.compute_rules(piped).resolve(("batch", None), (8, 8), piped,
+                                                   skip_axes=("pipe",))
+    assert inside.spec == P("fsdp")

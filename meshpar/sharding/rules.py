@@ -71,14 +71,26 @@ def _as_entry(entry: object, *, where: str) -> str | tuple[str, ...] | None:
 
 @dataclasses.dataclass(frozen=True)
 class Rule:
-    """One row of the table: ``logical`` may be split over ``mesh_axes`` (``()`` = replicated)."""
+    """One row of the table: ``logical`` may be split over ``mesh_axes`` (``()`` = replicated).
+
+    Attributes:
+        logical: the logical axis name the rule applies to.
+        mesh_axes: the mesh axes it splits that dimension over (``()``: replicated).
+        if_divisible: a preference, not a demand: where the dimension does not divide over
+            ``mesh_axes`` the rule is passed over (said in the tensor's resolution, never an
+            error) and the next rules decide, as if this one were absent.
+
+    Example:
+        >>> mp.Rules.table([mp.Rule("vocab", ("fsdp",), if_divisible=True), ("embed", "fsdp")])
+    """
 
     logical: str
     mesh_axes: tuple[str, ...]
+    if_divisible: bool = False
 
     def __str__(self) -> str:
         target = "replicated" if not self.mesh_axes else "×".join(self.mesh_axes)
-        return f"{self.logical}->{target}"
+        return f"{self.logical}->{target}" + (" if divisible" if self.if_divisible else "")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -163,22 +175,26 @@ class Rules:
     @classmethod
     def table(
         cls,
-        rows: Iterable[tuple[str, MeshAxes]] = (),
+        rows: Iterable[tuple[str, MeshAxes] | Rule] = (),
         /,
         *,
         paths: Iterable[tuple[str, Sequence[str | None]]] = (),
         on_indivisible: Literal["error", "replicate"] = "error",
         strict: bool = False,
     ) -> Rules:
-        """Build rules from ``(logical, mesh_axes)`` rows and ``(regex, logical_axes)`` rows.
+        """Build rules from ``(logical, mesh_axes)`` rows (or :class:`Rule` values) and
+        ``(regex, logical_axes)`` rows.
 
         Example:
             >>> Rules.table([("embed", "fsdp"), ("embed", None)], paths=[(r"kernel$", ("embed", None))])
         """
         logical = []
         for row in rows:
+            if isinstance(row, Rule):
+                logical.append(row)
+                continue
             if not (isinstance(row, (tuple, list)) and len(row) == 2 and isinstance(row[0], str)):
-                raise RuleError(f"rule {row!r} is not a (logical_name, mesh_axes) pair")
+                raise RuleError(f"rule {row!r} is not a (logical_name, mesh_axes) pair or a Rule")
             logical.append(Rule(row[0], _as_axes(row[1], where=f"rule {row[0]!r}")))
         path_rules = [PathRule(p, tuple(axes)) for p, axes in paths]
         return cls(tuple(logical), tuple(path_rules), on_indivisible, strict)
@@ -288,11 +304,14 @@ class Rules:
         parts = [() if a is None else (a,) if isinstance(a, str) else a for a in logical_axes]
         used: dict[str, str | None] = {}
         chosen: dict[tuple[int, int], DimResolution] = {}
+        # (dim, part) -> why an if_divisible rule did not apply there: said in its resolution.
+        passed: dict[tuple[int, int], str] = {}
         # Rule-major: the table order is the priority order across the whole tensor, so a rule
         # placed earlier claims its mesh axes before a later rule for another dimension does.
         for rule in self.logical:
             if skip & set(rule.mesh_axes):
-                rule = Rule(rule.logical, tuple(a for a in rule.mesh_axes if a not in skip))
+                rule = dataclasses.replace(
+                    rule, mesh_axes=tuple(a for a in rule.mesh_axes if a not in skip))
             for dim, (names, size) in enumerate(zip(parts, shape)):
                 for part, logical in enumerate(names):
                     if logical != rule.logical or (dim, part) in chosen:
@@ -311,6 +330,10 @@ class Rules:
                         mesh.shape[a] for (d, _), r in chosen.items() if d == dim
                         for a in r.mesh_axes
                     )
+                    if size % (ways * before) and rule.if_divisible:
+                        passed[dim, part] = (
+                            f"{rule}: not taken, size {size} does not divide over {ways * before}")
+                        continue
                     if size % (ways * before):
                         detail = (
                             f"{name} (shape {shape}): dimension {dim} ({logical!r}, size {size}) "
@@ -342,8 +365,15 @@ class Rules:
         for dim, (names, size) in enumerate(zip(parts, shape)):
             got: list[DimResolution] = []
             for part, logical in enumerate(names):
-                if (dim, part) in chosen:
+                if (dim, part) in chosen and (dim, part) in passed:
+                    r = chosen[dim, part]
+                    got.append(dataclasses.replace(r, rule=f"{passed[dim, part]}; {r.rule}"))
+                elif (dim, part) in chosen:
                     got.append(chosen[dim, part])
+                elif (dim, part) in passed:
+                    # Only a preference named it and it did not divide: replicated, as said.
+                    got.append(DimResolution(logical, (), passed[dim, part],
+                                             replicated_by_rule=True))
                 elif logical not in by_name:
                     if self.strict:
                         raise UnannotatedParameterError(
