@@ -66,9 +66,15 @@ def test_tensor_parallel_layer_forward_has_two_reductions_and_nothing_else():
             assert op.kind == "all-reduce" and op.mesh_axes in (("tensor",), ("data",)), op
 
 
-@pytest.mark.parametrize("strategy, mesh_text", [("dp", "data=8"), ("zero1", "data=2,fsdp=4")])
-def test_accumulation_reduces_gradients_once_after_the_loop(strategy, mesh_text):
-    trainer = _trainer(mesh_text, strategy, microbatches=2)
+@pytest.mark.parametrize("strategy, mesh_text, microbatches", [
+    ("dp", "data=8", 2), ("zero1", "data=2,fsdp=4", 2),
+    # One microbatch on CPU devices: one reduction after the backward pass, not GSPMD's
+    # all-reduce per layer inside the scan and one per use of the tied embedding
+    # (meshpar.train.paths.reduce_once_pays); "auto" without an fsdp axis is DP.
+    ("dp", "data=8", 1), ("zero1", "data=2,fsdp=4", 1), ("auto", "data=8", 1),
+])
+def test_accumulation_reduces_gradients_once_after_the_loop(strategy, mesh_text, microbatches):
+    trainer = _trainer(mesh_text, strategy, microbatches=microbatches)
     ops = collectives(trainer.lower(BATCH).compile().as_text(), mesh=trainer.mesh)
     grad_reductions = [op for op in ops if op.kind == "all-reduce"]
     assert grad_reductions and not any(op.in_loop for op in grad_reductions), grad_reductions

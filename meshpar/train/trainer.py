@@ -43,7 +43,7 @@ import optax
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from meshpar.axes import DILOCO
+from meshpar.axes import DILOCO, FSDP
 from meshpar.errors import StrategyError, TrainingError
 from meshpar.mesh import auto_mesh
 from meshpar.parallel.layout import activate
@@ -57,7 +57,7 @@ from meshpar.train.config import TrainConfig
 from meshpar.train.gradients import global_grad_norm
 from meshpar.train.loss import OutputLayout, split_output
 from meshpar.train.metrics import StepMetrics
-from meshpar.train.paths import Fallback, GradientPaths
+from meshpar.train.paths import Fallback, GradientPaths, reduce_once_pays
 from meshpar.train.plan import plan_training, replicating_batch_axes, to_stage_layout
 from meshpar.train.plan import unused_axes_error, unused_mesh_axes
 from meshpar.train.portable import PortableState
@@ -221,12 +221,15 @@ class Trainer(PortableState, GradientPaths):
                 "are all-gathered once at the start of the step and stay whole on every device "
                 "until its backward pass is done",
             ))
-        self._local_accumulation = (
-            config.microbatches > 1 and self.pipeline is None and self.strategy.zero_stage <= 1
-            and bool(self.batch_axes)
-        )
-        if self._local_accumulation and not batch_local:
-            self._local_accumulation = False
+        # DP / ZeRO-1 gradients summed on each device and reduced once (GradientPaths.
+        # _accumulate_locally): with microbatches one reduction instead of M; with one
+        # microbatch where that pays (reduce_once_pays: CPU devices).
+        # (ZeRO-2/3 without an fsdp axis to shard over is DP.)
+        local_applies = self.pipeline is None and bool(self.batch_axes) and (
+            self.strategy.zero_stage <= 1 or mesh.shape.get(FSDP, 1) == 1)
+        self._local_accumulation = local_applies and batch_local and (
+            config.microbatches > 1 or reduce_once_pays(mesh))
+        if local_applies and config.microbatches > 1 and not batch_local:
             self._fallbacks.append(Fallback(
                 "gradient accumulation",
                 "each microbatch's gradient is all-reduced inside the loop "
