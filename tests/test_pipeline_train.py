@@ -157,6 +157,8 @@ CASES = [
     # 1F1B (meshpar.parallel.onef1b): the same math, the backward pass its own loop.
     _case(4, "pipe=2,data=4", "dp", 2, "1f1b"),                       # M = P, data manual
     _case(8, "pipe=2,data=2,tensor=2", "auto", 8, "interleaved-1f1b", 2),  # M = 4P, tensor
+    _case(4, "pipe=4,fsdp=2", "zero3", 4, "1f1b"),                    # P = 4, M = P, ZeRO-3
+    _case(8, "pipe=4,data=2", "dp", 8, "interleaved-1f1b", 2),        # P = 4, M = 2P
 ]
 
 
