@@ -431,6 +431,22 @@ def test_layout_errors(build, pattern):
         build()
 
 
+def test_a_batch_that_pipe_does_not_split_outside_the_stack_is_reported():
+    """Outside the stack the batch splits over pipe too where it divides; where it does not,
+    every stage computes the same head rows: correct, reported once (not silent)."""
+    case = _case(4, "pipe=2,data=4", "dp", 1)
+    assert case in CASES
+    trainer = trainer_of(case)
+    trainer.check_batch(GLOBAL_BATCH)   # 16 rows over data=4 x pipe=2: split
+    assert "pipeline head rows" not in [f.what for f in trainer.fallbacks]
+    with pytest.warns(UserWarning, match=r"pipeline head rows: the global batch of 4 rows does "
+                                         r"not divide over data=4 x pipe=2 = 8, so outside the "
+                                         r"layer stack .* every pipeline stage computes the same"):
+        trainer.check_batch(4)
+    trainer.check_batch(4)   # said once
+    assert [f.what for f in trainer.fallbacks].count("pipeline head rows") == 1
+
+
 def test_microbatches_not_dividing_the_global_batch():
     case = _case(4, "pipe=4,data=2", "dp", 8)
     assert case in CASES

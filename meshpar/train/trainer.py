@@ -33,6 +33,7 @@ from __future__ import annotations
 import contextlib
 import math
 import time
+import warnings
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -43,7 +44,7 @@ import optax
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from meshpar.axes import DILOCO, FSDP
+from meshpar.axes import DILOCO, FSDP, PIPE
 from meshpar.errors import StrategyError, TrainingError
 from meshpar.mesh import auto_mesh
 from meshpar.parallel.layout import activate
@@ -424,6 +425,30 @@ class Trainer(PortableState, GradientPaths):
         self.strategy.check_batch(self.mesh, global_batch_size, microbatches=self.config.microbatches)
         if self.pipeline is not None:
             self.pipeline.validate(self.num_layers, global_batch_size, self.mesh)
+            self._note_unsplit_head(global_batch_size)
+
+    def _note_unsplit_head(self, global_batch_size: int) -> None:
+        # The compute table splits the batch outside a pipelined stack over pipe too, where it
+        # divides (Strategy.compute_rules); where it does not, every stage computes the same
+        # rows of the embedding, head and loss. Correct, but slower: said, once.
+        rule = next((r for r in self.compute_rules.logical
+                     if r.logical == "batch" and r.if_divisible and PIPE in r.mesh_axes), None)
+        if rule is None:
+            return
+        ways = math.prod(self.mesh.shape[a] for a in rule.mesh_axes)
+        if global_batch_size % ways == 0:
+            return
+        fallback = Fallback(
+            "pipeline head rows",
+            f"the global batch of {global_batch_size} rows does not divide over "
+            f"{' x '.join(f'{a}={self.mesh.shape[a]}' for a in rule.mesh_axes)} = {ways}, so "
+            "outside the layer stack (embedding, head, loss) every pipeline stage computes the "
+            f"same rows instead of its 1/{self.mesh.shape[PIPE]} of them; a batch size that is a "
+            f"multiple of {ways} splits them",
+        )
+        if fallback not in self._fallbacks:
+            self._fallbacks.append(fallback)
+            warnings.warn(str(fallback), stacklevel=3)
 
     def place_batch(self, batch: Mapping[str, Any]) -> Any:
         """Put a host batch onto the mesh with its sharding.
