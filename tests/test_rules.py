@@ -76,6 +76,7 @@ def test_an_if_divisible_rule_is_a_preference_passed_over_where_it_does_not_divi
     assert res.dims[0].rule == ("vocab->fsdp if divisible: not taken, size 33 does not divide "
                                 "over 2; vocab->replicated")
     assert "not taken" in res.rules_text and not res.fallbacks
+    assert res.dims[0].passed_over == (Rule("vocab", ("fsdp",), if_divisible=True),)
     # With nothing after it for the name, the dimension is replicated and says why.
     alone = Rules.table([Rule("vocab", ("fsdp",), if_divisible=True)])
     res = alone.resolve(("vocab",), (33,), mesh)

@@ -117,6 +117,7 @@ class DimResolution:
     fallback: str | None = None  # set when an opt-in replication fallback was taken
     unmatched: tuple[str, ...] = ()  # logical names no rule maps (replicated)
     replicated_by_rule: bool = False  # a rule (name, None) asked for replication
+    passed_over: tuple[Rule, ...] = ()  # if_divisible rules that did not divide here
 
 
 @dataclasses.dataclass(frozen=True)
@@ -304,8 +305,8 @@ class Rules:
         parts = [() if a is None else (a,) if isinstance(a, str) else a for a in logical_axes]
         used: dict[str, str | None] = {}
         chosen: dict[tuple[int, int], DimResolution] = {}
-        # (dim, part) -> why an if_divisible rule did not apply there: said in its resolution.
-        passed: dict[tuple[int, int], str] = {}
+        # (dim, part) -> the if_divisible rule that did not divide there, and its text.
+        passed: dict[tuple[int, int], tuple[Rule, str]] = {}
         # Rule-major: the table order is the priority order across the whole tensor, so a rule
         # placed earlier claims its mesh axes before a later rule for another dimension does.
         for rule in self.logical:
@@ -331,8 +332,8 @@ class Rules:
                         for a in r.mesh_axes
                     )
                     if size % (ways * before) and rule.if_divisible:
-                        passed[dim, part] = (
-                            f"{rule}: not taken, size {size} does not divide over {ways * before}")
+                        passed[dim, part] = (rule, f"{rule}: not taken, size {size} does not "
+                                                   f"divide over {ways * before}")
                         continue
                     if size % (ways * before):
                         detail = (
@@ -367,13 +368,16 @@ class Rules:
             for part, logical in enumerate(names):
                 if (dim, part) in chosen and (dim, part) in passed:
                     r = chosen[dim, part]
-                    got.append(dataclasses.replace(r, rule=f"{passed[dim, part]}; {r.rule}"))
+                    skipped, why = passed[dim, part]
+                    got.append(dataclasses.replace(r, rule=f"{why}; {r.rule}",
+                                                   passed_over=(skipped,)))
                 elif (dim, part) in chosen:
                     got.append(chosen[dim, part])
                 elif (dim, part) in passed:
                     # Only a preference named it and it did not divide: replicated, as said.
-                    got.append(DimResolution(logical, (), passed[dim, part],
-                                             replicated_by_rule=True))
+                    skipped, why = passed[dim, part]
+                    got.append(DimResolution(logical, (), why, replicated_by_rule=True,
+                                             passed_over=(skipped,)))
                 elif logical not in by_name:
                     if self.strict:
                         raise UnannotatedParameterError(
@@ -406,6 +410,7 @@ class Rules:
                     "; ".join(r.fallback for r in got if r.fallback) or None,
                     tuple(n for r in got for n in r.unmatched),
                     any(r.replicated_by_rule for r in got),
+                    tuple(p for r in got for p in r.passed_over),
                 )
             dims.append(res)
             axes = res.mesh_axes

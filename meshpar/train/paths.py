@@ -88,15 +88,13 @@ class GradientPaths:
             return self._manual_zero_sums(state, batch)
         # In a pipelined layout the microbatches belong to the pipeline, not to accumulation.
         m = 1 if self.pipeline is not None else self.config.microbatches
+        if self._local_accumulation:  # never pipelined: m is config.microbatches, maybe 1
+            return self._accumulate_locally(state, self._microbatches(batch))
         grad_fn = jax.value_and_grad(self._piece, has_aux=True)
-        if m == 1 and self._local_accumulation:
-            return self._accumulate_locally(state, jax.tree.map(lambda x: x[None], batch))
         if m == 1:
             (_, (piece, rest)), grads = grad_fn(state.params, state.rest, batch)
             return piece, self._constrain_grads(grads), rest
         micro = self._microbatches(batch)
-        if self._local_accumulation:
-            return self._accumulate_locally(state, micro)
         zeros = self._constrain_grads(
             jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), state.params)
         )

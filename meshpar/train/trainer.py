@@ -431,17 +431,15 @@ class Trainer(PortableState, GradientPaths):
         # The compute table splits the batch outside a pipelined stack over pipe too, where it
         # divides (Strategy.compute_rules); where it does not, every stage computes the same
         # rows of the embedding, head and loss. Correct, but slower: said, once.
-        rule = next((r for r in self.compute_rules.logical
-                     if r.logical == "batch" and r.if_divisible and PIPE in r.mesh_axes), None)
-        if rule is None:
+        batch = self.compute_rules.resolve(("batch",), (global_batch_size,), self.mesh).dims[0]
+        skipped = next((r for r in batch.passed_over if PIPE in r.mesh_axes), None)
+        if skipped is None:
             return
-        ways = math.prod(self.mesh.shape[a] for a in rule.mesh_axes)
-        if global_batch_size % ways == 0:
-            return
+        ways = math.prod(self.mesh.shape[a] for a in skipped.mesh_axes)
         fallback = Fallback(
             "pipeline head rows",
             f"the global batch of {global_batch_size} rows does not divide over "
-            f"{' x '.join(f'{a}={self.mesh.shape[a]}' for a in rule.mesh_axes)} = {ways}, so "
+            f"{' x '.join(f'{a}={self.mesh.shape[a]}' for a in skipped.mesh_axes)} = {ways}, so "
             "outside the layer stack (embedding, head, loss) every pipeline stage computes the "
             f"same rows instead of its 1/{self.mesh.shape[PIPE]} of them; a batch size that is a "
             f"multiple of {ways} splits them",
