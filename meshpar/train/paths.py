@@ -16,8 +16,8 @@ piece ``_piece``):
   summed per device in a ``shard_map`` and reduced once after the loop; on CPU devices also for
   one microbatch (see :func:`reduce_once_pays`).
 
-Every path returns summed :class:`~meshpar.train.loss.Piece`\ s (numerators and weights), summed
-gradients and the model's new non-parameter state; the Trainer divides once.
+Every path returns summed pieces (:class:`~meshpar.train.loss.Piece`: numerators and weights),
+summed gradients and the model's new non-parameter state; the Trainer divides once.
 """
 
 from __future__ import annotations
