@@ -43,6 +43,9 @@ def parse_args(argv: Sequence[str] | None = None):
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--steps", type=int, default=3)
     p.add_argument("--hardware", default="cpu")
+    p.add_argument("--schedules", default="gpipe,circular",
+                   help="pipeline schedules to enumerate (',' separated; the recorded figures "
+                        "used gpipe,circular; add 1f1b,interleaved-1f1b for the 1F1B layouts)")
     return _common.parse_args(p, argv)
 
 
@@ -106,7 +109,8 @@ def run(args, log: Callable = print) -> dict:
     all_layouts, _ = enumerate_layouts(
         args.cpu_devices, batch_size=args.batch_size,
         dims=Dims(layers=cfg.layers, heads=cfg.heads, mlp_dim=cfg.mlp_dim),
-        devices_per_node=hw.devices_per_node, remats=("full", "none"), precisions=("fp32", "bf16"))
+        devices_per_node=hw.devices_per_node, remats=("full", "none"), precisions=("fp32", "bf16"),
+        schedules=args.schedules.split(","))
     chosen = pick_layouts(all_layouts, args.layouts)
     t0 = time.perf_counter()
     result = plan_gpt(cfg, batch_size=args.batch_size, seq_len=seq, hardware=hw,

@@ -30,6 +30,9 @@ def parse_args(argv: Sequence[str] | None = None):
     p.add_argument("--seq-len", type=int, default=64)
     p.add_argument("--sample", type=int, default=10)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--schedules", default="gpipe,circular",
+                   help="pipeline schedules to enumerate (',' separated; the recorded figures "
+                        "used gpipe,circular; add 1f1b,interleaved-1f1b for the 1F1B layouts)")
     return _common.parse_args(p, argv)
 
 
@@ -47,7 +50,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
     layouts, _ = enumerate_layouts(
         args.cpu_devices, batch_size=args.batch_size,
         dims=Dims(layers=cfg.layers, heads=cfg.heads, mlp_dim=cfg.mlp_dim),
-        devices_per_node=args.cpu_devices, remats=("full", "none"), precisions=("fp32", "bf16"))
+        devices_per_node=args.cpu_devices, remats=("full", "none"), precisions=("fp32", "bf16"),
+        schedules=args.schedules.split(","))
     sample = random.Random(args.seed).sample(layouts, min(args.sample, len(layouts)))
     result = plan_gpt(cfg, batch_size=args.batch_size, hardware="h100-sxm", layouts=sample,
                       compile_top=len(sample), memory_budget=float("inf"), progress=False)

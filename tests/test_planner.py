@@ -14,11 +14,14 @@ import pytest
 import meshpar as mp
 from helpers.zoo import ZOO
 from meshpar.cli import main as cli_main
-from meshpar.cli.args import build_parser, model_config
+from meshpar.cli.args import build_parser, mesh_and_strategy, model_config
 from meshpar.errors import PlanError, ProfileError
+from meshpar.inspect.costs import gpt_train_flops
 from meshpar.models import get_preset
+from meshpar.parallel.schedule import PipelineConfig, Schedule
 from meshpar.planner import Layout, enumerate_layouts, format_plan_result, load_profile, plan_gpt
 from meshpar.planner import hardware
+from meshpar.planner.cost import pipeline_permutes
 from meshpar.planner.layout import Dims
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -101,6 +104,100 @@ def test_enumeration_keeps_tensor_in_a_node_and_says_why_a_factorisation_is_out(
                  batch_size=4, devices=8, hardware="h100-sxm", progress=False)
 
 
+def test_enumeration_offers_the_1f1b_schedules_only_where_they_run_and_their_commands_parse():
+    layouts, rejected = enumerate_layouts(8, batch_size=48, dims=Dims(layers=8, heads=4),
+                                          pipe_microbatches=(2, 4, 6, 8))
+    piped = {(lay.pipe, lay.microbatches, lay.schedule, lay.repeats) for lay in layouts
+             if lay.pipe > 1}
+    S = Schedule
+    # Valid: 1F1B with M >= P, interleaved 1F1B with M a multiple of P and 8 layers in P x 2.
+    assert {(4, 4, S.ONE_F_ONE_B, 1), (4, 6, S.ONE_F_ONE_B, 1), (8, 8, S.ONE_F_ONE_B, 1),
+            (4, 4, S.INTERLEAVED_1F1B, 2), (4, 8, S.INTERLEAVED_1F1B, 2),
+            (2, 6, S.INTERLEAVED_1F1B, 2), (4, 2, S.GPIPE, 1)} <= piped
+    # Invalid: M < P for 1F1B, M = 6 not a multiple of P = 4, 8 layers not in 8 x 2 chunks.
+    assert not piped & {(4, 2, S.ONE_F_ONE_B, 1), (8, 4, S.ONE_F_ONE_B, 1),
+                        (4, 2, S.INTERLEAVED_1F1B, 2), (4, 6, S.INTERLEAVED_1F1B, 2),
+                        (8, 8, S.INTERLEAVED_1F1B, 2)}
+    for lay in layouts:
+        assert isinstance(lay.schedule, Schedule)
+        if lay.schedule.one_f_one_b:
+            assert lay.microbatches >= lay.pipe > 1
+        if lay.schedule is S.INTERLEAVED_1F1B:
+            assert lay.microbatches % lay.pipe == 0 and 8 % (lay.pipe * lay.repeats) == 0
+    text = "\n".join(rejected)
+    assert ("pipe=4,data=2,fsdp=1,tensor=1, M=6: interleaved-1f1b x2: schedule='interleaved-1f1b'"
+            " runs microbatches in groups of stages=4") in text
+    assert "pipe=4,data=2,fsdp=1,tensor=1, M=2: circular x2: " in text
+    assert "1f1b x1: schedule='1f1b' needs microbatches >= stages" in text
+    assert ("pipe=8,data=1,fsdp=1,tensor=1: circular x2, interleaved-1f1b x2 left out: layers=8"
+            in text)
+    # A Layout is one meshpar train runs: it refuses what the pipeline or the CLI would.
+    with pytest.raises(PlanError, match=r"pipe=4: .*'1f1b' needs microbatches >= stages"):
+        Layout(pipe=4, microbatches=2, schedule="1f1b")
+    with pytest.raises(PlanError, match="need a pipe axis of size > 1"):
+        Layout(data=8, schedule=S.ONE_F_ONE_B)
+    with pytest.raises(PlanError, match=r"Layout.schedule='zb-h1'; expected one of"):
+        Layout(pipe=2, microbatches=2, schedule="zb-h1")
+    # The command line parses back to the same pipeline, the CLI accepts it, and the Trainer
+    # code builds the same TrainConfig.
+    for want in ((4, 6, S.ONE_F_ONE_B, 1), (4, 8, S.INTERLEAVED_1F1B, 2)):
+        lay = next(x for x in layouts
+                   if (x.pipe, x.microbatches, x.schedule, x.repeats) == want)
+        args = build_parser().parse_args(
+            shlex.split(lay.command(["--preset", "tiny"], batch_size=48))[1:])
+        assert (args.mesh, args.schedule, args.repeats, args.microbatches, args.batch_size) == (
+            lay.mesh_text, want[2].value, want[3], want[1], 48)
+        mesh, _ = mesh_and_strategy(args)
+        assert dict(mesh.shape) == lay.mesh_shape
+        config = mp.TrainConfig(microbatches=args.microbatches, precision=args.precision,
+                                schedule=args.schedule, repeats=args.repeats)
+        assert config == lay.train_config()
+        code = lay.trainer_code()
+        assert eval(code.split("config=", 1)[1][:-1], {"mp": mp}) == config
+        assert lay.label.split()[-2] == (want[2].value if want[3] == 1
+                                         else f"{want[2].value}x{want[3]}")
+
+
+def test_1f1b_layouts_are_costed_with_their_extra_forward_bubble_and_permutes():
+    """Nothing compiled: the analytic costing of gpipe, 1f1b and interleaved-1f1b layouts."""
+    cfg = get_preset("tiny").replace(layers=4)
+    layouts = [Layout(pipe=2, data=4, microbatches=2, remat="full"),
+               Layout(pipe=2, data=4, microbatches=2, schedule="1f1b", remat="full"),
+               Layout(pipe=2, data=4, microbatches=2, schedule="interleaved-1f1b", repeats=2,
+                      remat="full")]
+    h100 = load_profile("h100-sxm")
+    result = plan_gpt(cfg, batch_size=16, devices=8, hardware=h100, layouts=layouts,
+                      compile_top=0, progress=False)
+    by = {c.layout: c for c in result.candidates}
+    assert set(by) == set(layouts)
+    piped = gpt_train_flops(cfg, batch_size=16, seq_len=32, pipelined=True)
+    stack = piped - gpt_train_flops(cfg, batch_size=16, seq_len=32)
+    for lay in layouts:
+        t = by[lay].time
+        # 1F1B runs the stack's forward once more, less the last chunk's forward tick.
+        extra = stack * (1 - 1 / (lay.pipe * lay.repeats)) if lay.schedule.one_f_one_b else 0
+        assert t.compute == pytest.approx((piped + extra) / 8 / h100.peak("fp32"))
+        f = PipelineConfig(stages=2, microbatches=2, schedule=lay.schedule,
+                           repeats=lay.repeats).bubble_fraction
+        assert 0 < f < 1 and t.bubble == pytest.approx(t.compute * f / (1 - f))
+        permutes = pipeline_permutes(stages=2, microbatches=2, schedule=lay.schedule,
+                                     repeats=lay.repeats, activation_bytes=4 * 32 * 64 * 4)
+        bandwidth, latency = h100.link(2)
+        assert t.comm_per_axis["pipe"] == pytest.approx(
+            permutes.traffic / bandwidth + permutes.executions * latency)
+    # 1F1B's backward loop: two permutes per tick, more than GPipe's autodiff loop.
+    assert by[layouts[1]].time.comm_per_axis["pipe"] > by[layouts[0]].time.comm_per_axis["pipe"]
+    rows = {r["schedule"]: r for r in json.loads(result.to_json())}
+    assert set(rows) == {"gpipe", "1f1b", "interleaved-1f1b"}
+    assert "--schedule interleaved-1f1b --repeats 2" in rows["interleaved-1f1b"]["command"]
+    assert type(by[layouts[1]].as_dict()["schedule"]) is str
+    # Devices that share their cores (emulated CPU devices): the bubble costs no time.
+    shared = dataclasses.replace(h100, shared_cores=True)
+    again = plan_gpt(cfg, batch_size=16, devices=8, hardware=shared, layouts=layouts[1:2],
+                     compile_top=0, progress=False)
+    assert again.candidates[0].time.bubble == 0
+
+
 def test_compiled_candidates_read_memory_analysis_and_the_prefilter_is_a_lower_bound():
     """Two layouts of the tiny GPT compiled from abstract state: the candidate's memory is the
     compiled program's, the formula never exceeds it (so the pre-filter never rejects a layout
@@ -120,6 +217,8 @@ def test_compiled_candidates_read_memory_analysis_and_the_prefilter_is_a_lower_b
         args = build_parser().parse_args(shlex.split(c.command)[1:])
         assert (args.mesh, args.zero, args.precision, args.remat, args.batch_size) == (
             c.layout.mesh_text, c.layout.zero_stage, c.layout.precision, c.layout.remat, 16)
+        assert (args.schedule, args.repeats, args.microbatches) == (
+            c.layout.schedule.value, c.layout.repeats, c.layout.microbatches)
         assert model_config(args).replace(remat="full") == get_preset("tiny")
     three_d = next(c for c in result.candidates if c.layout.tensor == 2)
     assert {"data", "fsdp", "tensor"} <= set(three_d.time.comm_per_axis)

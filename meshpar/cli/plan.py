@@ -82,5 +82,6 @@ def apply_auto_layout(args: argparse.Namespace) -> None:
           f" {best.memory / 2**20:.1f} MiB/device, {best.source}); equivalent to: {best.command}",
           flush=True)
     args.mesh, args.strategy, args.zero = lay.mesh_text, "auto", lay.zero_stage
-    args.microbatches, args.schedule, args.repeats = lay.microbatches, lay.schedule, lay.repeats
+    args.microbatches, args.repeats = lay.microbatches, lay.repeats
+    args.schedule = lay.schedule.value  # the string --schedule gives, not the enum
     args.remat, args.precision = lay.remat, lay.precision

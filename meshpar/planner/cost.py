@@ -19,9 +19,12 @@ For one layout on one :class:`~meshpar.planner.hardware.HardwareProfile`:
   the profile's fraction (1 on GPUs/TPUs with asynchronous collectives, 0 on emulated CPU devices,
   which run collectives on the cores that compute).
 * **bubble** = ``compute x f / (1 - f)`` with ``f`` the schedule's
-  :attr:`~meshpar.parallel.schedule.PipelineConfig.bubble_fraction``: every stage idles ``P - 1``
-  of its ``v M + P - 1`` iterations. On a profile with ``shared_cores`` (emulated CPU devices)
-  the bubble is 0: an idle stage's cores run the busy stages' work.
+  :attr:`~meshpar.parallel.schedule.PipelineConfig.bubble_fraction`: under GPipe and circular
+  every stage idles ``P - 1`` of its ``v M + P - 1`` iterations; under 1F1B and interleaved 1F1B
+  ``f`` is the idle share of the backward loop's ticks (:func:`~meshpar.parallel.schedule.
+  onef1b_table`), applied to the whole step (the forward-only loop before it idles ``P - 1`` of
+  ``v M + P - 1`` iterations, a smaller share at ``M >= P``). On a profile with ``shared_cores``
+  (emulated CPU devices) the bubble is 0: an idle stage's cores run the busy stages' work.
 
 The model is documented, not fitted: ``benchmarks/bench_plan.py`` measures how well it ranks.
 """
@@ -34,6 +37,7 @@ from collections.abc import Iterable, Mapping
 
 from meshpar.axes import DATA, FSDP, PIPE, TENSOR
 from meshpar.inspect import costs
+from meshpar.parallel.schedule import PipelineConfig, Schedule
 from meshpar.planner.hardware import HardwareProfile
 from meshpar.planner.layout import AXES
 
@@ -140,11 +144,15 @@ def measured_collectives(measured: Mapping) -> list[Collective]:
 def analytic_gpt_collectives(*, mesh_shape: Mapping[str, int], zero_stage: int,
                              param_bytes: float, layers: int, rows: int, seq_len: int,
                              d_model: int, remat: str, microbatches: int,
-                             pipelined: bool) -> list[Collective]:
+                             pipelined: bool, schedule: Schedule | str | None = None,
+                             repeats: int = 1) -> list[Collective]:
     """The GPT's collectives by formula (:mod:`meshpar.inspect.costs`), before compiling.
 
     ``param_bytes`` is the fp32 parameter bytes one device holds before ZeRO (split only by
-    ``tensor`` and ``pipe``); ``rows`` the per-device rows of the whole step.
+    ``tensor`` and ``pipe``); ``rows`` the per-device rows of the whole step. The pipeline's
+    permutes: with ``schedule`` (and ``repeats``), :func:`pipeline_permutes` (every iteration
+    and 1F1B tick); without, one permute per microbatch each way (no bubble iterations, no
+    repeats, no 1F1B loop: the estimate before the 1F1B schedules were planned).
     """
     n = dict(mesh_shape)
     out = []
@@ -165,5 +173,43 @@ def analytic_gpt_collectives(*, mesh_shape: Mapping[str, int], zero_stage: int,
             recompute_per_layer=1 if remat == "full" else 0), (5 * layers + 2) * microbatches))
     if n.get(PIPE, 1) > 1:
         act = rows * seq_len * d_model * 4
-        out.append(Collective("collective-permute", (PIPE,), 2.0 * act, 2 * microbatches))
+        if schedule is None:
+            out.append(Collective("collective-permute", (PIPE,), 2.0 * act, 2 * microbatches))
+        else:
+            out.append(pipeline_permutes(stages=n[PIPE], microbatches=microbatches,
+                                         schedule=schedule, repeats=repeats,
+                                         activation_bytes=act))
     return out
+
+
+def pipeline_permutes(*, stages: int, microbatches: int, schedule: Schedule | str = "gpipe",
+                      repeats: int = 1, activation_bytes: float) -> Collective:
+    """The pipeline's ``collective-permute`` over ``pipe`` in one step, by schedule.
+
+    Every iteration of a pipeline loop permutes one microbatch's stage activation
+    (``activation_bytes / microbatches``), bubble iterations included (the ``ppermute`` is
+    outside the ``lax.cond`` that skips their compute): GPipe and circular run ``v M + P - 1``
+    iterations forward and as many backward (autodiff of the loop); 1F1B and interleaved 1F1B
+    run the same forward loop, then a backward loop of
+    :attr:`~meshpar.parallel.schedule.PipelineConfig.ticks` ticks with two permutes each
+    (activations forward, gradients back).
+
+    Args:
+        stages, microbatches, schedule, repeats: the pipeline (as
+            :class:`~meshpar.parallel.schedule.PipelineConfig`).
+        activation_bytes: the stage activations of the whole step on one device (all its
+            microbatches), e.g. ``rows x seq x d_model x itemsize``.
+
+    Example:
+        >>> pipeline_permutes(stages=4, microbatches=4, activation_bytes=400.0)
+        Collective(kind='collective-permute', axes=('pipe',), traffic=1400.0, executions=14)
+        >>> pipeline_permutes(stages=4, microbatches=4, schedule="1f1b", activation_bytes=400.0)
+        Collective(kind='collective-permute', axes=('pipe',), traffic=3100.0, executions=31)
+    """
+    config = PipelineConfig(stages=stages, microbatches=microbatches, schedule=schedule,
+                            repeats=repeats)
+    forward = config.iterations
+    backward = 2 * config.ticks if config.schedule.one_f_one_b else config.iterations
+    count = forward + backward
+    return Collective("collective-permute", (PIPE,), count * activation_bytes / microbatches,
+                      count)

@@ -24,7 +24,7 @@ Device counts above what this process emulates (``plan_gpt``): the shortlist is 
 extrapolated per mesh axis; ``benchmarks/plan_extrapolation.py`` measures how far that is from
 full compiles.
 
-Length: about 560 lines, one concept (the search: prune, compile, rank, extrapolate); the
+Length: about 610 lines, one concept (the search: prune, compile, rank, extrapolate); the
 candidate and result types and their errors live with it.
 """
 
@@ -42,7 +42,7 @@ import numpy as np
 import optax
 from flax import nnx
 
-from meshpar.axes import DATA, FSDP
+from meshpar.axes import DATA, FSDP, PIPE
 from meshpar.errors import MeshparError, PlanError
 from meshpar.inspect.costs import (gpt_activation_bytes, gpt_train_flops, zero3_working_bytes,
                                    zero_state_bytes)
@@ -51,7 +51,7 @@ from meshpar.mesh import make_mesh
 from meshpar.models import GPT, GPTConfig, lm_loss
 from meshpar.parallel.schedule import PipelineConfig
 from meshpar.planner.cost import (Collective, StepTime, analytic_gpt_collectives,
-                                  measured_collectives, step_time)
+                                  measured_collectives, pipeline_permutes, step_time)
 from meshpar.planner.hardware import HardwareProfile, load_profile
 from meshpar.planner.layout import Dims, Layout, enumerate_layouts
 from meshpar.train import Trainer
@@ -100,6 +100,8 @@ class Candidate:
         return {
             "layout": self.layout.label, "mesh": self.layout.mesh_shape,
             **{f.name: getattr(self.layout, f.name) for f in dataclasses.fields(Layout)},
+            # The enum's value: a plain string in the dict as in the JSON.
+            "schedule": self.layout.schedule.value,
             "fits": self.fits, "memory_bytes": self.memory,
             "memory_analytic_bytes": self.memory_analytic,
             "memory_compiled_bytes": self.memory_compiled, "budget_bytes": self.budget,
@@ -181,6 +183,32 @@ class _Model:
     # layout, measured -> FLOPs per device from the compiled program
     compiled_flops: Callable[[Layout, dict], float]
     command: Callable[[Layout], str | None]
+
+
+def gpt_layout_flops(config: GPTConfig, layout: Layout, /, *, batch_size: int,
+                     seq_len: int) -> float:
+    """The GPT's training FLOPs of one step under ``layout``, over all devices, recompute
+    included (:func:`~meshpar.inspect.costs.gpt_train_flops`): the layer scan's remat, the
+    pipeline's stage remat and, under 1F1B and interleaved 1F1B, one more forward of the stack.
+    meshpar's 1F1B runs each chunk's forward three times (the forward loop, the forward tick,
+    inside the backward's ``jax.vjp``) where GPipe runs it twice; the last chunk skips its
+    forward tick, so the extra work is ``1 - 1/(P v)`` of one stack forward.
+
+    Example:
+        >>> cfg = get_preset("tiny").replace(remat="none", layers=4)
+        >>> gpipe = gpt_layout_flops(cfg, Layout(pipe=2, microbatches=2), batch_size=8, seq_len=32)
+        >>> onef1b = gpt_layout_flops(cfg, Layout(pipe=2, microbatches=2, schedule="1f1b"),
+        ...                           batch_size=8, seq_len=32)
+        >>> onef1b > gpipe
+        True
+    """
+    pipelined = layout.pipe > 1
+    flops = gpt_train_flops(config, batch_size=batch_size, seq_len=seq_len, pipelined=pipelined)
+    if pipelined and layout.schedule.one_f_one_b:
+        # pipelined=True adds exactly one forward of the layer stack to pipelined=False.
+        stack_forward = flops - gpt_train_flops(config, batch_size=batch_size, seq_len=seq_len)
+        flops += stack_forward * (1 - 1 / (layout.pipe * layout.repeats))
+    return flops
 
 
 def _bubble(layout: Layout) -> float:
@@ -292,8 +320,9 @@ def _search(model: _Model, layouts: Sequence[Layout], rejected: list[str], *, de
         if bar is not None:
             bar.update(1)
         # The placements depend on the mesh, the ZeRO stage and the stage layout only (not on
-        # the remat policy, the precision or the microbatches, which the enumeration checked).
-        key = (layout.mesh_text, layout.zero_stage, layout.schedule, layout.repeats)
+        # the remat policy, the precision or the microbatches, which the enumeration checked;
+        # nor on 1F1B, which keeps the gpipe and circular stage layouts).
+        key = (layout.mesh_text, layout.zero_stage, layout.schedule.interleaved, layout.repeats)
         if key not in plans:
             try:
                 mesh = make_mesh(layout.mesh_shape, devices=jax.devices()[:devices]) \
@@ -547,15 +576,33 @@ def plan_gpt(config: GPTConfig, /, *, batch_size: int, seq_len: int | None = Non
     def compiled_flops(layout, measured):
         # The GPT's FLOPs by formula: the pipelined program's dot count includes the bubble
         # iterations lax.cond skips (the bubble term counts them).
+        return gpt_layout_flops(cfg(layout), layout, batch_size=batch_size,
+                                seq_len=seq_len) / devices
+
+    def scheduled(layout, tplan, batch_rows):
+        # What `analytic` does not know of the 1F1B schedules yet, added here so that its memory
+        # formulas stay untouched: 1F1B's extra forward of the stack (gpt_layout_flops) and the
+        # pipeline permutes of the layout's schedule (every iteration and 1F1B tick,
+        # pipeline_permutes) in place of the one-per-microbatch estimate. Fold both into
+        # `analytic` (its gpt_train_flops call -> gpt_layout_flops; schedule=layout.schedule,
+        # repeats=layout.repeats to analytic_gpt_collectives) and drop this adapter.
+        act, colls, flops, useful = analytic(layout, tplan, batch_rows)
+        if layout.pipe == 1:
+            return act, colls, flops, useful
         c = cfg(layout)
-        return gpt_train_flops(c, batch_size=batch_size, seq_len=seq_len,
-                               pipelined=layout.pipe > 1) / devices
+        flops = gpt_layout_flops(c, layout, batch_size=batch_size, seq_len=seq_len) / devices
+        rows = batch_rows // (layout.data * layout.fsdp)
+        permutes = pipeline_permutes(stages=layout.pipe, microbatches=layout.microbatches,
+                                     schedule=layout.schedule, repeats=layout.repeats,
+                                     activation_bytes=rows * seq_len * c.d_model * 4)
+        colls = [permutes if x.axes == (PIPE,) else x for x in colls]
+        return act, colls, flops, useful
 
     def make(layout):
         c = cfg(layout)
         return lambda: GPT(c, rngs=nnx.Rngs(0))
 
-    model = _Model(make, lm_loss, batch, True, analytic, compiled_flops,
+    model = _Model(make, lm_loss, batch, True, scheduled, compiled_flops,
                    lambda layout: layout.command(model_args, batch_size=batch_size))
     return _search(model, layouts, rejected, devices=devices, hardware=hardware,
                    tx=optax.adamw(1e-3), budget=memory_budget or hardware.memory_bytes,
