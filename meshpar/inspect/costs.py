@@ -229,3 +229,163 @@ def zero3_working_bytes(layer_param_bytes: float, *, fsdp: int) -> float:
         1500.0
     """
     return 2 * (fsdp - 1) / fsdp * layer_param_bytes if fsdp > 1 else 0.0
+
+
+def gpt_layer_residual_bytes(config: Any, /, *, rows: int, seq_len: int, tensor: int = 1,
+                             itemsize: int = 4) -> float:
+    """Bytes autodiff saves for the backward pass of one GPT block (per device), as
+    ``jax.ad_checkpoint.saved_residuals`` lists them for :class:`meshpar.models.gpt.Block`.
+
+    ``itemsize`` is the compute dtype's (4 fp32, 2 bf16); LayerNorm statistics, the attention
+    scores and the softmax run in fp32 whatever it is. Per row, with ``T`` tokens, ``D`` width,
+    ``H K`` the heads and head width and ``M`` the MLP width (``H`` and ``M`` split by
+    ``tensor``):
+
+    * each of the 2 LayerNorms: ``x - mean``, the normalised ``x`` and its scaled copy in fp32
+      (``3 T D x 4``) and the result in the compute dtype (``T D x a``);
+    * attention: ``q``, ``k``, the scaled ``q`` and the heads' output (``4 T H K x a``); the
+      causal mask (1 byte), the masked scores and their ``exp`` in fp32 and the probabilities
+      in the compute dtype (``H T T x (1 + 8 + a)``);
+    * the tanh-GELU MLP: the hidden layer and the 5 intermediates of the GELU (``6 T M x a``);
+    * the stacked ``q k v`` weight (``3 D H K x a``, not per row).
+
+    Checked against ``saved_residuals`` of the ``small`` preset's block (fp32 and bf16: equal
+    to the byte, the ``[T, 1]`` statistics aside).
+
+    Example:
+        >>> gpt_layer_residual_bytes(get_preset("tiny"), rows=1, seq_len=32)
+        397312.0
+    """
+    t, d, a = seq_len, config.d_model, itemsize
+    h, k, m = config.heads / tensor, config.head_size, config.mlp_dim / tensor
+    per_row = (2 * (3 * t * d * 4 + t * d * a) + 4 * t * h * k * a + h * t * t * (9 + a)
+               + 6 * t * m * a)
+    return float(rows * per_row + 3 * d * h * k * a)
+
+
+def gpt_local_param_bytes(config: Any, /, *, tensor: int = 1, pipe: int = 1) -> float:
+    """fp32 bytes of the GPT parameters one device holds before ZeRO: the blocks' matmul
+    weights and ``b_in`` split by ``tensor``, the layers by ``pipe``, the token embedding by
+    ``tensor`` (vocab), the rest (positions, LayerNorms, ``b_out``) whole.
+
+    Example:
+        >>> gpt_local_param_bytes(get_preset("tiny")) == 4 * get_preset("tiny").param_count()
+        True
+    """
+    d = config.d_model
+    embed = config.vocab_size * d / tensor + config.seq_len * d + 2 * d
+    if not config.tie_embeddings:
+        embed += config.vocab_size * d / tensor
+    return 4.0 * embed + config.layers / pipe * _block_param_bytes(config, tensor)
+
+
+def _block_param_bytes(config: Any, tensor: int) -> float:
+    """fp32 bytes of one block's parameters on a device (matmul weights and ``b_in`` split by
+    ``tensor``; the LayerNorms and ``b_out`` whole)."""
+    d, h, k, m = config.d_model, config.heads, config.head_size, config.mlp_dim
+    return 4.0 * ((4 * d * h * k + 2 * d * m + m) / tensor + 5 * d)
+
+
+def gpt_step_memory_bytes(config: Any, /, *, rows: int, seq_len: int, grad_local: float,
+                          grad_kept: float, tensor: int = 1, pipe: int = 1, fsdp: int = 1,
+                          zero_stage: int = 0, microbatches: int = 1, schedule: str = "gpipe",
+                          repeats: int = 1, activation_slots: int | None = None,
+                          precision: str = "fp32") -> dict[str, float]:
+    """Per-device bytes a compiled GPT train step holds at its peak beyond the state
+    (parameters, the kept gradient ``grad_kept`` and the optimizer state) and the batch.
+
+    ``rows`` is the per-device rows of the whole step, ``grad_local`` the fp32 gradient one device
+    builds before any ZeRO reduction (:func:`gpt_local_param_bytes`), ``grad_kept`` what the
+    state keeps of it (sharded from ZeRO-2), ``activation_slots`` a pipeline's stage
+    activations per device (:attr:`meshpar.parallel.schedule.PipelineConfig.activation_slots`).
+    Each term is one mechanism of the compiled program (measured on the ``small`` preset, 8
+    emulated devices, ``memory_analysis``); the step's temporaries are the larger of two
+    phases, the backward pass and the gradient reduction + update:
+
+    * ``grads``: the whole local gradient, built before it is reduced (ZeRO-2/3 scatter it
+      after the backward pass: their compiled peak holds all of it);
+    * ``accumulator``: with microbatches, the sum of the earlier microbatches' gradients
+      beside the current one's;
+    * ``reduced``: the reduction's result, a new buffer beside its input (all-reduce: the whole
+      gradient; reduce-scatter: the shard) (``data=8``, 1 row: the peak is exactly 2 gradients);
+    * ``bf16_params``: the bf16 copy of the parameters the step computes with;
+    * ``saved``: what the backward pass needs of the forward: remat ``full`` each layer's input
+      ``[rows, T, D]``; remat ``none`` every layer's autodiff residuals
+      (:func:`gpt_layer_residual_bytes`) and a copy of the stacked weights the layer scan saves
+      with them; a pipeline one stage input per activation slot;
+    * ``working``: one layer's residuals, recomputed while its backward pass runs (remat full
+      and every pipeline stage), and the head: the fp32 logits ``[rows, T, V/t]``, their
+      log-softmax and their gradient;
+    * ``zero3``: ZeRO-3's gathered weights of the layer in use and its whole gradient.
+
+    Example:
+        >>> cfg = get_preset("small")
+        >>> gpt_step_memory_bytes(cfg, rows=4, seq_len=128, grad_local=13015040.0,
+        ...                       grad_kept=13015040.0)["total"] > 0
+        True
+    """
+    a = 2 if precision == "bf16" else 4
+    micro = rows // microbatches
+    t, d, v = seq_len, config.d_model, config.vocab_size
+    h, m = config.heads / tensor, config.mlp_dim / tensor
+    layers = config.layers // pipe
+    residuals = gpt_layer_residual_bytes(config, rows=micro, seq_len=t, tensor=tensor, itemsize=a)
+    carry = micro * t * d * a
+    block = _block_param_bytes(config, tensor)
+    # Weights the step computes with, in the compute dtype: the layer scan (remat none) and a
+    # pipeline stage's backward keep them among their residuals.
+    layer_weights = layers * block / 4 * a
+    zero3 = zero_stage >= 3 and fsdp > 1
+    out: dict[str, float] = {}
+    # ZeRO-3 reduce-scatters each layer's gradient inside the backward layer loop (fsdp=8: the
+    # 1-row peak is the shards plus one layer's gradient and weights); the others build the whole
+    # local gradient first (ZeRO-2: fsdp=8's peak equals ZeRO-1's).
+    out["grads"] = grad_local / fsdp if zero3 else grad_local
+    out["accumulator"] = out["grads"] if microbatches > 1 else 0.0
+    out["reduced"] = grad_local if zero_stage <= 1 or fsdp == 1 else grad_local / fsdp
+    out["bf16_params"] = grad_local / 2 / (fsdp if zero3 else 1) if a == 2 else 0.0
+    # Recompute and backward of one layer are one XLA loop body: GELU's 4 elementwise
+    # intermediates fuse into the backward's loops (not kept), while the cotangents of the widest tensors, the [T, M] hidden and the [H, T, T] scores, are live
+    # beside the rest (data=8, small, 4 and 8 rows: 5.9 MiB a row against this count's 6.0).
+    one_layer = residuals + micro * t * (4 * m + 4 * h * t - 4 * m * a)
+    # Remat none keeps every layer's residuals as the layer scan's outputs: fp32-sized even in
+    # bf16 (XLA:CPU normalises bf16 elementwise work to fp32; data=8, small, bf16: 6.1 MiB a
+    # layer and row, as fp32's 6.1), with the scan's copy of the stacked weights.
+    stored = gpt_layer_residual_bytes(config, rows=micro, seq_len=t, tensor=tensor, itemsize=4)
+    if pipe > 1:
+        # meshpar's pipeline rematerialises each stage iteration: its backward recomputes the
+        # stage's layers under their own remat policy (pipe=2, data=4, small, 1-8 rows a
+        # microbatch: one layer's residuals a row) and keeps the stage's weights; the loop keeps
+        # one stage input per activation slot (the stack's input and output are among them:
+        # counting them again overshot pipe=2 by their size); the head runs on the whole batch
+        # split over pipe (rows / pipe).
+        slots = activation_slots if activation_slots is not None else 2 * microbatches + pipe - 1
+        out["saved"] = slots * carry + layer_weights
+        out["working"] = layers * stored if config.remat == "none" else one_layer
+        head_rows = rows / pipe
+    elif config.remat == "none":
+        out["saved"] = layers * stored + layer_weights
+        out["working"] = 0.0
+        head_rows = micro
+    else:
+        out["saved"] = layers * carry
+        out["working"] = one_layer
+        head_rows = micro
+    # The fp32 logits [rows, T, V/t], their log-softmax and their gradient.
+    out["head"] = 3 * head_rows * t * v / tensor * 4.0
+    if zero3:
+        # The layer in use gathered and its whole gradient. The weights outside the stack,
+        # gathered once for the step, are not added: with them fsdp=8 (small) and the tiny
+        # preset's ZeRO-3 layouts came out further above memory_analysis (XLA overlaps them
+        # with buffers this count already has).
+        out["zero3"] = zero3_working_bytes(block, fsdp=fsdp)
+    else:
+        out["zero3"] = 0.0
+    backward = (out["grads"] + out["accumulator"] + out["bf16_params"] + out["saved"]
+                + out["working"] + out["head"] + out["zero3"])
+    # The update phase: the activations are gone, the bf16 copy too (data=8, 1 row, bf16: the
+    # peak is the 2 gradients, as in fp32).
+    update = out["grads"] + out["reduced"]
+    out["temp"] = max(backward, update)
+    out["total"] = out["temp"] - grad_kept
+    return out
