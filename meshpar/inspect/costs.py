@@ -180,44 +180,6 @@ def gpt_train_flops(config: Any, /, *, batch_size: int, seq_len: int,
     return 3 * forward + recomputes * layer_forward
 
 
-def gpt_activation_bytes(config: Any, /, *, rows: int, seq_len: int, tensor: int = 1,
-                         layers: int | None = None, in_flight: int = 1,
-                         act_itemsize: int = 4) -> dict[str, float]:
-    """A lower estimate of the activation bytes one device holds at the peak of a GPT step.
-
-    ``rows`` is the per-device rows of one microbatch, ``layers`` the layers this device runs
-    (``layers / pipe``), ``in_flight`` how many microbatches' saved activations a device holds at
-    once (a pipeline stage keeps every iteration's input), ``tensor`` the Megatron split of heads,
-    MLP and vocab. Counted, as the compiled programs hold them:
-
-    * ``saved``: what autodiff keeps for the backward pass. With ``remat="full"`` each layer's
-      input ``[rows, T, D]`` (fp32, the scan carry); without remat every layer's intermediates:
-      the ``[rows, T, D]`` tensors (input, 2 norms, Q, K, V, attention out, MLP out: 8) and the
-      ``[rows, H/t, T, T]`` scores and probabilities and the ``[rows, T, M/t]`` MLP hidden before
-      and after the activation (2 each). ``"dots"``-style policies keep the matmul outputs only:
-      counted as half of ``"none"``.
-    * ``working``: one layer's intermediates live while its backward runs (the ``"none"`` set of
-      one layer) and the logits ``[rows, T, V/t]`` with their softmax and gradient (3).
-
-    Example:
-        >>> gpt_activation_bytes(get_preset("tiny"), rows=2, seq_len=32)["total"]
-        360448.0
-    """
-    layers = config.layers if layers is None else layers
-    t, d, a = seq_len, config.d_model, act_itemsize
-    heads, mlp = config.heads / tensor, config.mlp_dim / tensor
-    per_layer = rows * (8 * t * d + 2 * heads * t * t + 2 * t * mlp) * a
-    carry = rows * t * d * 4.0
-    if config.remat == "full":
-        saved = layers * carry
-    elif config.remat == "none":
-        saved = layers * per_layer
-    else:
-        saved = layers * max(carry, per_layer / 2)
-    working = per_layer + 3 * rows * t * config.vocab_size / tensor * 4.0
-    return {"saved": saved * in_flight, "working": working, "total": saved * in_flight + working}
-
-
 def zero3_working_bytes(layer_param_bytes: float, *, fsdp: int) -> float:
     """What ZeRO-3 holds beyond its shards while a layer runs: that layer's gathered parameters
     and its whole gradient before the reduce-scatter, ``2 (N-1)/N x layer bytes`` (the shard a

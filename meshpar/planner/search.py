@@ -44,7 +44,7 @@ import numpy as np
 import optax
 from flax import nnx
 
-from meshpar.axes import DATA, FSDP, PIPE
+from meshpar.axes import DATA, FSDP
 from meshpar.errors import MeshparError, PlanError
 from meshpar.inspect.costs import (gpt_local_param_bytes, gpt_step_memory_bytes,
                                    gpt_train_flops, zero_state_bytes)
@@ -53,7 +53,7 @@ from meshpar.mesh import make_mesh
 from meshpar.models import GPT, GPTConfig, lm_loss
 from meshpar.parallel.schedule import PipelineConfig
 from meshpar.planner.cost import (Collective, StepTime, analytic_gpt_collectives,
-                                  measured_collectives, pipeline_permutes, step_time)
+                                  measured_collectives, step_time)
 from meshpar.planner.hardware import HardwareProfile, load_profile
 from meshpar.planner.layout import Dims, Layout, enumerate_layouts
 from meshpar.train import Trainer
@@ -566,9 +566,10 @@ def plan_gpt(config: GPTConfig, /, *, batch_size: int, seq_len: int | None = Non
             mesh_shape=layout.mesh_shape, zero_stage=layout.zero_stage,
             param_bytes=param_bytes / (layout.tensor * layout.pipe), layers=c.layers // layout.pipe,
             rows=rows, seq_len=seq_len, d_model=c.d_model, remat=c.remat,
-            microbatches=layout.microbatches, pipelined=layout.pipe > 1)
-        flops = gpt_train_flops(c, batch_size=batch_size, seq_len=seq_len,
-                                pipelined=layout.pipe > 1) / devices
+            microbatches=layout.microbatches, pipelined=layout.pipe > 1,
+            schedule=layout.schedule, repeats=layout.repeats)
+        # 1F1B's third forward of the stack included (gpt_layout_flops).
+        flops = gpt_layout_flops(c, layout, batch_size=batch_size, seq_len=seq_len) / devices
         useful = gpt_train_flops(c.replace(remat="none"), batch_size=batch_size, seq_len=seq_len)
         return act, colls, flops, useful
 
@@ -578,30 +579,11 @@ def plan_gpt(config: GPTConfig, /, *, batch_size: int, seq_len: int | None = Non
         return gpt_layout_flops(cfg(layout), layout, batch_size=batch_size,
                                 seq_len=seq_len) / devices
 
-    def scheduled(layout, tplan, batch_rows):
-        # What `analytic` does not know of the 1F1B schedules yet, added here so that its memory
-        # formulas stay untouched: 1F1B's extra forward of the stack (gpt_layout_flops) and the
-        # pipeline permutes of the layout's schedule (every iteration and 1F1B tick,
-        # pipeline_permutes) in place of the one-per-microbatch estimate. Fold both into
-        # `analytic` (its gpt_train_flops call -> gpt_layout_flops; schedule=layout.schedule,
-        # repeats=layout.repeats to analytic_gpt_collectives) and drop this adapter.
-        act, colls, flops, useful = analytic(layout, tplan, batch_rows)
-        if layout.pipe == 1:
-            return act, colls, flops, useful
-        c = cfg(layout)
-        flops = gpt_layout_flops(c, layout, batch_size=batch_size, seq_len=seq_len) / devices
-        rows = batch_rows // (layout.data * layout.fsdp)
-        permutes = pipeline_permutes(stages=layout.pipe, microbatches=layout.microbatches,
-                                     schedule=layout.schedule, repeats=layout.repeats,
-                                     activation_bytes=rows * seq_len * c.d_model * 4)
-        colls = [permutes if x.axes == (PIPE,) else x for x in colls]
-        return act, colls, flops, useful
-
     def make(layout):
         c = cfg(layout)
         return lambda: GPT(c, rngs=nnx.Rngs(0))
 
-    model = _Model(make, lm_loss, batch, True, scheduled, compiled_flops,
+    model = _Model(make, lm_loss, batch, True, analytic, compiled_flops,
                    lambda layout: layout.command(model_args, batch_size=batch_size))
     return _search(model, layouts, rejected, devices=devices, hardware=hardware,
                    tx=optax.adamw(1e-3), budget=memory_budget or hardware.memory_bytes,
