@@ -307,8 +307,9 @@ def gpt_step_memory_bytes(config: Any, /, *, rows: int, seq_len: int, grad_local
     out["reduced"] = grad_local if zero_stage <= 1 or fsdp == 1 else grad_local / fsdp
     out["bf16_params"] = grad_local / 2 / (fsdp if zero3 else 1) if a == 2 else 0.0
     # Recompute and backward of one layer are one XLA loop body: GELU's 4 elementwise
-    # intermediates fuse into the backward's loops (not kept), while the cotangents of the widest tensors, the [T, M] hidden and the [H, T, T] scores, are live
-    # beside the rest (data=8, small, 4 and 8 rows: 5.9 MiB a row against this count's 6.0).
+    # intermediates fuse into the backward's loops (not kept), while the cotangents of the
+    # widest tensors, the [T, M] hidden and the [H, T, T] scores, are live beside the rest
+    # (data=8, small, 4 and 8 rows: 5.9 MiB a row against this count's 6.0).
     one_layer = residuals + micro * t * (4 * m + 4 * h * t - 4 * m * a)
     # Remat none keeps every layer's residuals as the layer scan's outputs: fp32-sized even in
     # bf16 (XLA:CPU normalises bf16 elementwise work to fp32; data=8, small, bf16: 6.1 MiB a
