@@ -212,3 +212,28 @@ def test_coordinator_port_in_use_exits_2_naming_the_port():
     assert rc == 2, out[-4000:]
     assert re.search(rf"^meshpar launch: port {port} on 127\.0\.0\.1 is already in use", out, re.M), out
     assert "[p0]" not in out and "[p1]" not in out  # nothing was started
+
+
+# One DiLoCo replica group per process (issue 17): diloco is the mesh's outermost axis, so with
+# 2 processes x 4 devices each process holds one replica group (fsdp x tensor) and only the
+# outer step's reduction crosses processes.
+DILOCO = ["train", "--preset", "tiny", "--mesh", "diloco=2,fsdp=2,tensor=2", "--inner-steps", "2",
+          "--steps", "4", "--batch-size", "16", "--no-progress"]
+
+
+def test_diloco_with_one_replica_group_per_process_trains_like_one_process(tmp_path):
+    one, two = tmp_path / "one.jsonl", tmp_path / "two.jsonl"
+    rc, out1, s1 = meshpar(*DILOCO, "--metrics-file", str(one))
+    assert rc == 0, out1[-4000:]
+    rc, out2, s2 = launch("--processes", "2", "--cpu-devices-per-process", "4", "--", *DILOCO,
+                          "--metrics-file", str(two))
+    assert rc == 0, out2[-4000:]
+    rows1 = [json.loads(line) for line in open(one).read().splitlines()]
+    rows2 = [json.loads(line) for line in open(two).read().splitlines()]
+    assert [r["step"] for r in rows2] == list(range(4))
+    # Steps 2 and 3 start from the parameters of the first synchronisation (after step 1): the
+    # outer reduction over diloco, across the two processes, gave the one-process result.
+    np.testing.assert_allclose([r["loss"] for r in rows2], [r["loss"] for r in rows1], rtol=2e-5)
+    assert [r["diloco_bytes"] for r in rows2] == [r["diloco_bytes"] for r in rows1]
+    assert rows2[1]["diloco_bytes"] > 0 == rows2[0]["diloco_bytes"]
+    print(f"DiLoCo 1x8: {s1:.1f} s, 2x4: {s2:.1f} s")
