@@ -12,11 +12,16 @@ Three runs of ``meshpar train`` with the same model, seed, global batch and step
    from the last checkpoint with **3** processes and ``--mesh diloco=3,fsdp=2`` (the global batch
    must divide by 3 x 2: the default 48 does), and carries on to the end.
 
+With ``--warm-start N`` (and ``--skip-kill``), DiLoCo starts from the DP run's checkpoint of step
+N instead of from scratch, as the DiLoCo paper starts from a pretrained model, and both runs go
+on to ``--steps`` with the same learning-rate schedule.
+
 It prints the loss of each run (mean of the last 20 steps), the DiLoCo / DP ratio, the bytes sent
 over ``diloco`` per step next to DP's, and writes ``diloco_vs_dp.png`` with the curves (DP,
 DiLoCo, and the killed-and-restarted run). Figures and their reading: ``benchmarks/README.md``.
 
     python benchmarks/bench_diloco.py --out /tmp/diloco     # ~10 minutes on 2 busy cores
+    python benchmarks/bench_diloco.py --out /tmp/dw --skip-kill --warm-start 1000 --steps 2000
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -123,14 +129,33 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--kill-after", type=int, default=128,
                    help="kill one process once this step's checkpoint is complete (a multiple of H)")
     p.add_argument("--skip-kill", action="store_true", help="only the DP and DiLoCo runs")
+    p.add_argument("--warm-start", type=int, default=0, metavar="N",
+                   help="start DiLoCo from the DP run's checkpoint of step N (the DiLoCo paper "
+                        "starts from a pretrained model); 0: both from scratch")
     a = p.parse_args(argv)
+    if a.warm_start and not 0 < a.warm_start < a.steps:
+        p.error(f"--warm-start {a.warm_start} must be between 0 and --steps {a.steps}")
+    if a.warm_start and not a.skip_kill:
+        p.error("--warm-start needs --skip-kill (the kill-and-restart run starts from scratch)")
     os.makedirs(a.out, exist_ok=True)
     py = sys.executable
     runs = {}
+    warm = os.path.join(a.out, "warm")
+    shutil.rmtree(warm, ignore_errors=True)
     for name, mesh, extra in (
-        ("dp", "data=4,fsdp=2", []),
+        ("dp", "data=4,fsdp=2", ["--checkpoint-dir", warm, "--checkpoint-every",
+                                 str(a.warm_start)] if a.warm_start else []),
         ("diloco", "diloco=4,fsdp=2", _outer_args(a)),
     ):
+        if name == "diloco" and a.warm_start:
+            # The DP run's checkpoint of step N alone: DiLoCo resumes from it with the same
+            # --steps (the same learning-rate schedule), so both runs see the same tokens.
+            start = os.path.join(a.out, "warm_diloco")
+            shutil.rmtree(start, ignore_errors=True)
+            os.makedirs(start)
+            shutil.copytree(os.path.join(warm, str(a.warm_start)),
+                            os.path.join(start, str(a.warm_start)))
+            extra = [*extra, "--checkpoint-dir", start, "--resume"]
         path = os.path.join(a.out, f"{name}.jsonl")
         status = _run([py, "-m", "meshpar", "train", "--mesh", mesh, *_train_args(a), *extra,
                        "--metrics-file", path], os.path.join(a.out, f"{name}.log"))

@@ -284,6 +284,39 @@ def test_checkpoints_resume_mid_round_exactly_and_on_another_number_of_replicas(
         np.testing.assert_array_equal(got[key], value)
 
 
+def test_a_plain_checkpoint_starts_every_replica_and_h1_then_continues_like_data_parallel(tmp_path):
+    # A data-parallel warm-up, checkpointed after 2 steps, then continued two ways: by the plain
+    # Trainer, and by DiLoCo (H = 1, outer SGD 1, inner SGD: DP exactly) started from it.
+    ref = mp.Trainer(make_mlp, INNER_SGD, mlp_loss, mesh=mp.make_mesh(data=8), strategy="dp")
+    for s in range(2):
+        ref.step(mlp_batch(s))
+    with Checkpointer(tmp_path / "plain") as ck:
+        ck.save(2, ref.checkpoint_state(), meta={"step": 2})
+    at_checkpoint = _params(ref.model())
+    momentum = [np.asarray(x) for x in jax.tree.leaves(ref.state.opt_state)]
+    ref_losses = [ref.step(mlp_batch(s)).loss for s in (2, 3)]
+
+    d = DiLoCoTrainer(make_mlp, INNER_SGD, mlp_loss, diloco=H1_DP,
+                      mesh=mp.make_mesh(diloco=4, data=2))
+    with Checkpointer(tmp_path / "plain") as ck:
+        assert d.restore(ck)[0] == 2
+    assert d.step_count == 2
+    for r in range(d.replicas):
+        for key, value in _params(d.model(replica=r)).items():
+            np.testing.assert_array_equal(value, at_checkpoint[key])
+    for key, value in _params(d.model()).items():      # the shared parameters
+        np.testing.assert_array_equal(value, at_checkpoint[key])
+    for got, want in zip(jax.tree.leaves(d.state.inner.opt_state), momentum):
+        for r in range(d.replicas):
+            np.testing.assert_array_equal(got[r], want)
+    np.testing.assert_allclose([d.step(mlp_batch(s)).loss for s in (2, 3)], ref_losses, rtol=2e-6)
+    for key, value in _params(ref.model()).items():
+        np.testing.assert_allclose(_params(d.model())[key], value, rtol=1e-5, atol=1e-6)
+    # A DiLoCo state is not a plain one.
+    with pytest.raises(CheckpointError, match=r"a DiLoCo checkpoint state .*load_checkpoint_state"):
+        d.load_plain_checkpoint_state(jax.device_get(d.checkpoint_state()))
+
+
 # -- errors -------------------------------------------------------------------------------------
 
 

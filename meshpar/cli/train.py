@@ -406,7 +406,13 @@ def _open_checkpoints(args, trainer, cfg, mesh, strategy):
     saved_diloco = meta.get("diloco")
     if isinstance(trainer, DiLoCoTrainer):
         trainer.restore(checkpointer, step=step)
-        if saved_diloco and saved_diloco.get("replicas") != trainer.replicas and jax.process_index() == 0:
+        if jax.process_index() != 0:
+            pass
+        elif not saved_diloco:
+            print(f"note: the checkpoint is of a run without {DILOCO}: every replica starts from "
+                  "its parameters and optimizer state, the outer optimizer starts fresh",
+                  flush=True)
+        elif saved_diloco.get("replicas") != trainer.replicas:
             print(f"note: the checkpoint has {saved_diloco.get('replicas')} DiLoCo replicas, this "
                   f"run {trainer.replicas}: every replica restarts from the shared parameters of "
                   "the last synchronisation (work since then is dropped)", flush=True)

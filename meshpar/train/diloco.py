@@ -306,20 +306,8 @@ class DiLoCoTrainer:
                                for idx in self._fragments),
             outer_opt=outer_opt_shardings,
         )
-        r = self.replicas
-
-        def init(one):
-            leaves = jax.tree.leaves(one.params)
-            outer = tuple(fragment_params(leaves, f) for f in range(len(self._fragments)))
-            return DiLoCoState(
-                step=jnp.zeros((), jnp.int32),
-                inner=_distinct_streams(
-                    jax.tree.map(lambda x: jnp.broadcast_to(x, (r, *x.shape)), one), r),
-                outer_params=outer,
-                outer_opt=tuple(outer_tx.init(p) for p in outer),
-            )
-
-        self.state: DiLoCoState = jax.jit(init, out_shardings=self.state_shardings)(one)
+        self.state: DiLoCoState = jax.jit(self._start_from,
+                                          out_shardings=self.state_shardings)(one)
         # The inner Trainer keeps an abstract state only: its checkpoint conversion reads shapes.
         inner.state = jax.eval_shape(lambda s: s, one)
         del one
@@ -338,6 +326,19 @@ class DiLoCoTrainer:
         self._portable_jit = None
 
     # -- set-up helpers ------------------------------------------------------------------------
+
+    def _start_from(self, one: TrainState) -> DiLoCoState:
+        """Every replica a copy of ``one`` (their RNG streams made distinct), the shared
+        parameters ``one``'s, the outer optimizer fresh, the step ``one``'s."""
+        r, leaves = self.replicas, jax.tree.leaves(one.params)
+        outer = tuple({self._names[i]: leaves[i] for i in idx} for idx in self._fragments)
+        return DiLoCoState(
+            step=jnp.asarray(one.step, jnp.int32),
+            inner=_distinct_streams(
+                jax.tree.map(lambda x: jnp.broadcast_to(x, (r, *x.shape)), one), r),
+            outer_params=outer,
+            outer_opt=tuple(self.diloco.outer_optimizer.init(p) for p in outer),
+        )
 
     def _split(self, sizes: list[int]) -> list[list[int]]:
         """Parameter leaves in order, cut into F contiguous fragments of about equal bytes."""
@@ -689,8 +690,8 @@ class DiLoCoTrainer:
         if not (isinstance(portable, Mapping) and {"step", "inner", "outer"} <= set(portable)):
             raise CheckpointError(
                 "not a DiLoCo checkpoint state (expected the keys 'step', 'inner' and 'outer', "
-                "as DiLoCoTrainer.checkpoint_state writes them); a plain Trainer checkpoint "
-                "cannot start a DiLoCo run yet"
+                "as DiLoCoTrainer.checkpoint_state writes them); start from a plain Trainer "
+                "checkpoint with load_plain_checkpoint_state"
             )
         saved_r = int(jax.tree.leaves(portable["inner"]["step"])[0].shape[0])
         r = self.replicas
@@ -725,30 +726,73 @@ class DiLoCoTrainer:
         self.state = jax.jit(from_portable, out_shardings=self.state_shardings)(portable)
 
     def restore(self, checkpointer, *, step: int | None = None) -> tuple[int, dict[str, Any]]:
-        """Restore the latest (or ``step``'s) DiLoCo checkpoint, on any number of replicas.
+        """Restore the latest (or ``step``'s) checkpoint: a DiLoCo run's on any number of
+        replicas (:meth:`load_checkpoint_state`), or a plain Trainer run's, which every replica
+        then starts from (:meth:`load_plain_checkpoint_state`).
 
         Returns:
             ``(step, meta)``.
 
         Raises:
-            CheckpointError: the checkpoint is not of a DiLoCo run (its metadata has no
-                ``diloco`` entry), or does not match the model.
+            CheckpointError: the checkpoint's metadata names a malformed DiLoCo run, or the
+                checkpoint does not match the model.
 
         Example:
             >>> step, meta = trainer.restore(Checkpointer(directory))
         """
         step, meta = checkpointer.read_meta(step=step)
         info = meta.get("diloco")
+        if info is None:
+            state, meta = checkpointer.restore(self.plain_checkpoint_target(), step=step)
+            self.load_plain_checkpoint_state(state)
+            return step, meta
         if not isinstance(info, dict) or not is_int(info.get("replicas"), minimum=1):
             raise CheckpointError(
-                f"checkpoint step {step} in {checkpointer.directory} is not of a DiLoCo run (its "
-                "metadata has no 'diloco' entry); restore it with mp.Trainer, or start the "
-                "DiLoCo run from scratch"
+                f"checkpoint step {step} in {checkpointer.directory}: its 'diloco' metadata "
+                f"{info!r} does not name a replica count (an int >= 1)"
             )
         state, meta = checkpointer.restore(self.checkpoint_target(replicas=info["replicas"]),
                                            step=step)
         self.load_checkpoint_state(state)
         return step, meta
+
+    def plain_checkpoint_target(self) -> Any:
+        """Abstract arrays to restore a plain :class:`~meshpar.train.trainer.Trainer`
+        checkpoint of the same model onto (one replica's layout), for
+        :meth:`load_plain_checkpoint_state`.
+
+        Example:
+            >>> state, meta = checkpointer.restore(trainer.plain_checkpoint_target())
+        """
+        to_portable = jax.jit(self.inner._to_portable, in_shardings=(self._one_shardings,))
+        compiled = to_portable.lower(self.inner.state).compile()
+        shapes = jax.eval_shape(self.inner._to_portable, self.inner.state)
+        return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                            shapes, compiled.output_shardings)
+
+    def load_plain_checkpoint_state(self, portable: dict[str, Any]) -> None:
+        """Start DiLoCo from a plain Trainer checkpoint (say, a data-parallel warm-up, as the
+        DiLoCo paper starts from a pretrained model): every replica starts from its parameters,
+        model state and inner optimizer state (RNG streams made distinct per replica), the
+        shared parameters are its parameters, the outer optimizer starts fresh and the step
+        continues from the checkpoint's. The inverse of :meth:`plain_checkpoint_state`, up to
+        the outer optimizer state that a plain checkpoint does not have.
+
+        Raises:
+            CheckpointError: ``portable`` is a DiLoCo checkpoint state (use
+                :meth:`load_checkpoint_state`).
+
+        Example:
+            >>> state, _ = checkpointer.restore(trainer.plain_checkpoint_target())
+            >>> trainer.load_plain_checkpoint_state(state)
+        """
+        if isinstance(portable, Mapping) and {"inner", "outer"} <= set(portable):
+            raise CheckpointError(
+                "load_plain_checkpoint_state: this is a DiLoCo checkpoint state (keys 'inner' "
+                "and 'outer'); load it with load_checkpoint_state"
+            )
+        self.state = jax.jit(lambda p: self._start_from(self.inner._from_portable(p)),
+                             out_shardings=self.state_shardings)(portable)
 
     def plain_checkpoint_state(self) -> dict[str, Any]:
         """The state as a plain :class:`~meshpar.train.trainer.Trainer` checkpoint (the
