@@ -26,7 +26,7 @@ active, and kept when the model runs its stacks through :func:`meshpar.scan_laye
 (unusual user rules, a model that scans a stack itself) the step stays with GSPMD, which is
 correct but sends the all-reduce.
 
-Length: about 540 lines, one concept (the explicit ZeRO-2/3 collectives and when they apply); most
+Length: about 560 lines, one concept (the explicit ZeRO-2/3 collectives and when they apply); most
 of it the bf16-as-bits gathers and the per-dimension moves XLA:CPU needs (each with its reason).
 """
 

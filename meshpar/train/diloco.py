@@ -51,7 +51,7 @@ new replica starts from the shared parameters of each fragment's last synchronis
 replicas' mean inner optimizer state and replica 0's model state: the work done since the last
 synchronisation is dropped, which is what DiLoCo loses when a worker disappears.
 
-This module is about 750 lines: one concept (the DiLoCo trainer and its state); much of it is
+This module is about 820 lines: one concept (the DiLoCo trainer and its state); much of it is
 docstrings and the checkpoint and resize handling.
 """
 
