@@ -236,4 +236,11 @@ def test_diloco_with_one_replica_group_per_process_trains_like_one_process(tmp_p
     np.testing.assert_allclose([r["loss"] for r in rows2], [r["loss"] for r in rows1], rtol=2e-5)
     assert [r["diloco_bytes"] for r in rows2] == [r["diloco_bytes"] for r in rows1]
     assert rows2[1]["diloco_bytes"] > 0 == rows2[0]["diloco_bytes"]
-    print(f"DiLoCo 1x8: {s1:.1f} s, 2x4: {s2:.1f} s")
+    # Each process compiles the same programs: its inner step holds no collective over diloco.
+    rc, out3, s3 = launch("--processes", "2", "--cpu-devices-per-process", "4", "--", "inspect",
+                          "--preset", "tiny", "--mesh", "diloco=2,fsdp=2,tensor=2",
+                          "--inner-steps", "2", "--compiled")
+    assert rc == 0, out3[-4000:]
+    for process in (0, 1):
+        assert f"[p{process}]   collectives over diloco in the inner step: 0 (OK)" in out3, out3[-4000:]
+    print(f"DiLoCo 1x8: {s1:.1f} s, 2x4: {s2:.1f} s, inspect 2x4: {s3:.1f} s")
