@@ -154,11 +154,38 @@ CASES = [
     _case(4, "pipe=2,fsdp=2,tensor=2", "zero3", 4),                   # M = 2P
     _case(4, "pipe=2,fsdp=4", "zero1", 2),                            # M = P
     _case(8, "pipe=2,fsdp=4", "zero3", 2, "circular", 2),             # M = P
-    # 1F1B (meshpar.parallel.onef1b): the same math, the backward pass its own loop.
+    # 1F1B (meshpar.parallel.onef1b): the same math, the backward pass its own loop. Issue 16's
+    # proof asks for pipe in {2, 4} x M in {P, 2P, 4P} x each schedule x {alone, data, tensor,
+    # fsdp}. A covering design, not the full cross product (48 cases, ~15 s each): for each
+    # schedule and each pipe, every companion appears at least once and every M at least once.
+    # Global batch 16, so M = 4P = 16 at pipe = 4 leaves one row per microbatch and fits only
+    # where nothing else splits the batch (alone, tensor). "alone" is a mesh of pipe and nothing
+    # else, on the first P of the 8 devices (make_mesh(devices=...); see case_mesh).
+    #
+    #   schedule          pipe | alone      data              tensor            fsdp
+    #   1f1b                2  | M=4P (8)   M=P (2)           M=2P (4)          M=2P (4) zero1
+    #   1f1b                4  | M=4P (16)  M=2P (8)          M=P (4)           M=P (4) zero3
+    #   interleaved, v=2    2  | M=P (2)    M=4P (8) +tensor  M=4P (8) +data    M=2P (4) zero3
+    #   interleaved, v=2    4  | M=4P (16)  M=2P (8)          M=P (4)           M=P (4) zero1
+    #
+    # (1f1b and P = 2 / 4: 4 layers; interleaved v = 2 needs layers divisible by 2P: 4 at P = 2,
+    # 8 at P = 4. fsdp below ZeRO-3 runs manual in the stages like data, ZeRO-3 automatic: both
+    # appear at each pipe.)
     _case(4, "pipe=2,data=4", "dp", 2, "1f1b"),                       # M = P, data manual
-    _case(8, "pipe=2,data=2,tensor=2", "auto", 8, "interleaved-1f1b", 2),  # M = 4P, tensor
+    _case(4, "pipe=2", "dp", 8, "1f1b"),                              # alone, M = 4P
+    _case(4, "pipe=2,tensor=4", "tp", 4, "1f1b"),                     # tensor, M = 2P
+    _case(4, "pipe=2,fsdp=4", "zero1", 4, "1f1b"),                    # fsdp manual, M = 2P
     _case(4, "pipe=4,fsdp=2", "zero3", 4, "1f1b"),                    # P = 4, M = P, ZeRO-3
+    _case(4, "pipe=4", "dp", 16, "1f1b"),                             # alone, M = 4P
+    _case(4, "pipe=4,data=2", "dp", 8, "1f1b"),                       # data, M = 2P
+    _case(4, "pipe=4,tensor=2", "tp", 4, "1f1b"),                     # tensor, M = P
+    _case(8, "pipe=2,data=2,tensor=2", "auto", 8, "interleaved-1f1b", 2),  # M = 4P, tensor
+    _case(4, "pipe=2", "dp", 2, "interleaved-1f1b", 2),               # alone, M = P
+    _case(4, "pipe=2,fsdp=4", "zero3", 4, "interleaved-1f1b", 2),     # ZeRO-3, M = 2P
     _case(8, "pipe=4,data=2", "dp", 8, "interleaved-1f1b", 2),        # P = 4, M = 2P
+    _case(8, "pipe=4", "dp", 16, "interleaved-1f1b", 2),              # alone, M = 4P
+    _case(8, "pipe=4,tensor=2", "tp", 4, "interleaved-1f1b", 2),      # tensor, M = P
+    _case(8, "pipe=4,fsdp=2", "zero1", 4, "interleaved-1f1b", 2),     # fsdp manual, M = P
 ]
 
 
@@ -197,9 +224,16 @@ def reference(layers: int) -> Result:
 _TRAINERS: dict[Case, Trainer] = {}
 
 
+def case_mesh(case: Case):
+    """The case's mesh, on the first ``prod(sizes)`` devices: a ``pipe=2`` mesh (pipe alone)
+    runs on 2 of the 8 emulated devices, the others on all 8."""
+    sizes = dict(case.mesh)
+    return make_mesh(sizes, devices=jax.devices()[:math.prod(sizes.values())])
+
+
 @functools.cache
 def run_case(case: Case) -> Result:
-    result, trainer = train(gpt_factory(case.layers), mesh=make_mesh(dict(case.mesh)),
+    result, trainer = train(gpt_factory(case.layers), mesh=case_mesh(case),
                             strategy=case.strategy, config=case.config())
     _TRAINERS[case] = trainer
     return result
@@ -214,7 +248,7 @@ def trainer_of(case: Case) -> Trainer:
     """
     if case not in _TRAINERS:
         _TRAINERS[case] = Trainer(gpt_factory(case.layers), make_tx(), lm_loss,
-                                  mesh=make_mesh(dict(case.mesh)), strategy=case.strategy,
+                                  mesh=case_mesh(case), strategy=case.strategy,
                                   config=case.config())
     return _TRAINERS[case]
 

@@ -29,7 +29,9 @@ Structure: a ``jax.custom_vjp`` of the whole pipeline.
      forward is recomputed: only stage inputs are kept) applied to its output's gradient (the
      cotangent buffer, or the incoming ``dys[m]`` for the last chunk); the weight gradient is
      added to this stage's accumulator, the input gradient goes to the previous stage (or, for
-     chunk 0, into ``dxs[m]``).
+     chunk 0, into ``dxs[m]``). ``xs``, ``dys`` and ``dxs`` share one ``[M, mb, ...]`` buffer
+     per device: only stage 0 reads ``xs`` and writes ``dxs`` (``dxs[m]`` over ``xs[m]``, in the
+     tick that reads ``xs[m]`` for the last time), only stage ``P-1`` reads ``dys``.
   4. Two ``ppermute``s: activations one stage forward, gradients one stage back (a ring for the
      interleaved schedule, a line for 1f1b).
 
@@ -43,10 +45,11 @@ user's model (:func:`meshpar.parallel.stack.scan_layers`), with the embedding be
 head and loss after it; a loop that also ran the loss head per microbatch would need the model
 cut into three parts. A custom VJP keeps the model unchanged and any loss. The price: the stack's
 boundary values, its input ``xs``, its output and the output's gradient ``dys`` (``M`` activations
-each, the model's own batch, as on one device), are whole arrays, and each chunk's forward runs
-three times (the forward loop, its forward tick, and inside its backward's ``jax.vjp``; the last
-chunk skips the forward tick) where GPipe with ``remat`` runs it twice: about 25% more work for
-a stage whose backward costs two forwards. Keeping each forward tick's ``jax.vjp`` residuals in
+each, the model's own batch, as on one device), are whole arrays on every stage, and each
+chunk's forward runs three times (the forward loop, its forward tick, and inside its backward's
+``jax.vjp``; the last chunk skips the forward tick) where GPipe with ``remat`` runs it twice:
+about 25% more work for a stage whose backward costs two forwards. Keeping each forward tick's
+``jax.vjp`` residuals in
 the stash instead of its input would save the recomputation, at the price of a stash of
 residuals (a chunk's intermediates, and copies of its weights where they are residuals too).
 
@@ -58,13 +61,15 @@ checks it in ``memory_analysis``.
 
 What that buys against meshpar's GPipe, honestly: GPipe here already rematerialises each
 iteration, so it keeps one stage input per iteration (``(v+1) x |x|`` per microbatch with the
-output buffer), not every intermediate of every microbatch as textbook GPipe does. The custom
-VJP must keep the stack's input ``xs`` as a residual (``1 x |x|`` per microbatch) and the output
-(another), so per microbatch 1F1B saves ``v - 1`` activations (interleaved) or about none (1f1b,
-v = 1) of what grows with ``M``; what it makes flat is the pipeline's own state beyond those
-boundary values (measured: the stack's gradient with ``xs`` and ``dys`` given, 1F1B's
-temporaries identical at M = 8 and 32, GPipe's growing). A flat *step* needs the loss head inside
-the loop (a train-step-level loop), which this design does not do.
+ring buffer's cotangent), not every intermediate of every microbatch as textbook GPipe does.
+The custom VJP keeps the stack's input ``xs`` as a residual until its backward, whose loop then
+holds ``xs``, ``dys`` and ``dxs`` in one buffer: ``1 x |x|`` per microbatch inside the loop,
+against GPipe's 2 and circular's 3 (measured on a d = 256 GPT's whole step, ``pipe=4,data=2``:
++0.13 MB per microbatch from M = 8 to 32 against GPipe's +0.26; with three separate buffers it was
++0.39, more than GPipe, benchmarks/README.md "1F1B"; ``tests/test_onef1b.py``
+``test_stack_boundary_costs_one_activation_per_microbatch``). What stays ``M``-sized is that
+buffer and the model's own batch outside the stack (embedding, head, loss). A flat *step* needs
+the loss head inside the loop (a train-step-level loop), which this design does not do.
 
 Collectives: inside the loop only the two ``ppermute``s (plus what ``tensor`` parallelism puts
 inside a stage). The weights are cast to "varying" over the batch axes before the loop and their
@@ -124,6 +129,24 @@ def _backward(run_chunk: Callable, mesh: Mesh, config: PipelineConfig, param_spe
         # Sum sub-32-bit weight gradients in float32 across the M microbatches; round once.
         return jnp.float32 if jnp.dtype(dtype).itemsize < 4 else dtype
 
+    # One [M, mb, ...] buffer per device for the stack's input, its output gradient and its
+    # input gradient (`io` below), not three. Each device holds all three whole (they are
+    # replicated over the stages), but only stage 0 reads xs (chunk 0 is its own) and writes dxs,
+    # and only stage P-1 reads dys (the last chunk): so on stage P-1 the buffer starts as dys, on
+    # the others as xs, and stage 0 writes dxs[m] over xs[m] in the tick of chunk 0's backward of
+    # m, the last read of xs[m]. Three separate arrays were 3 x |x| per microbatch inside the
+    # loop, one more than GPipe's 2 (its stage inputs and the ring buffer's cotangent): the
+    # whole step's temporaries grew faster in M than GPipe's (benchmarks/README.md, "1F1B").
+    # The tables must agree (a chunk-0 input only on stage 0, a last-chunk cotangent only on
+    # stage P-1); P = 1 keeps dys apart, as stage 0 is both.
+    shared = n_stages > 1
+    if shared:
+        busy_f, busy_b = table.forward_mb >= 0, table.backward_mb >= 0
+        reads_xs = np.any(busy_f & (table.forward_slot < 0), axis=1) | np.any(
+            busy_b & (table.backward_slot < 0), axis=1)
+        reads_dys = np.any(busy_b & (table.backward_cot < 0), axis=1)
+        assert not reads_xs[1:].any() and not reads_dys[:-1].any(), (reads_xs, reads_dys)
+
     def local(params, xs, dys, hist):
         # hist: the state each chunk had before each microbatch ([(v,) M, c, ...]; None for
         # stateless layers), so that every rerun of a chunk sees what its forward pass saw.
@@ -131,6 +154,8 @@ def _backward(run_chunk: Callable, mesh: Mesh, config: PipelineConfig, param_spe
         params = cast_varying(params, manual, mesh)
         xs, dys = cast_varying((xs, dys), manual, mesh)
         stage = jax.lax.axis_index(axis)
+        # xs and dys are dead after this select: the loop carries one [M, mb, ...] buffer.
+        io = jnp.where(stage == n_stages - 1, dys, xs) if shared else xs
         fill = None if bubble_fill is None else jnp.asarray(bubble_fill, xs.dtype)
 
         def empty(n):
@@ -143,7 +168,6 @@ def _backward(run_chunk: Callable, mesh: Mesh, config: PipelineConfig, param_spe
         stash, cot = cast_varying((empty(table.stash_slots), empty(table.cot_slots)), manual, mesh)
         acc = cast_varying(jax.tree.map(lambda a: jnp.zeros(a.shape, acc_dtype(a.dtype)), params),
                            manual, mesh)
-        dxs = jnp.zeros_like(xs)
         msg = cast_varying(jnp.zeros_like(xs[0]), manual, mesh)
 
         def state_of(r, m):
@@ -166,24 +190,30 @@ def _backward(run_chunk: Callable, mesh: Mesh, config: PipelineConfig, param_spe
             return acc, idle_value(x)
 
         def tick(carry, col):
-            f_in, b_in, stash, cot, acc, dxs = carry
+            f_in, b_in, stash, cot, acc, io = carry
             fm, fr, fslot, bm, br, bslot, bcot, recv_f, recv_b = (c[stage] for c in col)
             stash = _write(stash, recv_f, f_in)
             cot = _write(cot, recv_b, b_in)
-            x = _read(stash, fslot, xs, fm)
-            y = jax.lax.cond(fm >= 0, forward, lambda p, r, m, x: idle_value(x), params,
-                             jnp.maximum(fr, 0), jnp.maximum(fm, 0), x)
-            xb = _read(stash, bslot, xs, bm)
-            dy = _read(cot, bcot, dys, bm)
+            xb = _read(stash, bslot, io, bm)
+            dy = _read(cot, bcot, io if shared else dys, bm)
             acc, dx = jax.lax.cond(bm >= 0, backward, skip_backward, acc, params,
                                    jnp.maximum(br, 0), jnp.maximum(bm, 0), xb, dy)
-            # Chunk 0 (read from xs) hands its input gradient out; the others send it back.
-            dxs = _write(dxs, jnp.where((bm >= 0) & (bslot < 0), bm, -1), dx)
+            # Chunk 0 (read from xs) hands its input gradient out, over xs[m] (read for the last
+            # time just above); the others send it back.
+            io = _write(io, jnp.where((bm >= 0) & (bslot < 0), bm, -1), dx)
+            # The forward reads io after that write (never the slot written: a chunk's forward
+            # of a microbatch precedes its backward), so every read of io is ordered before or
+            # after the in-place update. Read before it, unordered, made XLA copy the whole
+            # [M, mb, ...] buffer twice in every tick (two `copy`s in the loop body of the
+            # compiled step; the d = 256 GPT's temporaries were 0.13 MB higher at M = 8 and 32).
+            x = _read(stash, fslot, io, fm)
+            y = jax.lax.cond(fm >= 0, forward, lambda p, r, m, x: idle_value(x), params,
+                             jnp.maximum(fr, 0), jnp.maximum(fm, 0), x)
             f_out = jax.lax.ppermute(y, axis, fwd_perm)
             b_out = jax.lax.ppermute(dx, axis, bwd_perm)
-            return (f_out, b_out, stash, cot, acc, dxs), None
+            return (f_out, b_out, stash, cot, acc, io), None
 
-        carry = (msg, msg, stash, cot, acc, dxs)
+        carry = (msg, msg, stash, cot, acc, io)
         (_, _, _, _, acc, dxs), _ = jax.lax.scan(tick, carry, columns)
         # Once, after the loop: the weight gradient over the batch shards, the input gradient
         # (on stage 0 only) to every stage.
