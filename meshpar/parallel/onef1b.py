@@ -49,9 +49,9 @@ each, the model's own batch, as on one device), are whole arrays on every stage,
 chunk's forward runs three times (the forward loop, its forward tick, and inside its backward's
 ``jax.vjp``; the last chunk skips the forward tick) where GPipe with ``remat`` runs it twice:
 about 25% more work for a stage whose backward costs two forwards. Keeping each forward tick's
-``jax.vjp`` residuals in
-the stash instead of its input would save the recomputation, at the price of a stash of
-residuals (a chunk's intermediates, and copies of its weights where they are residuals too).
+``jax.vjp`` residuals in the stash instead of its input would save the recomputation, at the
+price of a stash of residuals (a chunk's intermediates, and copies of its weights where they are
+residuals too).
 
 Memory (per device, beyond those boundary values): the stash and cotangent buffer, ``S + C``
 activations of one microbatch (:attr:`~meshpar.parallel.schedule.PipelineConfig.activation_slots`;
@@ -145,7 +145,13 @@ def _backward(run_chunk: Callable, mesh: Mesh, config: PipelineConfig, param_spe
         reads_xs = np.any(busy_f & (table.forward_slot < 0), axis=1) | np.any(
             busy_b & (table.backward_slot < 0), axis=1)
         reads_dys = np.any(busy_b & (table.backward_cot < 0), axis=1)
-        assert not reads_xs[1:].any() and not reads_dys[:-1].any(), (reads_xs, reads_dys)
+        if reads_xs[1:].any() or reads_dys[:-1].any():
+            raise RuntimeError(
+                f"meshpar internal error: the {config.schedule.value} tables read the stack's "
+                f"input on stages {np.flatnonzero(reads_xs).tolist()} and its output gradient on "
+                f"stages {np.flatnonzero(reads_dys).tolist()}; the shared buffer needs stage 0 "
+                f"and stage {n_stages - 1} alone (please report this)"
+            )
 
     def local(params, xs, dys, hist):
         # hist: the state each chunk had before each microbatch ([(v,) M, c, ...]; None for
