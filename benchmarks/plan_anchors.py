@@ -98,6 +98,20 @@ MAXTEXT_GAPS = ("MaxText shards the batch over its tensor axis too (data_shardin
                 "so the batch is split 16 ways here, not 64; gated MLP as 1.5x mlp_dim; flash "
                 "attention not modelled; remat 'minimal' as meshpar's 'dots'")
 
+def _maxtext_anchor(scale: int, *, per_device_batch: int, published_mfu: float,
+                    published_note: str) -> Anchor:
+    """MaxText's ``global_parameter_scale`` ``scale`` on v5p-128 (64 chips), its published layout."""
+    return Anchor(
+        name=f"MaxText {scale}B, v5p-128 (64 chips)",
+        source=MAXTEXT_SOURCE.format(size=f"{scale}b", pdb=per_device_batch),
+        model=_maxtext(scale), devices=64, batch_size=per_device_batch * 64, seq_len=2048,
+        hardware="tpu-v5p",
+        layout=dict(fsdp=16, tensor=4, zero_stage=3, remat="dots", precision="bf16"),
+        published_mfu=published_mfu, published_note=published_note,
+        remats=("full", "dots", "none"), gaps=MAXTEXT_GAPS,
+    )
+
+
 ANCHORS = (
     Anchor(
         name="GPT-3 175B, Megatron-LM, 1024 x A100",
@@ -120,25 +134,11 @@ ANCHORS = (
               "microbatch size 1 (M = 96) assumed; Megatron's fp16 weights + fp32 master copy "
               "and its scatter/gather of pipeline sends are not meshpar's"),
     ),
-    Anchor(
-        name="MaxText 32B, v5p-128 (64 chips)",
-        source=MAXTEXT_SOURCE.format(size="32b", pdb=7),
-        model=_maxtext(32), devices=64, batch_size=7 * 64, seq_len=2048, hardware="tpu-v5p",
-        layout=dict(fsdp=16, tensor=4, zero_stage=3, remat="dots", precision="bf16"),
-        published_mfu=0.6776,
-        published_note=("67.76% in the README's table (MaxText/configs/v5p/README.md gives "
-                        "71.47% for 1x v5p-128)"),
-        remats=("full", "dots", "none"), gaps=MAXTEXT_GAPS,
-    ),
-    Anchor(
-        name="MaxText 64B, v5p-128 (64 chips)",
-        source=MAXTEXT_SOURCE.format(size="64b", pdb=3),
-        model=_maxtext(64), devices=64, batch_size=3 * 64, seq_len=2048, hardware="tpu-v5p",
-        layout=dict(fsdp=16, tensor=4, zero_stage=3, remat="dots", precision="bf16"),
-        published_mfu=0.7031,
-        published_note="70.31% in the README's table and in MaxText/configs/v5p/README.md",
-        remats=("full", "dots", "none"), gaps=MAXTEXT_GAPS,
-    ),
+    _maxtext_anchor(32, per_device_batch=7, published_mfu=0.6776,
+                    published_note=("67.76% in the README's table (MaxText/configs/v5p/README.md "
+                                    "gives 71.47% for 1x v5p-128)")),
+    _maxtext_anchor(64, per_device_batch=3, published_mfu=0.7031,
+                    published_note="70.31% in the README's table and in MaxText/configs/v5p/README.md"),
 )
 
 
