@@ -100,7 +100,8 @@ MAXTEXT_GAPS = ("MaxText shards the batch over its tensor axis too (data_shardin
 
 def _maxtext_anchor(scale: int, *, per_device_batch: int, published_mfu: float,
                     published_note: str) -> Anchor:
-    """MaxText's ``global_parameter_scale`` ``scale`` on v5p-128 (64 chips), its published layout."""
+    """MaxText's ``global_parameter_scale`` ``scale`` on v5p-128 (64 chips) in its published
+    layout."""
     return Anchor(
         name=f"MaxText {scale}B, v5p-128 (64 chips)",
         source=MAXTEXT_SOURCE.format(size=f"{scale}b", pdb=per_device_batch),
@@ -138,7 +139,8 @@ ANCHORS = (
                     published_note=("67.76% in the README's table (MaxText/configs/v5p/README.md "
                                     "gives 71.47% for 1x v5p-128)")),
     _maxtext_anchor(64, per_device_batch=3, published_mfu=0.7031,
-                    published_note="70.31% in the README's table and in MaxText/configs/v5p/README.md"),
+                    published_note=("70.31% in the README's table and in "
+                                    "MaxText/configs/v5p/README.md")),
 )
 
 
