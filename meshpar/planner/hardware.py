@@ -288,15 +288,15 @@ def _fit_matmul(rows: list[tuple[float, float, float]]) -> tuple[float, float]:
 
 
 def calibrate_cpu(*, matmul: int = 512, collective_mib: float = 8.0, stream_mib: float = 16.0,
-                  chain: int = 16, reps: int = 5) -> HardwareProfile:
+                  chain: int = 16, reps: int = 7) -> HardwareProfile:
     """Measure this process's devices: the matmul roofline, memory and collective bandwidth,
     the cost of one collective.
 
     The emulated CPU devices share the host's cores, so every figure is per device *when every
     device works at once* (each program below runs on all of them, split over a leading axis):
 
-    * **matmuls**: a ``matmul^3`` one and three narrow ones (a dimension of ``matmul/16``,
-      ``matmul/8``, ``matmul/4``), fp32, fitted as ``flops / peak + bytes / matmul_bandwidth``
+    * **matmuls**: a ``matmul^3`` one and five narrow ones (one or two dimensions of
+      ``matmul/16`` to ``matmul/4``, as per-device shards of a model are), fp32, fitted as ``flops / peak + bytes / matmul_bandwidth``
       (operand and result bytes; :meth:`HardwareProfile.compute_seconds`); the bf16 peak (bf16
       operands, fp32 result, the form the built-in GPT's dots take: XLA:CPU upcasts a bf16 ->
       bf16 dot whole): the fp32 peak times the ratio of the two ``matmul^3`` times.
@@ -331,18 +331,18 @@ def calibrate_cpu(*, matmul: int = 512, collective_mib: float = 8.0, stream_mib:
         return 2.0 * m * k * c, 4.0 * (m * k + k * c + m * c), lambda: f(a, b)
 
     s = matmul
-    cases = [matmul_case(*shape, dtype) for shape, dtype in (
-        ((s, s, s), jnp.float32), ((2 * s, max(s // 16, 1), s), jnp.float32),
-        ((s, max(s // 8, 1), s), jnp.float32), ((max(s // 4, 1), s, max(s // 4, 1)), jnp.float32),
-        ((s, s, s), jnp.bfloat16))]
+    narrow = [(2 * s, max(s // 16, 1), s), (s, max(s // 8, 1), s), (max(s // 8, 1), s, s),
+              (s, s, max(s // 8, 1)), (max(s // 4, 1), s, max(s // 4, 1))]
+    cases = [matmul_case(*shape, jnp.float32) for shape in [(s, s, s), *narrow]]
+    cases.append(matmul_case(s, s, s, jnp.bfloat16))
     # Round robin, the best of each: a change of the machine's load during the calibration
     # touches every shape alike instead of skewing the fit.
     best = _best_times([fn for _, _, fn in cases], reps)
     rows = [(f, b, t) for (f, b, _), t in zip(cases, best)]
-    inv_peak, inv_bandwidth = _fit_matmul(rows[:4])
+    inv_peak, inv_bandwidth = _fit_matmul(rows[:-1])
     # bf16: the fp32 peak scaled by the two matmul^3 times (same shape, same bytes as counted):
     # steadier than subtracting the bytes term from one time.
-    peaks = {"fp32": 1 / inv_peak, "bf16": rows[0][2] / rows[4][2] / inv_peak}
+    peaks = {"fp32": 1 / inv_peak, "bf16": rows[0][2] / rows[-1][2] / inv_peak}
 
     stream = int(stream_mib * 2**20 / 4)
     x = jax.jit(lambda: jnp.ones((n, stream), jnp.float32), out_shardings=split)()
