@@ -226,6 +226,11 @@ def test_cpu_time_model_charges_narrow_matmuls_memory_traffic_and_every_collecti
         assert efficiency(small, 512, 512) < efficiency(big, 512, 512)
         assert efficiency(512, small, 512) < efficiency(512, big, 512)
     assert cpu.compute_seconds(0.0, "fp32", memory_bytes=3e9) == pytest.approx(2.0)
+    # The calibration's fit recovers the two rates from times that follow the model.
+    shapes = [(512, 512, 512), (1024, 32, 512), (512, 64, 512), (64, 512, 512), (128, 512, 128)]
+    rows = [(2.0 * m * k * n, 4.0 * (m * k + k * n + m * n)) for m, k, n in shapes]
+    inv_peak, inv_bandwidth = hardware._fit_matmul([(f, b, f / 20e9 + b / 1.2e9) for f, b in rows])
+    assert (1 / inv_peak, 1 / inv_bandwidth) == (pytest.approx(20e9), pytest.approx(1.2e9))
     # Accelerator profiles: the bytes change nothing.
     assert h100.compute_seconds(1e12, "bf16", matmul_bytes=1e12, memory_bytes=1e12) == \
         pytest.approx(1e12 / 989e12)

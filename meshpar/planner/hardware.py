@@ -31,6 +31,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.sharding import AxisType, NamedSharding, PartitionSpec
 
 from meshpar.errors import ProfileError
@@ -274,17 +275,21 @@ def _best_times(fns: list, reps: int) -> list[float]:
 
 
 def _fit_matmul(rows: list[tuple[float, float, float]]) -> tuple[float, float]:
-    """``(1/peak, 1/bandwidth)`` >= 0 minimising the relative error of ``flops/peak +
-    bytes/bandwidth`` over ``(flops, bytes, seconds)`` rows."""
-    import numpy as np
+    """``(1/peak, 1/bandwidth)`` minimising the relative error of ``flops/peak +
+    bytes/bandwidth`` over ``(flops, bytes, seconds)`` rows, the first a square matmul.
 
+    Should noise make a coefficient non-positive, the square matmul is taken as compute-bound
+    (its rate is the peak) and the bandwidth is fitted to what that leaves of the others.
+    """
     a = np.array([[f / t, b / t] for f, b, t in rows])
     x, *_ = np.linalg.lstsq(a, np.ones(len(rows)), rcond=None)
-    if x[0] <= 0 or x[1] <= 0:  # a bound hit: fit the other term alone
-        one = [float(np.sum(a[:, j]) / np.sum(a[:, j] ** 2)) for j in (0, 1)]
-        err = [float(np.sum((a[:, j] * one[j] - 1) ** 2)) for j in (0, 1)]
-        x = np.array([one[0], 0.0]) if err[0] <= err[1] else np.array([0.0, one[1]])
-    return max(float(x[0]), 1e-15), max(float(x[1]), 1e-15)
+    if x[0] > 0 and x[1] > 0:
+        return float(x[0]), float(x[1])
+    inv_peak = rows[0][2] / rows[0][0]
+    left = np.array([max(t - f * inv_peak, 0.0) / t for f, _, t in rows[1:]])
+    per_byte = a[1:, 1]
+    inv_bandwidth = float(np.sum(left * per_byte) / np.sum(per_byte**2))
+    return inv_peak, max(inv_bandwidth, 1e-15)
 
 
 def calibrate_cpu(*, matmul: int = 512, collective_mib: float = 8.0, stream_mib: float = 16.0,
