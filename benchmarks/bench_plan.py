@@ -9,12 +9,14 @@ this machine, cached), it
 2. builds each layout's ``Trainer`` for real, runs ``--warmup`` then ``--steps`` steps and takes
    the median wall time (and the median CPU time of this process, which other processes on a
    shared machine stretch less),
-3. prints the table, the Spearman rank correlation of predicted against measured (wall and CPU
+3. prints the table (predicted compute and communication, measured wall and CPU time), the
+   Spearman rank correlation of predicted against measured (wall and CPU
    time) and whether the top pick is within 10% of the measured best.
 
 The layouts: a spread over the planner's own enumeration (every mesh factorisation with remat
 ``full`` in fp32, then other remat/precision/microbatch/ZeRO variants) until ``--layouts``.
-Run ``python benchmarks/bench_plan.py --help``. The issue's figure wants >= 12 layouts of the
+``--recalibrate`` measures the ``cpu`` profile first (a quiet machine gives steadier figures
+than a cache measured under load). Run ``python benchmarks/bench_plan.py --help``. The issue's figure wants >= 12 layouts of the
 ``20m`` preset on a quiet machine; ``--preset tiny --layouts 6`` is a cheap smoke run.
 """
 
@@ -43,6 +45,9 @@ def parse_args(argv: Sequence[str] | None = None):
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--steps", type=int, default=3)
     p.add_argument("--hardware", default="cpu")
+    p.add_argument("--recalibrate", action="store_true",
+                   help="measure the cpu profile again first (on the machine as it is now) "
+                        "instead of reading the cache")
     p.add_argument("--schedules", default="gpipe,circular",
                    help="pipeline schedules to enumerate (',' separated; the recorded figures "
                         "used gpipe,circular; add 1f1b,interleaved-1f1b for the 1F1B layouts)")
@@ -105,7 +110,11 @@ def run(args, log: Callable = print) -> dict:
         cfg = cfg.replace(layers=args.layers)
     seq = args.seq_len or cfg.seq_len
     cfg = cfg.replace(seq_len=seq)
-    hw = load_profile(args.hardware)
+    hw = load_profile(args.hardware, recalibrate=args.recalibrate and args.hardware == "cpu")
+    log(f"profile {hw.name}: peak {hw.peak_flops['fp32'] / 1e9:.1f} GFLOP/s fp32, matmul "
+        f"{(hw.matmul_bandwidth or 0) / 1e9:.2f} GB/s, memory {hw.hbm_bandwidth / 1e9:.2f} GB/s, "
+        f"collectives {hw.intra_bandwidth / 1e9:.2f} GB/s + {hw.intra_latency * 1e6:.0f} us "
+        f"each ({hw.source})")
     all_layouts, _ = enumerate_layouts(
         args.cpu_devices, batch_size=args.batch_size,
         dims=Dims(layers=cfg.layers, heads=cfg.heads, mlp_dim=cfg.mlp_dim),
@@ -137,11 +146,14 @@ def run(args, log: Callable = print) -> dict:
             if i >= args.warmup:
                 walls.append(time.perf_counter() - w)
                 cpus.append(time.process_time() - p)
-        row = {"layout": lay.label, "predicted_s": c.time.step, "measured_wall_s":
+        row = {"layout": lay.label, "predicted_s": c.time.step,
+               "predicted_compute_s": c.time.compute, "predicted_comm_s": c.time.exposed,
+               "measured_wall_s":
                statistics.median(walls), "measured_cpu_s": statistics.median(cpus),
                "memory_bytes": c.memory, "memory_analytic_bytes": c.memory_analytic}
         rows.append(row)
-        log(f"  {lay.label:44s} predicted {row['predicted_s'] * 1e3:8.1f} ms  measured "
+        log(f"  {lay.label:44s} predicted {row['predicted_s'] * 1e3:8.1f} ms (compute "
+            f"{c.time.compute * 1e3:.0f} + comm {c.time.exposed * 1e3:.0f})  measured "
             f"{row['measured_wall_s'] * 1e3:8.1f} ms wall {row['measured_cpu_s'] * 1e3:8.1f} ms cpu")
         del trainer
     pred = [r["predicted_s"] for r in rows]
@@ -153,8 +165,7 @@ def run(args, log: Callable = print) -> dict:
                         "top_pick_over_best": meas[top] / min(meas) - 1,
                         "top_pick": rows[top]["layout"],
                         "measured_best": rows[int(np.argmin(meas))]["layout"]}
-    report["meta"] = bench.meta(plan_s=plan_s, hardware=hw.name,
-                                peak_flops=hw.peak_flops, intra_bandwidth=hw.intra_bandwidth)
+    report["meta"] = bench.meta(plan_s=plan_s, hardware=hw.name, profile=hw.to_toml())
     return report
 
 

@@ -9,6 +9,8 @@ import json
 import pathlib
 import shlex
 
+import jax
+import jax.numpy as jnp
 import pytest
 
 import meshpar as mp
@@ -16,12 +18,13 @@ from helpers.zoo import ZOO
 from meshpar.cli import main as cli_main
 from meshpar.cli.args import build_parser, mesh_and_strategy, model_config
 from meshpar.errors import PlanError, ProfileError
+from meshpar.inspect import hlo
 from meshpar.inspect.costs import gpt_train_flops
 from meshpar.models import get_preset
 from meshpar.parallel.schedule import PipelineConfig, Schedule
 from meshpar.planner import Layout, enumerate_layouts, format_plan_result, load_profile, plan_gpt
 from meshpar.planner import hardware
-from meshpar.planner.cost import pipeline_permutes
+from meshpar.planner.cost import Collective, pipeline_permutes, step_time
 from meshpar.planner.layout import Dims
 from meshpar.planner.search import PREFILTER_SLACK
 
@@ -79,8 +82,11 @@ def test_cpu_profile_is_calibrated_once_then_read_from_the_cache(tmp_path, monke
     monkeypatch.setattr(hardware, "calibrate_cpu",
                         lambda: calls.append(1) or real(matmul=128, collective_mib=1, reps=2))
     first = load_profile("cpu")
-    assert (tmp_path / "hardware" / "cpu-8-v2.toml").is_file() and calls == [1]
+    assert (tmp_path / "hardware" / "cpu-8-v3.toml").is_file() and calls == [1]
     assert first.peak_flops["fp32"] > 1e8 and first.intra_bandwidth > 1e6 and first.overlap == 0
+    # The memory-bound rates are measured (v3), not the placeholder of v2 (hbm 10 GB/s).
+    assert first.matmul_bandwidth > 1e6 and first.hbm_bandwidth > 1e6
+    assert first.hbm_bandwidth != 1e10 and first.intra_latency < 0.1
     assert first.shared_cores  # emulated devices: a pipeline bubble lends its cores to the rest
     assert load_profile("cpu") == first and calls == [1]  # the cache, not a second calibration
     load_profile("cpu", recalibrate=True)
@@ -197,6 +203,71 @@ def test_1f1b_layouts_are_costed_with_their_extra_forward_bubble_and_permutes():
     again = plan_gpt(cfg, batch_size=16, devices=8, hardware=shared, layouts=layouts[1:2],
                      compile_top=0, progress=False)
     assert again.candidates[0].time.bubble == 0
+
+
+def test_cpu_time_model_charges_narrow_matmuls_memory_traffic_and_every_collective():
+    """No timing: the memory-bound terms of a profile with ``matmul_bandwidth`` (the calibrated
+    cpu profile's form), against the accelerator profiles, which keep FLOPs over the peak."""
+    h100 = load_profile("h100-sxm")
+    cpu = dataclasses.replace(
+        h100, name="cpu-like", peak_flops={"fp32": 20e9, "bf16": 60e9}, hbm_bandwidth=1.5e9,
+        matmul_bandwidth=1.2e9, intra_bandwidth=1e9, inter_bandwidth=1e9, intra_latency=1e-4,
+        inter_latency=1e-4, overlap=0.0, shared_cores=True)
+
+    def efficiency(m, k, n):
+        flops, nbytes = 2.0 * m * k * n, 4.0 * (m * k + k * n + m * n)
+        return flops / cpu.peak("fp32") / cpu.compute_seconds(flops, "fp32", matmul_bytes=nbytes)
+
+    # The curve: near the peak for big matmuls, far below it for narrow per-device ones, and
+    # monotone in each dimension.
+    assert efficiency(2048, 2048, 2048) > 0.9 > efficiency(512, 512, 512)
+    assert efficiency(512, 512, 512) > efficiency(512, 64, 512) > efficiency(1024, 32, 512) < 0.5
+    for small, big in ((64, 128), (128, 512), (512, 2048)):
+        assert efficiency(small, 512, 512) < efficiency(big, 512, 512)
+        assert efficiency(512, small, 512) < efficiency(512, big, 512)
+    assert cpu.compute_seconds(0.0, "fp32", memory_bytes=3e9) == pytest.approx(2.0)
+    # The calibration's fit recovers the two rates from times that follow the model.
+    shapes = [(512, 512, 512), (1024, 32, 512), (512, 64, 512), (64, 512, 512), (128, 512, 128)]
+    rows = [(2.0 * m * k * n, 4.0 * (m * k + k * n + m * n)) for m, k, n in shapes]
+    inv_peak, inv_bandwidth = hardware._fit_matmul([(f, b, f / 20e9 + b / 1.2e9) for f, b in rows])
+    assert (1 / inv_peak, 1 / inv_bandwidth) == (pytest.approx(20e9), pytest.approx(1.2e9))
+    # Accelerator profiles: the bytes change nothing.
+    assert h100.compute_seconds(1e12, "bf16", matmul_bytes=1e12, memory_bytes=1e12) == \
+        pytest.approx(1e12 / 989e12)
+    # The profile's TOML carries the key (and a file without it has none).
+    assert hardware.parse_profile(cpu.to_toml()).matmul_bandwidth == pytest.approx(1.2e9)
+    assert h100.matmul_bandwidth is None and "matmul_gb_s" not in h100.to_toml()
+
+    def step(collectives, **bytes_):
+        return step_time(flops_per_device=1e9, collectives=collectives,
+                         mesh_shape={"fsdp": 4, "tensor": 2}, hardware=cpu, precision="fp32",
+                         **bytes_)
+
+    # The same bytes in many collectives cost more than in few (each is a rendezvous of every
+    # device thread on emulated devices), and memory-bound bytes add compute time.
+    few = step([Collective("all-gather", ("fsdp",), 1e8, 4)])
+    many = step([Collective("all-gather", ("fsdp",), 1e8, 200)])
+    assert many.step - few.step == pytest.approx(196 * 1e-4)
+    assert step([], matmul_bytes=1.2e9).compute == pytest.approx(1e9 / 20e9 + 1.0)
+    assert step([], memory_bytes=1.5e9).compute == pytest.approx(1e9 / 20e9 + 1.0)
+
+
+def test_memory_traffic_is_trip_weighted_slices_what_a_fusion_slices_and_leaves_out_matmuls():
+    x, ws = jnp.ones((256, 256)), jnp.ones((8, 256, 256))
+    tile = 256 * 256 * 4
+    elementwise = jax.jit(lambda x, ws: jax.lax.scan(lambda c, w: (jnp.tanh(c * w), None), x,
+                                                     ws)[0])
+    got = hlo.memory_traffic(elementwise.lower(x, ws).compile().as_text())
+    # 8 iterations, each reading the carry and one slice of the stack and writing the carry:
+    # the whole stack per iteration would be 8x more.
+    assert 8 * 3 * tile <= got["in_loops"] <= got["total"] < 1.5 * 8 * 3 * tile
+    matmuls = jax.jit(lambda x, ws: jax.lax.scan(lambda c, w: (c @ w, None), x, ws)[0])
+    text = matmuls.lower(x, ws).compile().as_text()
+    counted = hlo.dot_flops(text)
+    assert counted["bytes"] == 8 * 3 * tile and counted["total"] == 8 * 2 * 256**3
+    # Left besides the matmuls: per iteration a slice of the stack and a copy of the carry (2
+    # tiles each, read and written), not the matmul's own 3 tiles.
+    assert 8 * 4 * tile <= hlo.memory_traffic(text)["total"] < 8 * 5 * tile
 
 
 def test_compiled_candidates_read_memory_analysis_and_the_prefilter_is_a_lower_bound():

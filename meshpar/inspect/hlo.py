@@ -309,6 +309,13 @@ class Dot(NamedTuple):
         """``2 * prod(result) * prod(contracting dims)`` for one execution."""
         return 2.0 * math.prod(self.result) * math.prod(self.lhs[i] for i in self.lhs_contracting)
 
+    @property
+    def bytes(self) -> float:
+        """Operand and result bytes of one execution, at the result's item size (a bf16 x bf16
+        -> f32 dot is counted at 4 bytes an element: an upper bound)."""
+        size = _DTYPE_BYTES.get(self.dtype, 4)
+        return float(size * (math.prod(self.lhs) + math.prod(self.rhs) + math.prod(self.result)))
+
 
 def dots(hlo_text: str, /) -> list[Dot]:
     """Every ``dot`` of a compiled (per-device) program, with the shapes XLA gave its operands.
@@ -376,19 +383,23 @@ def dot_flops(hlo_text: str, /) -> dict[str, float]:
     this is the count to compare with an analytic figure.
 
     Returns:
-        ``{"total", "in_loops", "outside_loops", "unweighted", "dots"}`` per device and run.
+        ``{"total", "in_loops", "outside_loops", "unweighted", "dots", "bytes"}`` per device and
+        run (``bytes``: the dots' operand and result bytes, weighted the same way; see
+        :attr:`Dot.bytes`).
 
     Example:
         >>> f = jax.jit(lambda x, w: jax.lax.scan(lambda c, _: (c @ w, None), x, None, length=5)[0])
         >>> dot_flops(f.lower(jnp.ones((8, 16)), jnp.ones((16, 16))).compile().as_text())["total"]
         20480.0
     """
-    out = {"total": 0.0, "in_loops": 0.0, "outside_loops": 0.0, "unweighted": 0.0, "dots": 0}
+    out = {"total": 0.0, "in_loops": 0.0, "outside_loops": 0.0, "unweighted": 0.0, "dots": 0,
+           "bytes": 0.0}
     for d in dots(hlo_text):
         out["dots"] += 1
         out["unweighted"] += d.flops
         out["total"] += d.flops * d.executions
         out["in_loops" if d.in_loop else "outside_loops"] += d.flops * d.executions
+        out["bytes"] += d.bytes * d.executions
     return out
 
 
@@ -413,3 +424,112 @@ def collectives_in_loops(hlo_text: str, /) -> dict[str, int]:
         {'collective-permute': 4}
     """
     return dict(Counter(op.kind for op in collectives(hlo_text) if op.in_loop))
+
+
+#: Ops that move no data of their own (views, tuples, control flow whose callees are counted,
+#: markers) or whose cost is counted elsewhere (collectives: the planner's communication term).
+_NO_TRAFFIC = frozenset({
+    "parameter", "constant", "get-tuple-element", "tuple", "bitcast", "while", "conditional",
+    "call", "after-all", "partition-id", "replica-id", "iota", "opt-barrier", "add-dependency",
+    *COLLECTIVES, *(f"{k}-start" for k in COLLECTIVES), *(f"{k}-done" for k in COLLECTIVES),
+})
+_SLICES = frozenset({"dynamic-slice", "slice", "gather"})
+_OPERANDS = re.compile(r"%([^\s,()]+)")
+
+
+def _fused_summary(lines: list[str]) -> tuple[bool, dict[int, int] | None, int | None]:
+    """(has a dot, parameter number -> bytes read when every use slices it, in-place update
+    bytes when the root is a dynamic-update-slice)."""
+    params: dict[str, int] = {}
+    sliced: dict[str, int] = {}
+    whole: set[str] = set()
+    has_dot, update = False, None
+    shapes: dict[str, int] = {}
+    for line in lines:
+        m = _INSTR.match(line)
+        if not m:
+            continue
+        name, result, op, rest = m.groups()
+        shapes[name] = _shape_bytes(result)
+        if op == "parameter":
+            params[name] = int(re.match(r"\s*(\d+)", rest).group(1))
+            continue
+        has_dot |= op in ("dot", "convolution")
+        used = _OPERANDS.findall(rest.split(")", 1)[0])
+        for i, u in enumerate(used):
+            if u in params:
+                if op in _SLICES and i == 0:
+                    sliced[u] = sliced.get(u, 0) + shapes[name]
+                elif op == "dynamic-update-slice" and i == 0:
+                    sliced[u] = sliced.get(u, 0)  # written in place: the update counts
+                else:
+                    whole.add(u)
+        if line.lstrip().startswith("ROOT") and op == "dynamic-update-slice" and len(used) > 1:
+            update = shapes.get(used[1], 0)
+    return has_dot, {params[p]: b for p, b in sliced.items() if p not in whole}, update
+
+
+def memory_traffic(hlo_text: str, /) -> dict[str, float]:
+    """Bytes a compiled (per-device) program reads and writes outside its matmuls, per run.
+
+    Every instruction outside fused computations counts its result and operand bytes, weighted
+    by the trip counts of the loops around it (:func:`computation_weights`; ``cost_analysis()``
+    counts a ``while`` body once). A fusion counts what it reads and writes, not its internals:
+    an operand it only slices (a layer's weights out of the scanned stack) counts the slice, a
+    fusion updating a buffer in place (``dynamic-update-slice`` root) the update. Left out:
+    views and control flow (``bitcast``, tuples, ``while``...), collectives (costed as
+    communication) and matmuls (a ``dot``, or a fusion around one: costed as compute, see
+    :func:`dots`). This is the memory-bound work (layer norms, softmax, the optimizer update,
+    gradient accumulation, copies) whose time a FLOP count does not see.
+
+    Returns:
+        ``{"total": bytes, "in_loops": bytes, "instructions": executions counted}``.
+
+    Example:
+        >>> f = jax.jit(lambda x: jax.lax.scan(lambda c, _: (jnp.tanh(c) * 2, None), x, None,
+        ...                                    length=5)[0])
+        >>> memory_traffic(f.lower(jnp.ones((256, 256))).compile().as_text())["total"] >= 5 * 2 * 2**18
+        True
+    """
+    comps, _ = _computations(hlo_text)
+    weights = computation_weights(hlo_text)
+    fused: set[str] = set()
+    for lines in comps.values():
+        for line in lines:
+            m = _INSTR.match(line)
+            if m and m.group(3) in ("fusion",) or (m and "to_apply=" in m.group(4)):
+                fused.update(re.findall(r"(?:calls|to_apply)=%?([^\s,}]+)", m.group(4)))
+    summaries = {name: _fused_summary(comps[name]) for name in fused if name in comps}
+    out = {"total": 0.0, "in_loops": 0.0, "instructions": 0}
+    for name, lines in comps.items():
+        if name in fused:
+            continue
+        w, loop = weights.get(name, (1, False))
+        shapes: dict[str, int] = {}
+        for line in lines:
+            m = _INSTR.match(line)
+            if not m:
+                continue
+            iname, result, op, rest = m.groups()
+            shapes[iname] = size = _shape_bytes(result)
+            if op in _NO_TRAFFIC or op in ("dot", "convolution"):
+                continue
+            operands = [shapes.get(u, 0) for u in _OPERANDS.findall(rest.split(")", 1)[0])]
+            if op in _SLICES:
+                moved = 2 * size
+            elif op == "dynamic-update-slice":
+                moved = 2 * (operands[1] if len(operands) > 1 else size)
+            elif op == "fusion":
+                callee = re.search(r"calls=%?([^\s,}]+)", rest)
+                has_dot, sliced, update = summaries.get(callee.group(1) if callee else "",
+                                                        (False, {}, None))
+                if has_dot:
+                    continue
+                moved = (update if update is not None else size) + sum(
+                    (sliced or {}).get(i, b) for i, b in enumerate(operands))
+            else:
+                moved = size + sum(operands)
+            out["total"] += moved * w
+            out["in_loops"] += moved * w if loop else 0.0
+            out["instructions"] += w
+    return out

@@ -68,7 +68,13 @@ def measure(compiled: Any, /, *, mesh: jax.sharding.Mesh) -> dict[str, Any]:
     text = compiled.as_text()
     cost = compiled.cost_analysis()
     cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-    flops = {"cost_analysis": float(cost.get("flops", 0.0)), "dots_weighted": dot_flops(text)}
+    dots = hlo.dot_flops(text)
+    traffic = hlo.memory_traffic(text)
+    flops = {"cost_analysis": float(cost.get("flops", 0.0)), "dots_weighted": dots["total"],
+             # What the planner's memory-bound terms read (meshpar.planner.cost): the matmuls'
+             # operand and result bytes, and the bytes moved outside matmuls and collectives.
+             "dots_bytes": dots["bytes"], "memory_traffic": traffic["total"],
+             "memory_traffic_in_loops": traffic["in_loops"]}
     names = {}
     for ins in hlo.instructions(text):
         if ins.op.removesuffix("-start") in hlo.COLLECTIVES:

@@ -3,9 +3,18 @@
 For one layout on one :class:`~meshpar.planner.hardware.HardwareProfile`:
 
 * **compute** = FLOPs per device (remat recompute included, pipeline bubble iterations not) over
-  the peak FLOP/s of the compute dtype.
+  the peak FLOP/s of the compute dtype. On a profile that measured its memory-bound rates
+  (:attr:`~meshpar.planner.hardware.HardwareProfile.matmul_bandwidth`: the calibrated ``cpu``
+  profile), plus, from the compiled program, the matmuls' operand and result bytes over that
+  bandwidth (a small or narrow per-device matmul runs far below the peak) and the bytes moved
+  outside matmuls and collectives (:func:`meshpar.inspect.hlo.memory_traffic`: layer norms,
+  softmax, the optimizer update, gradient accumulation, copies) over the memory bandwidth
+  (:meth:`~meshpar.planner.hardware.HardwareProfile.compute_seconds`). Emulated CPU devices
+  share the host's cores, so these per-device rates were measured with every device busy: the
+  step is the total work over the cores either way. Before compiling, there are no such bytes:
+  the analytic estimate is FLOPs over the peak.
 * **communication**, per collective (kind, mesh axes): ``traffic / bandwidth + executions x
-  latency``, with the per-device ring traffic read from the compiled program
+  latency``, with the per-device ring traffic and the executions read from the compiled program
   (:func:`meshpar.inspect.measure.measure`, trip counts included) or from the analytic formulas
   of :mod:`meshpar.inspect.costs`. The link is the intra-node one when the group's devices lie in
   one node: the mesh is laid out ``pipe, data, fsdp, tensor`` outermost first, so a group over
@@ -94,7 +103,8 @@ def span(axes: Iterable[str], mesh_shape: Mapping[str, int]) -> int:
 
 def step_time(*, flops_per_device: float, collectives: Iterable[Collective],
               mesh_shape: Mapping[str, int], hardware: HardwareProfile, precision: str,
-              bubble_fraction: float = 0.0, model_flops: float | None = None) -> StepTime:
+              bubble_fraction: float = 0.0, model_flops: float | None = None,
+              matmul_bytes: float = 0.0, memory_bytes: float = 0.0) -> StepTime:
     """Predict one step's time (see the module docstring for the model).
 
     Args:
@@ -105,13 +115,17 @@ def step_time(*, flops_per_device: float, collectives: Iterable[Collective],
         precision: ``"fp32"`` or ``"bf16"`` (the peak used).
         bubble_fraction: the pipeline's idle fraction (0 without a pipeline).
         model_flops: useful FLOPs of the step over all devices (no recompute), for the MFU.
+        matmul_bytes, memory_bytes: per device and step, the matmuls' operand and result bytes
+            and the bytes moved outside matmuls and collectives (from the compiled program);
+            counted only on a profile with ``matmul_bandwidth``.
 
     Example:
         >>> step_time(flops_per_device=1e12, collectives=[Collective("all-reduce", ("data",), 1e9)],
         ...           mesh_shape={"data": 8}, hardware=load_profile("h100-sxm"),
         ...           precision="bf16").step
     """
-    compute = flops_per_device / hardware.peak(precision)
+    compute = hardware.compute_seconds(flops_per_device, precision, matmul_bytes=matmul_bytes,
+                                       memory_bytes=memory_bytes)
     per_axis: dict[str, float] = {}
     hideable = critical = 0.0
     for c in collectives:

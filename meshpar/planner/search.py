@@ -292,6 +292,22 @@ def extrapolate_collectives(collectives: Sequence[Collective], *, proxy: Layout,
     return out
 
 
+def _compiled_bytes(measured: Mapping, flops: float) -> tuple[float, float]:
+    """The compiled program's matmul bytes and its other memory traffic, per device and step,
+    for the memory-bound terms of :func:`~meshpar.planner.cost.step_time`.
+
+    A pipelined program's loop runs its bubble iterations too, their work skipped by a
+    ``lax.cond`` at run time, and the HLO's trip counts include them: the matmul bytes and the
+    traffic inside loops are scaled like the FLOPs, by the FLOPs that run (``flops``) over the
+    program's trip-weighted dot FLOPs (at most 1: elsewhere the two counts differ by the
+    formula's rounding only).
+    """
+    f = measured["flops"]
+    runs = min(1.0, flops / f["dots_weighted"]) if f.get("dots_weighted") else 1.0
+    outside = f["memory_traffic"] - f["memory_traffic_in_loops"]
+    return f["dots_bytes"] * runs, outside + f["memory_traffic_in_loops"] * runs
+
+
 def _scaled_batch(batch: Mapping, rows: int) -> dict:
     return jax.tree.map(lambda x: jax.ShapeDtypeStruct((rows, *x.shape[1:]), x.dtype), batch)
 
@@ -389,10 +405,13 @@ def _search(model: _Model, layouts: Sequence[Layout], rejected: list[str], *, de
             # they count is recomputed at the target's sizes.
             mem += _formula_memory(model, layout, model.batch) - _formula_memory(model, proxy, batch)
             source = f"extrapolated from {proxy.mesh_text}"
+        flops = model.compiled_flops(layout, measured)
+        matmul_bytes, memory_bytes = _compiled_bytes(measured, flops)
         new_t = step_time(
-            flops_per_device=model.compiled_flops(layout, measured), collectives=colls,
+            flops_per_device=flops, collectives=colls,
             mesh_shape=layout.mesh_shape, hardware=hardware, precision=layout.precision,
-            bubble_fraction=_bubble(layout), model_flops=model_flops)
+            bubble_fraction=_bubble(layout), model_flops=model_flops,
+            matmul_bytes=matmul_bytes, memory_bytes=memory_bytes)
         out.append(Candidate(layout=layout, memory=mem, memory_analytic=memory,
                              memory_compiled=mem if proxy is None else None, budget=budget,
                              time=new_t, source=source, command=model.command(layout)))
