@@ -7,8 +7,8 @@ shape, and weights it by the trip counts of the ``while`` loops around it, so th
 inside a layer scan counts once per layer. This is how meshpar checks that a strategy's traffic
 is what it promises and that no collective sits inside a loop where it should not.
 
-Length: about 410 lines, one concept (reading HLO text): computations and loop trip counts, then
-collectives and dots, which share that reading.
+Length: about 535 lines, one concept (reading HLO text): computations and loop trip counts, then
+collectives, dots and the memory traffic outside them, which share that reading.
 """
 
 from __future__ import annotations

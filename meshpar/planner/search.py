@@ -26,7 +26,7 @@ Device counts above what this process emulates (``plan_gpt``): the shortlist is 
 extrapolated per mesh axis; ``benchmarks/plan_extrapolation.py`` measures how far that is from
 full compiles.
 
-Length: about 590 lines, one concept (the search: prune, compile, rank, extrapolate); the
+Length: about 610 lines, one concept (the search: prune, compile, rank, extrapolate); the
 candidate and result types and their errors live with it.
 """
 
