@@ -172,10 +172,16 @@ def instructions(hlo_text: str, /) -> Iterator[Instruction]:
     """
     comps, _ = _computations(hlo_text)
     for computation, lines in comps.items():
-        for line in lines:
-            m = _INSTR.match(line)
-            if m:
-                yield Instruction(computation, *m.groups())
+        for _, ins in _parsed(computation, lines):
+            yield ins
+
+
+def _parsed(computation: str, lines: list[str]) -> Iterator[tuple[str, Instruction]]:
+    # (line, instruction) for each line of one computation that is an instruction.
+    for line in lines:
+        m = _INSTR.match(line)
+        if m:
+            yield line, Instruction(computation, *m.groups())
 
 
 def _computations(hlo_text: str) -> tuple[dict[str, list[str]], str | None]:
@@ -445,11 +451,7 @@ def _fused_summary(lines: list[str]) -> tuple[bool, dict[int, int] | None, int |
     whole: set[str] = set()
     has_dot, update = False, None
     shapes: dict[str, int] = {}
-    for line in lines:
-        m = _INSTR.match(line)
-        if not m:
-            continue
-        name, result, op, rest = m.groups()
+    for line, (_, name, result, op, rest) in _parsed("", lines):
         shapes[name] = _shape_bytes(result)
         if op == "parameter":
             params[name] = int(re.match(r"\s*(\d+)", rest).group(1))
@@ -494,11 +496,10 @@ def memory_traffic(hlo_text: str, /) -> dict[str, float]:
     comps, _ = _computations(hlo_text)
     weights = computation_weights(hlo_text)
     fused: set[str] = set()
-    for lines in comps.values():
-        for line in lines:
-            m = _INSTR.match(line)
-            if m and m.group(3) in ("fusion",) or (m and "to_apply=" in m.group(4)):
-                fused.update(re.findall(r"(?:calls|to_apply)=%?([^\s,}]+)", m.group(4)))
+    for name, lines in comps.items():
+        for _, ins in _parsed(name, lines):
+            if ins.op == "fusion" or "to_apply=" in ins.rest:
+                fused.update(re.findall(r"(?:calls|to_apply)=%?([^\s,}]+)", ins.rest))
     summaries = {name: _fused_summary(comps[name]) for name in fused if name in comps}
     out = {"total": 0.0, "in_loops": 0.0, "instructions": 0}
     for name, lines in comps.items():
@@ -506,11 +507,7 @@ def memory_traffic(hlo_text: str, /) -> dict[str, float]:
             continue
         w, loop = weights.get(name, (1, False))
         shapes: dict[str, int] = {}
-        for line in lines:
-            m = _INSTR.match(line)
-            if not m:
-                continue
-            iname, result, op, rest = m.groups()
+        for _, (_, iname, result, op, rest) in _parsed(name, lines):
             shapes[iname] = size = _shape_bytes(result)
             if op in _NO_TRAFFIC or op in ("dot", "convolution"):
                 continue

@@ -291,19 +291,13 @@ class DiLoCoTrainer:
         self._fragments = self._split(
             [_shard_bytes(x.shape, x.dtype, s) for (_, x), s in zip(param_leaves, param_shardings)]
         )
-        outer_tx = diloco.outer_optimizer
         replicated = NamedSharding(mesh, PartitionSpec())
-
-        def fragment_params(params_leaves, f):
-            return {self._names[i]: params_leaves[i] for i in self._fragments[f]}
-
-        abs_opt = [jax.eval_shape(outer_tx.init, fragment_params(
-            [x for _, x in param_leaves], f)) for f in range(len(self._fragments))]
+        abs_opt = [jax.eval_shape(diloco.outer_optimizer.init, p)
+                   for p in self._by_fragment([x for _, x in param_leaves])]
         outer_opt_shardings = tuple(self._opt_shardings(a, replicated) for a in abs_opt)
         self.state_shardings = DiLoCoState(
             step=replicated, inner=inner_shardings,
-            outer_params=tuple({self._names[i]: param_shardings[i] for i in idx}
-                               for idx in self._fragments),
+            outer_params=self._by_fragment(param_shardings),
             outer_opt=outer_opt_shardings,
         )
         self.state: DiLoCoState = jax.jit(self._start_from,
@@ -330,8 +324,8 @@ class DiLoCoTrainer:
     def _start_from(self, one: TrainState) -> DiLoCoState:
         """Every replica a copy of ``one`` (their RNG streams made distinct), the shared
         parameters ``one``'s, the outer optimizer fresh, the step ``one``'s."""
-        r, leaves = self.replicas, jax.tree.leaves(one.params)
-        outer = tuple({self._names[i]: leaves[i] for i in idx} for idx in self._fragments)
+        r = self.replicas
+        outer = self._by_fragment(jax.tree.leaves(one.params))
         return DiLoCoState(
             step=jnp.asarray(one.step, jnp.int32),
             inner=_distinct_streams(
@@ -339,6 +333,10 @@ class DiLoCoTrainer:
             outer_params=outer,
             outer_opt=tuple(self.diloco.outer_optimizer.init(p) for p in outer),
         )
+
+    def _by_fragment(self, leaves: list[Any]) -> tuple[dict[str, Any], ...]:
+        """Parameter leaves (in tree order) as one ``{name: leaf}`` dict per fragment."""
+        return tuple({self._names[i]: leaves[i] for i in idx} for idx in self._fragments)
 
     def _split(self, sizes: list[int]) -> list[list[int]]:
         """Parameter leaves in order, cut into F contiguous fragments of about equal bytes."""
