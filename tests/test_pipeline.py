@@ -9,6 +9,7 @@ one device.
 from __future__ import annotations
 
 import dataclasses
+import re
 
 import jax
 import jax.numpy as jnp
@@ -250,7 +251,14 @@ def test_bfloat16(schedule):
         return loss_of(ys.astype(jnp.float32)), ys
 
     staged = stack_stages(layers, stages=2)
-    (_, ys), (g, gx) = jax.jit(jax.value_and_grad(loss, argnums=(0, 1), has_aux=True))(staged, xs)
+    step = jax.jit(jax.value_and_grad(loss, argnums=(0, 1), has_aux=True))
+    # Stage-to-stage values move as their bits: XLA:CPU would run a bf16 permute (or the psum
+    # that hands the last stage's outputs to every stage) as convert, fp32 collective, convert.
+    hlo = step.lower(staged, xs).compile().as_text()
+    moved = re.findall(r"= (\w+)\[[\d,]*\]\S* (collective-permute|all-reduce)\(", hlo)
+    assert ("u16", "collective-permute") in moved, moved
+    assert not [m for m in moved if m[1] == "collective-permute" and m[0] != "u16"], moved
+    (_, ys), (g, gx) = step(staged, xs)
     (_, r_ys), (r_g, r_gx) = jax.jit(jax.value_and_grad(ref_loss, argnums=(0, 1),
                                                         has_aux=True))(layers, xs)
     assert ys.dtype == gx.dtype == jnp.bfloat16

@@ -87,7 +87,8 @@ import numpy as np
 from jax.sharding import Mesh, PartitionSpec
 
 from meshpar.parallel.schedule import PipelineConfig, onef1b_table
-from meshpar.parallel.varying import cast_varying, drop_stage_slot, psum_wide, restore_stage_slot
+from meshpar.parallel.varying import (cast_varying, drop_stage_slot, ppermute_bits, psum_wide,
+                                      restore_stage_slot, select_stage)
 
 __all__ = ["onef1b_apply"]
 
@@ -116,11 +117,11 @@ def _backward(run_chunk: Callable, mesh: Mesh, config: PipelineConfig, param_spe
         table.backward_rep, table.backward_slot, table.backward_cot, table.recv_forward,
         table.recv_backward))
     if v == 1:   # 1f1b: nothing wraps round from the last stage to the first
-        fwd_perm = [(i, i + 1) for i in range(n_stages - 1)]
-        bwd_perm = [(i + 1, i) for i in range(n_stages - 1)]
+        fwd_perm = tuple((i, i + 1) for i in range(n_stages - 1))
+        bwd_perm = tuple((i + 1, i) for i in range(n_stages - 1))
     else:
-        fwd_perm = [(i, (i + 1) % n_stages) for i in range(n_stages)]
-        bwd_perm = [((i + 1) % n_stages, i) for i in range(n_stages)]
+        fwd_perm = tuple((i, (i + 1) % n_stages) for i in range(n_stages))
+        bwd_perm = tuple(((i + 1) % n_stages, i) for i in range(n_stages))
 
     def chunk_of(params, r):
         return params if v == 1 else jax.tree.map(lambda a: a[r], params)
@@ -215,8 +216,8 @@ def _backward(run_chunk: Callable, mesh: Mesh, config: PipelineConfig, param_spe
             x = _read(stash, fslot, io, fm)
             y = jax.lax.cond(fm >= 0, forward, lambda p, r, m, x: idle_value(x), params,
                              jnp.maximum(fr, 0), jnp.maximum(fm, 0), x)
-            f_out = jax.lax.ppermute(y, axis, fwd_perm)
-            b_out = jax.lax.ppermute(dx, axis, bwd_perm)
+            f_out = ppermute_bits(y, axis, fwd_perm)
+            b_out = ppermute_bits(dx, axis, bwd_perm)
             return (f_out, b_out, stash, cot, acc, io), None
 
         carry = (msg, msg, stash, cot, acc, io)
@@ -227,7 +228,7 @@ def _backward(run_chunk: Callable, mesh: Mesh, config: PipelineConfig, param_spe
             acc = jax.tree.map(lambda a: psum_wide(a, tuple(config.batch_axes), mesh), acc)
         grads = jax.tree.map(lambda a, p: a.astype(p.dtype), acc, params)
         grads = restore_stage_slot(grads, v)
-        dxs = psum_wide(jnp.where(stage == 0, dxs, jnp.zeros_like(dxs)), (axis,), mesh)
+        dxs = select_stage(dxs, stage == 0, axis, mesh)
         return grads, dxs
 
     return jax.shard_map(local, mesh=mesh, in_specs=(param_spec, act_spec, act_spec, param_spec),

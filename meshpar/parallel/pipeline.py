@@ -95,7 +95,8 @@ from jax.sharding import Mesh, PartitionSpec
 from meshpar.errors import StrategyError
 from meshpar.parallel.onef1b import onef1b_apply
 from meshpar.parallel.schedule import PipelineConfig, Schedule, repeat_table, schedule_table
-from meshpar.parallel.varying import cast_varying, drop_stage_slot, psum_wide, restore_stage_slot
+from meshpar.parallel.varying import (cast_varying, drop_stage_slot, ppermute_bits,
+                                      restore_stage_slot, select_stage)
 
 __all__ = [
     "PipelineConfig",
@@ -313,7 +314,7 @@ def pipeline_apply(
     # Loop inputs per iteration t: the tables' column (each stage picks its row) and `arrived`.
     per_step = (np.ascontiguousarray(mb_table.T), np.ascontiguousarray(rep_table.T), arrived)
     final_slot = int(mb_table[-1, -1])                     # arrives after the last iteration
-    ring = [(i, (i + 1) % n_stages) for i in range(n_stages)]
+    ring = tuple((i, (i + 1) % n_stages) for i in range(n_stages))
     batch = tuple(config.batch_axes)
     if batch:
         act_spec = PartitionSpec(None, batch if len(batch) > 1 else batch[0])
@@ -409,7 +410,7 @@ def pipeline_apply(
                 x = jnp.where(valid, x, fill)
             y, state, hist = iteration(params, state, hist, jnp.maximum(r, 0), jnp.maximum(m, 0),
                                        x, valid)
-            return (jax.lax.ppermute(y, axis, ring), buf, state, hist), None
+            return (ppermute_bits(y, axis, ring), buf, state, hist), None
 
         incoming = jnp.zeros_like(buf[0])
         # The state each chunk had before each microbatch, [(v,) M, c, ...], for 1F1B only.
@@ -420,7 +421,7 @@ def pipeline_apply(
         (incoming, buf, state, hist), _ = jax.lax.scan(step, (incoming, buf, state, hist),
                                                        per_step)
         buf = buf.at[final_slot].set(incoming)
-        out = psum_wide(jnp.where(stage == 0, buf, jnp.zeros_like(buf)), (axis,), mesh)
+        out = select_stage(buf, stage == 0, axis, mesh)
         return out, restore_stage_slot(state, v), restore_stage_slot(hist, v)
 
     forward = jax.shard_map(
