@@ -29,6 +29,29 @@ def test_table_order_is_priority_and_none_is_an_explicit_fallback(mesh):
     assert res.rules_text == "mlp->replicated, embed->fsdp"
 
 
+def test_major_first_rules_are_tried_in_the_tensors_dimension_order(mesh):
+    group = [Rule("embed", ("fsdp",), major_first=True), Rule("mlp", ("fsdp",), major_first=True)]
+    rules = Rules.table([*group, ("embed", None), ("mlp", None)])
+    # The major-most dimension the group names claims fsdp, whatever the table order.
+    assert rules.resolve(("embed", "mlp"), (8, 8), mesh).spec == P("fsdp")
+    assert rules.resolve(("mlp", "embed"), (8, 8), mesh).spec == P("fsdp")
+    assert rules.resolve(("layers", "mlp", "embed"), (3, 8, 8), mesh).spec == P(None, "fsdp")
+    assert str(group[0]) == "embed->fsdp major-most first"
+    # A dimension an earlier rule took is passed by: with mlp->tensor first, (mlp, embed)
+    # keeps fsdp on embed.
+    with_tp = Rules.table([("mlp", "tensor"), *group, ("embed", None), ("mlp", None)])
+    assert with_tp.resolve(("mlp", "embed"), (8, 8), mesh).spec == P("tensor", "fsdp")
+    # Only consecutive major_first rules form a group: a plain rule between them is a barrier.
+    split = Rules.table([group[0], ("heads", "tensor"), group[1], ("embed", None), ("mlp", None)])
+    assert split.resolve(("mlp", "embed"), (8, 8), mesh).spec == P(None, "fsdp")
+    # The built-in ZeRO-3 table: the MLP's output weight [mlp, embed] splits its major dimension.
+    zero3 = mp.get_strategy("zero3").param_rules(mp.make_mesh(fsdp=8))
+    fsdp8 = mp.make_mesh(fsdp=8)
+    assert zero3.resolve(("mlp", "embed"), (64, 16), fsdp8).spec == P("fsdp")
+    assert zero3.resolve(("embed", "mlp"), (16, 64), fsdp8).spec == P("fsdp")
+    assert zero3.resolve(("heads", "head_dim", "embed"), (4, 8, 16), fsdp8).spec == P(None, None, "fsdp")
+
+
 def test_tuple_rules_split_over_the_product(mesh):
     rules = Rules.table([("batch", ("data", "fsdp")), ("embed", "tensor")])
     res = rules.resolve(("batch", None, "embed"), (8, 3, 4), mesh)

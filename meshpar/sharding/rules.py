@@ -17,6 +17,10 @@ once per tensor, with these semantics (not Flax's last-rule-wins rename):
 * A dimension's entry may be a tuple of names (a ``PartitionSpec`` entry such as
   ``('data', 'fsdp')``): each name resolves on its own and the dimension is split over the
   product of their mesh axes, in the entry's order.
+* Consecutive rules marked ``major_first`` (:class:`Rule`) are tried in the tensor's dimension
+  order instead: the major-most dimension they name claims the mesh axes first. meshpar's ZeRO
+  rules use it so that ``fsdp`` splits a weight's major dimension, where the gradient's
+  reduce-scatter can take it straight from the matmul (no transposed copy).
 * A logical name that has rules but whose mesh axes are all taken by earlier dimensions is an
   error (:class:`RuleConflictError`): two dimensions of one tensor need the same mesh axis. Add a
   ``(name, None)`` fallback rule to allow replication.
@@ -58,6 +62,28 @@ def _as_axes(mesh_axes: MeshAxes, *, where: str) -> tuple[str, ...]:
     raise RuleError(f"{where}: mesh axes must be a str, a tuple of str or None, got {mesh_axes!r}")
 
 
+def _in_dimension_order(rules: Sequence[Rule],
+                        parts: Sequence[tuple[str, ...]]) -> list[Rule]:
+    """``rules`` with each run of consecutive ``major_first`` rules sorted by the first dimension
+    of this tensor that the rule's name labels (rules naming no dimension keep their place
+    after those that do). Stable: rules naming the same dimension keep the table order."""
+    first = {}
+    for dim, names in enumerate(parts):
+        for logical in names:
+            first.setdefault(logical, dim)
+    out: list[Rule] = []
+    group: list[Rule] = []
+    for rule in (*rules, None):
+        if rule is not None and rule.major_first:
+            group.append(rule)
+            continue
+        out += sorted(group, key=lambda r: first.get(r.logical, len(parts)))
+        group = []
+        if rule is not None:
+            out.append(rule)
+    return out
+
+
 def _as_entry(entry: object, *, where: str) -> str | tuple[str, ...] | None:
     # A list entry (from JSON or a user's list) means the same as the tuple.
     if entry is None or isinstance(entry, str):
@@ -79,6 +105,10 @@ class Rule:
         if_divisible: a preference, not a demand: where the dimension does not divide over
             ``mesh_axes`` the rule is passed over (said in the tensor's resolution, never an
             error) and the next rules decide, as if this one were absent.
+        major_first: consecutive ``major_first`` rules form a group that is tried in each
+            tensor's dimension order (major-most first) instead of the table's: with
+            ``embed->fsdp`` and ``mlp->fsdp`` both ``major_first``, an ``(mlp, embed)`` weight
+            is split over ``mlp`` and an ``(embed, mlp)`` weight over ``embed``.
 
     Example:
         >>> mp.Rules.table([mp.Rule("vocab", ("fsdp",), if_divisible=True), ("embed", "fsdp")])
@@ -87,10 +117,12 @@ class Rule:
     logical: str
     mesh_axes: tuple[str, ...]
     if_divisible: bool = False
+    major_first: bool = False
 
     def __str__(self) -> str:
         target = "replicated" if not self.mesh_axes else "×".join(self.mesh_axes)
-        return f"{self.logical}->{target}" + (" if divisible" if self.if_divisible else "")
+        return (f"{self.logical}->{target}" + (" if divisible" if self.if_divisible else "")
+                + (" major-most first" if self.major_first else ""))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -308,8 +340,9 @@ class Rules:
         # (dim, part) -> the if_divisible rule that did not divide there, and its text.
         passed: dict[tuple[int, int], tuple[Rule, str]] = {}
         # Rule-major: the table order is the priority order across the whole tensor, so a rule
-        # placed earlier claims its mesh axes before a later rule for another dimension does.
-        for rule in self.logical:
+        # placed earlier claims its mesh axes before a later rule for another dimension does
+        # (except within a group of major_first rules: see _in_dimension_order).
+        for rule in _in_dimension_order(self.logical, parts):
             if skip & set(rule.mesh_axes):
                 rule = dataclasses.replace(
                     rule, mesh_axes=tuple(a for a in rule.mesh_axes if a not in skip))
