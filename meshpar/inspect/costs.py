@@ -297,7 +297,7 @@ def gpt_step_memory_bytes(config: Any, /, *, rows: int, seq_len: int, grad_local
 
     Not modelled (the formula is below ``memory_analysis`` there, which the pre-filter
     tolerates): XLA's packing of buffers into its temporary allocation (in loop-heavy
-    programs, pipelines above all, the allocation exceeds the bytes live at the peak by 8-20%),
+    programs, pipelines above all, the allocation exceeds the bytes live at the peak by 8-30%),
     and XLA:CPU's fusion choices with tensor parallelism at 4096 tokens a device and more
     (``tensor=8``, small: 24 rows 0.98x, 32 rows 0.82x: a dozen ``[rows, T, D]`` buffers where
     16 rows had ten).

@@ -63,9 +63,9 @@ from meshpar.train.plan import plan_training
 MIB = 2**20
 
 #: How far the pre-filter lets the analytic memory exceed the budget before it rejects a layout
-#: without compiling it. On the 80 sampled layouts of ``benchmarks/README.md`` (tiny and small
+#: without compiling it. On the 75 sampled layouts of ``benchmarks/README.md`` (tiny and small
 #: presets, every schedule) the pre-filter's figure (:attr:`Candidate.memory_prefilter`) was at
-#: most 1.08x ``memory_analysis``; where the formula is off by more it is below (XLA's buffer
+#: most 1.08x ``memory_analysis``; where it is off by more than 10% it is below (XLA's buffer
 #: packing, tensor-parallel fusion at many rows), which never rejects a layout that fits.
 PREFILTER_SLACK = 1.10
 
