@@ -413,6 +413,9 @@ def gpt_step_memory_bytes(config: Any, /, *, rows: int, seq_len: int, grad_local
         out["zero3"] = zero3_working_bytes(block, fsdp=fsdp)
     else:
         out["zero3"] = 0.0
+    # The head's backward runs before the stack's and its logits are dead by the time the
+    # stack's working set is live: the larger of the two, not their sum (pipe=2, fsdp=4, tiny:
+    # no logits among the buffers live at the peak inside the pipeline's backward loop).
     backward = (out["grads"] + out["accumulator"] + out["bf16_params"] + out["saved"]
                 + max(out["working"], out["head"]) + out["zero3"])
     # The update phase: the activations are gone, the bf16 copy too (data=8, 1 row, bf16: the
