@@ -260,25 +260,47 @@ def gpt_step_memory_bytes(config: Any, /, *, rows: int, seq_len: int, grad_local
     builds before any ZeRO reduction (:func:`gpt_local_param_bytes`), ``grad_kept`` what the
     state keeps of it (sharded from ZeRO-2), ``activation_slots`` a pipeline's stage
     activations per device (:attr:`meshpar.parallel.schedule.PipelineConfig.activation_slots`).
-    Each term is one mechanism of the compiled program (measured on the ``small`` preset, 8
-    emulated devices, ``memory_analysis``); the step's temporaries are the larger of two
-    phases, the backward pass and the gradient reduction + update:
+    Each term is one mechanism of the compiled program (measured on the ``small`` and ``tiny``
+    presets, 8 emulated devices, ``memory_analysis`` and XLA's buffer-assignment dumps); the
+    step's temporaries are the largest of three phases: the backward pass, the gradient
+    reduction + update, and (ZeRO-2 with ``tensor``) the reduce-scatter of tensor-split
+    gradients:
 
-    * ``grads``: the whole local gradient, built before it is reduced (ZeRO-2/3 scatter it
-      after the backward pass: their compiled peak holds all of it);
+    * ``grads``: the whole local gradient, built before it is reduced (ZeRO-2 scatters it
+      after the backward pass; ZeRO-3 reduce-scatters each layer's inside the layer loop);
     * ``accumulator``: with microbatches, the sum of the earlier microbatches' gradients
-      beside the current one's;
+      beside the current one's (ZeRO-2: the shard); a pipeline's loop carry of the stage's
+      layer gradients, in the compute dtype;
     * ``reduced``: the reduction's result, a new buffer beside its input (all-reduce: the whole
       gradient; reduce-scatter: the shard) (``data=8``, 1 row: the peak is exactly 2 gradients);
     * ``bf16_params``: the bf16 copy of the parameters the step computes with;
     * ``saved``: what the backward pass needs of the forward: remat ``full`` each layer's input
       ``[rows, T, D]``; remat ``none`` every layer's autodiff residuals
       (:func:`gpt_layer_residual_bytes`) and a copy of the stacked weights the layer scan saves
-      with them; a pipeline one stage input per activation slot;
-    * ``working``: one layer's residuals, recomputed while its backward pass runs (remat full
-      and every pipeline stage), and the head: the fp32 logits ``[rows, T, V/t]``, their
-      log-softmax and their gradient;
-    * ``zero3``: ZeRO-3's gathered weights of the layer in use and its whole gradient.
+      with them; a pipeline one stage input per activation slot (and, GPipe and circular, the
+      stage's weights among its ``lax.cond``'s outputs);
+    * ``working``: what the stack's backward pass holds of one layer or chunk: one layer's
+      residuals, recomputed while its backward pass runs (remat full, and the last layer of a
+      1F1B tick's ``vjp``); a rematerialised pipeline chunk under remat none, its layers'
+      stacked residuals and the last layer's intermediates in flight;
+    * ``head``: the fp32 logits ``[rows, T, V/t]``, their log-softmax and their gradient. The
+      head's backward runs before the stack's and its buffers are dead by then, so the
+      backward phase holds the larger of ``working`` and ``head``, not both (``pipe=2``,
+      ``fsdp=4``, tiny: no logits live at the peak inside the pipeline's backward loop);
+    * ``zero3``: ZeRO-3's gathered weights of the layer in use and its whole gradient;
+    * ``tensor_gather``: ZeRO-2 with ``tensor``: the local gradient gathered over ``tensor``
+      before GSPMD reduce-scatters it over ``fsdp``;
+    * ``fusible`` (not in ``temp``): bytes counted above that XLA may fuse away, the in-flight
+      intermediates of a rematerialised remat-none chunk; the planner's pre-filter holds the
+      estimate less these against the budget, so that it rejects no layout that fits for
+      their sake.
+
+    Not modelled (the formula is below ``memory_analysis`` there, which the pre-filter
+    tolerates): XLA's packing of buffers into its temporary allocation (in loop-heavy
+    programs, pipelines above all, the allocation exceeds the bytes live at the peak by 8-30%),
+    and XLA:CPU's fusion choices with tensor parallelism at 4096 tokens a device and more
+    (``tensor=8``, small: 24 rows 0.98x, 32 rows 0.82x: a dozen ``[rows, T, D]`` buffers where
+    16 rows had ten).
 
     Example:
         >>> cfg = get_preset("small")
@@ -295,15 +317,33 @@ def gpt_step_memory_bytes(config: Any, /, *, rows: int, seq_len: int, grad_local
     carry = micro * t * d * a
     block = _block_param_bytes(config, tensor)
     # Weights the step computes with, in the compute dtype: the layer scan (remat none) and a
-    # pipeline stage's backward keep them among their residuals.
+    # GPipe or circular pipeline stage's backward keep them among their residuals.
     layer_weights = layers * block / 4 * a
     zero3 = zero_stage >= 3 and fsdp > 1
-    out: dict[str, float] = {}
+    out: dict[str, float] = {"fusible": 0.0}
     # ZeRO-3 reduce-scatters each layer's gradient inside the backward layer loop (fsdp=8: the
     # 1-row peak is the shards plus one layer's gradient and weights); the others build the whole
     # local gradient first (ZeRO-2: fsdp=8's peak equals ZeRO-1's).
     out["grads"] = grad_local / fsdp if zero3 else grad_local
-    out["accumulator"] = out["grads"] if microbatches > 1 else 0.0
+    # Gradient accumulation over microbatches keeps the earlier microbatches' sum beside the
+    # current one's: whole under DP and ZeRO-1; ZeRO-2 reduce-scatters each microbatch's
+    # gradient into a sharded accumulator (meshpar.train.paths; fsdp=8, z2, mb2, bf16, small:
+    # counting it whole put the formula 1.21x over memory_analysis).
+    if microbatches == 1:
+        out["accumulator"] = 0.0
+    elif zero_stage >= 2 and fsdp > 1:
+        out["accumulator"] = grad_local / fsdp
+    else:
+        out["accumulator"] = out["grads"]
+    if pipe > 1 and not zero3:
+        # A pipeline's microbatches are not an accumulation loop: the transpose of its loop
+        # carries the sum of the stage's layer gradients, in the compute dtype (the weights
+        # enter the loop converted) and whole under ZeRO-2 (no reduce-scatter per tick), beside
+        # the current iteration's (``grads``); the embedding's gradient is not in the carry
+        # (pipe=2, data=4, small, fp32: the carry is the stage's 6 MiB; pipe=2, fsdp=4, tiny,
+        # bf16: the carry's buffers are bf16; counting the whole fp32 gradient put the tiny
+        # pipelines 1.19-1.35x over).
+        out["accumulator"] = layers * block / 4 * a
     out["reduced"] = grad_local if zero_stage <= 1 or fsdp == 1 else grad_local / fsdp
     out["bf16_params"] = grad_local / 2 / (fsdp if zero3 else 1) if a == 2 else 0.0
     # Recompute and backward of one layer are one XLA loop body: GELU's 4 elementwise
@@ -318,13 +358,42 @@ def gpt_step_memory_bytes(config: Any, /, *, rows: int, seq_len: int, grad_local
     if pipe > 1:
         # meshpar's pipeline rematerialises each stage iteration: its backward recomputes the
         # stage's layers under their own remat policy (pipe=2, data=4, small, 1-8 rows a
-        # microbatch: one layer's residuals a row) and keeps the stage's weights; the loop keeps
+        # microbatch: one layer's residuals a row); the loop keeps
         # one stage input per activation slot (the stack's input and output are among them:
         # counting them again overshot pipe=2 by their size); the head runs on the whole batch
         # split over pipe (rows / pipe).
         slots = activation_slots if activation_slots is not None else 2 * microbatches + pipe - 1
-        out["saved"] = slots * carry + layer_weights
-        out["working"] = layers * stored if config.remat == "none" else one_layer
+        # GPipe and circular: autodiff through the loop's lax.cond keeps the stage's weights
+        # among the recompute's outputs (a conditional's results are new buffers: pipe=2,
+        # data=4, small, fp32: 6 MiB of weight-shaped cond outputs at the peak). The 1F1B
+        # schedules take a jax.vjp inside the tick and return gradients only (pipe=4, 1f1b,
+        # small: no such copy; counting it put the formula 1.15x over).
+        one_f_one_b = str(getattr(schedule, "value", schedule)) in ("1f1b", "interleaved-1f1b")
+        out["saved"] = slots * carry + (0.0 if one_f_one_b else layer_weights)
+        # An iteration runs one chunk of the stage: layers / repeats of them (circular and
+        # interleaved schedules); its recompute under remat none stacks their residuals
+        # (pipe=2, circular x2, small: one layer's, the formula with the stage's two was 1.25-1.33
+        # over memory_analysis).
+        chunk = max(1, layers // max(1, repeats))
+        # While the recompute runs the chunk's last layer, that layer's widest intermediates,
+        # the [H, T, T] scores and the [T, M] hidden, are live twice (computed, and their
+        # elementwise successors) before they join the stack (pipe=2, data=4, small, fp32, 4
+        # rows a microbatch: 10.5 MiB in flight beside the 50 MiB stack, this count 8).
+        in_flight = micro * t * 4.0 * 2 * (h * t + m)
+        if config.remat != "none":
+            out["working"] = one_layer
+        elif one_f_one_b:
+            # The 1F1B schedules take a jax.vjp of the chunk per backward tick: XLA runs the
+            # last layer's forward and backward as one region, as under remat full, and keeps
+            # only the earlier layers' residuals whole (pipe=4, 1f1b, remat none, small, one
+            # layer a chunk: 8.8 MiB at the peak where the stacked count put 17).
+            out["working"] = (chunk - 1) * stored + one_layer
+        else:
+            out["working"] = chunk * stored + in_flight
+            # XLA fuses part of the in-flight intermediates where the tensors are small (the
+            # tiny preset: pipe=2, data=2, tensor=2, mb4, bf16 came out 1.12x over with them,
+            # 1.04x without): the pre-filter's floor leaves them out.
+            out["fusible"] = in_flight
         head_rows = rows / pipe
     elif config.remat == "none":
         out["saved"] = layers * stored + layer_weights
@@ -344,11 +413,22 @@ def gpt_step_memory_bytes(config: Any, /, *, rows: int, seq_len: int, grad_local
         out["zero3"] = zero3_working_bytes(block, fsdp=fsdp)
     else:
         out["zero3"] = 0.0
+    # The head's backward runs before the stack's and its logits are dead by the time the
+    # stack's working set is live: the larger of the two, not their sum (pipe=2, fsdp=4, tiny:
+    # no logits among the buffers live at the peak inside the pipeline's backward loop).
     backward = (out["grads"] + out["accumulator"] + out["bf16_params"] + out["saved"]
-                + out["working"] + out["head"] + out["zero3"])
+                + max(out["working"], out["head"]) + out["zero3"])
     # The update phase: the activations are gone, the bf16 copy too (data=8, 1 row, bf16: the
     # peak is the 2 gradients, as in fp32).
     update = out["grads"] + out["reduced"]
-    out["temp"] = max(backward, update)
+    # ZeRO-2 over fsdp with tensor parallel: GSPMD reduce-scatters a tensor-split gradient over
+    # fsdp only after gathering it over tensor, so each microbatch's reduction holds the local
+    # gradient whole over tensor beside its input and the accumulator (fsdp=2, tensor=4, z2,
+    # mb4, tiny: all-gathers f32[64,2,256] before the reduce-scatters, 0.5 MiB live for a
+    # 0.12 MiB local gradient; the formula was 0.86x of memory_analysis without them).
+    out["tensor_gather"] = grad_local * tensor if (zero_stage == 2 and fsdp > 1 and tensor > 1
+                                                   and pipe == 1) else 0.0
+    gather_phase = out["grads"] + out["accumulator"] + out["tensor_gather"]
+    out["temp"] = max(backward, update, gather_phase)
     out["total"] = out["temp"] - grad_kept
     return out
