@@ -16,6 +16,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from meshpar.axes import BATCH_AXES, DATA, FSDP, TENSOR
+from meshpar.parallel.schedule import Schedule
 
 
 def zero_state_bytes(grad_bytes: float, *, fsdp: int, zero_stage: int,
@@ -250,7 +251,8 @@ def _block_param_bytes(config: Any, tensor: int) -> float:
 
 def gpt_step_memory_bytes(config: Any, /, *, rows: int, seq_len: int, grad_local: float,
                           grad_kept: float, tensor: int = 1, pipe: int = 1, fsdp: int = 1,
-                          zero_stage: int = 0, microbatches: int = 1, schedule: str = "gpipe",
+                          zero_stage: int = 0, microbatches: int = 1,
+                          schedule: Schedule | str = Schedule.GPIPE,
                           repeats: int = 1, activation_slots: int | None = None,
                           precision: str = "fp32") -> dict[str, float]:
     """Per-device bytes a compiled GPT train step holds at its peak beyond the state
@@ -368,7 +370,7 @@ def gpt_step_memory_bytes(config: Any, /, *, rows: int, seq_len: int, grad_local
         # data=4, small, fp32: 6 MiB of weight-shaped cond outputs at the peak). The 1F1B
         # schedules take a jax.vjp inside the tick and return gradients only (pipe=4, 1f1b,
         # small: no such copy; counting it put the formula 1.15x over).
-        one_f_one_b = str(getattr(schedule, "value", schedule)) in ("1f1b", "interleaved-1f1b")
+        one_f_one_b = Schedule(schedule).one_f_one_b
         out["saved"] = slots * carry + (0.0 if one_f_one_b else layer_weights)
         # An iteration runs one chunk of the stage: layers / repeats of them (circular and
         # interleaved schedules); its recompute under remat none stacks their residuals
