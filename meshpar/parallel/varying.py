@@ -1,5 +1,5 @@
-"""Values inside a ``shard_map``: casting to "varying" over manual axes, sums that XLA:CPU runs, the
-stage slot of stage-layout trees.
+"""Values inside a ``shard_map``: casting to "varying" over manual axes, sums that XLA:CPU runs,
+stage-to-stage moves of 16-bit floats as their bits, the stage slot of stage-layout trees.
 
 Shared by the pipeline loops (:mod:`meshpar.parallel.pipeline`, :mod:`meshpar.parallel.onef1b`).
 """
