@@ -359,3 +359,34 @@ def test_sharded_loss_matches_unsharded(tiny):
                  sharded_grads, ref_grads)
     # The constraints took effect: the partitioned program communicates.
     assert "all-reduce" in compiled.as_text()
+
+
+def test_embedding_gradient_gathers_rows_when_the_batch_has_fewer_tokens_than_the_table():
+    """``gpt._lookup``: with fewer tokens than table rows, the lookup's gradient is scattered from
+    the gathered rows on every device instead of reduced as a whole partial table. In a
+    pipelined layout (GSPMD outside the stack) the compiled step then reduces one table-sized
+    gradient (the tied unembedding's), not two, and trains like one device."""
+    import optax
+
+    from meshpar.inspect.hlo import collectives
+    from meshpar.train import TrainConfig, Trainer
+    from meshpar.train.data import TokenBatches
+
+    cfg = get_preset("tiny").replace(vocab_size=2048)  # 8 x 32 = 256 tokens < 2048 rows
+    batch = TokenBatches(batch_size=8, seq_len=32, seed=0).batch(0)
+
+    def trainer(mesh, strategy, **config):
+        return Trainer(lambda: GPT(cfg, rngs=nnx.Rngs(0)), optax.adam(1e-3), lm_loss, mesh=mesh,
+                       strategy=strategy, config=TrainConfig(**config))
+
+    piped = trainer(make_mesh(pipe=2, fsdp=4), "auto", microbatches=2)
+    one = trainer(make_mesh(data=1, devices=jax.devices()[:1]), "dp")
+    table_bytes = 2048 * cfg.d_model * 4
+    reduced = [op for op in collectives(piped.lower(batch).compile().as_text(), mesh=piped.mesh)
+               if op.kind in ("all-reduce", "reduce-scatter") and op.result_bytes >= table_bytes]
+    # One tuple all-reduce may carry several leaves: count the table-sized results in its bytes.
+    assert sum(op.result_bytes // table_bytes for op in reduced) == 1, reduced
+    (loss, grads), (ref_loss, ref_grads) = piped.loss_and_grads(batch), one.loss_and_grads(batch)
+    np.testing.assert_allclose(float(loss), float(ref_loss), rtol=1e-6)
+    g, r = (np.asarray(t["tok_embed"]) for t in (grads, ref_grads))
+    np.testing.assert_allclose(g, r, rtol=1e-5, atol=1e-6 * np.abs(r).max())
