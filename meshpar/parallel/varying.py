@@ -41,10 +41,11 @@ def psum_wide(x: jax.Array, axes: tuple[str, ...], mesh: Mesh) -> jax.Array:
 
 
 def _bits_dtype(dtype) -> Any:
-    # XLA:CPU (jaxlib 0.10.2) upcasts bf16/f16 collectives (convert, fp32 collective, convert):
-    # the stage-to-stage permutes of a bf16 pipeline were 11% of issue 13's pipe=2,fsdp=4 step.
-    # Their bits, as unsigned integers of the same width, travel as they are; on accelerators
-    # the bitcasts are free.
+    # XLA:CPU (jaxlib 0.10.2) upcasts bf16/f16 collectives (convert, fp32 collective, convert).
+    # Their bits, as unsigned integers of the same width, travel as they are: half the bytes
+    # and no converts; on accelerators the bitcasts are free. (Issue 13's pipe=2,fsdp=4 step
+    # did not get faster: its 128 KB permutes cost their rendezvous on emulated devices, 11%
+    # of op time either way; benchmarks/README.md, cause 10.)
     if jnp.issubdtype(dtype, jnp.floating) and jnp.dtype(dtype).itemsize == 2:
         return jnp.uint16
     return None
