@@ -73,6 +73,7 @@ ppermute_bits.defvjp(
 )
 
 
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
 def select_stage(x: jax.Array, keep: jax.Array, axis: str, mesh: Mesh) -> jax.Array:
     """On every device of ``axis``, ``x`` of the one device where ``keep`` is true.
 
@@ -85,11 +86,6 @@ def select_stage(x: jax.Array, keep: jax.Array, axis: str, mesh: Mesh) -> jax.Ar
     Example:
         >>> out = select_stage(buf, stage == 0, "pipe", mesh)   # inside a shard_map
     """
-    return _select_stage(x, keep, axis, mesh)
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
-def _select_stage(x, keep, axis, mesh):
     bits = _bits_dtype(x.dtype)
     if bits is None:
         return psum_wide(jnp.where(keep, x, jnp.zeros_like(x)), (axis,), mesh)
@@ -97,16 +93,13 @@ def _select_stage(x, keep, axis, mesh):
     return jax.lax.bitcast_convert_type(jax.lax.psum(mine, axis), x.dtype)
 
 
-def _select_stage_fwd(x, keep, axis, mesh):
-    return _select_stage(x, keep, axis, mesh), keep
-
-
 def _select_stage_bwd(axis, mesh, keep, g):
     g = jax.lax.pcast(g, (axis,), to="varying")
     return jnp.where(keep, g, jnp.zeros_like(g)), None
 
 
-_select_stage.defvjp(_select_stage_fwd, _select_stage_bwd)
+select_stage.defvjp(lambda x, keep, axis, mesh: (select_stage(x, keep, axis, mesh), keep),
+                    _select_stage_bwd)
 
 
 def cast_varying(tree: PyTree, axes: Sequence[str], mesh: Mesh) -> PyTree:

@@ -344,9 +344,9 @@ def _search(model: _Model, layouts: Sequence[Layout], rejected: list[str], *, de
             f"{devices} devices is more than the {limit} compiled here: the shortlist is "
             f"extrapolated from compiles of the same layout with data/fsdp shrunk to {limit} "
             "devices (source 'extrap'); the rest is analytic")
-    analytic: list[tuple[Layout, float, StepTime, float | None]] = []
+    # (layout, analytic memory, the pre-filter's figure, analytic time, model FLOPs)
+    analytic: list[tuple[Layout, float, float, StepTime, float | None]] = []
     plans: dict[tuple, Any] = {}
-    floors: dict[int, float] = {}
     bar = _progress(len(layouts), "plan (formulas)", progress)
     for layout in layouts:
         if bar is not None:
@@ -376,18 +376,18 @@ def _search(model: _Model, layouts: Sequence[Layout], rejected: list[str], *, de
         # What the pre-filter holds against the budget: the estimate less the bytes the formula
         # counts that XLA may fuse away (gpt_step_memory_bytes' ``fusible``), so that a layout
         # rejected unseen is over the budget even where the formula overshoots.
-        floors[id(layout)] = memory - act.get("fusible", 0.0)
+        floor = memory - act.get("fusible", 0.0)
         t = step_time(flops_per_device=flops, collectives=colls, mesh_shape=layout.mesh_shape,
                       hardware=hardware, precision=layout.precision,
                       bubble_fraction=_bubble(layout), model_flops=model_flops)
-        analytic.append((layout, memory, t, model_flops))
+        analytic.append((layout, memory, floor, t, model_flops))
     if bar is not None:
         bar.close()
-    analytic.sort(key=lambda x: (floors[id(x[0])] > budget * PREFILTER_SLACK, x[2].step))
+    analytic.sort(key=lambda x: (x[2] > budget * PREFILTER_SLACK, x[3].step))
     rows = jax.tree.leaves(model.batch)[0].shape[0]
     shortlist = []
     for x in analytic:
-        if floors[id(x[0])] > budget * PREFILTER_SLACK or len(shortlist) >= compile_top:
+        if x[2] > budget * PREFILTER_SLACK or len(shortlist) >= compile_top:
             continue
         proxy = None if can_compile else proxy_layout(x[0], limit)
         if can_compile or proxy is not None:
@@ -395,7 +395,7 @@ def _search(model: _Model, layouts: Sequence[Layout], rejected: list[str], *, de
     chosen = {id(x[0]) for x in shortlist}
     out = []
     bar = _progress(len(shortlist), "plan (compile)", progress)
-    for layout, memory, t, model_flops, proxy in shortlist:
+    for layout, memory, floor, t, model_flops, proxy in shortlist:
         if bar is not None:
             bar.set_postfix_str(layout.label)
         compiled = proxy or layout
@@ -427,17 +427,17 @@ def _search(model: _Model, layouts: Sequence[Layout], rejected: list[str], *, de
         out.append(Candidate(layout=layout, memory=mem, memory_analytic=memory,
                              memory_compiled=mem if proxy is None else None, budget=budget,
                              time=new_t, source=source, command=model.command(layout),
-                             memory_prefilter=floors[id(layout)]))
+                             memory_prefilter=floor))
         if bar is not None:
             bar.update(1)
     if bar is not None:
         bar.close()
-    for layout, memory, t, _ in analytic:
+    for layout, memory, floor, t, _ in analytic:
         if id(layout) not in chosen:
             out.append(Candidate(layout=layout, memory=memory, memory_analytic=memory,
                                  memory_compiled=None, budget=budget, time=t, source="analytic",
                                  command=model.command(layout),
-                                 memory_prefilter=floors[id(layout)]))
+                                 memory_prefilter=floor))
     out.sort(key=lambda c: (not c.fits, c.time.step if c.fits else c.memory,
                             c.source == "analytic"))
     return PlanResult(candidates=tuple(out), rejected=tuple(rejected), hardware=hardware,
