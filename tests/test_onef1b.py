@@ -12,8 +12,12 @@ parameters after 3 steps against one device) are in ``tests/test_pipeline_train.
 
 from __future__ import annotations
 
+import dataclasses
+from collections import Counter
+
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 import pytest
 from flax import nnx
@@ -26,6 +30,7 @@ from meshpar.errors import StrategyError
 from meshpar.inspect.hlo import collectives
 from meshpar.mesh import make_mesh
 from meshpar.models import GPT, get_preset, lm_loss
+from meshpar.parallel.residuals import VjpResiduals
 from meshpar.parallel.pipeline import PipelineConfig, pipeline_apply, stack_stages
 from meshpar.parallel.schedule import Schedule, activation_bound, onef1b_table
 from meshpar.train import TrainConfig
@@ -47,25 +52,30 @@ def inter(p, m, v=2, **kw):
 
 DATA = {"batch_axes": ("data",)}
 TP = {"tensor": "tensor"}
+KEEP = {"remat": False}   # stash each forward tick's vjp residuals instead of recomputing
 
 CASES = [
-    # pipe = 4 (M = P, 2P, 4P); NaN in every idle slot and empty buffer of the M = P runs.
-    Case({"pipe": 4, "data": 2}, one(4, 4), 8, bubble_fill=NAN),
+    # pipe = 4 (M = P, 2P, 4P); NaN in every idle slot and empty buffer of the M = P runs. Both
+    # backward kinds (recompute from the stashed input: remat, the PipelineConfig default; the
+    # forward tick's residuals: KEEP, the Trainer's default for 1F1B), each schedule and each
+    # companion axis under each, NaN-filled under each.
+    Case({"pipe": 4, "data": 2}, one(4, 4, **KEEP), 8, bubble_fill=NAN),
     Case({"pipe": 4, "data": 2}, one(4, 8, **DATA), 4, ("data",)),
     Case({"pipe": 4, "data": 2}, one(4, 16), 4),
-    Case({"pipe": 4, "data": 2}, inter(4, 4), 8, bubble_fill=NAN),
-    Case({"pipe": 4, "tensor": 2}, one(4, 8), 4, (), TP, (("mlp", "tensor"),)),
+    Case({"pipe": 4, "data": 2}, inter(4, 4, **KEEP), 8, bubble_fill=NAN),
+    Case({"pipe": 4, "tensor": 2}, one(4, 8, **KEEP), 4, (), TP, (("mlp", "tensor"),)),
     Case({"pipe": 4, "fsdp": 2}, inter(4, 4), 8, ("fsdp",), {"fsdp": "fsdp"}),
     # pipe = 2, with data (manual), tensor (Megatron weights, constrained activations) and fsdp
     # (ZeRO-3-style weights gathered inside the stage, batch split over fsdp).
-    Case({"pipe": 2, "data": 4}, one(2, 2, **DATA), 4, ("data",), bubble_fill=NAN),
+    Case({"pipe": 2, "data": 4}, one(2, 2, **DATA, **KEEP), 4, ("data",), bubble_fill=NAN),
     Case({"pipe": 2, "data": 2, "tensor": 2}, one(2, 4, **DATA), 4, ("data",), TP, TP_RULES,
          bubble_fill=NAN),
-    Case({"pipe": 2, "fsdp": 2, "tensor": 2}, one(2, 8), 4, ("fsdp",),
+    Case({"pipe": 2, "fsdp": 2, "tensor": 2}, one(2, 8, **KEEP), 4, ("fsdp",),
          {"tensor": "tensor", "fsdp": "fsdp"}),
     Case({"pipe": 2, "data": 4}, inter(2, 2, **DATA), 4, ("data",), bubble_fill=NAN),
-    Case({"pipe": 2, "data": 2, "tensor": 2}, inter(2, 4, **DATA), 8, ("data",), TP, TP_RULES),
-    Case({"pipe": 2, "data": 2, "fsdp": 2}, inter(2, 8, **DATA), 4, (("data", "fsdp"),),
+    Case({"pipe": 2, "data": 2, "tensor": 2}, inter(2, 4, **DATA, **KEEP), 8, ("data",), TP,
+         TP_RULES),
+    Case({"pipe": 2, "data": 2, "fsdp": 2}, inter(2, 8, **DATA, **KEEP), 4, (("data", "fsdp"),),
          {"fsdp": "fsdp"}),
 ]
 
@@ -94,19 +104,23 @@ def test_matches_sequential_reference(case):
 
 TABLE_CONFIGS = [one(1, 3), one(2, 2), one(2, 5), one(4, 4), one(4, 9), one(3, 12),
                  inter(2, 2), inter(2, 6, v=3), inter(4, 4), inter(4, 12), inter(3, 6, v=2)]
+TABLE_CONFIGS += [dataclasses.replace(c, remat=False) for c in TABLE_CONFIGS]
 
 
 @pytest.mark.parametrize("cfg", TABLE_CONFIGS,
                          ids=lambda c: f"{c.schedule.value}-P{c.stages}-M{c.microbatches}"
-                                       f"-v{c.repeats}")
+                                       f"-v{c.repeats}" + ("" if c.remat else "-noremat"))
 def test_tables_replayed_symbolically(cfg):
     # Replay the loop with labels instead of arrays: each forward and backward must read the
-    # input (and gradient) of exactly its own (microbatch, chunk), and every one must run once.
+    # input (and gradient) of exactly its own (microbatch, chunk) -- or, without remat, the
+    # residuals its own forward tick left -- and every one must run once.
     t = onef1b_table(cfg)
     P_, v, M = cfg.stages, cfg.repeats, cfg.microbatches
     V = P_ * v
     stash = [[None] * t.stash_slots for _ in range(P_)]
     cot = [[None] * t.cot_slots for _ in range(P_)]
+    res = [[None] * t.res_slots for _ in range(P_)]
+    assert (t.res_slots > 0) == (not cfg.remat and V > 1)
     f_msg, b_msg = [None] * P_, [None] * P_
     ran_f, ran_b = set(), set()
     for k in range(t.ticks):
@@ -128,10 +142,17 @@ def test_tables_replayed_symbolically(cfg):
                 assert g < V - 1      # the last chunk's forward is left to its backward
                 ran_f.add((m, g))
                 f_msg[s] = ("x", m, g + 1)
+                assert (t.forward_res[s, k] >= 0) == (not cfg.remat), (k, s)
+                if t.forward_res[s, k] >= 0:
+                    res[s][t.forward_res[s, k]] = ("res", m, g)
             if t.backward_mb[s, k] >= 0:
                 m, g = int(t.backward_mb[s, k]), int(t.backward_rep[s, k]) * P_ + s
                 slot, c = t.backward_slot[s, k], t.backward_cot[s, k]
-                assert (("x", m, 0) if slot < 0 else stash[s][slot]) == ("x", m, g), (k, s)
+                if t.backward_res[s, k] >= 0:       # its forward tick's residuals
+                    assert g < V - 1 and res[s][t.backward_res[s, k]] == ("res", m, g), (k, s)
+                else:                               # recompute from the input
+                    assert cfg.remat or g == V - 1, (k, s)
+                    assert (("x", m, 0) if slot < 0 else stash[s][slot]) == ("x", m, g), (k, s)
                 assert (("dy", m, V - 1) if c < 0 else cot[s][c]) == ("dy", m, g), (k, s)
                 assert g == 0 or (m, g - 1) not in ran_b
                 ran_b.add((m, g))
@@ -151,6 +172,57 @@ def test_buffers_do_not_grow_with_microbatches():
     assert one(4, 8).activation_slots == 5                                    # P + 1
     assert "flat in M" in activation_bound(one(4, 8))
     assert "linear in M" in activation_bound(PipelineConfig(4, 8))
+
+
+@pytest.mark.parametrize("remat,first_stage", [(True, 3), (False, 2)])
+def test_forwards_per_chunk_and_microbatch(remat, first_stage):
+    # Count the chunk's forward runs per stage (a host callback inside stage_fn). Stage 0 (not
+    # the last chunk): the forward loop, its forward tick, and with remat the recomputation in
+    # its backward tick; without remat the backward applies the forward tick's residuals. The
+    # last chunk has no forward tick: its backward always runs forward and backward together.
+    calls: Counter = Counter()
+
+    def counted(chunk, x):
+        jax.debug.callback(lambda s: calls.update([int(s)]), jax.lax.axis_index("pipe"))
+        return stage_fn(chunk, x)
+
+    mesh, m = make_mesh(pipe=2, data=4), 4
+    staged = {k: jax.device_put(v, NamedSharding(mesh, P("pipe")))
+              for k, v in stack_stages(make_layers(4), stages=2).items()}
+    loss = lambda s, x: jnp.sum(pipeline_apply(counted, s, x, mesh=mesh,  # noqa: E731
+                                               config=one(2, m, remat=remat)))
+    jax.block_until_ready(jax.jit(jax.grad(loss))(staged, jnp.ones((m, 8, 16))))
+    jax.effects_barrier()
+    assert dict(calls) == {0: first_stage * m, 1: 2 * m}, calls
+
+
+def test_kept_residuals_leave_out_the_weights_and_what_the_weights_alone_make():
+    # A layer that uses 2 * w1: its vjp's residuals are w2 (a weight: put back), 2 * w1 per layer
+    # (made from the weights alone: recomputed in the backward tick) and the activations (kept).
+    def layer2(h, w):
+        return h + jnp.tanh(h @ (2.0 * w["w1"]) + w["b1"]) @ w["w2"], None
+
+    def chunk_fn(chunk, x):
+        return jax.lax.scan(layer2, x, chunk)[0]
+
+    chunk = {k: v[:2] for k, v in make_layers(4).items()}
+    seen = {}
+
+    @jax.jit
+    def grads(chunk, x, dy):
+        residuals = VjpResiduals(lambda c, x: jax.vjp(chunk_fn, c, x), chunk, x)
+        seen["r"] = residuals
+        _, vjp = jax.vjp(chunk_fn, chunk, x)
+        rebuilt = residuals.vjp(residuals.keep(vjp, chunk), chunk)
+        return rebuilt(dy), vjp(dy)
+
+    x = jnp.asarray(np.random.default_rng(0).standard_normal((8, 16)), jnp.float32)
+    got, want = grads(chunk, x, jnp.cos(x))
+    assert jax.tree.all(jax.tree.map(lambda a, b: bool(jnp.array_equal(a, b)), got, want))
+    r = seen["r"]
+    assert sum(w is not None for w in r.weight_of) == 1 and sum(r.derived) == 1, r.derived
+    # Only activations are kept: [layers, rows, width], no [layers, 16, 32] weight copy.
+    assert {tuple(a.shape) for a in r.avals} == {(2, 8, 16), (2, 8, 32)}, r.avals
 
 
 # --- memory -----------------------------------------------------------------------------------
@@ -179,9 +251,14 @@ def test_memory_flat_in_microbatches_where_gpipe_grows():
     x_bytes = MEM_MB * MEM_D * 4
     temps = {(s, v, m): _vjp_temp_bytes(PipelineConfig(4, m, s, v), mesh)
              for s, v in (("1f1b", 1), ("gpipe", 1)) for m in (8, 32)}
+    # Keeping the forward ticks' residuals (remat=False): flat too, a chunk's residuals per
+    # slot instead of its input.
+    temps |= {("1f1b-keep", 1, m): _vjp_temp_bytes(one(4, m, remat=False), mesh) for m in (8, 32)}
     # (interleaved-1f1b: flat too, 0.26 MiB at M = 8 and 32 when measured; left out for the
     # suite's time, its buffers are bounded by test_buffers_do_not_grow_with_microbatches.)
     assert temps[("1f1b", 1, 32)] <= 1.1 * temps[("1f1b", 1, 8)], temps
+    assert temps[("1f1b-keep", 1, 32)] <= 1.1 * temps[("1f1b-keep", 1, 8)], temps
+    assert temps[("1f1b-keep", 1, 32)] < temps[("gpipe", 1, 32)]
     # GPipe: (v+1) x |x| per extra microbatch (tests/test_pipeline.py), at least the saved stage
     # input of each extra iteration here.
     assert temps[("gpipe", 1, 32)] - temps[("gpipe", 1, 8)] >= 24 * x_bytes, temps
@@ -247,9 +324,10 @@ def test_config_errors():
     with pytest.raises(StrategyError, match=r"6 layers cannot be split into stages=2 x "
                                             r"repeats=2 = 4 equal chunks"):
         inter(2, 4).validate(6, 32, make_mesh(pipe=2, data=4))
-    with pytest.raises(StrategyError, match=r"remat=False does not apply"):
-        one(2, 4, remat=False)
     assert PipelineConfig(2, 4, Schedule.ONE_F_ONE_B).schedule is Schedule("1f1b")
+    with pytest.raises(StrategyError, match=r"pipeline_remat='yes'; expected None .*, True or "
+                                            r"False"):
+        TrainConfig(schedule="1f1b", pipeline_remat="yes")
     with pytest.raises(StrategyError, match="skip_bubbles=False"):
         pipeline_apply(stage_fn, stack_stages(make_layers(4), stages=2), jnp.ones((2, 8, 16)),
                        mesh=make_mesh(pipe=2, data=4), config=one(2, 2), skip_bubbles=False)

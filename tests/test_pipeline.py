@@ -94,7 +94,8 @@ class Case:
         extra = f"-v{c.repeats}" if c.repeats > 1 else ""
         manual = f"-manual:{'+'.join(c.batch_axes)}" if c.batch_axes else ""
         fill = "-nanfill" if self.bubble_fill is not None else ""
-        return f"{c.schedule}{extra}-{mesh}-M{c.microbatches}{manual}{fill}"
+        kept = "" if c.remat else "-noremat"
+        return f"{c.schedule}{extra}-{mesh}-M{c.microbatches}{manual}{kept}{fill}"
 
 
 def _weight_specs(config: PipelineConfig, weight_axes: dict | None) -> dict[str, P]:

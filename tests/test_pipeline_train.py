@@ -103,8 +103,8 @@ def make_tx() -> optax.GradientTransformation:
     return optax.adamw(LR)
 
 
-def gpt_factory(layers: int):
-    cfg = GPT_CONFIGS[layers]
+def gpt_factory(layers: int, layer_remat: str = "full"):
+    cfg = GPT_CONFIGS[layers].replace(remat=layer_remat)
     return lambda: GPT(cfg, rngs=nnx.Rngs(SEED))
 
 
@@ -119,6 +119,8 @@ class Case:
     microbatches: int
     schedule: str = "gpipe"
     repeats: int = 1
+    pipeline_remat: bool | None = None
+    layer_remat: str = "full"      # the GPT's layer scan (the same math: the same reference)
 
     @property
     def stages(self) -> int:
@@ -128,15 +130,19 @@ class Case:
     def id(self) -> str:
         mesh = ",".join(f"{a}{n}" for a, n in self.mesh)
         sched = self.schedule + (f"-v{self.repeats}" if self.repeats > 1 else "")
-        return f"gpt{self.layers}-{self.strategy}-{mesh}-{sched}-M{self.microbatches}"
+        remat = {None: "", True: "-remat", False: "-noremat"}[self.pipeline_remat]
+        layer = "" if self.layer_remat == "full" else f"-layers:{self.layer_remat}"
+        return (f"gpt{self.layers}-{self.strategy}-{mesh}-{sched}-M{self.microbatches}{remat}"
+                f"{layer}")
 
     def config(self) -> TrainConfig:
         return TrainConfig(microbatches=self.microbatches, schedule=self.schedule,
-                           repeats=self.repeats)
+                           repeats=self.repeats, pipeline_remat=self.pipeline_remat)
 
 
-def _case(layers, mesh: str, strategy, m, schedule="gpipe", repeats=1) -> Case:
-    return Case(layers, mesh_axes(mesh), strategy, m, schedule, repeats)
+def _case(layers, mesh: str, strategy, m, schedule="gpipe", repeats=1, remat=None,
+          layer_remat="full") -> Case:
+    return Case(layers, mesh_axes(mesh), strategy, m, schedule, repeats, remat, layer_remat)
 
 
 CASES = [
@@ -170,21 +176,26 @@ CASES = [
     #
     # (1f1b and P = 2 / 4: 4 layers; interleaved v = 2 needs layers divisible by 2P: 4 at P = 2,
     # 8 at P = 4. fsdp below ZeRO-3 runs manual in the stages like data, ZeRO-3 automatic: both
-    # appear at each pipe.)
+    # appear at each pipe.) The backward ticks apply each forward tick's residuals (the 1F1B
+    # default); the cases marked "recompute" rerun the chunk from its input instead
+    # (pipeline_remat=True): each schedule and each pipe has one. Two run the GPT's layer scan
+    # without remat, whose residuals are every intermediate and the scan's per-layer copies of
+    # the weights (recomputed from the weights, not kept: meshpar.parallel.onef1b._Residuals).
     _case(4, "pipe=2,data=4", "dp", 2, "1f1b"),                       # M = P, data manual
     _case(4, "pipe=2", "dp", 8, "1f1b"),                              # alone, M = 4P
-    _case(4, "pipe=2,tensor=4", "tp", 4, "1f1b"),                     # tensor, M = 2P
-    _case(4, "pipe=2,fsdp=4", "zero1", 4, "1f1b"),                    # fsdp manual, M = 2P
-    _case(4, "pipe=4,fsdp=2", "zero3", 4, "1f1b"),                    # P = 4, M = P, ZeRO-3
+    _case(4, "pipe=2,tensor=4", "tp", 4, "1f1b", remat=True),         # tensor, M = 2P, recompute
+    _case(4, "pipe=2,fsdp=4", "zero1", 4, "1f1b", layer_remat="none"),  # fsdp manual, M = 2P
+    _case(4, "pipe=4,fsdp=2", "zero3", 4, "1f1b", remat=True),        # P = 4, M = P, ZeRO-3, rec.
     _case(4, "pipe=4", "dp", 16, "1f1b"),                             # alone, M = 4P
     _case(4, "pipe=4,data=2", "dp", 8, "1f1b"),                       # data, M = 2P
     _case(4, "pipe=4,tensor=2", "tp", 4, "1f1b"),                     # tensor, M = P
     _case(8, "pipe=2,data=2,tensor=2", "auto", 8, "interleaved-1f1b", 2),  # M = 4P, tensor
     _case(4, "pipe=2", "dp", 2, "interleaved-1f1b", 2),               # alone, M = P
-    _case(4, "pipe=2,fsdp=4", "zero3", 4, "interleaved-1f1b", 2),     # ZeRO-3, M = 2P
-    _case(8, "pipe=4,data=2", "dp", 8, "interleaved-1f1b", 2),        # P = 4, M = 2P
+    _case(4, "pipe=2,fsdp=4", "zero3", 4, "interleaved-1f1b", 2, True),  # ZeRO-3, M = 2P, rec.
+    _case(8, "pipe=4,data=2", "dp", 8, "interleaved-1f1b", 2,         # P = 4, M = 2P
+          layer_remat="none"),
     _case(8, "pipe=4", "dp", 16, "interleaved-1f1b", 2),              # alone, M = 4P
-    _case(8, "pipe=4,tensor=2", "tp", 4, "interleaved-1f1b", 2),      # tensor, M = P
+    _case(8, "pipe=4,tensor=2", "tp", 4, "interleaved-1f1b", 2, True),  # tensor, M = P, recompute
     _case(8, "pipe=4,fsdp=2", "zero1", 4, "interleaved-1f1b", 2),     # fsdp manual, M = P
 ]
 
@@ -233,7 +244,7 @@ def case_mesh(case: Case):
 
 @functools.cache
 def run_case(case: Case) -> Result:
-    result, trainer = train(gpt_factory(case.layers), mesh=case_mesh(case),
+    result, trainer = train(gpt_factory(case.layers, case.layer_remat), mesh=case_mesh(case),
                             strategy=case.strategy, config=case.config())
     _TRAINERS[case] = trainer
     return result
@@ -247,7 +258,8 @@ def trainer_of(case: Case) -> Trainer:
     the reference) here only for its trainer cost about 20 s per case.
     """
     if case not in _TRAINERS:
-        _TRAINERS[case] = Trainer(gpt_factory(case.layers), make_tx(), lm_loss,
+        _TRAINERS[case] = Trainer(gpt_factory(case.layers, case.layer_remat), make_tx(),
+                                  lm_loss,
                                   mesh=case_mesh(case), strategy=case.strategy,
                                   config=case.config())
     return _TRAINERS[case]
@@ -594,6 +606,10 @@ def test_cli_schedule_flags_without_a_pipe_axis_are_a_usage_error(capsys):
                                "data=8", "--schedule", "circular", "--repeats", "2"])
     err = capsys.readouterr().err
     assert status == 2 and re.search(r"need a pipe axis of size > 1", err), err
+    status = meshpar.cli.main(["train", *CLI_TINY, "--steps", "1", "--no-progress", "--mesh",
+                               "data=8", "--no-pipeline-remat"])
+    err = capsys.readouterr().err
+    assert status == 2 and "--no-pipeline-remat needs a pipe axis of size > 1" in err, err
 
 
 def test_gpipe_with_repeats_is_refused_whatever_the_mesh():
@@ -674,8 +690,19 @@ def test_cli_inspect_reports_1f1b_beside_gpipe(capsys):
     assert "interleaved-1f1b, 4 stages x 2 repeat(s)" in line, line
     assert "19 iterations + 36 1F1B ticks, bubble fraction (idle stage-ticks) = 0.167" in line
     activations = next(line for line in out.splitlines() if line.startswith("pipeline activ"))
+    # The 1F1B default keeps each forward tick's residuals (a stage input lives only until its
+    # forward); --pipeline-remat keeps the inputs until the backward recomputes from them.
+    assert ("4 microbatch activations (stash 2 + cotangent buffer 2 + residuals of 11 chunk "
+            "forwards, set by P=4 and v=2, flat in M); gpipe at these microbatches: 19"
+            ) in activations, activations
+    assert meshpar.cli.main([*argv, "--pipeline-remat"]) == 0
+    out = capsys.readouterr().out
+    activations = next(line for line in out.splitlines() if line.startswith("pipeline activ"))
     assert ("12 microbatch activations (stash 10 + cotangent buffer 2, set by P=4 and v=2, flat "
             "in M); gpipe at these microbatches: 19") in activations, activations
+    assert meshpar.cli.main([*argv, "--json"]) == 0
+    pipeline = json.loads(capsys.readouterr().out)["pipeline"]
+    assert (pipeline["remat"], pipeline["residual_slots"]) == (False, 11)
 
 
 def test_cli_inspect_without_a_pipe_axis_has_no_pipeline(capsys):

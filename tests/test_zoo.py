@@ -172,17 +172,20 @@ CONVNET4 = ZooModel("convnet4", lambda: ConvNet(nnx.Rngs(0, dropout=1), layers=4
                     ZOO["convnet"].loss, ZOO["convnet"].batch, scanned=True)
 
 
-@pytest.mark.parametrize("mesh,strategy,schedule,repeats", [
-    ("pipe=2,data=2,tensor=2", "auto", "circular", 2),
-    ("pipe=2,fsdp=4", "zero3", "1f1b", 1),
-    ("pipe=2,data=2,tensor=2", "auto", "interleaved-1f1b", 2),
+@pytest.mark.parametrize("mesh,strategy,schedule,repeats,pipeline_remat", [
+    ("pipe=2,data=2,tensor=2", "auto", "circular", 2, None),
+    ("pipe=2,fsdp=4", "zero3", "1f1b", 1, None),
+    ("pipe=2,data=2,tensor=2", "auto", "interleaved-1f1b", 2, True),
 ])
 def test_batch_statistics_and_dropout_in_every_pipeline_schedule(mesh, strategy, schedule,
-                                                                  repeats):
+                                                                  repeats, pipeline_remat):
     # 4 layers on pipe=2 (one or two chunks per stage), 4 microbatches: each chunk's state is
     # carried through the loop and advanced once per microbatch, in order; 1F1B's backward loop
-    # reruns each chunk with the state its forward saw (the same dropout mask).
-    config = mp.TrainConfig(microbatches=4, schedule=schedule, repeats=repeats)
+    # applies the residuals of each chunk's forward tick (1f1b: the default) or reruns the chunk
+    # with the state its forward saw (interleaved here: pipeline_remat=True) -- the same
+    # dropout mask either way.
+    config = mp.TrainConfig(microbatches=4, schedule=schedule, repeats=repeats,
+                            pipeline_remat=pipeline_remat)
     got = train(CONVNET4, make_mesh(dict(mesh_axes(mesh))), strategy, config)
     ref = convnet4_reference()
     with nnx.use_eager_sharding(False):

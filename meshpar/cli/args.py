@@ -60,6 +60,10 @@ def _add_layout_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--repeats", type=int, default=1,
                    help="layer chunks per stage for the circular and interleaved-1f1b schedules "
                         "(default 1)")
+    g.add_argument("--pipeline-remat", action=argparse.BooleanOptionalAction, default=None,
+                   help="recompute each pipeline stage's forward in its backward (default: on "
+                        "for gpipe and circular; off for the 1F1B schedules, which then keep "
+                        "each in-flight chunk's residuals and skip one forward per chunk)")
     g.add_argument("--batch-size", type=int, default=32, help="global batch size (default 32)")
     g.add_argument("--cpu-devices", type=int, default=8,
                    help="CPU devices to emulate (default 8; only the CPU backend is affected)")
@@ -160,7 +164,8 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--layout", choices=("manual", "auto"), default="manual",
                     help="auto: plan the layout (meshpar plan, over these devices, --hardware, "
                          "remat unless --remat is given) and train with the top pick, replacing "
-                         "--mesh, --strategy, --zero, --microbatches, --schedule, --repeats")
+                         "--mesh, --strategy, --zero, --microbatches, --schedule, --repeats, "
+                         "--pipeline-remat")
     add_plan_args(tr)
     tr.add_argument("--steps", type=int, default=300, help="optimizer steps (default 300)")
     tr.add_argument("--precision", choices=("fp32", "bf16"), default="fp32")
@@ -217,7 +222,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_mesh_args(g)
     g.add_argument("--cpu-devices", type=int, default=8,
                    help="CPU devices to emulate (default 8; only the CPU backend is affected)")
-    sa.set_defaults(schedule="gpipe", repeats=1, microbatches=1)
+    sa.set_defaults(schedule="gpipe", repeats=1, microbatches=1, pipeline_remat=None)
     return parser
 
 
@@ -252,6 +257,10 @@ def mesh_and_strategy(args: argparse.Namespace) -> tuple[Mesh, Strategy]:
             f"--schedule {args.schedule} --repeats {args.repeats} need a pipe axis of size > 1 "
             f"in the mesh, e.g. --mesh pipe=2,{args.mesh}"
         )
+    if mesh.shape.get(PIPE, 1) == 1 and getattr(args, "pipeline_remat", None) is not None:
+        flag = "--pipeline-remat" if args.pipeline_remat else "--no-pipeline-remat"
+        raise UsageError(f"{flag} needs a pipe axis of size > 1 in the mesh, e.g. --mesh "
+                         f"pipe=2,{args.mesh}")
     if args.schedule in ("gpipe", "1f1b") and args.repeats != 1:
         other = "circular" if args.schedule == "gpipe" else "interleaved-1f1b"
         raise UsageError(f"--repeats {args.repeats} needs --schedule {other}")

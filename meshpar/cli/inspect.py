@@ -28,7 +28,7 @@ from meshpar.inspect.explain_text import format_explain
 from meshpar.inspect.report import format_plan, plan_to_dict
 from meshpar.mesh import format_mesh, make_mesh
 from meshpar.models import GPT, lm_loss
-from meshpar.parallel.schedule import PipelineConfig, activation_bound
+from meshpar.parallel.schedule import PipelineConfig, activation_bound, onef1b_table
 from meshpar.train import TrainConfig
 from meshpar.train.data import TokenBatches
 from meshpar.train.diloco import DiLoCoTrainer
@@ -43,6 +43,7 @@ def inspect_main(args: argparse.Namespace) -> int:
     layout = plan_training(
         make_model, mesh=mesh, strategy=strategy,
         microbatches=args.microbatches, schedule=args.schedule, repeats=args.repeats,
+        pipeline_remat=args.pipeline_remat,
     )
     plan = layout.params
     pipeline = _pipeline_summary(layout)
@@ -60,6 +61,7 @@ def inspect_main(args: argparse.Namespace) -> int:
         compiled = explain_gpt(
             cfg, mesh=mesh, strategy=strategy, microbatches=args.microbatches,
             schedule=args.schedule, repeats=args.repeats, batch_size=args.batch_size,
+            pipeline_remat=args.pipeline_remat,
         )
     plots = []
     if getattr(args, "plots", None) and diloco is not None:
@@ -125,6 +127,10 @@ def _pipeline_summary(layout) -> dict | None:
         "iterations": p.iterations, "ticks": p.ticks, "bubble_fraction": p.bubble_fraction,
         "activation_slots": p.activation_slots, "activation_bound": activation_bound(p),
         "gpipe_activation_slots": PipelineConfig(p.stages, p.microbatches).activation_slots,
+        # Whether the stages recompute their forward in the backward pass; 1F1B without it
+        # keeps this many chunk forwards' residuals.
+        "remat": p.remat,
+        "residual_slots": onef1b_table(p).res_slots if p.schedule.one_f_one_b else 0,
     }
 
 
@@ -184,7 +190,7 @@ def write_plots(directory, *, make_model, layout, mesh, strategy, config, args,
             print(f"meshpar inspect: memory plot leaves out {label}: {err}", file=sys.stderr)
     mine = strategy_memory(make_model, {"this layout": (mesh, strategy)},
                            microbatches=args.microbatches, schedule=args.schedule,
-                           repeats=args.repeats)[0]
+                           repeats=args.repeats, pipeline_remat=args.pipeline_remat)[0]
     mine["label"] = f"this layout\n({strategy.name})"
     if compiled is not None:
         mine["compiled"] = next(c["measured"] for c in compiled["checks"]

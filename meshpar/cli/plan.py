@@ -84,4 +84,5 @@ def apply_auto_layout(args: argparse.Namespace) -> None:
     args.mesh, args.strategy, args.zero = lay.mesh_text, "auto", lay.zero_stage
     args.microbatches, args.repeats = lay.microbatches, lay.repeats
     args.schedule = lay.schedule.value  # the string --schedule gives, not the enum
+    args.pipeline_remat = None           # the planner costs each schedule's default
     args.remat, args.precision = lay.remat, lay.precision

@@ -125,7 +125,7 @@ def train_main(args: argparse.Namespace) -> int:
     config = TrainConfig(
         microbatches=args.microbatches, precision=args.precision,
         on_nonfinite="skip" if args.skip_nonfinite else "raise",
-        schedule=args.schedule, repeats=args.repeats,
+        schedule=args.schedule, repeats=args.repeats, pipeline_remat=args.pipeline_remat,
         # lm_loss is a mean over equal-length rows and the GPT computes each row on its own.
         row_separable=True,
     )

@@ -254,6 +254,7 @@ def gpt_step_memory_bytes(config: Any, /, *, rows: int, seq_len: int, grad_local
                           zero_stage: int = 0, microbatches: int = 1,
                           schedule: Schedule | str = Schedule.GPIPE,
                           repeats: int = 1, activation_slots: int | None = None,
+                          residual_slots: int = 0,
                           precision: str = "fp32") -> dict[str, float]:
     """Per-device bytes a compiled GPT train step holds at its peak beyond the state
     (parameters, the kept gradient ``grad_kept`` and the optimizer state) and the batch.
@@ -261,7 +262,9 @@ def gpt_step_memory_bytes(config: Any, /, *, rows: int, seq_len: int, grad_local
     ``rows`` is the per-device rows of the whole step, ``grad_local`` the fp32 gradient one device
     builds before any ZeRO reduction (:func:`gpt_local_param_bytes`), ``grad_kept`` what the
     state keeps of it (sharded from ZeRO-2), ``activation_slots`` a pipeline's stage
-    activations per device (:attr:`meshpar.parallel.schedule.PipelineConfig.activation_slots`).
+    activations per device (:attr:`meshpar.parallel.schedule.PipelineConfig.activation_slots`),
+    ``residual_slots`` the chunk forwards whose residuals a 1F1B pipeline without stage remat
+    keeps (:attr:`meshpar.parallel.schedule.OneFOneBTable.res_slots`).
     Each term is one mechanism of the compiled program (measured on the ``small`` and ``tiny``
     presets, 8 emulated devices, ``memory_analysis`` and XLA's buffer-assignment dumps); the
     step's temporaries are the largest of three phases: the backward pass, the gradient
@@ -377,6 +380,18 @@ def gpt_step_memory_bytes(config: Any, /, *, rows: int, seq_len: int, grad_local
         # (pipe=2, circular x2, small: one layer's, the formula with the stage's two was 1.25-1.33
         # over memory_analysis).
         chunk = max(1, layers // max(1, repeats))
+        # 1F1B without stage remat: each in-flight chunk forward's vjp residuals, its layers'
+        # inputs (the layer scan's own remat) or all their residuals (remat none, in the
+        # compute dtype: they are the vjp's own values); its weights are not copied. One more
+        # set beside the slots: the forward tick's new one, its cond's outputs (remat none:
+        # tiny pipe=2, data=4 0.82 of memory_analysis with the slots alone; small pipe=4,
+        # fsdp=2, bf16 1.21 with two more sets, 1.08 with one).
+        if residual_slots:
+            # (Less the stacked q k v weight of gpt_layer_residual_bytes: made from the weights
+            # alone, so recomputed, not kept: meshpar.parallel.residuals.)
+            qkv = 3 * d * h * config.head_size * a
+            per_set = chunk * (residuals - qkv if config.remat == "none" else carry)
+            out["saved"] += (residual_slots + 1) * per_set
         # While the recompute runs the chunk's last layer, that layer's widest intermediates,
         # the [H, T, T] scores and the [T, M] hidden, are live twice (computed, and their
         # elementwise successors) before they join the stack (pipe=2, data=4, small, fp32, 4

@@ -135,14 +135,15 @@ def explain(
 def explain_gpt(
     config: Any, /, *, mesh: jax.sharding.Mesh, strategy: Any = "auto", microbatches: int = 1,
     schedule: str = "gpipe", repeats: int = 1, batch_size: int = 16, seq_len: int | None = None,
-    precision: str = "fp32", tx: Any = None,
+    precision: str = "fp32", tx: Any = None, pipeline_remat: bool | None = None,
 ) -> dict[str, Any]:
     """:func:`explain` for the built-in GPT: build its trainer, compile one step, compare.
 
     Args:
         config: a :class:`~meshpar.models.GPTConfig`.
         mesh, strategy: the layout.
-        microbatches, schedule, repeats, precision: :class:`~meshpar.TrainConfig` fields.
+        microbatches, schedule, repeats, precision, pipeline_remat: :class:`~meshpar.TrainConfig`
+            fields.
         batch_size, seq_len: the global batch (``seq_len`` defaults to the config's).
         tx: the optimizer (default ``optax.adamw(1e-3)``).
 
@@ -163,7 +164,7 @@ def explain_gpt(
         lm_loss, mesh=mesh, strategy=strategy,
         # lm_loss is a mean over equal-length rows, each computed on its own: row-separable.
         config=TrainConfig(microbatches=microbatches, precision=precision, schedule=schedule,
-                           repeats=repeats, row_separable=True),
+                           repeats=repeats, pipeline_remat=pipeline_remat, row_separable=True),
     )
     batch = TokenBatches(batch_size=batch_size, seq_len=seq_len, seed=0).batch(0)
     report = explain(

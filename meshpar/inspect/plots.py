@@ -172,6 +172,7 @@ def plot_param_sharding(plan: Any, /, path: str | os.PathLike | None = None, *,
 def strategy_memory(
     make_model: Callable[[], Any], /, layouts: Mapping[str, tuple[Any, Any]], *, tx: Any = None,
     microbatches: int = 1, schedule: str = "gpipe", repeats: int = 1,
+    pipeline_remat: bool | None = None,
 ) -> list[dict[str, Any]]:
     """Per-device bytes of parameters, gradients and optimizer state for several layouts.
 
@@ -179,7 +180,7 @@ def strategy_memory(
         make_model: the model factory (nothing is allocated: abstract shapes only).
         layouts: ``{label: (mesh, strategy)}``.
         tx: the optimizer (default ``optax.adamw(1e-3)``).
-        microbatches, schedule, repeats: used by pipelined meshes.
+        microbatches, schedule, repeats, pipeline_remat: used by pipelined meshes.
 
     Returns:
         One dict per layout: ``label``, ``mesh``, ``strategy``, ``params``, ``grads``,
@@ -194,7 +195,8 @@ def strategy_memory(
     for label, (mesh, strategy) in layouts.items():
         strategy = get_strategy(strategy)
         plan = plan_training(make_model, mesh=mesh, strategy=strategy, tx=tx,
-                             microbatches=microbatches, schedule=schedule, repeats=repeats)
+                             microbatches=microbatches, schedule=schedule, repeats=repeats,
+                             pipeline_remat=pipeline_remat)
         opt = sum(math.prod(s.shard_shape(a.shape)) * np.dtype(a.dtype).itemsize
                   for a, s in zip(jax.tree.leaves(plan.abs_opt_state),
                                   jax.tree.leaves(plan.opt_shardings)))
@@ -286,10 +288,13 @@ def _schedule_title(config) -> str:
     head = f"P={config.stages} stages, M={config.microbatches} microbatches"
     if config.schedule.one_f_one_b:
         kind = config.schedule.value + (f", v={config.repeats}" if config.repeats > 1 else "")
+        backward = ("recomputing its forward" if config.remat
+                    else "from its forward's residuals")
+        kept = "" if config.remat else f" + {onef1b_table(config).res_slots} residual sets"
         return (f"{kind}: {head}; backward pass: {config.ticks} ticks, one forward (F) or one "
-                f"backward (B, recomputing its forward) per stage per tick, after a "
+                f"backward (B, {backward}) per stage per tick, after a "
                 f"{config.iterations}-iteration forward loop; idle {config.bubble_fraction:.3f}, "
-                f"{config.activation_slots} activations kept (flat in M)")
+                f"{config.activation_slots} activations{kept} kept (flat in M)")
     kind = (f"circular, v={config.repeats} repeats (a cell runs 1/v of a stage's layers)"
             if config.repeats > 1 else config.schedule.value)
     return (f"{kind}: {head}, {config.iterations} iterations, bubble fraction (P-1)/(vM+P-1) = "

@@ -23,41 +23,57 @@ Structure: a ``jax.custom_vjp`` of the whole pipeline.
      ``[S, mb, ...]``, a gradient into the *cotangent buffer* ``[C, mb, ...]``, at the slots the
      table assigned. ``S`` and ``C`` are the most values ever live at once on a stage: they
      depend on ``P`` and ``v``, not on ``M``.
-  2. Forward, under ``lax.cond``: the chunk on its input (the stash, or ``xs[m]`` for chunk 0);
-     the result goes to the next stage.
-  3. Backward, under a second ``lax.cond``: ``jax.vjp`` of the chunk on its stashed input (the
-     forward is recomputed: only stage inputs are kept) applied to its output's gradient (the
-     cotangent buffer, or the incoming ``dys[m]`` for the last chunk); the weight gradient is
-     added to this stage's accumulator, the input gradient goes to the previous stage (or, for
-     chunk 0, into ``dxs[m]``). ``xs``, ``dys`` and ``dxs`` share one ``[M, mb, ...]`` buffer
-     per device: only stage 0 reads ``xs`` and writes ``dxs`` (``dxs[m]`` over ``xs[m]``, in the
-     tick that reads ``xs[m]`` for the last time), only stage ``P-1`` reads ``dys``.
+  2. Backward, under a ``lax.switch`` (idle / recompute / from residuals): the chunk's
+     ``jax.vjp`` applied to its output's gradient (the cotangent buffer, or the incoming
+     ``dys[m]`` for the last chunk); the weight gradient is added to this stage's accumulator,
+     the input gradient goes to the previous stage (or, for chunk 0, into ``dxs[m]``). Which
+     vjp depends on :attr:`~meshpar.parallel.schedule.PipelineConfig.remat`:
+
+     * ``remat=False`` (the Trainer's default for these schedules): the vjp the forward tick
+       built, rebuilt from its residuals, which the forward tick left in a *residual slot*
+       (``res``, :attr:`~meshpar.parallel.schedule.OneFOneBTable.res_slots` of them, flat in
+       ``M``). Residuals that are the chunk's own weights are not copied (the weights are put
+       back in), nor those the weights alone make (recomputed: :class:`~meshpar.parallel.
+       residuals.VjpResiduals`). The chunk's forward runs twice per microbatch (the forward loop, the forward
+       tick), as GPipe's does with its stage remat.
+     * ``remat=True``: ``jax.vjp`` of the chunk on its stashed input: the forward is recomputed
+       (three forwards per microbatch), and only stage inputs are kept.
+
+     The last chunk always takes the second kind: it has no forward tick (its backward follows
+     its forward at once). ``xs``, ``dys`` and ``dxs`` share one ``[M, mb, ...]`` buffer per
+     device: only stage 0 reads ``xs`` and writes ``dxs`` (``dxs[m]`` over ``xs[m]``, in the
+     tick of chunk 0's backward of ``m``, after its last read), only stage ``P-1`` reads
+     ``dys``.
+  3. Forward, under ``lax.cond``: the chunk on its input (the stash, or ``xs[m]`` for chunk 0);
+     the result goes to the next stage (without remat: with its vjp's residuals, written into
+     their slot).
   4. Two ``ppermute``s: activations one stage forward, gradients one stage back (a ring for the
      interleaved schedule, a line for 1f1b).
 
   Each ``cond`` carries only what it changes (the backward one: the weight-gradient
-  accumulator): issue 16's feasibility study found that a single ``lax.switch`` over all the
-  state made XLA copy the buffers at every tick (+30% time; not re-measured here). Idle ticks
-  compute nothing (``cond``, not ``where``), so no garbage (NaN) reaches a result.
+  accumulator; the buffers are read and written outside it): issue 16's feasibility study found
+  that a single ``lax.switch`` over all the state made XLA copy the buffers at every tick (+30%
+  time; not re-measured here). Idle ticks compute nothing (``cond``, not ``where``), so no
+  garbage (NaN) reaches a result.
 
 Why a custom VJP and not a loop at train-step level: the layer stack is one call inside the
 user's model (:func:`meshpar.parallel.stack.scan_layers`), with the embedding before it and the
 head and loss after it; a loop that also ran the loss head per microbatch would need the model
 cut into three parts. A custom VJP keeps the model unchanged and any loss. The price: the stack's
 boundary values, its input ``xs``, its output and the output's gradient ``dys`` (``M`` activations
-each, the model's own batch, as on one device), are whole arrays on every stage, and each
-chunk's forward runs three times (the forward loop, its forward tick, and inside its backward's
-``jax.vjp``; the last chunk skips the forward tick) where GPipe with ``remat`` runs it twice:
-about 25% more work for a stage whose backward costs two forwards. Keeping each forward tick's
-``jax.vjp`` residuals in the stash instead of its input would save the recomputation, at the
-price of a stash of residuals (a chunk's intermediates, and copies of its weights where they are
-residuals too).
+each, the model's own batch, as on one device), are whole arrays on every stage, and the forward
+pass runs once before the loop: each chunk's forward runs twice per microbatch, as under GPipe
+with its stage remat (three times with ``remat=True``: about 25% more work for a stage whose
+backward costs two forwards; ``tests/test_onef1b.py`` counts them).
 
 Memory (per device, beyond those boundary values): the stash and cotangent buffer, ``S + C``
 activations of one microbatch (:attr:`~meshpar.parallel.schedule.PipelineConfig.activation_slots`;
-``P + 1`` for 1f1b; about ``(v+1)*P`` for interleaved 1f1b), one chunk's intermediates inside a
-backward tick, and the weight-gradient accumulator. Flat in ``M``; ``tests/test_onef1b.py``
-checks it in ``memory_analysis``.
+with ``remat``, ``P + 1`` for 1f1b and about ``(v+1)*P`` for interleaved 1f1b, the inputs then
+living until their backward; without, fewer), without ``remat`` the residual slots (each one
+chunk forward's residuals: under the layer scan's ``full`` remat its layers' inputs, ``c``
+activations; under ``none`` all their intermediates), one chunk's intermediates inside a
+backward tick, and the weight-gradient accumulator. Flat in ``M`` either way;
+``tests/test_onef1b.py`` checks it in ``memory_analysis``.
 
 What that buys against meshpar's GPipe, honestly: GPipe here already rematerialises each
 iteration, so it keeps one stage input per iteration (``(v+1) x |x|`` per microbatch with the
@@ -86,6 +102,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, PartitionSpec
 
+from meshpar.parallel.residuals import VjpResiduals
 from meshpar.parallel.schedule import PipelineConfig, onef1b_table
 from meshpar.parallel.varying import (cast_varying, drop_stage_slot, ppermute_bits, psum_wide,
                                       restore_stage_slot, select_stage)
@@ -113,9 +130,9 @@ def _backward(run_chunk: Callable, mesh: Mesh, config: PipelineConfig, param_spe
     manual = (axis, *config.batch_axes)
     # Per-tick columns [T, P]; each stage picks its entry.
     columns = tuple(np.ascontiguousarray(a.T) for a in (
-        table.forward_mb, table.forward_rep, table.forward_slot, table.backward_mb,
-        table.backward_rep, table.backward_slot, table.backward_cot, table.recv_forward,
-        table.recv_backward))
+        table.forward_mb, table.forward_rep, table.forward_slot, table.forward_res,
+        table.backward_mb, table.backward_rep, table.backward_slot, table.backward_res,
+        table.backward_cot, table.recv_forward, table.recv_backward))
     if v == 1:   # 1f1b: nothing wraps round from the last stage to the first
         fwd_perm = tuple((i, i + 1) for i in range(n_stages - 1))
         bwd_perm = tuple((i + 1, i) for i in range(n_stages - 1))
@@ -142,7 +159,8 @@ def _backward(run_chunk: Callable, mesh: Mesh, config: PipelineConfig, param_spe
     # stage P-1); P = 1 keeps dys apart, as stage 0 is both.
     shared = n_stages > 1
     if shared:
-        busy_f, busy_b = table.forward_mb >= 0, table.backward_mb >= 0
+        busy_f = table.forward_mb >= 0
+        busy_b = (table.backward_mb >= 0) & (table.backward_res < 0)    # recomputing backwards
         reads_xs = np.any(busy_f & (table.forward_slot < 0), axis=1) | np.any(
             busy_b & (table.backward_slot < 0), axis=1)
         reads_dys = np.any(busy_b & (table.backward_cot < 0), axis=1)
@@ -180,48 +198,82 @@ def _backward(run_chunk: Callable, mesh: Mesh, config: PipelineConfig, param_spe
         def state_of(r, m):
             return jax.tree.map(lambda a: a[m] if v == 1 else a[r, m], hist)
 
-        def forward(params, r, m, x):
-            return run_chunk(chunk_of(params, r), state_of(r, m), x)[0]
+        def chunk_vjp(chunk, r, m, x):
+            st = state_of(r, m)
+            return jax.vjp(lambda c, x: run_chunk(c, st, x)[0], chunk, x)
 
-        def backward(acc, params, r, m, x, dy):
-            chunk, st = chunk_of(params, r), state_of(r, m)
-            _, vjp = jax.vjp(lambda c, x: run_chunk(c, st, x)[0], chunk, x)
-            d_chunk, dx = vjp(dy)
+        def accumulate(acc, r, d_chunk):
             if v == 1:
-                acc = jax.tree.map(lambda a, d: a + d.astype(a.dtype), acc, d_chunk)
-            else:
-                acc = jax.tree.map(lambda a, d: a.at[r].add(d.astype(a.dtype)), acc, d_chunk)
-            return acc, dx
+                return jax.tree.map(lambda a, d: a + d.astype(a.dtype), acc, d_chunk)
+            return jax.tree.map(lambda a, d: a.at[r].add(d.astype(a.dtype)), acc, d_chunk)
 
-        def skip_backward(acc, params, r, m, x, dy):
+        # Without remat, each forward tick keeps its vjp's residuals (those that are neither the
+        # chunk's weights nor made from the weights alone) in `res` slots until its backward;
+        # their layout is read off an abstract trace of the chunk's vjp.
+        residuals = None
+        if table.res_slots:
+            residuals = VjpResiduals(lambda c, x: chunk_vjp(c, 0, 0, x), chunk_of(params, 0),
+                                     xs[0])
+        res = () if residuals is None else cast_varying(
+            residuals.buffers(table.res_slots, fill), manual, mesh)
+
+        def forward(params, r, m, x):
+            if residuals is None:
+                return run_chunk(chunk_of(params, r), state_of(r, m), x)[0], ()
+            chunk = chunk_of(params, r)
+            y, vjp = chunk_vjp(chunk, r, m, x)
+            return y, cast_varying(residuals.keep(vjp, chunk), manual, mesh)
+
+        def skip_forward(params, r, m, x):
+            if residuals is None:
+                return idle_value(x), ()
+            return idle_value(x), cast_varying(residuals.placeholders(), manual, mesh)
+
+        def backward(acc, params, r, m, x, dy, kept):
+            # Recompute the chunk's forward from its input x, then apply dy.
+            d_chunk, dx = chunk_vjp(chunk_of(params, r), r, m, x)[1](dy)
+            return accumulate(acc, r, d_chunk), dx
+
+        def backward_kept(acc, params, r, m, x, dy, kept):
+            # The forward tick's residuals: no recomputation.
+            d_chunk, dx = residuals.vjp(kept, chunk_of(params, r))(dy)
+            return accumulate(acc, r, d_chunk), dx
+
+        def skip_backward(acc, params, r, m, x, dy, kept):
             return acc, idle_value(x)
 
         def tick(carry, col):
-            f_in, b_in, stash, cot, acc, io = carry
-            fm, fr, fslot, bm, br, bslot, bcot, recv_f, recv_b = (c[stage] for c in col)
+            f_in, b_in, stash, cot, res, acc, io = carry
+            fm, fr, fslot, fres, bm, br, bslot, bres, bcot, recv_f, recv_b = (
+                c[stage] for c in col)
             stash = _write(stash, recv_f, f_in)
             cot = _write(cot, recv_b, b_in)
             xb = _read(stash, bslot, io, bm)
             dy = _read(cot, bcot, io if shared else dys, bm)
-            acc, dx = jax.lax.cond(bm >= 0, backward, skip_backward, acc, params,
-                                   jnp.maximum(br, 0), jnp.maximum(bm, 0), xb, dy)
+            kept = tuple(b[jnp.maximum(bres, 0)] for b in res)
+            branch = jnp.where(bm < 0, 0, jnp.where(bres >= 0, 2, 1))
+            branches = (skip_backward, backward) + (() if residuals is None else (backward_kept,))
+            acc, dx = jax.lax.switch(branch, branches, acc, params, jnp.maximum(br, 0),
+                                     jnp.maximum(bm, 0), xb, dy, kept)
             # Chunk 0 (read from xs) hands its input gradient out, over xs[m] (read for the last
-            # time just above); the others send it back.
-            io = _write(io, jnp.where((bm >= 0) & (bslot < 0), bm, -1), dx)
+            # time by now); the others send it back.
+            first = (stage == 0) & (br == 0)
+            io = _write(io, jnp.where((bm >= 0) & first, bm, -1), dx)
             # The forward reads io after that write (never the slot written: a chunk's forward
             # of a microbatch precedes its backward), so every read of io is ordered before or
             # after the in-place update. Read before it, unordered, made XLA copy the whole
             # [M, mb, ...] buffer twice in every tick (two `copy`s in the loop body of the
             # compiled step; the d = 256 GPT's temporaries were 0.13 MB higher at M = 8 and 32).
             x = _read(stash, fslot, io, fm)
-            y = jax.lax.cond(fm >= 0, forward, lambda p, r, m, x: idle_value(x), params,
-                             jnp.maximum(fr, 0), jnp.maximum(fm, 0), x)
+            y, kept = jax.lax.cond(fm >= 0, forward, skip_forward, params, jnp.maximum(fr, 0),
+                                   jnp.maximum(fm, 0), x)
+            res = tuple(_write(b, fres, k) for b, k in zip(res, kept))
             f_out = ppermute_bits(y, axis, fwd_perm)
             b_out = ppermute_bits(dx, axis, bwd_perm)
-            return (f_out, b_out, stash, cot, acc, io), None
+            return (f_out, b_out, stash, cot, res, acc, io), None
 
-        carry = (msg, msg, stash, cot, acc, io)
-        (_, _, _, _, acc, dxs), _ = jax.lax.scan(tick, carry, columns)
+        carry = (msg, msg, stash, cot, res, acc, io)
+        (_, _, _, _, _, acc, dxs), _ = jax.lax.scan(tick, carry, columns)
         # Once, after the loop: the weight gradient over the batch shards, the input gradient
         # (on stage 0 only) to every stage.
         if config.batch_axes:

@@ -111,8 +111,11 @@ class PipelineConfig:
         repeats: ``v``, chunks per stage; 1 for gpipe and 1f1b, >= 2 for interleaved-1f1b.
         axis: the mesh axis the stages live on.
         remat: recompute each stage during the backward pass, keeping only its input per
-            iteration (see :mod:`meshpar.parallel.pipeline`). The 1F1B schedules always do
-            (``remat=False`` is refused there).
+            iteration (see :mod:`meshpar.parallel.pipeline`). For the 1F1B schedules:
+            ``True`` stashes each chunk's input and recomputes its forward in its backward tick;
+            ``False`` stashes the residuals of each forward tick's ``jax.vjp`` instead (one
+            forward less per chunk; :attr:`OneFOneBTable.res_slots` sets of them, flat in
+            ``M``; see :mod:`meshpar.parallel.onef1b`).
         batch_axes: mesh axes that split each microbatch's batch dimension while *replicating*
             the stage weights (data parallelism). The pipeline runs them as manual axes too, so
             that the weight gradient is summed over them once, after the loop, instead of being
@@ -177,12 +180,6 @@ class PipelineConfig:
                 f"stages={self.stages}, so microbatches must be a multiple of it, got "
                 f"microbatches={self.microbatches}"
             )
-        if schedule.one_f_one_b and not self.remat:
-            raise StrategyError(
-                f"PipelineConfig: schedule='{name}' always recomputes each chunk's forward in its "
-                f"backward (only stage inputs are stashed), so remat=False does not apply; leave "
-                f"remat=True or use schedule='gpipe'/'circular'"
-            )
         if not isinstance(self.axis, str) or not self.axis:
             raise StrategyError(f"PipelineConfig.axis={self.axis!r} must be a mesh axis name")
         if isinstance(self.batch_axes, str):
@@ -231,8 +228,9 @@ class PipelineConfig:
         ``(v+1)*M + P - 1``: linear in ``M``. 1F1B schedules: the stage-input stash and the
         cotangent buffer of :func:`onef1b_table`, bounded by the warm-up depth and independent of
         ``M`` (about ``P`` for 1f1b, ``(v+1)*P`` for interleaved-1f1b). Neither counts the stack's
-        input and output (``M`` activations each, the model's own batch) nor, for gpipe and
-        circular without ``remat``, each stage's intermediates.
+        input and output (``M`` activations each, the model's own batch) nor, without ``remat``,
+        each stage's intermediates (gpipe and circular: one set per iteration; 1F1B:
+        :attr:`OneFOneBTable.res_slots` sets, flat in ``M`` too).
 
         Example:
             >>> PipelineConfig(4, 32, "1f1b").activation_slots, PipelineConfig(4, 32).activation_slots
@@ -367,15 +365,22 @@ class OneFOneBTable:
     Attributes:
         forward_mb, forward_rep: the forward this stage runs (microbatch, repeat), or ``-1``.
         forward_slot: the stash slot holding its input, ``-1`` for chunk 0 (the stack's input).
-        backward_mb, backward_rep: the backward this stage runs (it recomputes the chunk's
-            forward from its input, then applies the cotangent), or ``-1``.
-        backward_slot: the stash slot holding its input, ``-1`` for chunk 0.
+        forward_res: the residual slot its ``jax.vjp`` residuals go to (tables of a pipeline
+            without ``remat`` only; ``-1`` otherwise and for the last chunk, whose forward its
+            backward runs).
+        backward_mb, backward_rep: the backward this stage runs, or ``-1``: from the residuals
+            of its forward tick, or (with ``remat``, and always for the last chunk) recomputing
+            the chunk's forward from its input first.
+        backward_slot: the stash slot holding its input where it recomputes, ``-1`` for chunk 0
+            and where it reads residuals.
+        backward_res: the residual slot it reads, or ``-1`` where it recomputes.
         backward_cot: the cotangent slot holding the gradient of its output, ``-1`` for the last
             chunk (the cotangent of the stack's output).
         recv_forward: the stash slot the activation arriving from stage ``s-1`` at the start of
             this tick goes to (sent by its forward at the tick before), or ``-1``.
         recv_backward: the cotangent slot the gradient arriving from stage ``s+1`` goes to.
-        stash_slots, cot_slots: buffer sizes (the largest number live on any stage).
+        stash_slots, cot_slots, res_slots: buffer sizes (the largest number live on any stage;
+            ``res_slots`` is 0 with ``remat``).
         ticks: loop length.
         bubble_fraction: idle stage-ticks over all stage-ticks.
     """
@@ -383,14 +388,17 @@ class OneFOneBTable:
     forward_mb: np.ndarray
     forward_rep: np.ndarray
     forward_slot: np.ndarray
+    forward_res: np.ndarray
     backward_mb: np.ndarray
     backward_rep: np.ndarray
     backward_slot: np.ndarray
+    backward_res: np.ndarray
     backward_cot: np.ndarray
     recv_forward: np.ndarray
     recv_backward: np.ndarray
     stash_slots: int
     cot_slots: int
+    res_slots: int
     ticks: int
     bubble_fraction: float
 
@@ -446,7 +454,7 @@ def _allocate(intervals: list[tuple[int, int, object]]) -> tuple[dict, int]:
 
 
 @functools.lru_cache(maxsize=64)
-def _onef1b_table(stages: int, micro: int, repeats: int) -> OneFOneBTable:
+def _onef1b_table(stages: int, micro: int, repeats: int, residuals: bool) -> OneFOneBTable:
     P, V = stages, stages * repeats
     acts = _action_lists(stages, micro, repeats)
     inf = 1 << 30
@@ -491,25 +499,37 @@ def _onef1b_table(stages: int, micro: int, repeats: int) -> OneFOneBTable:
     def table():
         return np.full((P, ticks), -1, np.int32)
 
-    f_mb, f_rep, f_slot = table(), table(), table()
-    b_mb, b_rep, b_slot, b_cot = table(), table(), table(), table()
+    f_mb, f_rep, f_slot, f_res = table(), table(), table(), table()
+    b_mb, b_rep, b_slot, b_res, b_cot = table(), table(), table(), table(), table()
     recv_f, recv_b = table(), table()
+
+    def from_residuals(g):
+        # The last chunk's forward is run by its backward (no forward tick), so it recomputes.
+        return residuals and g < V - 1
+
     # Stash: the input of chunk g > 0 of microbatch m on its stage, from its arrival (the tick
-    # after chunk g-1's forward) to its backward. Cotangent: the gradient of chunk g < V-1's
+    # after chunk g-1's forward) to its last read: its backward, which recomputes the forward
+    # from it, or, where the backward reads residuals instead, its forward. Residuals: those of
+    # chunk g's forward tick of m, to its backward. Cotangent: the gradient of chunk g < V-1's
     # output, from the tick after chunk g+1's backward to chunk g's backward.
-    stash_slots = cot_slots = 0
-    stash, cot = {}, {}
+    stash_slots = cot_slots = res_slots = 0
+    stash, cot, res = {}, {}, {}
     for s in range(P):
         chunks = [r * P + s for r in range(repeats)]
-        st = [(done_f[(m, g - 1)] + 1, done_b[(m, g)], (m, g))
-              for g in chunks if g > 0 for m in range(micro)]
+        st = [(done_f[(m, g - 1)] + 1, done_f[(m, g)] if from_residuals(g) else done_b[(m, g)],
+               (m, g)) for g in chunks if g > 0 for m in range(micro)]
         ct = [(done_b[(m, g + 1)] + 1, done_b[(m, g)], (m, g))
               for g in chunks if g < V - 1 for m in range(micro)]
+        rt = [(done_f[(m, g)], done_b[(m, g)], (m, g))
+              for g in chunks if from_residuals(g) for m in range(micro)]
         a, na = _allocate(st)
         b, nb = _allocate(ct)
+        c, nc = _allocate(rt)
         stash.update(a)
         cot.update(b)
+        res.update(c)
         stash_slots, cot_slots = max(stash_slots, na), max(cot_slots, nb)
+        res_slots = max(res_slots, nc)
         for start, _, key in st:
             recv_f[s, start] = a[key]
         for start, _, key in ct:
@@ -519,17 +539,20 @@ def _onef1b_table(stages: int, micro: int, repeats: int) -> OneFOneBTable:
         if kind == "F":
             f_mb[s, t], f_rep[s, t] = m, r
             f_slot[s, t] = stash[(m, g)] if g > 0 else -1
+            f_res[s, t] = res[(m, g)] if from_residuals(g) else -1
         else:
             b_mb[s, t], b_rep[s, t] = m, r
-            b_slot[s, t] = stash[(m, g)] if g > 0 else -1
+            b_slot[s, t] = stash[(m, g)] if g > 0 and not from_residuals(g) else -1
+            b_res[s, t] = res[(m, g)] if from_residuals(g) else -1
             b_cot[s, t] = cot[(m, g)] if g < V - 1 else -1
     busy = (f_mb >= 0) | (b_mb >= 0)
-    for a in (f_mb, f_rep, f_slot, b_mb, b_rep, b_slot, b_cot, recv_f, recv_b):
+    for a in (f_mb, f_rep, f_slot, f_res, b_mb, b_rep, b_slot, b_res, b_cot, recv_f, recv_b):
         a.setflags(write=False)
     return OneFOneBTable(
-        forward_mb=f_mb, forward_rep=f_rep, forward_slot=f_slot, backward_mb=b_mb,
-        backward_rep=b_rep, backward_slot=b_slot, backward_cot=b_cot, recv_forward=recv_f,
-        recv_backward=recv_b, stash_slots=max(stash_slots, 1), cot_slots=max(cot_slots, 1),
+        forward_mb=f_mb, forward_rep=f_rep, forward_slot=f_slot, forward_res=f_res,
+        backward_mb=b_mb, backward_rep=b_rep, backward_slot=b_slot, backward_res=b_res,
+        backward_cot=b_cot, recv_forward=recv_f, recv_backward=recv_b,
+        stash_slots=max(stash_slots, 1), cot_slots=max(cot_slots, 1), res_slots=res_slots,
         ticks=ticks, bubble_fraction=float(1.0 - busy.mean()),
     )
 
@@ -560,7 +583,21 @@ def onef1b_table(config: PipelineConfig, /) -> OneFOneBTable:
     if not config.schedule.one_f_one_b:
         raise StrategyError(f"onef1b_table: schedule={config.schedule.value!r} is not a 1F1B "
                             "schedule")
-    return _onef1b_table(config.stages, config.microbatches, config.repeats)
+    return _onef1b_table(config.stages, config.microbatches, config.repeats, not config.remat)
+
+
+def default_remat(schedule: Schedule | str, /) -> bool:
+    """:attr:`PipelineConfig.remat` where the user leaves it to the schedule.
+
+    gpipe and circular recompute each stage (without it their loop keeps every intermediate of
+    every microbatch, linear in ``M``); the 1F1B schedules keep each forward tick's residuals
+    instead (bounded by the stages, not by ``M``, and one forward per chunk less).
+
+    Example:
+        >>> default_remat("gpipe"), default_remat("1f1b")
+        (True, False)
+    """
+    return not parse_schedule(schedule).one_f_one_b
 
 
 def activation_bound(config: PipelineConfig, /) -> str:
@@ -572,7 +609,8 @@ def activation_bound(config: PipelineConfig, /) -> str:
     """
     if config.schedule.one_f_one_b:
         t = onef1b_table(config)
-        return (f"stash {t.stash_slots} + cotangent buffer {t.cot_slots}, set by P={config.stages}"
-                f" and v={config.repeats}, flat in M")
+        kept = f" + residuals of {t.res_slots} chunk forwards" if t.res_slots else ""
+        return (f"stash {t.stash_slots} + cotangent buffer {t.cot_slots}{kept}, set by "
+                f"P={config.stages} and v={config.repeats}, flat in M")
     v, m, p = config.repeats, config.microbatches, config.stages
     return f"(v+1)*M + P - 1 = {v + 1}*{m} + {p - 1} = {config.activation_slots}, linear in M"

@@ -52,7 +52,7 @@ from meshpar.inspect.costs import (gpt_local_param_bytes, gpt_step_memory_bytes,
 from meshpar.inspect.measure import measure
 from meshpar.mesh import make_mesh
 from meshpar.models import GPT, GPTConfig, lm_loss
-from meshpar.parallel.schedule import PipelineConfig
+from meshpar.parallel.schedule import PipelineConfig, default_remat, onef1b_table
 from meshpar.planner.cost import (Collective, StepTime, analytic_gpt_collectives,
                                   measured_collectives, step_time)
 from meshpar.planner.hardware import HardwareProfile, load_profile
@@ -203,27 +203,22 @@ class _Model:
 def gpt_layout_flops(config: GPTConfig, layout: Layout, /, *, batch_size: int,
                      seq_len: int) -> float:
     """The GPT's training FLOPs of one step under ``layout``, over all devices, recompute
-    included (:func:`~meshpar.inspect.costs.gpt_train_flops`): the layer scan's remat, the
-    pipeline's stage remat and, under 1F1B and interleaved 1F1B, one more forward of the stack.
-    meshpar's 1F1B runs each chunk's forward three times (the forward loop, the forward tick,
-    inside the backward's ``jax.vjp``) where GPipe runs it twice; the last chunk skips its
-    forward tick, so the extra work is ``1 - 1/(P v)`` of one stack forward.
+    included (:func:`~meshpar.inspect.costs.gpt_train_flops`): the layer scan's remat and the
+    pipeline's one more forward of the stack. GPipe and circular recompute each stage in its
+    backward; the 1F1B schedules (with their default, ``pipeline_remat`` off) run each chunk's
+    forward twice too, in the forward loop and in its forward tick, whose residuals its backward
+    applies (the last chunk: in its backward tick).
 
     Example:
         >>> cfg = get_preset("tiny").replace(remat="none", layers=4)
         >>> gpipe = gpt_layout_flops(cfg, Layout(pipe=2, microbatches=2), batch_size=8, seq_len=32)
         >>> onef1b = gpt_layout_flops(cfg, Layout(pipe=2, microbatches=2, schedule="1f1b"),
         ...                           batch_size=8, seq_len=32)
-        >>> onef1b > gpipe
+        >>> onef1b == gpipe
         True
     """
-    pipelined = layout.pipe > 1
-    flops = gpt_train_flops(config, batch_size=batch_size, seq_len=seq_len, pipelined=pipelined)
-    if pipelined and layout.schedule.one_f_one_b:
-        # pipelined=True adds exactly one forward of the layer stack to pipelined=False.
-        stack_forward = flops - gpt_train_flops(config, batch_size=batch_size, seq_len=seq_len)
-        flops += stack_forward * (1 - 1 / (layout.pipe * layout.repeats))
-    return flops
+    return gpt_train_flops(config, batch_size=batch_size, seq_len=seq_len,
+                           pipelined=layout.pipe > 1)
 
 
 def _bubble(layout: Layout) -> float:
@@ -583,17 +578,21 @@ def plan_gpt(config: GPTConfig, /, *, batch_size: int, seq_len: int | None = Non
         state = zero_state_bytes(local, fsdp=layout.fsdp, zero_stage=layout.zero_stage,
                                  optimizer_k=2)
         kept = float(tplan.gradients.bytes_per_device) if tplan is not None else state["grads"]
-        slots = None
+        slots, kept_slots = None, 0
         if layout.pipe > 1:
-            slots = PipelineConfig(stages=layout.pipe, microbatches=layout.microbatches,
-                                   schedule=layout.schedule,
-                                   repeats=layout.repeats).activation_slots
+            # The pipeline meshpar train runs for this layout: the schedule's default remat.
+            pipeline = PipelineConfig(stages=layout.pipe, microbatches=layout.microbatches,
+                                      schedule=layout.schedule, repeats=layout.repeats,
+                                      remat=default_remat(layout.schedule))
+            slots = pipeline.activation_slots
+            if pipeline.schedule.one_f_one_b:
+                kept_slots = onef1b_table(pipeline).res_slots
         act = gpt_step_memory_bytes(
             c, rows=rows, seq_len=seq_len, grad_local=local, grad_kept=kept,
             tensor=layout.tensor, pipe=layout.pipe, fsdp=layout.fsdp,
             zero_stage=layout.zero_stage, microbatches=layout.microbatches,
             schedule=layout.schedule, repeats=layout.repeats, activation_slots=slots,
-            precision=layout.precision)
+            residual_slots=kept_slots, precision=layout.precision)
         act["state"] = sum(state.values())
         colls = analytic_gpt_collectives(
             mesh_shape=layout.mesh_shape, zero_stage=layout.zero_stage,
@@ -601,7 +600,7 @@ def plan_gpt(config: GPTConfig, /, *, batch_size: int, seq_len: int | None = Non
             rows=rows, seq_len=seq_len, d_model=c.d_model, remat=c.remat,
             microbatches=layout.microbatches, pipelined=layout.pipe > 1,
             schedule=layout.schedule, repeats=layout.repeats)
-        # 1F1B's third forward of the stack included (gpt_layout_flops).
+        # The pipeline's second forward of the stack included (gpt_layout_flops).
         flops = gpt_layout_flops(c, layout, batch_size=batch_size, seq_len=seq_len) / devices
         useful = gpt_train_flops(c.replace(remat="none"), batch_size=batch_size, seq_len=seq_len)
         return act, colls, flops, useful

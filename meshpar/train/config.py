@@ -27,6 +27,13 @@ class TrainConfig:
             microbatches.
         repeats: chunks of layers per stage (``v``) for the circular and interleaved-1f1b
             schedules.
+        pipeline_remat: whether a pipeline recomputes each stage's forward in its backward pass
+            (:attr:`~meshpar.parallel.schedule.PipelineConfig.remat`); ``None`` takes the
+            schedule's default: ``True`` for gpipe and circular (without it their loop keeps
+            every intermediate of every microbatch), ``False`` for the 1F1B schedules (they keep
+            each in-flight chunk's residuals, a number of them set by the stages, not by the
+            microbatches, and skip one forward per chunk; ``True`` keeps only stage inputs
+            instead).
         row_separable: declare that the loss is a mean, or a :class:`~meshpar.train.loss.Ratio`, of
             per-row terms and that the model computes each row of the batch on its own (no
             batch statistics, no batch-wide terms such as an MoE balance loss). meshpar may then
@@ -45,6 +52,7 @@ class TrainConfig:
     donate: bool = True
     schedule: Schedule = Schedule.GPIPE
     repeats: int = 1
+    pipeline_remat: bool | None = None
     row_separable: bool = False
     allow_unused_axes: bool = False
 
@@ -66,6 +74,11 @@ class TrainConfig:
             raise StrategyError(
                 f"schedule='interleaved-1f1b' needs repeats >= 2 chunks per stage, got "
                 f"repeats={self.repeats}; use schedule='1f1b' for one chunk per stage"
+            )
+        if self.pipeline_remat not in (None, True, False):
+            raise StrategyError(
+                f"pipeline_remat={self.pipeline_remat!r}; expected None (the schedule's "
+                "default), True or False"
             )
         if self.on_nonfinite not in ("raise", "skip"):
             raise StrategyError(f"on_nonfinite={self.on_nonfinite!r}; expected 'raise' or 'skip'")

@@ -20,7 +20,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from meshpar.axes import BATCH_AXES, DATA, PIPE
 from meshpar.errors import StrategyError
 from meshpar.parallel.pipeline import stack_stages, unstack_stages
-from meshpar.parallel.schedule import PipelineConfig, Schedule
+from meshpar.parallel.schedule import PipelineConfig, Schedule, default_remat
 from meshpar.sharding.placement import ShardingPlan, abstract_nnx, plan_nnx_state
 from meshpar.sharding.strategy import Strategy
 from meshpar.train.state import named_leaves
@@ -67,8 +67,12 @@ def replicating_batch_axes(mesh: Mesh, /, *, zero_stage: int) -> tuple[str, ...]
 
 def pipeline_config(abs_params: nnx.State, /, *, mesh: Mesh, microbatches: int,
                     schedule: Schedule | str, repeats: int, zero_stage: int = 0,
-                    state_in_stack: Sequence[tuple[str, Any]] = ()):
+                    state_in_stack: Sequence[tuple[str, Any]] = (),
+                    remat: bool | None = None):
     """The pipeline for a mesh with a ``pipe`` axis of size > 1 (else ``None``), and the depth.
+
+    ``remat``: :attr:`PipelineConfig.remat`, ``None`` for the schedule's default
+    (:func:`~meshpar.parallel.schedule.default_remat`).
 
     ``state_in_stack`` (from :func:`stack_state`): the layers' RNG streams and batch statistics,
     which the stages carry; the batch axes then stay automatic (see
@@ -99,6 +103,7 @@ def pipeline_config(abs_params: nnx.State, /, *, mesh: Mesh, microbatches: int,
         )
     config = PipelineConfig(
         stages=stages, microbatches=microbatches, schedule=schedule, repeats=repeats,
+        remat=default_remat(schedule) if remat is None else remat,
         # The batch axes that replicate the weights run manual inside the stages, so weight
         # gradients are summed once after the loop instead of in every backward iteration (see
         # meshpar.parallel.pipeline). fsdp replicates them too below ZeRO-3; tensor stays automatic.
@@ -225,6 +230,7 @@ def plan_training(
     schedule: Schedule | str = "gpipe",
     repeats: int = 1,
     offload_optimizer: bool = False,
+    pipeline_remat: bool | None = None,
 ) -> TrainingPlan:
     """Work out where every parameter, gradient and optimizer-state leaf lives.
 
@@ -238,7 +244,7 @@ def plan_training(
     in_stack = tuple(stack_state(abs_params, abs_rest))
     pipeline, num_layers = pipeline_config(
         abs_params, mesh=mesh, microbatches=microbatches, schedule=schedule, repeats=repeats,
-        zero_stage=strategy.zero_stage, state_in_stack=in_stack,
+        zero_stage=strategy.zero_stage, state_in_stack=in_stack, remat=pipeline_remat,
     )
     if pipeline is not None:
         abs_params = jax.eval_shape(lambda p: to_stage_layout(p, pipeline), abs_params)

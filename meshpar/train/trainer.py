@@ -128,7 +128,7 @@ class Trainer(PortableState, GradientPaths):
         layout = plan_training(
             make_model, mesh=mesh, strategy=self.strategy, tx=tx,
             microbatches=config.microbatches, schedule=config.schedule, repeats=config.repeats,
-            offload_optimizer=config.offload_optimizer,
+            offload_optimizer=config.offload_optimizer, pipeline_remat=config.pipeline_remat,
         )
         # Mesh axes nothing uses: an error unless allowed, then recorded for reports.
         self.unused_axes = tuple(a for a in unused_mesh_axes(layout, mesh) if a != _replica_axis)
