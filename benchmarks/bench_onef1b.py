@@ -5,9 +5,11 @@ is trained on ``pipe=4,data=2`` with a fixed microbatch size (``--mb`` rows; the
 ``M x mb``), so more microbatches mean a larger batch and a smaller bubble.
 
 (a) Step time at equal ``M``: the jitted train steps of ``gpipe`` and ``1f1b`` (and ``circular``
-    against ``interleaved-1f1b`` with ``v = 2``) run interleaved (A B, B A, ...) after warm-up;
-    the median of the per-pair ratios is printed. Eight emulated devices share the host's cores,
-    so idle stages cost nothing here and time follows the work done: expect parity, or 1F1B
+    against ``interleaved-1f1b`` with ``v = 2``; and each 1F1B schedule with ``pipeline_remat``
+    against its default) run interleaved (A B, B A, ...) after warm-up; the median of the
+    per-pair ratios is printed. Eight emulated devices share the host's cores, so idle stages
+    cost nothing here and time follows the work done: expect parity (1F1B's forward ticks keep
+    their residuals, so each chunk's forward runs twice, as GPipe's), and ``pipeline_remat``
     slower by its extra forward (see ``meshpar.parallel.onef1b``, about +25% of the stack's
     work), not the bubble savings a real multi-chip pipeline sees.
 
@@ -57,7 +59,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
     p.add_argument("--seq-len", type=int, default=None)
     p.add_argument("--schedules", nargs="*", default=["gpipe", "1f1b", "circular",
                                                       "interleaved-1f1b"],
-                   help="schedules of the memory sweep (circular ones with v = 2)")
+                   help="schedules of the memory sweep (circular ones with v = 2); a '+remat' "
+                        "suffix (e.g. 1f1b+remat) sets pipeline_remat=True")
     p.add_argument("--mesh", default="pipe=4,data=2")
     p.add_argument("--mb", type=int, default=4, help="rows per microbatch")
     p.add_argument("--time-microbatches", type=int, nargs="*", default=[8],
@@ -82,37 +85,47 @@ def main(argv: Sequence[str] | None = None) -> dict:
         cfg = cfg.replace(d_model=args.d_model, mlp_dim=4 * args.d_model)
     if args.seq_len:
         cfg = cfg.replace(seq_len=args.seq_len)
-    pairs = [("gpipe", 1, "1f1b", 1), ("circular", 2, "interleaved-1f1b", 2)]
+    # (baseline, its repeats, its pipeline_remat, schedule, its repeats, its pipeline_remat)
+    pairs = [("gpipe", 1, None, "1f1b", 1, None),
+             ("circular", 2, None, "interleaved-1f1b", 2, None),
+             ("1f1b", 1, None, "1f1b", 1, True),
+             ("interleaved-1f1b", 2, None, "interleaved-1f1b", 2, True)]
     report: dict = {"step_time": [], "memory": [], "budget": {}}
 
     print("(a) step time, 1F1B / GPipe at equal M (interleaved, medians of per-pair ratios)")
     for m in args.time_microbatches:
         batch = _batch(cfg, m * args.mb)
-        for base, v_base, new, v_new in pairs:
-            a = _trainer(cfg, args.mesh, microbatches=m, schedule=new, repeats=v_new)
-            b = _trainer(cfg, args.mesh, microbatches=m, schedule=base, repeats=v_base)
+        for base, v_base, r_base, new, v_new, r_new in pairs:
+            a = _trainer(cfg, args.mesh, microbatches=m, schedule=new, repeats=v_new,
+                         pipeline_remat=r_new)
+            b = _trainer(cfg, args.mesh, microbatches=m, schedule=base, repeats=v_base,
+                         pipeline_remat=r_base)
             ra, rb = _stepper(a, a.place_batch(batch)), _stepper(b, b.place_batch(batch))
             t = interleaved(ra, rb, warmup=args.warmup, reps=args.reps)
             ra.finish()
             rb.finish()
-            row = {"microbatches": m, "schedule": new, "baseline": base,
+            new_label = new + ("+pipeline_remat" if r_new else "")
+            row = {"microbatches": m, "schedule": new_label, "baseline": base,
                    "ratio": t["pair_ratio"]["median"],
                    "step_s": t["a"]["median"], "baseline_step_s": t["b"]["median"],
                    "bubble": a.pipeline.bubble_fraction,
                    "baseline_bubble": b.pipeline.bubble_fraction}
             report["step_time"].append(row)
-            print(f"  M={m:3d} {new:>17} / {base:<9}: {row['ratio']:.3f}  "
+            print(f"  M={m:3d} {new_label:>32} / {base:<16}: {row['ratio']:.3f}  "
                   f"({row['step_s'] * 1e3:.0f} ms vs {row['baseline_step_s'] * 1e3:.0f} ms)",
                   flush=True)
 
     print("\n(b) memory per device (arguments + outputs + temporaries - aliased), MiB")
-    schedules = [(s, 2 if s in ("circular", "interleaved-1f1b") else 1) for s in args.schedules]
+    schedules = [(s, 2 if s.split("+")[0] in ("circular", "interleaved-1f1b") else 1)
+                 for s in args.schedules]
     mem: dict = {}
     for m in args.memory_microbatches:
         batch = _batch(cfg, m * args.mb)
         cells = []
         for s, v in schedules:
-            got = _memory(_trainer(cfg, args.mesh, microbatches=m, schedule=s, repeats=v), batch)
+            name, _, remat = s.partition("+")
+            got = _memory(_trainer(cfg, args.mesh, microbatches=m, schedule=name, repeats=v,
+                                   pipeline_remat=True if remat == "remat" else None), batch)
             mem[(s, m)] = got
             report["memory"].append({"schedule": s, "microbatches": m, **got})
             cells.append(f"{s} {got['total'] / 2**20:7.2f} (temp {got['temp'] / 2**20:6.2f})")
@@ -125,7 +138,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
     for s, v in schedules:
         fits = [m for m in args.memory_microbatches if mem[(s, m)]["total"] <= budget]
         best = max(fits) if fits else None
-        bubble = (PipelineConfig(stages, best, s, v).bubble_fraction if best else None)
+        bubble = (PipelineConfig(stages, best, s.split("+")[0], v).bubble_fraction
+                  if best else None)
         report["budget"][s] = {"largest_microbatches": best, "bubble_fraction": bubble}
         print(f"    {s:>17}: largest M {best}, bubble fraction "
               f"{'-' if bubble is None else f'{bubble:.3f}'}")

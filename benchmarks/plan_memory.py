@@ -34,6 +34,8 @@ def parse_args(argv: Sequence[str] | None = None):
     p.add_argument("--schedules", default="gpipe,circular",
                    help="pipeline schedules to enumerate (',' separated; the recorded figures "
                         "used gpipe,circular; add 1f1b,interleaved-1f1b for the 1F1B layouts)")
+    p.add_argument("--pipelined", action="store_true",
+                   help="sample only layouts with a pipe axis (e.g. the 1F1B ones)")
     return _common.parse_args(p, argv)
 
 
@@ -53,6 +55,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
         dims=Dims(layers=cfg.layers, heads=cfg.heads, mlp_dim=cfg.mlp_dim),
         devices_per_node=args.cpu_devices, remats=("full", "none"), precisions=("fp32", "bf16"),
         schedules=args.schedules.split(","))
+    if args.pipelined:
+        layouts = [lay for lay in layouts if lay.pipe > 1]
     sample = random.Random(args.seed).sample(layouts, min(args.sample, len(layouts)))
     result = plan_gpt(cfg, batch_size=args.batch_size, hardware="h100-sxm", layouts=sample,
                       compile_top=len(sample), memory_budget=float("inf"), progress=False)
