@@ -225,6 +225,24 @@ def test_kept_residuals_leave_out_the_weights_and_what_the_weights_alone_make():
     assert {tuple(a.shape) for a in r.avals} == {(2, 8, 16), (2, 8, 32)}, r.avals
 
 
+def test_residuals_a_remat_policy_offloads_are_refused_with_the_way_out():
+    # Offloaded residuals live in host memory; the slots are device buffers (mixing them fails
+    # inside XLA with a memory-space error). Refused by name instead.
+    policy = jax.checkpoint_policies.offload_dot_with_no_batch_dims("device", "pinned_host")
+
+    def chunk_fn(chunk, x):
+        return jax.lax.scan(jax.checkpoint(lambda h, w: (jnp.tanh(h @ w), None), policy=policy),
+                            x, chunk)[0]
+
+    @jax.jit
+    def probe(w, x):
+        VjpResiduals(lambda c, x: jax.vjp(chunk_fn, c, x), w, x)
+        return x
+
+    with pytest.raises(StrategyError, match=r"puts 1 of them in host memory.*pipeline_remat=True"):
+        probe(jnp.ones((3, 4, 4)), jnp.ones((2, 4)))
+
+
 # --- memory -----------------------------------------------------------------------------------
 
 

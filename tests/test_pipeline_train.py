@@ -180,7 +180,7 @@ CASES = [
     # default); the cases marked "recompute" rerun the chunk from its input instead
     # (pipeline_remat=True): each schedule and each pipe has one. Two run the GPT's layer scan
     # without remat, whose residuals are every intermediate and the scan's per-layer copies of
-    # the weights (recomputed from the weights, not kept: meshpar.parallel.onef1b._Residuals).
+    # the weights (recomputed from the weights, not kept: meshpar.parallel.residuals).
     _case(4, "pipe=2,data=4", "dp", 2, "1f1b"),                       # M = P, data manual
     _case(4, "pipe=2", "dp", 8, "1f1b"),                              # alone, M = 4P
     _case(4, "pipe=2,tensor=4", "tp", 4, "1f1b", remat=True),         # tensor, M = 2P, recompute

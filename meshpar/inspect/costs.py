@@ -385,7 +385,9 @@ def gpt_step_memory_bytes(config: Any, /, *, rows: int, seq_len: int, grad_local
         # compute dtype: they are the vjp's own values); its weights are not copied. One more
         # set beside the slots: the forward tick's new one, its cond's outputs (remat none:
         # tiny pipe=2, data=4 0.82 of memory_analysis with the slots alone; small pipe=4,
-        # fsdp=2, bf16 1.21 with two more sets, 1.08 with one).
+        # fsdp=2, bf16 1.21 with two more sets, 1.08 with one). The dots policies also keep
+        # each layer's saved matmul outputs in a set: not counted, the formula takes them as
+        # full here as everywhere (the planner searches full and none).
         if residual_slots:
             # (Less the stacked q k v weight of gpt_layer_residual_bytes: made from the weights
             # alone, so recomputed, not kept: meshpar.parallel.residuals.)

@@ -33,9 +33,11 @@ Structure: a ``jax.custom_vjp`` of the whole pipeline.
        built, rebuilt from its residuals, which the forward tick left in a *residual slot*
        (``res``, :attr:`~meshpar.parallel.schedule.OneFOneBTable.res_slots` of them, flat in
        ``M``). Residuals that are the chunk's own weights are not copied (the weights are put
-       back in), nor those the weights alone make (recomputed: :class:`~meshpar.parallel.
-       residuals.VjpResiduals`). The chunk's forward runs twice per microbatch (the forward loop, the forward
-       tick), as GPipe's does with its stage remat.
+       back in), nor those the weights alone make (recomputed:
+       :class:`~meshpar.parallel.residuals.VjpResiduals`). The chunk's forward runs twice per
+       microbatch (the forward loop, the forward tick), as GPipe's does with its stage remat.
+       Residuals a remat policy offloads to host memory cannot sit in the slots: that is
+       refused (use ``remat=True``).
      * ``remat=True``: ``jax.vjp`` of the chunk on its stashed input: the forward is recomputed
        (three forwards per microbatch), and only stage inputs are kept.
 

@@ -19,6 +19,8 @@ import numpy as np
 # dce_jaxpr: which inputs an output of a jaxpr needs (no public API says so); jax is pinned.
 from jax._src.interpreters import partial_eval as pe
 
+from meshpar.errors import StrategyError
+
 __all__ = ["VjpResiduals"]
 
 PyTree = Any
@@ -91,6 +93,16 @@ class VjpResiduals:
                 jax.extend.core.ClosedJaxpr(derived, ()))
             self.derived_inputs = tuple(i - n_const for i, u in enumerate(used) if u)
         self.kept = tuple(w is None and not d for w, d in zip(self.weight_of, self.derived))
+        offloaded = [a for a, k in zip(closed.out_avals, self.kept)
+                     if k and getattr(getattr(a, "memory_space", None), "name", "Device")
+                     != "Device"]
+        if offloaded:
+            raise StrategyError(
+                f"1F1B without stage remat keeps each forward tick's residuals in device "
+                f"buffers, but the remat policy puts {len(offloaded)} of them in host memory "
+                f"({', '.join(map(str, offloaded[:3]))}); recompute the stages instead "
+                "(PipelineConfig(remat=True), TrainConfig(pipeline_remat=True), "
+                "--pipeline-remat) or choose a remat policy that does not offload")
         self.impls = tuple(impl for impl, k in zip(self.impls, self.kept) if k)
         self.avals = tuple(
             jax.eval_shape(_storable, jax.ShapeDtypeStruct(a.shape, a.dtype))

@@ -33,7 +33,7 @@ class TrainConfig:
             every intermediate of every microbatch), ``False`` for the 1F1B schedules (they keep
             each in-flight chunk's residuals, a number of them set by the stages, not by the
             microbatches, and skip one forward per chunk; ``True`` keeps only stage inputs
-            instead).
+            instead: less memory under a layer remat of ``none``, and needed under ``offload``).
         row_separable: declare that the loss is a mean, or a :class:`~meshpar.train.loss.Ratio`, of
             per-row terms and that the model computes each row of the batch on its own (no
             batch statistics, no batch-wide terms such as an MoE balance loss). meshpar may then
@@ -75,7 +75,7 @@ class TrainConfig:
                 f"schedule='interleaved-1f1b' needs repeats >= 2 chunks per stage, got "
                 f"repeats={self.repeats}; use schedule='1f1b' for one chunk per stage"
             )
-        if self.pipeline_remat not in (None, True, False):
+        if self.pipeline_remat is not None and not isinstance(self.pipeline_remat, bool):
             raise StrategyError(
                 f"pipeline_remat={self.pipeline_remat!r}; expected None (the schedule's "
                 "default), True or False"
