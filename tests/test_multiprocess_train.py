@@ -27,9 +27,11 @@ import time
 import numpy as np
 import pytest
 
+from meshpar.cli import main as cli_main
 from meshpar.train.checkpoint import Checkpointer
 
 from helpers.env import child_env
+from test_diloco import CLI_DILOCO
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -216,15 +218,21 @@ def test_coordinator_port_in_use_exits_2_naming_the_port():
 
 # One DiLoCo replica group per process (issue 17): diloco is the mesh's outermost axis, so with
 # 2 processes x 4 devices each process holds one replica group (fsdp x tensor) and only the
-# outer step's reduction crosses processes.
-DILOCO = ["train", "--preset", "tiny", "--mesh", "diloco=2,fsdp=2,tensor=2", "--inner-steps", "2",
-          "--steps", "4", "--batch-size", "16", "--no-progress"]
+# outer step's reduction crosses processes. The arguments are test_diloco.py's CLI run, whose
+# one-process result is the reference here: run in this process, it compiles nothing that test
+# did not (the compile cache), where a subprocess would compile its programs again.
+DILOCO = CLI_DILOCO
+#: The inner step the 2-process run compiles, for `inspect --compiled` (same shapes).
+DILOCO_MODEL = ["--preset", "tiny", "--seq-len", "16", "--batch-size", "8",
+                "--mesh", "diloco=2,fsdp=2,tensor=2", "--inner-steps", "2"]
+assert all(a in DILOCO for a in DILOCO_MODEL)
 
 
 def test_diloco_with_one_replica_group_per_process_trains_like_one_process(tmp_path):
     one, two = tmp_path / "one.jsonl", tmp_path / "two.jsonl"
-    rc, out1, s1 = meshpar(*DILOCO, "--metrics-file", str(one))
-    assert rc == 0, out1[-4000:]
+    start = time.monotonic()
+    assert cli_main([*DILOCO, "--metrics-file", str(one)]) == 0
+    s1 = time.monotonic() - start
     rc, out2, s2 = launch("--processes", "2", "--cpu-devices-per-process", "4", "--", *DILOCO,
                           "--metrics-file", str(two))
     assert rc == 0, out2[-4000:]
@@ -238,9 +246,8 @@ def test_diloco_with_one_replica_group_per_process_trains_like_one_process(tmp_p
     assert rows2[1]["diloco_bytes"] > 0 == rows2[0]["diloco_bytes"]
     # Each process compiles the same programs: its inner step holds no collective over diloco.
     rc, out3, s3 = launch("--processes", "2", "--cpu-devices-per-process", "4", "--", "inspect",
-                          "--preset", "tiny", "--mesh", "diloco=2,fsdp=2,tensor=2",
-                          "--inner-steps", "2", "--compiled")
+                          *DILOCO_MODEL, "--compiled")
     assert rc == 0, out3[-4000:]
     for process in (0, 1):
         assert f"[p{process}]   collectives over diloco in the inner step: 0 (OK)" in out3, out3[-4000:]
-    print(f"DiLoCo 1x8: {s1:.1f} s, 2x4: {s2:.1f} s, inspect 2x4: {s3:.1f} s")
+    print(f"DiLoCo 1x8 (in-process): {s1:.1f} s, 2x4: {s2:.1f} s, inspect 2x4: {s3:.1f} s")
