@@ -9,7 +9,8 @@ emulated devices); children share the suite's persistent compilation cache throu
 To keep the module under a few minutes on a small machine, one 2-process run (a module fixture)
 serves two tests: it is the brief's ``--mesh data=2,fsdp=2,tensor=2`` run with checkpoints every 2
 steps added, compared with a 1-process run (losses, output of process 0 only), and then resumed
-from its step-2 checkpoint by a single process.
+from its step-2 checkpoint by a single process. The one-process runs (references and resumes)
+run in the test process through ``meshpar.cli.main``: one process is what they need.
 """
 
 from __future__ import annotations
@@ -84,10 +85,12 @@ def two_process_run(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def one_process_losses(tmp_path_factory):
+    # In this process (its 8 emulated devices): the reference needs one process, not a fresh one,
+    # and a subprocess would only add its start-up.
     metrics = tmp_path_factory.mktemp("one") / "m.jsonl"
-    rc, out, seconds = meshpar(*TRAIN, "--no-progress", "--metrics-file", str(metrics))
-    assert rc == 0, out[-4000:]
-    print(f"1x8 train: {seconds:.1f} s")
+    start = time.monotonic()
+    assert cli_main([*TRAIN, "--no-progress", "--metrics-file", str(metrics)]) == 0
+    print(f"1x8 train (in-process): {time.monotonic() - start:.1f} s")
     return read_metrics(metrics)
 
 
@@ -109,7 +112,7 @@ def test_two_processes_train_like_one_and_only_process_0_reports(two_process_run
         assert not re.search(rf"\b\d+/{STEPS}\b", line), line  # no progress bar
 
 
-def test_two_process_checkpoints_resume_in_one_process(two_process_run, tmp_path):
+def test_two_process_checkpoints_resume_in_one_process(two_process_run, tmp_path, capsys):
     out, metrics, ckpt = two_process_run
     assert Checkpointer(ckpt).all_steps() == [2, 4]
     losses_2p = read_metrics(metrics)
@@ -118,8 +121,13 @@ def test_two_process_checkpoints_resume_in_one_process(two_process_run, tmp_path
     shutil.copytree(ckpt, resume)
     shutil.rmtree(resume / "4")
     metrics_1p = tmp_path / "m.jsonl"
-    rc, out1, seconds = meshpar(*TRAIN, "--no-progress", "--metrics-file", str(metrics_1p),
-                                "--checkpoint-dir", str(resume), "--resume")
+    # In this process, like the one-process reference (whose step program it reuses).
+    start = time.monotonic()
+    rc = cli_main([*TRAIN, "--no-progress", "--metrics-file", str(metrics_1p),
+                   "--checkpoint-dir", str(resume), "--resume"])
+    seconds = time.monotonic() - start
+    captured = capsys.readouterr()
+    out1 = captured.out + captured.err
     assert rc == 0, out1[-4000:]
     assert f"resumed from step 2 (saved on mesh {MESH}" in out1
     assert "done: 2 steps" in out1
