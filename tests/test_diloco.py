@@ -351,11 +351,16 @@ def test_meshes_diloco_cannot_train_on(mesh, kind, pattern):
 # -- meshpar train ------------------------------------------------------------------------------
 
 
+#: Also the one-process run of tests/test_multiprocess_train.py's DiLoCo test (run in-process
+#: there with these arguments, so that it compiles nothing this test has not compiled).
+CLI_DILOCO = ["train", "--preset", "tiny", "--seq-len", "16", "--steps", "4", "--batch-size", "8",
+              "--no-progress", "--mesh", "diloco=2,fsdp=2,tensor=2", "--inner-steps", "2",
+              "--outer-lr", "0.7", "--outer-momentum", "0.9"]
+
+
 def test_cli_trains_diloco_and_writes_bytes_over_diloco_per_step(tmp_path, capsys):
     path = tmp_path / "m.jsonl"
-    argv = ["train", "--preset", "tiny", "--seq-len", "16", "--steps", "4", "--batch-size", "8",
-            "--no-progress", "--mesh", "diloco=2,fsdp=2,tensor=2", "--inner-steps", "2",
-            "--outer-lr", "0.7", "--outer-momentum", "0.9", "--metrics-file", str(path)]
+    argv = [*CLI_DILOCO, "--metrics-file", str(path)]
     assert cli_main(argv) == 0
     out = capsys.readouterr().out
     assert "DiLoCo 2 replicas x 2 inner steps" in out

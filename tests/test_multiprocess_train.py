@@ -9,7 +9,8 @@ emulated devices); children share the suite's persistent compilation cache throu
 To keep the module under a few minutes on a small machine, one 2-process run (a module fixture)
 serves two tests: it is the brief's ``--mesh data=2,fsdp=2,tensor=2`` run with checkpoints every 2
 steps added, compared with a 1-process run (losses, output of process 0 only), and then resumed
-from its step-2 checkpoint by a single process.
+from its step-2 checkpoint by a single process. The one-process runs (references and resumes)
+run in the test process through ``meshpar.cli.main``: one process is what they need.
 """
 
 from __future__ import annotations
@@ -27,9 +28,11 @@ import time
 import numpy as np
 import pytest
 
+from meshpar.cli import main as cli_main
 from meshpar.train.checkpoint import Checkpointer
 
 from helpers.env import child_env
+from test_diloco import CLI_DILOCO
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -82,10 +85,12 @@ def two_process_run(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def one_process_losses(tmp_path_factory):
+    # In this process (its 8 emulated devices): the reference needs one process, not a fresh one,
+    # and a subprocess would only add its start-up.
     metrics = tmp_path_factory.mktemp("one") / "m.jsonl"
-    rc, out, seconds = meshpar(*TRAIN, "--no-progress", "--metrics-file", str(metrics))
-    assert rc == 0, out[-4000:]
-    print(f"1x8 train: {seconds:.1f} s")
+    start = time.monotonic()
+    assert cli_main([*TRAIN, "--no-progress", "--metrics-file", str(metrics)]) == 0
+    print(f"1x8 train (in-process): {time.monotonic() - start:.1f} s")
     return read_metrics(metrics)
 
 
@@ -107,7 +112,7 @@ def test_two_processes_train_like_one_and_only_process_0_reports(two_process_run
         assert not re.search(rf"\b\d+/{STEPS}\b", line), line  # no progress bar
 
 
-def test_two_process_checkpoints_resume_in_one_process(two_process_run, tmp_path):
+def test_two_process_checkpoints_resume_in_one_process(two_process_run, tmp_path, capsys):
     out, metrics, ckpt = two_process_run
     assert Checkpointer(ckpt).all_steps() == [2, 4]
     losses_2p = read_metrics(metrics)
@@ -116,8 +121,13 @@ def test_two_process_checkpoints_resume_in_one_process(two_process_run, tmp_path
     shutil.copytree(ckpt, resume)
     shutil.rmtree(resume / "4")
     metrics_1p = tmp_path / "m.jsonl"
-    rc, out1, seconds = meshpar(*TRAIN, "--no-progress", "--metrics-file", str(metrics_1p),
-                                "--checkpoint-dir", str(resume), "--resume")
+    # In this process, like the one-process reference (whose step program it reuses).
+    start = time.monotonic()
+    rc = cli_main([*TRAIN, "--no-progress", "--metrics-file", str(metrics_1p),
+                   "--checkpoint-dir", str(resume), "--resume"])
+    seconds = time.monotonic() - start
+    captured = capsys.readouterr()
+    out1 = captured.out + captured.err
     assert rc == 0, out1[-4000:]
     assert f"resumed from step 2 (saved on mesh {MESH}" in out1
     assert "done: 2 steps" in out1
@@ -216,15 +226,21 @@ def test_coordinator_port_in_use_exits_2_naming_the_port():
 
 # One DiLoCo replica group per process (issue 17): diloco is the mesh's outermost axis, so with
 # 2 processes x 4 devices each process holds one replica group (fsdp x tensor) and only the
-# outer step's reduction crosses processes.
-DILOCO = ["train", "--preset", "tiny", "--mesh", "diloco=2,fsdp=2,tensor=2", "--inner-steps", "2",
-          "--steps", "4", "--batch-size", "16", "--no-progress"]
+# outer step's reduction crosses processes. The arguments are test_diloco.py's CLI run, whose
+# one-process result is the reference here: run in this process, it compiles nothing that test
+# did not (the compile cache), where a subprocess would compile its programs again.
+DILOCO = CLI_DILOCO
+#: The inner step the 2-process run compiles, for `inspect --compiled` (same shapes).
+DILOCO_MODEL = ["--preset", "tiny", "--seq-len", "16", "--batch-size", "8",
+                "--mesh", "diloco=2,fsdp=2,tensor=2", "--inner-steps", "2"]
+assert all(a in DILOCO for a in DILOCO_MODEL)
 
 
 def test_diloco_with_one_replica_group_per_process_trains_like_one_process(tmp_path):
     one, two = tmp_path / "one.jsonl", tmp_path / "two.jsonl"
-    rc, out1, s1 = meshpar(*DILOCO, "--metrics-file", str(one))
-    assert rc == 0, out1[-4000:]
+    start = time.monotonic()
+    assert cli_main([*DILOCO, "--metrics-file", str(one)]) == 0
+    s1 = time.monotonic() - start
     rc, out2, s2 = launch("--processes", "2", "--cpu-devices-per-process", "4", "--", *DILOCO,
                           "--metrics-file", str(two))
     assert rc == 0, out2[-4000:]
@@ -238,9 +254,8 @@ def test_diloco_with_one_replica_group_per_process_trains_like_one_process(tmp_p
     assert rows2[1]["diloco_bytes"] > 0 == rows2[0]["diloco_bytes"]
     # Each process compiles the same programs: its inner step holds no collective over diloco.
     rc, out3, s3 = launch("--processes", "2", "--cpu-devices-per-process", "4", "--", "inspect",
-                          "--preset", "tiny", "--mesh", "diloco=2,fsdp=2,tensor=2",
-                          "--inner-steps", "2", "--compiled")
+                          *DILOCO_MODEL, "--compiled")
     assert rc == 0, out3[-4000:]
     for process in (0, 1):
         assert f"[p{process}]   collectives over diloco in the inner step: 0 (OK)" in out3, out3[-4000:]
-    print(f"DiLoCo 1x8: {s1:.1f} s, 2x4: {s2:.1f} s, inspect 2x4: {s3:.1f} s")
+    print(f"DiLoCo 1x8 (in-process): {s1:.1f} s, 2x4: {s2:.1f} s, inspect 2x4: {s3:.1f} s")

@@ -24,12 +24,15 @@ PSI = CFG.param_count()
 BATCH = TokenBatches(batch_size=16, seq_len=32, seed=0).batch(0)
 
 
-def _trainer(mesh_text, strategy, *, microbatches=1, make=None, loss=lm_loss, example_batch=None):
+def _trainer(mesh_text, strategy, *, microbatches=1, make=None, loss=lm_loss, example_batch=None,
+             allocate=True):
+    """``allocate=False`` for a test that only compiles the step: the abstract state lowers to
+    the same program, without compiling the model's initialiser."""
     make = make or (lambda: GPT(CFG, rngs=nnx.Rngs(0)))
     mesh = mp.make_mesh(mesh_text) if isinstance(mesh_text, str) else mesh_text
     return mp.Trainer(make, optax.adamw(1e-3), loss, mesh=mesh,
                       strategy=strategy, config=mp.TrainConfig(microbatches=microbatches, row_separable=True),
-                      example_batch=example_batch)
+                      example_batch=example_batch, allocate=allocate)
 
 
 def _check(report, name):
@@ -55,7 +58,7 @@ def test_zero3_with_tensor_parallel_sends_3psi_over_fsdp_and_gathers_nothing_ove
 
 
 def test_zero2_reduce_scatters_every_microbatch_into_the_shard():
-    trainer = _trainer("fsdp=8", "zero2", microbatches=2)
+    trainer = _trainer("fsdp=8", "zero2", microbatches=2, allocate=False)
     assert trainer.explicit_zero
     ops = collectives(trainer.lower(BATCH).compile().as_text(), mesh=trainer.mesh)
     scatters = [op for op in ops if op.kind == "reduce-scatter"]
@@ -201,7 +204,7 @@ def test_gathers_and_reduce_scatters_run_along_the_major_dimension(strategy):
     # A collective along a minor dimension makes XLA:CPU copy the whole operand (or result)
     # into a transposed layout, a layer's gradient per reduce-scatter; meshpar moves the split
     # dimension first instead (a shard-sized transpose XLA folds into the neighbouring dot).
-    trainer = _trainer("fsdp=8", strategy, microbatches=2)
+    trainer = _trainer("fsdp=8", strategy, microbatches=2, allocate=False)
     assert trainer.explicit_zero
     text = trainer.lower(BATCH).compile().as_text()
     # meshpar's own collectives (JAX's all_gather / reduce_scatter primitives); ZeRO-2's gather

@@ -156,7 +156,7 @@ def explain_gpt(
     """
     seq_len = seq_len or config.seq_len
     strategy = get_strategy(strategy)
-    # Check the batch before building anything: Trainer init compiles the model's initialiser.
+    # Check the batch before building anything.
     accumulate = microbatches if PIPE not in mesh.shape else 1  # else the pipeline's
     strategy.check_batch(mesh, batch_size, microbatches=accumulate)
     trainer = Trainer(
@@ -165,6 +165,9 @@ def explain_gpt(
         # lm_loss is a mean over equal-length rows, each computed on its own: row-separable.
         config=TrainConfig(microbatches=microbatches, precision=precision, schedule=schedule,
                            repeats=repeats, pipeline_remat=pipeline_remat, row_separable=True),
+        # Only compiled, never run: an abstract state lowers to the same step without
+        # compiling and running the model's initialiser.
+        allocate=False,
     )
     batch = TokenBatches(batch_size=batch_size, seq_len=seq_len, seed=0).batch(0)
     report = explain(
