@@ -264,7 +264,7 @@ def gpt_step_memory_bytes(config: Any, /, *, rows: int, seq_len: int, grad_local
     state keeps of it (sharded from ZeRO-2), ``activation_slots`` a pipeline's stage
     activations per device (:attr:`meshpar.parallel.schedule.PipelineConfig.activation_slots`),
     ``residual_slots`` the chunk forwards whose residuals a 1F1B pipeline without stage remat
-    keeps (:attr:`meshpar.parallel.schedule.OneFOneBTable.res_slots`).
+    keeps (``res_slots`` of :class:`meshpar.parallel.schedule.OneFOneBTable`).
     Each term is one mechanism of the compiled program (measured on the ``small`` and ``tiny``
     presets, 8 emulated devices, ``memory_analysis`` and XLA's buffer-assignment dumps); the
     step's temporaries are the largest of three phases: the backward pass, the gradient
