@@ -32,8 +32,8 @@ Structure: a ``jax.custom_vjp`` of the whole pipeline.
      * ``remat=False`` (the Trainer's default for these schedules): the vjp the forward tick
        built, rebuilt from its residuals, which the forward tick left in a *residual slot*
        (``res``; :class:`~meshpar.parallel.schedule.OneFOneBTable` sets ``res_slots`` of
-       them, flat in ``M``). Residuals that are the chunk's own weights are not copied (the weights are put
-       back in), nor those the weights alone make (recomputed:
+       them, flat in ``M``). Residuals that are the chunk's own weights are not copied (the
+       weights are put back in), nor those the weights alone make (recomputed:
        :class:`~meshpar.parallel.residuals.VjpResiduals`). The chunk's forward runs twice per
        microbatch (the forward loop, the forward tick), as GPipe's does with its stage remat.
        Residuals a remat policy offloads to host memory cannot sit in the slots: that is
