@@ -244,6 +244,9 @@ def _backward(run_chunk: Callable, mesh: Mesh, config: PipelineConfig, param_spe
         def skip_backward(acc, params, r, m, x, dy, kept):
             return acc, idle_value(x)
 
+        # Backward branches by index: idle, recompute, from the forward tick's residuals.
+        backwards = (skip_backward, backward) + (() if residuals is None else (backward_kept,))
+
         def tick(carry, col):
             f_in, b_in, stash, cot, res, acc, io = carry
             fm, fr, fslot, fres, bm, br, bslot, bres, bcot, recv_f, recv_b = (
@@ -254,8 +257,7 @@ def _backward(run_chunk: Callable, mesh: Mesh, config: PipelineConfig, param_spe
             dy = _read(cot, bcot, io if shared else dys, bm)
             kept = tuple(b[jnp.maximum(bres, 0)] for b in res)
             branch = jnp.where(bm < 0, 0, jnp.where(bres >= 0, 2, 1))
-            branches = (skip_backward, backward) + (() if residuals is None else (backward_kept,))
-            acc, dx = jax.lax.switch(branch, branches, acc, params, jnp.maximum(br, 0),
+            acc, dx = jax.lax.switch(branch, backwards, acc, params, jnp.maximum(br, 0),
                                      jnp.maximum(bm, 0), xb, dy, kept)
             # Chunk 0 (read from xs) hands its input gradient out, over xs[m] (read for the last
             # time by now); the others send it back.
@@ -267,9 +269,9 @@ def _backward(run_chunk: Callable, mesh: Mesh, config: PipelineConfig, param_spe
             # [M, mb, ...] buffer twice in every tick (two `copy`s in the loop body of the
             # compiled step; the d = 256 GPT's temporaries were 0.13 MB higher at M = 8 and 32).
             x = _read(stash, fslot, io, fm)
-            y, kept = jax.lax.cond(fm >= 0, forward, skip_forward, params, jnp.maximum(fr, 0),
-                                   jnp.maximum(fm, 0), x)
-            res = tuple(_write(b, fres, k) for b, k in zip(res, kept))
+            y, new_kept = jax.lax.cond(fm >= 0, forward, skip_forward, params,
+                                       jnp.maximum(fr, 0), jnp.maximum(fm, 0), x)
+            res = tuple(_write(b, fres, k) for b, k in zip(res, new_kept))
             f_out = ppermute_bits(y, axis, fwd_perm)
             b_out = ppermute_bits(dx, axis, bwd_perm)
             return (f_out, b_out, stash, cot, res, acc, io), None

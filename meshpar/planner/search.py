@@ -200,27 +200,6 @@ class _Model:
     command: Callable[[Layout], str | None]
 
 
-def gpt_layout_flops(config: GPTConfig, layout: Layout, /, *, batch_size: int,
-                     seq_len: int) -> float:
-    """The GPT's training FLOPs of one step under ``layout``, over all devices, recompute
-    included (:func:`~meshpar.inspect.costs.gpt_train_flops`): the layer scan's remat and the
-    pipeline's one more forward of the stack. GPipe and circular recompute each stage in its
-    backward; the 1F1B schedules (with their default, ``pipeline_remat`` off) run each chunk's
-    forward twice too, in the forward loop and in its forward tick, whose residuals its backward
-    applies (the last chunk: in its backward tick).
-
-    Example:
-        >>> cfg = get_preset("tiny").replace(remat="none", layers=4)
-        >>> gpipe = gpt_layout_flops(cfg, Layout(pipe=2, microbatches=2), batch_size=8, seq_len=32)
-        >>> onef1b = gpt_layout_flops(cfg, Layout(pipe=2, microbatches=2, schedule="1f1b"),
-        ...                           batch_size=8, seq_len=32)
-        >>> onef1b == gpipe
-        True
-    """
-    return gpt_train_flops(config, batch_size=batch_size, seq_len=seq_len,
-                           pipelined=layout.pipe > 1)
-
-
 def _bubble(layout: Layout) -> float:
     if layout.pipe == 1:
         return 0.0
@@ -600,16 +579,19 @@ def plan_gpt(config: GPTConfig, /, *, batch_size: int, seq_len: int | None = Non
             rows=rows, seq_len=seq_len, d_model=c.d_model, remat=c.remat,
             microbatches=layout.microbatches, pipelined=layout.pipe > 1,
             schedule=layout.schedule, repeats=layout.repeats)
-        # The pipeline's second forward of the stack included (gpt_layout_flops).
-        flops = gpt_layout_flops(c, layout, batch_size=batch_size, seq_len=seq_len) / devices
+        # A pipeline runs the stack's forward twice: GPipe and circular recompute each stage in
+        # its backward; 1F1B (pipeline_remat off, its default) in its forward ticks, whose
+        # residuals its backward ticks apply.
+        flops = gpt_train_flops(c, batch_size=batch_size, seq_len=seq_len,
+                                pipelined=layout.pipe > 1) / devices
         useful = gpt_train_flops(c.replace(remat="none"), batch_size=batch_size, seq_len=seq_len)
         return act, colls, flops, useful
 
     def compiled_flops(layout, measured):
         # The GPT's FLOPs by formula: the pipelined program's dot count includes the bubble
         # iterations lax.cond skips (the bubble term counts them).
-        return gpt_layout_flops(cfg(layout), layout, batch_size=batch_size,
-                                seq_len=seq_len) / devices
+        return gpt_train_flops(cfg(layout), batch_size=batch_size, seq_len=seq_len,
+                               pipelined=layout.pipe > 1) / devices
 
     def make(layout):
         c = cfg(layout)
