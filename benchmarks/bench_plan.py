@@ -6,9 +6,11 @@ this machine, cached), it
 
 1. plans them with :func:`meshpar.planner.plan_gpt` (each compiled from abstract state, nothing
    allocated; the prediction uses the compiled program's collectives),
-2. builds each layout's ``Trainer`` for real, runs ``--warmup`` then ``--steps`` steps and takes
-   the median wall time (and the median CPU time of this process, which other processes on a
-   shared machine stretch less),
+2. builds each layout's ``Trainer`` for real, runs ``--warmup`` steps of each, then ``--steps``
+   rounds that step every layout once (round robin, the order reversed every other round, so
+   that the machine's drift during the run lands on all layouts alike; ``--sequential`` times
+   them one after the other instead) and takes each layout's median wall time (and the median
+   CPU time of this process, which other processes on a shared machine stretch less),
 3. prints the table (predicted compute and communication, measured wall and CPU time), the
    Spearman rank correlation of predicted against measured (wall and CPU
    time) and whether the top pick is within 10% of the measured best.
@@ -43,7 +45,12 @@ def parse_args(argv: Sequence[str] | None = None):
     p.add_argument("--layers", type=int, default=None, help="override the preset's depth")
     p.add_argument("--layouts", type=int, default=12)
     p.add_argument("--warmup", type=int, default=1)
-    p.add_argument("--steps", type=int, default=3)
+    p.add_argument("--steps", type=int, default=3,
+                   help="timed steps per layout (rounds of the round robin)")
+    p.add_argument("--sequential", action="store_true",
+                   help="time the layouts one after the other (each built, timed and dropped "
+                        "in turn) instead of round robin with every layout alive at once: "
+                        "less memory, but a drift of the machine's speed lands on some layouts")
     p.add_argument("--hardware", default="cpu")
     p.add_argument("--recalibrate", action="store_true",
                    help="measure the cpu profile again first (on the machine as it is now) "
@@ -129,33 +136,59 @@ def run(args, log: Callable = print) -> dict:
     log(f"planned {len(chosen)} layouts in {plan_s:.0f}s (compiled: "
         f"{sum(c.source == 'compiled' for c in result.candidates)})")
     data = TokenBatches(batch_size=args.batch_size, seq_len=seq, seed=0)
-    rows = []
-    for c in result.candidates:
-        if c.source != "compiled":
-            continue
-        lay = c.layout
+    compiled = [c for c in result.candidates if c.source == "compiled"]
+
+    def build(lay):
         model_cfg = cfg.replace(remat=lay.remat)
-        trainer = Trainer(lambda: GPT(model_cfg, rngs=nnx.Rngs(0)), optax.adamw(1e-3), lm_loss,
-                          mesh=make_mesh(lay.mesh_shape), strategy=lay.strategy(),
-                          config=lay.train_config(row_separable=True))
-        walls, cpus = [], []
-        for i in range(args.warmup + args.steps):
-            batch = data.batch(i)
-            w, p = time.perf_counter(), time.process_time()
-            trainer.step(batch)
-            if i >= args.warmup:
-                walls.append(time.perf_counter() - w)
-                cpus.append(time.process_time() - p)
-        row = {"layout": lay.label, "predicted_s": c.time.step,
+        return Trainer(lambda: GPT(model_cfg, rngs=nnx.Rngs(0)), optax.adamw(1e-3), lm_loss,
+                       mesh=make_mesh(lay.mesh_shape), strategy=lay.strategy(),
+                       config=lay.train_config(row_separable=True))
+
+    def timed(trainer, i):
+        w, p = time.perf_counter(), time.process_time()
+        trainer.step(data.batch(i))
+        return time.perf_counter() - w, time.process_time() - p
+
+    walls: dict[int, list[float]] = {k: [] for k in range(len(compiled))}
+    cpus: dict[int, list[float]] = {k: [] for k in range(len(compiled))}
+    if args.sequential:
+        # One layout after the other: a drift of the machine's speed during the run (other
+        # jobs, clocks) lands on whichever layouts ran then.
+        for k, c in enumerate(compiled):
+            trainer = build(c.layout)
+            for i in range(args.warmup + args.steps):
+                w, p = timed(trainer, i)
+                if i >= args.warmup:
+                    walls[k].append(w)
+                    cpus[k].append(p)
+            del trainer
+    else:
+        # Round robin: every layout's trainer is built and warmed up, then each round steps
+        # every layout once (the order reversed every other round), so a drift of the machine's
+        # speed lands on all of them alike. The layouts' states are all alive at once.
+        trainers = [build(c.layout) for c in compiled]
+        for trainer in trainers:
+            for i in range(args.warmup):
+                timed(trainer, i)
+        for r in range(args.steps):
+            order = range(len(trainers)) if r % 2 == 0 else reversed(range(len(trainers)))
+            for k in order:
+                w, p = timed(trainers[k], args.warmup + r)
+                walls[k].append(w)
+                cpus[k].append(p)
+        del trainers
+    rows = []
+    for k, c in enumerate(compiled):
+        row = {"layout": c.layout.label, "predicted_s": c.time.step,
                "predicted_compute_s": c.time.compute, "predicted_comm_s": c.time.exposed,
-               "measured_wall_s":
-               statistics.median(walls), "measured_cpu_s": statistics.median(cpus),
+               "measured_wall_s": statistics.median(walls[k]),
+               "measured_cpu_s": statistics.median(cpus[k]),
+               "measured_wall_all_s": walls[k],
                "memory_bytes": c.memory, "memory_analytic_bytes": c.memory_analytic}
         rows.append(row)
-        log(f"  {lay.label:44s} predicted {row['predicted_s'] * 1e3:8.1f} ms (compute "
+        log(f"  {c.layout.label:44s} predicted {row['predicted_s'] * 1e3:8.1f} ms (compute "
             f"{c.time.compute * 1e3:.0f} + comm {c.time.exposed * 1e3:.0f})  measured "
             f"{row['measured_wall_s'] * 1e3:8.1f} ms wall {row['measured_cpu_s'] * 1e3:8.1f} ms cpu")
-        del trainer
     pred = [r["predicted_s"] for r in rows]
     report = {"rows": rows}
     for kind in ("wall", "cpu"):
