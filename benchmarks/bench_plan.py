@@ -24,7 +24,9 @@ than a cache measured under load). Run ``python benchmarks/bench_plan.py --help`
 
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
 import statistics
 import sys
 import tempfile
@@ -108,10 +110,14 @@ def run(args, log: Callable = print) -> dict:
     from meshpar.train.data import TokenBatches
 
     bench = _common.Run(args, "bench_plan.py")
-    # The measured trainers compile the same programs the planner compiled: a compile cache
-    # of this run's own makes the second compile a read.
-    jax.config.update("jax_compilation_cache_dir", tempfile.mkdtemp(prefix="bench_plan_"))
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
+    # The measured trainers compile the same programs the planner compiled: a persistent compile
+    # cache makes the second compile a read. The caller's, if it has one (tests); else this
+    # run's own, removed when the process exits.
+    if not jax.config.jax_compilation_cache_dir:
+        cache_dir = tempfile.mkdtemp(prefix="bench_plan_")
+        atexit.register(shutil.rmtree, cache_dir, ignore_errors=True)
+        jax.config.update("jax_compilation_cache_dir", cache_dir)
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
     cfg = get_preset(args.preset)
     if args.layers:
         cfg = cfg.replace(layers=args.layers)
