@@ -58,6 +58,13 @@ class _Stacked:
     used: set[int]
 
 
+#: Up-front (non-stack) ZeRO-3 leaves up to this many bytes per device are gathered together
+#: (:meth:`ManualZero._prepare`); larger ones alone. About the bytes a core copies in the time
+#: one rendezvous of the emulated devices costs (a few hundred microseconds): below it,
+#: concatenating is cheaper than another collective.
+JOINT_GATHER_BYTES = 1 << 20
+
+
 _STACKED: contextvars.ContextVar[_Stacked | None] = contextvars.ContextVar(
     "meshpar_zero_stacked", default=None
 )
@@ -437,17 +444,29 @@ class ManualZero:
 
     def _prepare(self, leaves: list[jax.Array], pending: _Stacked) -> list[jax.Array]:
         # ZeRO-3: gather what is not a stack now; register stacks for scan_layers.
-        # The up-front leaves are gathered one by one: combined, the embedding table's gradient
-        # was copied into the [fsdp, ...] layout of the joint reduce-scatter (a transpose of the
-        # whole fp32 table, a third of the fsdp=8 step's op time); they are few (4 in the GPT).
-        out = []
-        for x, d, s, spec in zip(leaves, self.param_dims, self.stacked, self.auto_specs):
+        # The small up-front leaves (the GPT's position table and final layer norm) are gathered
+        # as one (one all-gather, one reduce-scatter of their gradients): on emulated devices a
+        # collective costs its rendezvous, not its bytes (issue 13's small model, fsdp=8, bf16:
+        # a 256-element gather took 4.1% of the step's op time, its gradient's reduce-scatter
+        # 1.4%). The large ones stay alone: in a joint buffer the embedding table's gradient is
+        # copied whole into the concatenation (once split over embed, also transposed: a third of
+        # the fsdp=8 step's op time).
+        out = list(leaves)
+        small: list[int] = []
+        for i, (x, d, s, spec) in enumerate(zip(leaves, self.param_dims, self.stacked,
+                                                self.auto_specs)):
             if d is not None and s:
                 # The scan removes the leading layer axis: the split dimension moves down one.
                 pending.gathers[id(x)] = _ManualGather(d - 1, PartitionSpec(*spec[1:]))
+            elif d is not None and x.size * x.dtype.itemsize <= JOINT_GATHER_BYTES:
+                small.append(i)
             elif d is not None:
-                x = _gather(x, d, spec)
-            out.append(x)
+                out[i] = _gather(x, d, spec)
+        if small:
+            got = _gather_all([leaves[i] for i in small], [self.param_dims[i] for i in small],
+                              [self.auto_specs[i] for i in small])
+            for i, g in zip(small, got):
+                out[i] = g
         return out
 
     def loss_and_grads(self, piece_fn: Callable[..., tuple[jax.Array, Any]], params: Any,
