@@ -194,7 +194,8 @@ def run(args, log: Callable = print) -> dict:
         rows.append(row)
         log(f"  {c.layout.label:44s} predicted {row['predicted_s'] * 1e3:8.1f} ms (compute "
             f"{c.time.compute * 1e3:.0f} + comm {c.time.exposed * 1e3:.0f})  measured "
-            f"{row['measured_wall_s'] * 1e3:8.1f} ms wall {row['measured_cpu_s'] * 1e3:8.1f} ms cpu")
+            f"{row['measured_wall_s'] * 1e3:8.1f} ms wall "
+            f"{row['measured_cpu_s'] * 1e3:8.1f} ms cpu")
     pred = [r["predicted_s"] for r in rows]
     report = {"rows": rows}
     for kind in ("wall", "cpu"):

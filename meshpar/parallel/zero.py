@@ -143,9 +143,10 @@ class _ManualGather:
 def _gather_all(xs: list[jax.Array], dims: list[int], auto_specs: list[PartitionSpec]
                 ) -> list[jax.Array]:
     """:func:`_gather` of one layer's leaves (or of the small up-front ones) as one all-gather
-    per dtype (its transpose: one reduce-scatter). Each collective is a rendezvous of every device: on XLA:CPU's emulated
-    devices their number, more than their bytes, made the step (a GPT layer's 12 leaves: 23
-    gathers and 12 reduce-scatters per layer and step with one per leaf)."""
+    per dtype (its transpose: one reduce-scatter). Each collective is a rendezvous of every
+    device: on XLA:CPU's emulated devices their number, more than their bytes, made the step (a
+    GPT layer's 12 leaves: 23 gathers and 12 reduce-scatters per layer and step with one per
+    leaf)."""
     auto = _auto_axes()
     if not auto:
         return _gather_major_all(xs, dims)
