@@ -391,3 +391,43 @@ def test_embedding_gradient_gathers_rows_when_the_batch_has_fewer_tokens_than_th
     np.testing.assert_allclose(float(loss), float(ref_loss), rtol=1e-6)
     g, r = (np.asarray(t["tok_embed"]) for t in (grads, ref_grads))
     np.testing.assert_allclose(g, r, rtol=1e-5, atol=1e-6 * np.abs(r).max())
+
+
+def test_tied_table_gradient_is_one_scatter_into_the_unembeddings_gradient():
+    """``gpt._lookup`` passes the table through to the tied unembedding, so in a bf16 step the
+    lookup's rows are scattered into the unembedding's table gradient: no zero-filled table, one
+    table-sized fp32 buffer less at the peak than with ``embed`` and ``unembed_logits`` used
+    apart (the public methods), and the same gradient."""
+    import re
+
+    import optax
+
+    from meshpar.train import TrainConfig, Trainer
+    from meshpar.train.data import TokenBatches
+
+    cfg = get_preset("tiny").replace(vocab_size=2048)
+    batch = TokenBatches(batch_size=8, seq_len=32, seed=0).batch(0)
+
+    class Apart(GPT):
+        def __call__(self, tokens):
+            return self.unembed_logits(self.run_layers(self.embed(tokens)))
+
+    def trainer(cls, mesh, precision):
+        return Trainer(lambda: cls(cfg, rngs=nnx.Rngs(0)), optax.adam(1e-3), lm_loss, mesh=mesh,
+                       strategy="auto", config=TrainConfig(precision=precision))
+
+    table_bytes = cfg.vocab_size * cfg.d_model * 4
+    shape = rf"f32\[{cfg.vocab_size},{cfg.d_model}\]"
+    zero_table = re.compile(shape + r"\S* (fusion|broadcast)\(%constant")
+    temps = {}
+    for cls in (GPT, Apart):
+        compiled = trainer(cls, make_mesh(fsdp=8), "bf16").lower(batch).compile()
+        zeros = [line for line in compiled.as_text().splitlines() if zero_table.search(line)]
+        assert len(zeros) == (cls is Apart), zeros
+        temps[cls] = compiled.memory_analysis().temp_size_in_bytes
+    assert temps[GPT] <= temps[Apart] - 0.75 * table_bytes, temps
+
+    one = make_mesh(data=1, devices=jax.devices()[:1])
+    grads = [trainer(cls, one, "fp32").loss_and_grads(batch)[1]["tok_embed"]
+             for cls in (GPT, Apart)]
+    np.testing.assert_allclose(*(np.asarray(g) for g in grads), rtol=1e-6, atol=1e-9)

@@ -257,35 +257,41 @@ def _layer_norm(x_BTD: jax.Array, scale_D: jax.Array, bias_D: jax.Array) -> jax.
 
 
 @jax.custom_vjp
-def _lookup(table_VD: jax.Array, tokens_BT: jax.Array) -> jax.Array:
-    """``jnp.take(table, tokens, axis=0)``, whose gradient scatters every row on every device
-    where the batch has fewer tokens than the table has rows.
+def _lookup(table_VD: jax.Array, tokens_BT: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """``(jnp.take(table, tokens, axis=0), table)``: the rows, and the table passed through.
 
-    Autodiff's gradient is a scatter-add of each device's own rows into a whole zero table, a
-    partial sum that the layout then reduces over the batch axes: an all-reduce (or
-    reduce-scatter) of the whole ``[vocab, embed]`` table, beside the tied unembedding's own
-    (issue 13's model, ``pipe=2,fsdp=4``: two all-reduces of ``f32[32000,256]``, 14% of the
-    step's op time). Gathering the rows and their token ids instead moves ``B x T x D`` values,
-    32x fewer there. Inside a ``shard_map`` that is manual over the batch axes (the batch-local
-    paths) the gather is a no-op and the partial table is reduced with the other gradients, once.
+    Two things about the gradient, both measured on issue 13's model (vocabulary 32000):
+
+    * Autodiff's gradient of ``take`` is a scatter-add of each device's own rows into a whole
+      zero table, a partial sum that the layout then reduces over the batch axes: an all-reduce
+      (or reduce-scatter) of the whole ``[vocab, embed]`` table, beside the tied unembedding's own
+      (``pipe=2,fsdp=4``: two all-reduces of ``f32[32000,256]``, 14% of the step's op time). So
+      where the batch has fewer tokens than the table has rows, the backward pass gathers the
+      rows and their token ids instead (``B x T x D`` values, 32x fewer there). Inside a
+      ``shard_map`` that is manual over the batch axes (the batch-local paths) that gather is a
+      no-op and the partial table is reduced with the other gradients, once.
+    * A tied unembedding that uses the *passed-through* table hands its gradient to this
+      backward pass as the second cotangent, and the rows are scattered straight into it. Used
+      apart, in bf16 (where XLA does not fold the add into the scatter, as it does in fp32) the
+      rows went into a zero-filled fp32 table that was then added to the unembedding's
+      gradient, both alive at once: the small model's bf16 step held 16-32 MB more temporaries
+      (``fsdp=8`` 85 -> 69 MB, ``fsdp=4,tensor=2`` 70 -> 45, ``pipe=2,fsdp=4`` 105 -> 73), and
+      its step took 0.86-0.93x the time on the last two (``fsdp=8``: unchanged). Untied, the
+      second cotangent is zeros and the scatter goes into those, as before.
     """
-    return jnp.take(table_VD, tokens_BT, axis=0)
+    return jnp.take(table_VD, tokens_BT, axis=0), table_VD
 
 
 def _lookup_fwd(table_VD, tokens_BT):
-    # The table's row count and dtype travel as an empty [V, 0] array (residuals are arrays).
-    return _lookup(table_VD, tokens_BT), (tokens_BT, jnp.zeros((table_VD.shape[0], 0),
-                                                               table_VD.dtype))
+    return _lookup(table_VD, tokens_BT), tokens_BT
 
 
-def _lookup_bwd(res, g_BTD):
-    tokens_BT, like_V0 = res
-    vocab = like_V0.shape[0]
-    if tokens_BT.size < vocab:
+def _lookup_bwd(tokens_BT, cotangents):
+    g_BTD, g_VD = cotangents
+    if tokens_BT.size < g_VD.shape[0]:
         g_BTD = constrain(g_BTD, (None, None, None))
         tokens_BT = constrain(tokens_BT, (None, None))
-    zeros_VD = jnp.zeros((vocab, g_BTD.shape[-1]), g_BTD.dtype)
-    return zeros_VD.at[tokens_BT].add(g_BTD).astype(like_V0.dtype), None
+    return g_VD.at[tokens_BT].add(g_BTD.astype(g_VD.dtype)), None
 
 
 _lookup.defvjp(_lookup_fwd, _lookup_bwd)
@@ -533,9 +539,9 @@ class GPT(nnx.Module):
 
     def __call__(self, tokens_BT: jax.Array) -> jax.Array:
         """Logits ``float32[B, T, vocab]`` for int tokens ``[B, T]`` (``T <= seq_len``)."""
-        x_BTD = self._dropout(self.embed_dropout, self.embed(tokens_BT))
-        x_BTD = self.run_layers(x_BTD)
-        return self.unembed_logits(self._dropout(self.final_dropout, x_BTD))
+        x_BTD, table_VD = self._embed(tokens_BT)
+        x_BTD = self.run_layers(self._dropout(self.embed_dropout, x_BTD))
+        return self._unembed(self._dropout(self.final_dropout, x_BTD), table_VD)
 
     @staticmethod
     def _dropout(layer: nnx.Dropout, x_BTD: jax.Array) -> jax.Array:
@@ -547,6 +553,11 @@ class GPT(nnx.Module):
 
     def embed(self, tokens_BT: jax.Array) -> jax.Array:
         """Token plus position embedding: the residual stream ``[B, T, D]`` entering block 0."""
+        return self._embed(tokens_BT)[0]
+
+    def _embed(self, tokens_BT: jax.Array) -> tuple[jax.Array, jax.Array]:
+        # The embedding and the token table as the lookup passes it through, for a tied
+        # unembedding to use (so that its gradient meets the lookup's in one scatter: _lookup).
         if tokens_BT.ndim != 2:
             raise MeshparError(f"GPT: tokens must have shape [batch, seq], got {tokens_BT.shape}")
         if not jnp.issubdtype(tokens_BT.dtype, jnp.integer):
@@ -559,8 +570,8 @@ class GPT(nnx.Module):
             )
         table_VD = constrain(self.tok_embed[...], ("vocab", "embed"))
         pos_SD = constrain(self.pos_embed[...], ("seq", "embed"))
-        x_BTD = _lookup(table_VD, tokens_BT) + pos_SD[:t][None]
-        return constrain(x_BTD, ("batch", "seq", "embed"))
+        rows_BTD, table_VD = _lookup(table_VD, tokens_BT)
+        return constrain(rows_BTD + pos_SD[:t][None], ("batch", "seq", "embed")), table_VD
 
     def run_layers(self, x_BTD: jax.Array) -> jax.Array:
         """All blocks, as one ``lax.scan`` over the stacked block parameters.
@@ -572,11 +583,15 @@ class GPT(nnx.Module):
 
     def unembed_logits(self, x_BTD: jax.Array) -> jax.Array:
         """Final LayerNorm and the projection to ``float32`` logits ``[B, T, V]``."""
+        return self._unembed(x_BTD, self.tok_embed[...])
+
+    def _unembed(self, x_BTD: jax.Array, table_VD: jax.Array) -> jax.Array:
+        # table_VD: the token table, used when the embeddings are tied.
         scale = constrain(self.ln_f_scale[...], ("embed",))
         bias = constrain(self.ln_f_bias[...], ("embed",))
         h_BTD = _layer_norm(x_BTD, scale, bias)
         if self.config.tie_embeddings:
-            table_VD = constrain(self.tok_embed[...], ("vocab", "embed"))
+            table_VD = constrain(table_VD, ("vocab", "embed"))
             logits = _einsum("btd,vd->btv", h_BTD, table_VD, out_dtype=jnp.float32)
         else:
             kernel_DV = constrain(self.unembed[...], ("embed", "vocab"))
