@@ -65,9 +65,11 @@ MIB = 2**20
 #: How far the pre-filter lets the analytic memory exceed the budget before it rejects a layout
 #: without compiling it. On the 75 sampled layouts of ``benchmarks/README.md`` (tiny and small
 #: presets, every schedule) the pre-filter's figure (:attr:`Candidate.memory_prefilter`) was at
-#: most 1.08x ``memory_analysis``; where it is off by more than 10% it is below (XLA's buffer
-#: packing, tensor-parallel fusion at many rows), which never rejects a layout that fits.
-PREFILTER_SLACK = 1.10
+#: most 1.14x ``memory_analysis`` (the tiny preset's two-layer pipelines, 1.10-1.14x since the
+#: tied table's gradient stopped holding a zero-filled table; 1.08x before); elsewhere, where it
+#: is off by more than 10%, it is below (XLA's buffer packing, tensor-parallel fusion at many
+#: rows), which never rejects a layout that fits.
+PREFILTER_SLACK = 1.15
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
