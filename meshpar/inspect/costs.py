@@ -305,7 +305,11 @@ def gpt_step_memory_bytes(config: Any, /, *, rows: int, seq_len: int, grad_local
     programs, pipelines above all, the allocation exceeds the bytes live at the peak by 8-30%),
     and XLA:CPU's fusion choices with tensor parallelism at 4096 tokens a device and more
     (``tensor=8``, small: 24 rows 0.98x, 32 rows 0.82x: a dozen ``[rows, T, D]`` buffers where
-    16 rows had ten).
+    16 rows had ten). The pipeline terms were fitted on programs whose peak also held a
+    zero-filled table for the tied embedding's gradient, gone since (``meshpar.models.gpt``,
+    ``_lookup``): the tiny preset's two-layer pipelines with remat ``full`` now come out
+    1.11-1.14x above ``memory_analysis`` (``PREFILTER_SLACK`` is 1.15 for them), the same
+    layouts with 4 and 8 layers 0.88-0.97x: the per-layer slope is short, the constant over.
 
     Example:
         >>> cfg = get_preset("small")

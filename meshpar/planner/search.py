@@ -13,7 +13,8 @@ How a candidate is judged:
    exactly, an indivisible layout is rejected with its error); the GPT's temporaries (gradient
    buffers, activations, the head, ZeRO-3's gathered layer) come from
    :func:`meshpar.inspect.costs.gpt_step_memory_bytes`, within 10% of ``memory_analysis`` on
-   most layouts sampled and below it on the rest (``benchmarks/README.md``). A candidate whose
+   most layouts sampled, below it on most of the rest and at most 1.16x above
+   (``benchmarks/README.md``). A candidate whose
    estimate, less the bytes it counts that XLA may fuse away, is over the budget by more than
    :data:`PREFILTER_SLACK` is not compiled (it stays an analytic candidate over the budget).
 2. **compile** the ``compile_top`` fastest survivors by the analytic time (their step on this
