@@ -307,9 +307,11 @@ def gpt_step_memory_bytes(config: Any, /, *, rows: int, seq_len: int, grad_local
     (``tensor=8``, small: 24 rows 0.98x, 32 rows 0.82x: a dozen ``[rows, T, D]`` buffers where
     16 rows had ten). The pipeline terms were fitted on programs whose peak also held a
     zero-filled table for the tied embedding's gradient, gone since (``meshpar.models.gpt``,
-    ``_lookup``): the tiny preset's two-layer pipelines with remat ``full`` now come out
-    1.11-1.14x above ``memory_analysis`` (``PREFILTER_SLACK`` is 1.15 for them), the same
-    layouts with 4 and 8 layers 0.88-0.97x: the per-layer slope is short, the constant over.
+    ``_lookup``): pipelines with one layer a stage (the tiny preset at ``pipe=2``, remat
+    ``full``) now come out 1.11-1.14x above ``memory_analysis`` (``PREFILTER_SLACK`` is 1.15
+    for them). From two layers a stage on the slope holds (``pipe=2,fsdp=4`` z2 mb4 fp32:
+    874 KiB a stage layer by formula, 883 compiled; 0.96x at 4 layers, 0.97x at 8); with one,
+    the peak is the head's backward before the loop, below the loop this formula counts.
 
     Example:
         >>> cfg = get_preset("small")
