@@ -366,7 +366,10 @@ def test_embedding_gradient_gathers_rows_when_the_batch_has_fewer_tokens_than_th
     """``gpt._lookup``: with fewer tokens than table rows, the lookup's gradient is scattered from
     the gathered rows on every device instead of reduced as a whole partial table. In a
     pipelined layout (GSPMD outside the stack) the compiled step then reduces one table-sized
-    gradient (the tied unembedding's), not two, and trains like one device."""
+    gradient (the tied unembedding's), not two, gathers the rows with their token ids in one
+    all-gather, and trains like one device."""
+    import re
+
     import optax
 
     from meshpar.inspect.hlo import collectives
@@ -383,10 +386,14 @@ def test_embedding_gradient_gathers_rows_when_the_batch_has_fewer_tokens_than_th
     piped = trainer(make_mesh(pipe=2, fsdp=4), "auto", microbatches=2)
     one = trainer(make_mesh(data=1, devices=jax.devices()[:1]), "dp")
     table_bytes = 2048 * cfg.d_model * 4
-    reduced = [op for op in collectives(piped.lower(batch).compile().as_text(), mesh=piped.mesh)
+    text = piped.lower(batch).compile().as_text()
+    reduced = [op for op in collectives(text, mesh=piped.mesh)
                if op.kind in ("all-reduce", "reduce-scatter") and op.result_bytes >= table_bytes]
     # One tuple all-reduce may carry several leaves: count the table-sized results in its bytes.
     assert sum(op.result_bytes // table_bytes for op in reduced) == 1, reduced
+    # The token ids travel with the rows' gradients, in the same all-gather (as their bits).
+    assert not re.search(r"= s32\[[\d,]*\]\S* all-gather\(", text)
+    assert re.search(rf"= u32\[8,32,{cfg.d_model + 1}\]\S* all-gather\(", text)
     (loss, grads), (ref_loss, ref_grads) = piped.loss_and_grads(batch), one.loss_and_grads(batch)
     np.testing.assert_allclose(float(loss), float(ref_loss), rtol=1e-6)
     g, r = (np.asarray(t["tok_embed"]) for t in (grads, ref_grads))
