@@ -713,18 +713,57 @@ def test_cli_inspect_without_a_pipe_axis_has_no_pipeline(capsys):
 # -- printing the deviations ------------------------------------------------------------------
 
 
+def full_onef1b_matrix() -> list[Case]:
+    """Issue 16's whole proof matrix, which the suite covers with :data:`CASES`' design:
+    pipe in {2, 4} x M in {P, 2P, 4P} x each 1F1B schedule x {alone, data, tensor, fsdp with
+    ZeRO-1, fsdp with ZeRO-3}: 60 cases (about 15 s each), run by ``--full-1f1b`` on a global
+    batch of 32 (M = 16 with data or fsdp at pipe = 4 needs 32 rows)."""
+    cases = []
+    for schedule, repeats in (("1f1b", 1), ("interleaved-1f1b", 2)):
+        for p in (2, 4):
+            layers = 4 if schedule == "1f1b" or p == 2 else 8
+            rest = 8 // p
+            for m in (p, 2 * p, 4 * p):
+                for mesh, strategy in ((f"pipe={p}", "dp"), (f"pipe={p},data={rest}", "dp"),
+                                       (f"pipe={p},tensor={rest}", "tp"),
+                                       (f"pipe={p},fsdp={rest}", "zero1"),
+                                       (f"pipe={p},fsdp={rest}", "zero3")):
+                    cases.append(_case(layers, mesh, strategy, m, schedule, repeats))
+    return cases
+
+
 def main() -> None:
-    """Print the largest deviation per case (``python tests/test_pipeline_train.py [REGEX]``)."""
+    """Print the largest deviation per case (``python tests/test_pipeline_train.py [REGEX]``;
+    ``--full-1f1b``: :func:`full_onef1b_matrix` instead of :data:`CASES`, each case also
+    checked with :func:`assert_matches`, the test's own tolerances)."""
+    global DATA
     args = [a for a in sys.argv[1:] if not a.startswith("--")]
     pattern = re.compile(args[0] if args else "")
+    full = "--full-1f1b" in sys.argv
+    if full:
+        DATA = TokenBatches(batch_size=32, seq_len=TINY.seq_len, seed=SEED)
     names = ("init loss", "step loss", "grad/max", "grad nrm", "param abs", "param/upd", "outliers")
     print(f"{'case':52s} " + " ".join(f"{n:>9s}" for n in names))
-    for case in CASES:
+    failed = []
+    for case in full_onef1b_matrix() if full else CASES:
         if not pattern.search(case.id):
             continue
         dev = deviations(run_case(case), reference(case.layers), reference_init_params(case.layers),
                          outliers=(PARAM_RTOL, PARAM_ATOL))
-        print(f"{case.id:52s} " + " ".join(f"{v:9.1e}" for v in dev.values()), flush=True)
+        verdict = ""
+        if full:
+            try:
+                assert_matches(run_case(case), reference(case.layers),
+                               reference_init_params(case.layers))
+                verdict = " ok"
+            except AssertionError as err:
+                verdict = f" FAILED: {str(err).splitlines()[0]}"
+                failed.append(case.id)
+        print(f"{case.id:52s} " + " ".join(f"{v:9.1e}" for v in dev.values()) + verdict,
+              flush=True)
+    if full:
+        print(f"{len(failed)} failed" + (f": {failed}" if failed else ""))
+        return
     if "--controls" in sys.argv:
         # The noise floor the parameter tolerances are calibrated on: unpipelined 8-layer runs.
         for mesh, strategy, m in (("data=8", "dp", 1), ("data=2,tensor=4", "tp", 2)):
