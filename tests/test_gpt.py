@@ -246,6 +246,31 @@ def _dot_operand_dtypes(jaxpr) -> list[tuple[str, str]]:
     return out
 
 
+def _eqns(jaxpr):
+    """Every equation of ``jaxpr`` and of its sub-jaxprs."""
+    for eqn in jaxpr.eqns:
+        yield eqn
+        for sub in jax.extend.core.jaxprs_in_params(eqn.params):
+            yield from _eqns(sub)
+
+
+def test_bf16_gradient_rounds_gelu_once_and_concatenates_qkv(tiny):
+    # In bf16 the MLP's bias and GELU run on the matmul's fp32 result and round once (written
+    # in bf16, XLA:CPU rounds after each of GELU's elementwise steps, forward and backward);
+    # q, k and v come from one split, so their gradients meet in one concatenate, not in three
+    # padded [B, T, 3, H, K] arrays added up (a rounding pass per add in bf16).
+    graphdef, state = nnx.split(tiny)
+    state16 = jax.tree.map(lambda x: x.astype(jnp.bfloat16), state)
+    tokens = random_batch(2, 16)["inputs"]
+    grad = jax.grad(lambda s: nnx.merge(graphdef, s)(tokens).sum())
+    eqns = list(_eqns(jax.make_jaxpr(grad)(state16).jaxpr))
+    tanh_inputs = {str(v.aval.dtype) for e in eqns if e.primitive.name == "tanh" for v in e.invars}
+    assert tanh_inputs == {"float32"}, tanh_inputs
+    qkv = [e for e in eqns if len(e.outvars) == 1 and e.outvars[0].aval.shape == (2, 16, 3, 4, 16)]
+    kinds = {e.primitive.name for e in qkv}
+    assert "concatenate" in kinds and not kinds & {"pad", "add_any"}, kinds
+
+
 def test_untied_model_runs():
     config = TINY.replace(tie_embeddings=False, layers=1)
 
