@@ -213,7 +213,12 @@ def gpt_layer_residual_bytes(config: Any, /, *, rows: int, seq_len: int, tensor:
     * the stacked ``q k v`` weight (``3 D H K x a``, not per row).
 
     Checked against ``saved_residuals`` of the ``small`` preset's block (fp32 and bf16: equal
-    to the byte, the ``[T, 1]`` statistics aside).
+    to the byte, the ``[T, 1]`` statistics aside). Since the block runs the GELU in fp32
+    between its bf16 matmuls (2026-12-02), bf16's jaxpr saves the 5 GELU intermediates in fp32:
+    ``5 T M x 2`` more than counted here (small preset, one row: 5.91 MB saved, 4.59 counted).
+    Not changed yet: the planner's phases were fitted with this count, its remat-none ``stored``
+    term already counts fp32 sizes, and the compiled steps' temporaries under remat ``full``
+    did not move (XLA fuses those intermediates; issue 15).
 
     Example:
         >>> gpt_layer_residual_bytes(get_preset("tiny"), rows=1, seq_len=32)

@@ -488,8 +488,9 @@ class GPT(nnx.Module):
     """A decoder-only transformer language model (GPT-2 style, learned positions, pre-LN).
 
     Parameters are created in float32; the forward pass computes in the dtype of the parameters
-    (cast them to bfloat16 for mixed precision), except LayerNorm statistics and the softmax,
-    which run in float32. Logits are always float32.
+    (cast them to bfloat16 for mixed precision), except LayerNorm statistics, the softmax and
+    the MLP's bias and GELU, which run in float32 (rounded once to the compute dtype). Logits
+    are always float32.
 
     Dropout (``config.dropout > 0``) is applied twice, both times *outside* the layer stack: to
     the embedding output (token plus position) and to the last hidden state before the final
