@@ -766,6 +766,8 @@ def main() -> None:
               flush=True)
     if full:
         print(f"{len(failed)} failed" + (f": {failed}" if failed else ""))
+        if failed:
+            raise SystemExit(1)
         return
     if "--controls" in sys.argv:
         # The noise floor the parameter tolerances are calibrated on: unpipelined 8-layer runs.
