@@ -235,23 +235,18 @@ def test_bf16_dots_all_run_on_the_library_kernels(mesh, strategy, m):
     assert not [b for b in bare if "bf16" in b[1]], bare
 
 
-def _dot_operand_dtypes(jaxpr) -> list[tuple[str, str]]:
-    """The operand dtypes of every dot_general in ``jaxpr`` and its sub-jaxprs."""
-    out = []
-    for eqn in jaxpr.eqns:
-        if eqn.primitive.name == "dot_general":
-            out.append(tuple(str(v.aval.dtype) for v in eqn.invars))
-        for sub in jax.extend.core.jaxprs_in_params(eqn.params):
-            out += _dot_operand_dtypes(sub)
-    return out
-
-
 def _eqns(jaxpr):
     """Every equation of ``jaxpr`` and of its sub-jaxprs."""
     for eqn in jaxpr.eqns:
         yield eqn
         for sub in jax.extend.core.jaxprs_in_params(eqn.params):
             yield from _eqns(sub)
+
+
+def _dot_operand_dtypes(jaxpr) -> list[tuple[str, str]]:
+    """The operand dtypes of every dot_general in ``jaxpr`` and its sub-jaxprs."""
+    return [tuple(str(v.aval.dtype) for v in eqn.invars) for eqn in _eqns(jaxpr)
+            if eqn.primitive.name == "dot_general"]
 
 
 def test_bf16_gradient_rounds_gelu_once_and_concatenates_qkv(tiny):
