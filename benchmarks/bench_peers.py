@@ -188,7 +188,10 @@ def median_from(times: dict[int, float], first: int) -> float | None:
 
 
 def _tail(text: str, n: int = 15) -> str:
-    return "\n".join("    " + line for line in text.strip().splitlines()[-n:])
+    lines = text.strip().splitlines()
+    # An XLA CHECK failure ends in a long native stack trace: keep its message too.
+    cause = [line for line in lines[:-n] if re.match(r"[FE]\d{4} |.*(Check failed|Error)", line)]
+    return "\n".join("    " + line for line in cause[-3:] + lines[-n:])
 
 
 def run_side(side: str, argv: list[str], env: dict[str, str], *, timeout: float, workdir: str,

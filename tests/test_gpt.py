@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from meshpar.backend import bf16
 from meshpar.errors import MeshparError, StrategyError
 from meshpar.mesh import make_mesh
 from meshpar.models import GPT, PRESETS, GPTConfig, get_preset, lm_loss
@@ -183,7 +184,19 @@ def test_loss_at_init_is_near_uniform(tiny):
     assert abs(float(loss) - np.log(256)) < 0.1
 
 
-def test_bf16_params_give_float32_logits(tiny):
+@pytest.fixture
+def native_dots(monkeypatch):
+    """The bf16 dot path of a CPU with bf16 instructions, whatever this CPU has."""
+    monkeypatch.setenv(bf16.ENV, "native")
+
+
+@pytest.fixture
+def fp32_dots(monkeypatch):
+    """The bf16 dot path of a CPU without bf16 instructions, whatever this CPU has."""
+    monkeypatch.setenv(bf16.ENV, "fp32")
+
+
+def test_bf16_params_give_float32_logits(tiny, native_dots):
     graphdef, state = nnx.split(tiny)
     state16 = jax.tree.map(lambda x: x.astype(jnp.bfloat16), state)
     tokens = random_batch(2, 16)["inputs"]
@@ -205,7 +218,7 @@ _BF16_LAYOUTS = [("fsdp=8", "auto", 1), ("data=2,fsdp=2,tensor=2", "auto", 2),
 
 
 @pytest.mark.parametrize("mesh,strategy,m", _BF16_LAYOUTS, ids=[c[0] for c in _BF16_LAYOUTS])
-def test_bf16_dots_all_run_on_the_library_kernels(mesh, strategy, m):
+def test_bf16_dots_all_run_on_the_library_kernels(mesh, strategy, m, native_dots):
     # A bf16 x bf16 -> fp32 dot that XLA:CPU leaves outside a YNNPACK fusion fails at run time
     # (DotThunk has no such kernel): every one must be inside a fusion (see gpt._einsum).
     import re
@@ -249,7 +262,7 @@ def _dot_operand_dtypes(jaxpr) -> list[tuple[str, str]]:
             if eqn.primitive.name == "dot_general"]
 
 
-def test_bf16_gradient_rounds_gelu_once_and_concatenates_qkv(tiny):
+def test_bf16_gradient_rounds_gelu_once_and_concatenates_qkv(tiny, native_dots):
     # In bf16 the MLP's bias and GELU run on the matmul's fp32 result and round once (written
     # in bf16, XLA:CPU rounds after each of GELU's elementwise steps, forward and backward);
     # q, k and v come from one split, so their gradients meet in one concatenate, not in three
@@ -264,6 +277,54 @@ def test_bf16_gradient_rounds_gelu_once_and_concatenates_qkv(tiny):
     qkv = [e for e in eqns if len(e.outvars) == 1 and e.outvars[0].aval.shape == (2, 16, 3, 4, 16)]
     kinds = {e.primitive.name for e in qkv}
     assert "concatenate" in kinds and not kinds & {"pad", "add_any"}, kinds
+
+
+def test_bf16_fp32_dots_widen_every_operand_and_keep_the_numbers(tiny, fp32_dots, monkeypatch):
+    # A CPU without bf16 dot instructions: every matmul is an fp32 dot of the widened bf16
+    # values (meshpar.backend.bf16). The products of bf16 values are exact in fp32 and both
+    # paths accumulate in fp32, so logits and gradients equal the native path's up to the
+    # order of the sums, and are as far from the fp32 model as the native path's.
+    graphdef, state = nnx.split(tiny)
+    state16 = jax.tree.map(lambda x: x.astype(jnp.bfloat16), state)
+    tokens = random_batch(2, 16)["inputs"]
+    loss = lambda s: jnp.mean(nnx.merge(graphdef, s)(tokens) ** 2)  # noqa: E731
+    jaxpr = jax.make_jaxpr(jax.grad(loss))(state16).jaxpr
+    dots = _dot_operand_dtypes(jaxpr)
+    assert len(dots) >= 20 and set(dots) == {("float32", "float32")}, dots
+    converts = [e for e in _eqns(jaxpr) if e.primitive.name == "convert_element_type"
+                and e.invars[0].aval.dtype == jnp.bfloat16]
+    assert converts
+    widened = jax.jit(jax.grad(loss))(state16)
+    monkeypatch.setenv(bf16.ENV, "native")
+    native = jax.jit(jax.grad(loss))(state16)
+    reference = jax.jit(jax.grad(loss))(state)
+    for w, n, r in zip(*(jax.tree.leaves(t) for t in (widened, native, reference))):
+        w, n, r = (np.asarray(x, np.float32) for x in (w, n, r))
+        scale = np.linalg.norm(r)
+        assert np.linalg.norm(w - n) <= 0.02 * scale, np.linalg.norm(w - n) / scale
+        assert np.linalg.norm(w - r) <= 1.25 * np.linalg.norm(n - r) + 1e-3 * scale
+
+
+def test_bf16_dot_path_follows_the_cpu_and_the_override(monkeypatch):
+    assert bf16.cpu_has_bf16_dots("processor\t: 0\nflags\t\t: fpu sse2 avx2 fma\n") is False
+    assert bf16.cpu_has_bf16_dots("flags\t\t: avx2 avx512f avx512_bf16\n") is True
+    assert bf16.cpu_has_bf16_dots("flags\t\t: avx2 amx_bf16 amx_tile\n") is True
+    assert bf16.cpu_has_bf16_dots("Features\t: fp asimd bf16 i8mm\n") is True  # Arm
+    assert bf16.cpu_has_bf16_dots("machdep.cpu.brand_string: Apple M2") is None
+    monkeypatch.setenv(bf16.ENV, "fp32")
+    assert bf16.bf16_dots() is bf16.BF16Dots.FP32
+    assert bf16.describe_bf16_dots() == (
+        "bf16 matmuls: fp32 dots of the bf16 values (MESHPAR_BF16_DOTS=fp32)")
+    monkeypatch.setenv(bf16.ENV, "Native")
+    assert bf16.bf16_dots() is bf16.BF16Dots.NATIVE
+    monkeypatch.delenv(bf16.ENV)
+    # Opt-in only: bf16 dots by default, with a hint where this CPU lacks bf16 instructions.
+    assert bf16.bf16_dots() is bf16.BF16Dots.NATIVE
+    hint = "this CPU has no bf16 dot instructions" in bf16.describe_bf16_dots()
+    assert hint == (not bf16._host_cpu_has_bf16_dots())
+    monkeypatch.setenv(bf16.ENV, "bf16")
+    with pytest.raises(MeshparError, match="MESHPAR_BF16_DOTS='bf16'; expected auto, native or fp32"):
+        bf16.bf16_dots()
 
 
 def test_untied_model_runs():

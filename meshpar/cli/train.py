@@ -22,6 +22,7 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
 from meshpar.axes import DILOCO, TENSOR
+from meshpar.backend.bf16 import describe_bf16_dots
 from meshpar.backend.distributed import local_slice
 from meshpar.cli.args import build_parser, diloco_config, mesh_and_strategy, model_config
 from meshpar.cli.config import effective_config, write_effective
@@ -188,6 +189,8 @@ def train_main(args: argparse.Namespace) -> int:
         )
         for fallback in trainer.fallbacks:
             print(f"  note: {fallback}", flush=True)
+        if args.precision == "bf16":
+            print(f"  note: {describe_bf16_dots()}", flush=True)
     metrics_file = open(args.metrics_file, "w") if args.metrics_file and main_process else None
     board = TensorBoard(args.tensorboard) if args.tensorboard and main_process else None
     bar = None

@@ -47,6 +47,7 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
+from meshpar.backend.bf16 import BF16Dots, bf16_dots
 from meshpar.errors import MeshparError, is_int
 from meshpar.parallel.layout import constrain
 from meshpar.parallel.remat import check_remat_name
@@ -322,7 +323,9 @@ _lookup.defvjp(_lookup_fwd, _lookup_bwd)
 # result convert): 1.1-2.6x an fp32 dot, against 0.2-0.7x for the bf16 -> fp32 form
 # (benchmarks/README.md, "bf16 matmuls on XLA:CPU"). Plain autodiff of the bf16 -> fp32 form
 # would not do: its cotangent is fp32, so the backward dots would be fp32 x fp32. The numbers are
-# those of a bf16 dot: fp32 accumulation, one rounding to bf16.
+# those of a bf16 dot: fp32 accumulation, one rounding to bf16. (Those ratios are of a CPU with
+# AVX512-BF16. With MESHPAR_BF16_DOTS=fp32, opt-in for CPUs without bf16 dot instructions, every
+# bf16 matmul is instead an fp32 dot of the widened operands, same numbers: `meshpar.backend.bf16`.)
 #
 # Canonical form: a dot without batch dims (XLA transposes its operands into a plain matmul),
 # or, batch dims aside, an lhs [free..., contracted...] and an rhs [contracted..., free...] or
@@ -356,6 +359,11 @@ def _canonical(spec: str) -> bool:
 
 
 def _einsum_bf16_impl(spec: str, a: jax.Array, b: jax.Array, out_dtype: Any) -> jax.Array:
+    if bf16_dots() is BF16Dots.FP32:
+        # Opted in (a CPU without bf16 dot instructions): XLA's fp32 dot of the widened
+        # operands, the same numbers (meshpar.backend.bf16), faster there than any bf16 form.
+        f32 = jnp.float32
+        return jnp.einsum(spec, a.astype(f32), b.astype(f32)).astype(out_dtype)
     if _canonical(spec):
         return jnp.einsum(spec, a, b, preferred_element_type=jnp.float32).astype(out_dtype)
     return jnp.einsum(spec, a, b).astype(out_dtype)

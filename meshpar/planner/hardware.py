@@ -34,6 +34,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import AxisType, NamedSharding, PartitionSpec
 
+from meshpar.backend.bf16 import BF16Dots, bf16_dots
 from meshpar.errors import ProfileError
 
 PROFILE_DIR = pathlib.Path(__file__).with_name("profiles")
@@ -304,7 +305,9 @@ def calibrate_cpu(*, matmul: int = 512, collective_mib: float = 8.0, stream_mib:
       ``matmul/16`` to ``matmul/4``, as per-device shards of a model are), fp32, fitted as ``flops / peak + bytes / matmul_bandwidth``
       (operand and result bytes; :meth:`HardwareProfile.compute_seconds`); the bf16 peak (bf16
       operands, fp32 result, the form the built-in GPT's dots take: XLA:CPU upcasts a bf16 ->
-      bf16 dot whole): the fp32 peak times the ratio of the two ``matmul^3`` times.
+      bf16 dot whole; with ``MESHPAR_BF16_DOTS=fp32`` the GPT's form, an fp32 dot of the widened
+      operands, :mod:`meshpar.backend.bf16`): the fp32 peak times the ratio of the two
+      ``matmul^3`` times.
     * **memory bandwidth** (``hbm_gb_s``): ``x * a + b`` over ``stream_mib`` MiB per device
       (read and written).
     * **collectives**, timed inside one program (a chain of ``chain`` dependent all-reduces
@@ -324,14 +327,19 @@ def calibrate_cpu(*, matmul: int = 512, collective_mib: float = 8.0, stream_mib:
     mesh = jax.make_mesh((n,), ("all",), axis_types=(AxisType.Auto,), devices=devices)
     split = NamedSharding(mesh, PartitionSpec("all"))
 
+    widen = bf16_dots() is BF16Dots.FP32
+
     def matmul_case(m: int, k: int, c: int, dtype):
         a = jax.jit(lambda: jax.random.normal(jax.random.key(0), (n, m, k), dtype),
                     out_shardings=split)()
         b = jax.jit(lambda: jax.random.normal(jax.random.key(1), (n, k, c), dtype),
                     out_shardings=split)()
-        f = jax.jit(lambda x, y: jnp.einsum("dij,djk->dik", x, y,
-                                            preferred_element_type=jnp.float32),
-                    out_shardings=split)
+        def dot(x, y):
+            if widen and x.dtype == jnp.bfloat16:
+                x, y = x.astype(jnp.float32), y.astype(jnp.float32)
+            return jnp.einsum("dij,djk->dik", x, y, preferred_element_type=jnp.float32)
+
+        f = jax.jit(dot, out_shardings=split)
         # Bytes as hlo.Dot.bytes counts them: at the result's (fp32) item size.
         return 2.0 * m * k * c, 4.0 * (m * k + k * c + m * c), lambda: f(a, b)
 
