@@ -10,10 +10,10 @@ long with fp32 dots (benchmarks/README.md, "bf16 matmuls on a CPU without bf16 i
 On a CPU with AVX512-BF16 the bf16 kernels took 0.2-0.7x the fp32 dot.
 
 ``MESHPAR_BF16_DOTS=fp32`` opts in to the fp32 dots; unset (or ``auto``, ``native``) keeps bf16
-dots. Not the default on bf16-less CPUs yet: one of three ``meshpar train`` runs of the 20m shape
-on ``fsdp=8`` with fp32 dots ended in XLA:CPU's rendezvous timeout (two of the step's
-independent scalar all-reduces entered in different orders on different devices), which no run
-with bf16 dots has shown; the step's collectives must be ordered first (issue 13). It is read when
+dots. Not the default on bf16-less CPUs yet: two of three ``meshpar train`` runs of the 20m shape
+on ``fsdp=8`` with fp32 dots (both of 12 steps; one of 3 steps passed) ended in XLA:CPU's
+rendezvous timeout (two of the step's independent scalar all-reduces entered in different
+orders on different devices), which no run with bf16 dots has shown; the step's collectives must be ordered first (issue 13). It is read when
 a model is traced, so a compiled step keeps the choice it was made with.
 """
 
