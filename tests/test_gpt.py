@@ -192,7 +192,7 @@ def native_dots(monkeypatch):
 
 @pytest.fixture
 def fp32_dots(monkeypatch):
-    """The bf16 dot path of a CPU without bf16 instructions, whatever this CPU has."""
+    """The opt-in fp32 dots (meant for CPUs without bf16 instructions), whatever this CPU has."""
     monkeypatch.setenv(bf16.ENV, "fp32")
 
 
@@ -280,8 +280,8 @@ def test_bf16_gradient_rounds_gelu_once_and_concatenates_qkv(tiny, native_dots):
 
 
 def test_bf16_fp32_dots_widen_every_operand_and_keep_the_numbers(tiny, fp32_dots, monkeypatch):
-    # A CPU without bf16 dot instructions: every matmul is an fp32 dot of the widened bf16
-    # values (meshpar.backend.bf16). The products of bf16 values are exact in fp32 and both
+    # Opted in (for CPUs without bf16 dot instructions): every matmul is an fp32 dot of the
+    # widened bf16 values (meshpar.backend.bf16). The products of bf16 values are exact in fp32 and both
     # paths accumulate in fp32, so logits and gradients equal the native path's up to the
     # order of the sums, and are as far from the fp32 model as the native path's.
     graphdef, state = nnx.split(tiny)
@@ -323,7 +323,8 @@ def test_bf16_dot_path_follows_the_cpu_and_the_override(monkeypatch):
     hint = "this CPU has no bf16 dot instructions" in bf16.describe_bf16_dots()
     assert hint == (not bf16._host_cpu_has_bf16_dots())
     monkeypatch.setenv(bf16.ENV, "bf16")
-    with pytest.raises(MeshparError, match="MESHPAR_BF16_DOTS='bf16'; expected auto, native or fp32"):
+    with pytest.raises(MeshparError,
+                       match="MESHPAR_BF16_DOTS='bf16'; expected auto, native or fp32"):
         bf16.bf16_dots()
 
 

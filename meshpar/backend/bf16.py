@@ -11,10 +11,11 @@ On a CPU with AVX512-BF16 the bf16 kernels took 0.2-0.7x the fp32 dot.
 
 ``MESHPAR_BF16_DOTS=fp32`` opts in to the fp32 dots; unset (or ``auto``, ``native``) keeps bf16
 dots. Not the default on bf16-less CPUs yet: two of three ``meshpar train`` runs of the 20m shape
-on ``fsdp=8`` with fp32 dots (both of 12 steps; one of 3 steps passed) ended in XLA:CPU's
-rendezvous timeout (two of the step's independent scalar all-reduces entered in different
-orders on different devices), which no run with bf16 dots has shown; the step's collectives must be ordered first (issue 13). It is read when
-a model is traced, so a compiled step keeps the choice it was made with.
+on ``fsdp=8`` with fp32 dots (both of 12 steps; one of 3 steps passed) deadlocked in XLA:CPU's
+rendezvous: one device waited in two of the step's independent scalar all-reduces at once,
+another reached neither. No run with bf16 dots has shown it; the step's collectives must be
+ordered first (issue 13). It is read when a model is traced, so a compiled step keeps the
+choice it was made with.
 """
 
 from __future__ import annotations
