@@ -7,8 +7,11 @@ import pathlib
 
 import jax
 
-# Must run before anything creates an array: the backend reads the count once.
-jax.config.update("jax_num_cpu_devices", 8)
+# Must run before anything creates an array: the backend reads the count once (and the thread
+# pool size, which emulate_devices sets as meshpar train does).
+from meshpar.backend.devices import emulate_devices  # noqa: E402
+
+emulate_devices(8)
 # Compile faster (see helpers/env.py); read at backend start, like the device count.
 from helpers.env import SUITE_XLA_FLAGS  # noqa: E402
 

@@ -192,7 +192,7 @@ def native_dots(monkeypatch):
 
 @pytest.fixture
 def fp32_dots(monkeypatch):
-    """The opt-in fp32 dots (meant for CPUs without bf16 instructions), whatever this CPU has."""
+    """The fp32 dots (the default on CPUs without bf16 instructions), whatever this CPU has."""
     monkeypatch.setenv(bf16.ENV, "fp32")
 
 
@@ -225,7 +225,7 @@ def test_bf16_dots_all_run_on_the_library_kernels(mesh, strategy, m, native_dots
 
     import optax
 
-    from meshpar.strategy import get_strategy
+    from meshpar.sharding.strategy import get_strategy
     from meshpar.train import TrainConfig, Trainer
 
     mesh_ = make_mesh(mesh)
@@ -280,10 +280,10 @@ def test_bf16_gradient_rounds_gelu_once_and_concatenates_qkv(tiny, native_dots):
 
 
 def test_bf16_fp32_dots_widen_every_operand_and_keep_the_numbers(tiny, fp32_dots, monkeypatch):
-    # Opted in (for CPUs without bf16 dot instructions): every matmul is an fp32 dot of the
-    # widened bf16 values (meshpar.backend.bf16). The products of bf16 values are exact in fp32 and both
-    # paths accumulate in fp32, so logits and gradients equal the native path's up to the
-    # order of the sums, and are as far from the fp32 model as the native path's.
+    # The fp32 dots (the default on CPUs without bf16 dot instructions): every matmul is an
+    # fp32 dot of the widened bf16 values (meshpar.backend.bf16). The products of bf16 values are
+    # exact in fp32 and both paths accumulate in fp32, so logits and gradients equal the native
+    # path's up to the order of the sums, and are as far from the fp32 model as the native path's.
     graphdef, state = nnx.split(tiny)
     state16 = jax.tree.map(lambda x: x.astype(jnp.bfloat16), state)
     tokens = random_batch(2, 16)["inputs"]
@@ -317,11 +317,20 @@ def test_bf16_dot_path_follows_the_cpu_and_the_override(monkeypatch):
         "bf16 matmuls: fp32 dots of the bf16 values (MESHPAR_BF16_DOTS=fp32)")
     monkeypatch.setenv(bf16.ENV, "Native")
     assert bf16.bf16_dots() is bf16.BF16Dots.NATIVE
+    assert bf16.describe_bf16_dots() == "bf16 matmuls: bf16 dots (MESHPAR_BF16_DOTS=native)"
     monkeypatch.delenv(bf16.ENV)
-    # Opt-in only: bf16 dots by default, with a hint where this CPU lacks bf16 instructions.
+    # Unset: fp32 dots on a CPU backend whose CPU has no bf16 dot instructions, else bf16 dots.
+    monkeypatch.setattr(bf16, "_host_cpu_has_bf16_dots", lambda: False)
+    assert bf16.bf16_dots() is bf16.BF16Dots.FP32
+    assert bf16.describe_bf16_dots() == (
+        "bf16 matmuls: fp32 dots of the bf16 values (this CPU has no bf16 dot instructions; "
+        "MESHPAR_BF16_DOTS=native for bf16 dots)")
+    monkeypatch.setattr(bf16, "_host_cpu_has_bf16_dots", lambda: True)
     assert bf16.bf16_dots() is bf16.BF16Dots.NATIVE
-    hint = "this CPU has no bf16 dot instructions" in bf16.describe_bf16_dots()
-    assert hint == (not bf16._host_cpu_has_bf16_dots())
+    assert bf16.describe_bf16_dots() == "bf16 matmuls: bf16 dots"
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    monkeypatch.setattr(bf16, "_host_cpu_has_bf16_dots", lambda: False)
+    assert bf16.bf16_dots() is bf16.BF16Dots.NATIVE   # the CPU's instructions matter on CPU only
     monkeypatch.setenv(bf16.ENV, "bf16")
     with pytest.raises(MeshparError,
                        match="MESHPAR_BF16_DOTS='bf16'; expected auto, native or fp32"):

@@ -8,6 +8,7 @@ import pytest
 from jax.sharding import AxisType
 
 import meshpar as mp
+from meshpar.backend.devices import pool_threads
 
 
 def test_suite_runs_on_eight_devices(devices):
@@ -83,15 +84,46 @@ def test_emulate_devices_bad_count():
         mp.emulate_devices(0)
 
 
-def test_emulate_devices_before_start_in_fresh_process():
-    code = textwrap.dedent(
-        """
-        import jax, meshpar as mp
-        mp.emulate_devices(4)
-        print(len(jax.devices()))
-        """
-    )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
-                         env={"PATH": "/usr/bin:/bin", "JAX_PLATFORMS": "cpu"})
+_FRESH = textwrap.dedent(
+    """
+    import collections, os, warnings
+    import jax, meshpar as mp
+    from meshpar.backend import devices
+    mp.emulate_devices(4)
+    print(len(jax.devices()))
+    threads = collections.Counter(
+        open(f"/proc/self/task/{t}/comm").read().strip() for t in os.listdir("/proc/self/task"))
+    print(threads["tf_XLAEigen"])
+    print(devices.thread_pool_warning())
+    """
+)
+
+
+def _fresh(**env):
+    out = subprocess.run([sys.executable, "-c", _FRESH], capture_output=True, text=True,
+                         timeout=120, env={"PATH": "/usr/bin:/bin", "JAX_PLATFORMS": "cpu", **env})
     assert out.returncode == 0, out.stderr
-    assert out.stdout.strip() == "4"
+    return out.stdout.strip().splitlines()
+
+
+def test_emulate_devices_before_start_in_fresh_process():
+    # XLA:CPU runs the devices on one pool of threads; emulate_devices sizes it so that every
+    # device can wait in two collectives at once (a deadlock seen with 8 devices on 8 threads).
+    count, threads, warning = _fresh()
+    assert count == "4"
+    assert int(threads) == pool_threads(4) >= 8
+    assert warning == "None"
+    # A PJRT_NPROC of the user's wins, and a pool too small for the devices is reported.
+    count, threads, warning = _fresh(PJRT_NPROC="5")
+    assert (count, threads) == ("4", "5")
+    want = pool_threads(4)
+    assert warning == (
+        f"XLA:CPU runs these 4 CPU devices on 5 threads; collectives can deadlock with fewer "
+        f"than {want} (meshpar.backend.devices). Call meshpar.emulate_devices() before JAX "
+        f"starts, or set PJRT_NPROC={want} in the environment")
+
+
+def test_thread_pool_size_follows_devices_and_cores():
+    assert pool_threads(8, cores=2) == 16
+    assert pool_threads(8, cores=64) == 64   # never fewer threads than cores
+    assert pool_threads(1, cores=2) == 2     # one device: no collectives to wait in

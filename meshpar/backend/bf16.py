@@ -9,13 +9,12 @@ and there XLA:CPU's fp32 dot is faster: on an AVX2 EPYC (jaxlib 0.10.2) bf16 -> 
 long with fp32 dots (benchmarks/README.md, "bf16 matmuls on a CPU without bf16 instructions").
 On a CPU with AVX512-BF16 the bf16 kernels took 0.2-0.7x the fp32 dot.
 
-``MESHPAR_BF16_DOTS=fp32`` opts in to the fp32 dots; unset (or ``auto``, ``native``) keeps bf16
-dots. Not the default on bf16-less CPUs yet: two of three ``meshpar train`` runs of the 20m shape
-on ``fsdp=8`` with fp32 dots (both of 12 steps; one of 3 steps passed) deadlocked in XLA:CPU's
-rendezvous: one device waited in two of the step's independent scalar all-reduces at once,
-another reached neither. No run with bf16 dots has shown it; the step's collectives must be
-ordered first (issue 13). It is read when a model is traced, so a compiled step keeps the
-choice it was made with.
+By default (``MESHPAR_BF16_DOTS`` unset or ``auto``) meshpar takes the fp32 dots where the
+program runs on a CPU without bf16 dot instructions, and bf16 dots everywhere else;
+``MESHPAR_BF16_DOTS=native`` or ``fp32`` forces one. The fp32 dots were opt-in until the cause of
+a deadlock they exposed was found: XLA:CPU's thread pool, too small for two collectives in flight
+on every emulated device (:mod:`meshpar.backend.devices`, which now sizes it). It is read when a
+model is traced, so a compiled step keeps the choice it was made with.
 """
 
 from __future__ import annotations
@@ -72,8 +71,9 @@ def _host_cpu_has_bf16_dots() -> bool:
 
 
 def bf16_dots() -> BF16Dots:
-    """How this process computes bf16 matmuls: :attr:`BF16Dots.FP32` when
-    ``MESHPAR_BF16_DOTS=fp32``, else :attr:`BF16Dots.NATIVE`.
+    """How this process computes bf16 matmuls: ``MESHPAR_BF16_DOTS`` (``native`` or ``fp32``)
+    when set; else :attr:`BF16Dots.FP32` on a CPU backend whose CPU has no bf16 dot
+    instructions, :attr:`BF16Dots.NATIVE` anywhere else.
 
     Raises:
         MeshparError: ``MESHPAR_BF16_DOTS`` is set to something other than ``auto``,
@@ -85,24 +85,29 @@ def bf16_dots() -> BF16Dots:
     """
     value = os.environ.get(ENV, "auto").strip().lower() or "auto"
     try:
-        return BF16Dots.NATIVE if value == "auto" else BF16Dots(value)
+        chosen = None if value == "auto" else BF16Dots(value)
     except ValueError:
         raise MeshparError(
             f"{ENV}={os.environ[ENV]!r}; expected auto, native or fp32") from None
+    if chosen is not None:
+        return chosen
+    return BF16Dots.FP32 if _cpu_without_bf16_dots() else BF16Dots.NATIVE
+
+
+def _cpu_without_bf16_dots() -> bool:
+    return jax.default_backend() == "cpu" and not _host_cpu_has_bf16_dots()
 
 
 def describe_bf16_dots() -> str:
-    """One line for a run's header: how bf16 matmuls run here (and, on a CPU without bf16 dot
-    instructions that keeps bf16 dots, the opt-in).
+    """One line for a run's header: how bf16 matmuls run here, and why.
 
     Example:
         >>> describe_bf16_dots().startswith("bf16 matmuls: ")
         True
     """
+    forced = os.environ.get(ENV, "auto").strip().lower() not in ("", "auto")
     if bf16_dots() is BF16Dots.FP32:
-        return f"bf16 matmuls: fp32 dots of the bf16 values ({ENV}=fp32)"
-    if jax.default_backend() == "cpu" and not _host_cpu_has_bf16_dots():
-        return (f"bf16 matmuls: bf16 dots; this CPU has no bf16 dot instructions, where "
-                f"{ENV}=fp32 (fp32 dots, same numbers) is faster but not yet safe "
-                "(meshpar.backend.bf16)")
-    return "bf16 matmuls: bf16 dots"
+        why = f"{ENV}=fp32" if forced else (
+            f"this CPU has no bf16 dot instructions; {ENV}=native for bf16 dots")
+        return f"bf16 matmuls: fp32 dots of the bf16 values ({why})"
+    return f"bf16 matmuls: bf16 dots ({ENV}=native)" if forced else "bf16 matmuls: bf16 dots"

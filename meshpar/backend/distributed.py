@@ -52,6 +52,7 @@ from typing import Any
 import jax
 import numpy as np
 
+from meshpar.backend.devices import size_thread_pool
 from meshpar.errors import DistributedError, is_int
 from meshpar.keypath import path_str
 
@@ -220,6 +221,7 @@ def initialize(
         )
     if cpus is not None:
         jax.config.update("jax_num_cpu_devices", cpus)
+        size_thread_pool(cpus)
 
     if address is None:
         where = "auto-detected cluster"

@@ -218,8 +218,8 @@ def load_profile(name: str | os.PathLike, /, *, recalibrate: bool = False) -> Ha
     """A hardware profile by name (:data:`NAMES`) or from a ``.toml`` file.
 
     ``"cpu"`` calibrates the emulated devices of this process once (:func:`calibrate_cpu`) and
-    caches the result in ``cache_dir()/hardware/cpu-<devices>-v3.toml``; ``recalibrate=True``
-    measures again.
+    caches the result in ``cache_dir()/hardware/cpu-<devices>-<dots>-v3.toml`` (``<dots>``: how
+    bf16 matmuls run, :func:`meshpar.backend.bf16.bf16_dots`); ``recalibrate=True`` measures again.
 
     Raises:
         ProfileError: an unknown name (the message lists the valid ones), a missing file or a
@@ -233,7 +233,9 @@ def load_profile(name: str | os.PathLike, /, *, recalibrate: bool = False) -> Ha
     if text == "cpu":
         # The file name carries the cache format: an older cache (v2: without the matmul and
         # memory bandwidths and the in-program collective costs) is measured again.
-        path = cache_dir() / "hardware" / f"cpu-{jax.device_count()}-v3.toml"
+        # Keyed by the bf16 dot form too: the bf16 peak is timed in the form the GPT will use.
+        name = f"cpu-{jax.device_count()}-{bf16_dots().value}-v3.toml"
+        path = cache_dir() / "hardware" / name
         if path.exists() and not recalibrate:
             return parse_profile(path.read_text(), where=str(path))
         text = calibrate_cpu().to_toml()
@@ -305,8 +307,9 @@ def calibrate_cpu(*, matmul: int = 512, collective_mib: float = 8.0, stream_mib:
       ``matmul/16`` to ``matmul/4``, as per-device shards of a model are), fp32, fitted as ``flops / peak + bytes / matmul_bandwidth``
       (operand and result bytes; :meth:`HardwareProfile.compute_seconds`); the bf16 peak (bf16
       operands, fp32 result, the form the built-in GPT's dots take: XLA:CPU upcasts a bf16 ->
-      bf16 dot whole; with ``MESHPAR_BF16_DOTS=fp32`` the GPT's form, an fp32 dot of the widened
-      operands, :mod:`meshpar.backend.bf16`): the fp32 peak times the ratio of the two
+      bf16 dot whole; where the GPT takes fp32 dots of the widened operands, the default on a CPU
+      without bf16 dot instructions, that form: :mod:`meshpar.backend.bf16`): the fp32 peak
+      times the ratio of the two
       ``matmul^3`` times.
     * **memory bandwidth** (``hbm_gb_s``): ``x * a + b`` over ``stream_mib`` MiB per device
       (read and written).

@@ -31,6 +31,7 @@ is made and listed, is a third of it; the rest is the step, its host side and ev
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 import time
 import warnings
@@ -45,7 +46,8 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from meshpar.axes import DILOCO, FSDP, PIPE
-from meshpar.errors import StrategyError, TrainingError
+from meshpar.backend.devices import thread_pool_warning
+from meshpar.errors import MeshparWarning, StrategyError, TrainingError
 from meshpar.mesh import auto_mesh
 from meshpar.parallel.layout import activate
 from meshpar.parallel.stack import pipeline_was_used, reset_pipeline_flag, restore_pipeline_flag
@@ -63,6 +65,14 @@ from meshpar.train.plan import plan_training, replicating_batch_axes, to_stage_l
 from meshpar.train.plan import unused_axes_error, unused_mesh_axes
 from meshpar.train.portable import PortableState
 from meshpar.train.state import TrainState, describe_state, named_leaves
+
+
+
+@functools.cache
+def _warn_small_thread_pool() -> None:
+    # Once per process: the pool is sized when JAX starts, so nothing changes it afterwards.
+    if (reason := thread_pool_warning()) is not None:
+        warnings.warn(reason, MeshparWarning, stacklevel=3)
 
 
 class Trainer(PortableState, GradientPaths):
@@ -111,6 +121,7 @@ class Trainer(PortableState, GradientPaths):
         # mapped over that axis by jax.vmap, and nothing in it may communicate over the axis.
         # Explicit axes become Auto over the same devices, with a warning (see meshpar.mesh).
         self.mesh = mesh = auto_mesh(mesh, caller="Trainer")
+        _warn_small_thread_pool()
         if _replica_axis is None and mesh.shape.get(DILOCO, 1) > 1:
             raise StrategyError(
                 f"the mesh has {DILOCO}={mesh.shape[DILOCO]}: replicas along the {DILOCO!r} "

@@ -64,9 +64,9 @@ def main(argv: list[str] | None = None) -> int:
         print("initializing jax.distributed", flush=True)  # tests time the init from here
         distributed.initialize()
     elif os.environ.get(distributed.ENV_CPU_DEVICES):
-        import jax
+        from meshpar.backend.devices import emulate_devices
 
-        jax.config.update("jax_num_cpu_devices", int(os.environ[distributed.ENV_CPU_DEVICES]))
+        emulate_devices(int(os.environ[distributed.ENV_CPU_DEVICES]))
 
     import jax
     import jax.numpy as jnp
