@@ -68,7 +68,8 @@ def emulate_devices(count: int, /) -> None:
 
 #: Collectives one emulated device may wait in at once that the pool leaves a thread for: the
 #: entry computation's and a loop's (the case seen). More costs speed: XLA:CPU splits its kernels
-#: over the same pool, and 32 threads for 8 devices on 2 cores made the 20m step 1.7x slower.
+#: over the same pool; for 8 devices on 2 cores, 16 threads took 1.04x the 20m step of 8, and 32
+#: threads 1.08x that of 16 (benchmarks/README.md).
 COLLECTIVES_IN_FLIGHT = 2
 PJRT_NPROC = "PJRT_NPROC"
 
