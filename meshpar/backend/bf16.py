@@ -83,19 +83,23 @@ def bf16_dots() -> BF16Dots:
         >>> bf16_dots() in (BF16Dots.NATIVE, BF16Dots.FP32)
         True
     """
+    forced = _forced()
+    if forced is not None:
+        return forced
+    cpu_without = jax.default_backend() == "cpu" and not _host_cpu_has_bf16_dots()
+    return BF16Dots.FP32 if cpu_without else BF16Dots.NATIVE
+
+
+def _forced() -> BF16Dots | None:
+    # MESHPAR_BF16_DOTS as a choice, or None for unset/auto.
     value = os.environ.get(ENV, "auto").strip().lower() or "auto"
+    if value == "auto":
+        return None
     try:
-        chosen = None if value == "auto" else BF16Dots(value)
+        return BF16Dots(value)
     except ValueError:
         raise MeshparError(
             f"{ENV}={os.environ[ENV]!r}; expected auto, native or fp32") from None
-    if chosen is not None:
-        return chosen
-    return BF16Dots.FP32 if _cpu_without_bf16_dots() else BF16Dots.NATIVE
-
-
-def _cpu_without_bf16_dots() -> bool:
-    return jax.default_backend() == "cpu" and not _host_cpu_has_bf16_dots()
 
 
 def describe_bf16_dots() -> str:
@@ -105,7 +109,7 @@ def describe_bf16_dots() -> str:
         >>> describe_bf16_dots().startswith("bf16 matmuls: ")
         True
     """
-    forced = os.environ.get(ENV, "auto").strip().lower() not in ("", "auto")
+    forced = _forced() is not None
     if bf16_dots() is BF16Dots.FP32:
         why = f"{ENV}=fp32" if forced else (
             f"this CPU has no bf16 dot instructions; {ENV}=native for bf16 dots")

@@ -67,7 +67,6 @@ from meshpar.train.portable import PortableState
 from meshpar.train.state import TrainState, describe_state, named_leaves
 
 
-
 @functools.cache
 def _warn_small_thread_pool() -> None:
     # Once per process: the pool is sized when JAX starts, so nothing changes it afterwards.
