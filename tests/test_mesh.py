@@ -86,7 +86,7 @@ def test_emulate_devices_bad_count():
 
 _FRESH = textwrap.dedent(
     """
-    import collections, os, warnings
+    import collections, os
     import jax, meshpar as mp
     from meshpar.backend import devices
     mp.emulate_devices(4)

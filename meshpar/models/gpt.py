@@ -324,8 +324,8 @@ _lookup.defvjp(_lookup_fwd, _lookup_bwd)
 # (benchmarks/README.md, "bf16 matmuls on XLA:CPU"). Plain autodiff of the bf16 -> fp32 form
 # would not do: its cotangent is fp32, so the backward dots would be fp32 x fp32. The numbers are
 # those of a bf16 dot: fp32 accumulation, one rounding to bf16. (Those ratios are of a CPU with
-# AVX512-BF16. With MESHPAR_BF16_DOTS=fp32, opt-in for CPUs without bf16 dot instructions, every
-# bf16 matmul is instead an fp32 dot of the widened operands, same numbers: `meshpar.backend.bf16`.)
+# AVX512-BF16. On a CPU without bf16 dot instructions, by default, every bf16 matmul is instead an
+# fp32 dot of the widened operands, same numbers: `meshpar.backend.bf16`.)
 #
 # Canonical form: a dot without batch dims (XLA transposes its operands into a plain matmul),
 # or, batch dims aside, an lhs [free..., contracted...] and an rhs [contracted..., free...] or
@@ -360,8 +360,9 @@ def _canonical(spec: str) -> bool:
 
 def _einsum_bf16_impl(spec: str, a: jax.Array, b: jax.Array, out_dtype: Any) -> jax.Array:
     if bf16_dots() is BF16Dots.FP32:
-        # Opted in (a CPU without bf16 dot instructions): XLA's fp32 dot of the widened
-        # operands, the same numbers (meshpar.backend.bf16), faster there than any bf16 form.
+        # A CPU without bf16 dot instructions (or MESHPAR_BF16_DOTS=fp32): XLA's fp32 dot of
+        # the widened operands, the same numbers (meshpar.backend.bf16), faster there than any
+        # bf16 form.
         f32 = jnp.float32
         return jnp.einsum(spec, a.astype(f32), b.astype(f32)).astype(out_dtype)
     if _canonical(spec):

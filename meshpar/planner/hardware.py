@@ -309,8 +309,7 @@ def calibrate_cpu(*, matmul: int = 512, collective_mib: float = 8.0, stream_mib:
       operands, fp32 result, the form the built-in GPT's dots take: XLA:CPU upcasts a bf16 ->
       bf16 dot whole; where the GPT takes fp32 dots of the widened operands, the default on a CPU
       without bf16 dot instructions, that form: :mod:`meshpar.backend.bf16`): the fp32 peak
-      times the ratio of the two
-      ``matmul^3`` times.
+      times the ratio of the two ``matmul^3`` times.
     * **memory bandwidth** (``hbm_gb_s``): ``x * a + b`` over ``stream_mib`` MiB per device
       (read and written).
     * **collectives**, timed inside one program (a chain of ``chain`` dependent all-reduces
