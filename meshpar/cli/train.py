@@ -22,6 +22,7 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
 from meshpar.axes import DILOCO, TENSOR
+from meshpar.backend.allocator import describe_heap, keep_freed_memory
 from meshpar.backend.bf16 import describe_bf16_dots
 from meshpar.backend.distributed import local_slice
 from meshpar.cli.args import build_parser, diloco_config, mesh_and_strategy, model_config
@@ -191,6 +192,9 @@ def train_main(args: argparse.Namespace) -> int:
             print(f"  note: {fallback}", flush=True)
         if args.precision == "bf16":
             print(f"  note: {describe_bf16_dots()}", flush=True)
+        if jax.default_backend() == "cpu":
+            # What the Trainer did to malloc (cached: this call changes nothing more).
+            print(f"  note: {describe_heap(keep_freed_memory())}", flush=True)
     metrics_file = open(args.metrics_file, "w") if args.metrics_file and main_process else None
     board = TensorBoard(args.tensorboard) if args.tensorboard and main_process else None
     bar = None

@@ -46,6 +46,7 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from meshpar.axes import DILOCO, FSDP, PIPE
+from meshpar.backend.allocator import keep_freed_memory
 from meshpar.backend.devices import thread_pool_warning
 from meshpar.errors import MeshparWarning, StrategyError, TrainingError
 from meshpar.mesh import auto_mesh
@@ -121,6 +122,10 @@ class Trainer(PortableState, GradientPaths):
         # Explicit axes become Auto over the same devices, with a warning (see meshpar.mesh).
         self.mesh = mesh = auto_mesh(mesh, caller="Trainer")
         _warn_small_thread_pool()
+        if jax.default_backend() == "cpu":
+            # XLA:CPU mallocs each step's temporaries: reuse the last step's pages
+            # (meshpar.backend.allocator; 1-4% of issue 13's steps).
+            keep_freed_memory()
         if _replica_axis is None and mesh.shape.get(DILOCO, 1) > 1:
             raise StrategyError(
                 f"the mesh has {DILOCO}={mesh.shape[DILOCO]}: replicas along the {DILOCO!r} "
