@@ -6,15 +6,15 @@ step, tens of MB for the benchmarks' models) and frees them when it ends. glibc 
 above its mmap threshold (at most 32 MiB) with a fresh ``mmap`` and returns it with ``munmap``
 on ``free``, and it trims the heap's free top back to the OS; either way the next step touches
 new pages, and the kernel faults and zeroes every one of them. With 8 emulated devices on 2
-cores that was 9% of the process's CPU time in ``perf`` (page faults, ``clear_page``), and
-issue 13's steps ran 1-4% faster without it (benchmarks/README.md, "The allocator").
+cores that was 9% of the process's CPU time in ``perf`` (page faults, ``clear_page``); with
+the setting below issue 13's steps took 1-5% less time (benchmarks/README.md, "The allocator").
 
 :func:`keep_freed_memory` sets glibc's ``M_MMAP_MAX`` to 0 (large requests come from the heap)
-and ``M_TRIM_THRESHOLD`` to 2 GiB, the most its C ``int`` takes (the heap keeps what was freed), so a step reuses the
-previous step's pages. The cost: the process keeps its peak heap after a large temporary is
-freed, which a training process reaches again at the next step anyway. :class:`meshpar.Trainer`
-calls it once per process when it runs on the CPU backend (the accelerators' device memory is
-not ``malloc``'s). ``MESHPAR_MALLOC=system`` leaves the C library as it is; so do ``MALLOC_*``
+and ``M_TRIM_THRESHOLD`` to 2 GiB, the most its C ``int`` takes (the heap keeps what was
+freed), so a step reuses the previous step's pages. The cost: the process keeps its peak heap
+after a large temporary is freed, which a training process reaches again at the next step.
+:class:`meshpar.Trainer` calls it once per process when it runs on the CPU backend (the
+accelerators' device memory is not ``malloc``'s). ``MESHPAR_MALLOC=system`` leaves the C library as it is; so do ``MALLOC_*``
 or ``GLIBC_TUNABLES`` settings of the user's own, and a C library that is not glibc.
 """
 

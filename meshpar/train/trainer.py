@@ -124,7 +124,7 @@ class Trainer(PortableState, GradientPaths):
         _warn_small_thread_pool()
         if jax.default_backend() == "cpu":
             # XLA:CPU mallocs each step's temporaries: reuse the last step's pages
-            # (meshpar.backend.allocator; 1-4% of issue 13's steps).
+            # (meshpar.backend.allocator; 1-5% of issue 13's steps).
             keep_freed_memory()
         if _replica_axis is None and mesh.shape.get(DILOCO, 1) > 1:
             raise StrategyError(
