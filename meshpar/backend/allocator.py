@@ -14,8 +14,9 @@ and ``M_TRIM_THRESHOLD`` to 2 GiB, the most its C ``int`` takes (the heap keeps 
 freed), so a step reuses the previous step's pages. The cost: the process keeps its peak heap
 after a large temporary is freed, which a training process reaches again at the next step.
 :class:`meshpar.Trainer` calls it once per process when it runs on the CPU backend (the
-accelerators' device memory is not ``malloc``'s). ``MESHPAR_MALLOC=system`` leaves the C library as it is; so do ``MALLOC_*``
-or ``GLIBC_TUNABLES`` settings of the user's own, and a C library that is not glibc.
+accelerators' device memory is not ``malloc``'s). ``MESHPAR_MALLOC=system`` leaves the C
+library as it is; so do ``MALLOC_*`` or ``GLIBC_TUNABLES`` settings of the user's own, and a C
+library that is not glibc.
 """
 
 from __future__ import annotations
