@@ -358,6 +358,66 @@ def _canonical(spec: str) -> bool:
     return lhs[len(lhs) - nc:] == contract and contract in (rhs[:nc], rhs[len(rhs) - nc:])
 
 
+def _weight_grad(spec: str, a: jax.Array, g: jax.Array) -> jax.Array:
+    """The gradient of ``b`` in ``einsum(spec, a, b)`` from the result's cotangent ``g``
+    (``einsum("{a},{out}->{b}", a, g)``), written as an ``[M, K] x [K, N]`` matmul.
+
+    A weight's gradient contracts the batch and token dimensions, which lead both operands.
+    Left to itself, XLA:CPU (jaxlib 0.10.2, fp32) transposes one operand and keeps the other
+    contracted on its first dimension: a form YNNPACK declines, so the dot runs on Eigen
+    (oneDNN's sgemm), 3.1 ms against YNNPACK's 1.6 ms with the transposed copy for a
+    ``[256, 256] x [256, 1024]`` gradient on one core. Here the operand whose free dimensions
+    lead the result is transposed to ``[free..., contracted...]`` and kept so by an
+    optimisation barrier (XLA's simplifier folds a bare transpose back into the dot). Same
+    products, same sums. A spec with a dimension in all three terms, or whose result is not
+    one operand's free dimensions followed by the other's, takes the plain einsum.
+    """
+    ins, out = spec.split("->")
+    sa, sb = ins.split(",")
+    contract = [i for i in sa if i in out and i not in sb]
+    a_free = [i for i in sa if i in sb]
+    g_free = [i for i in out if i in sb]
+    if contract and not set(sa) & set(sb) & set(out):
+        if sb == "".join(a_free + g_free):
+            lhs, ls, free, rhs, rs = a, sa, a_free, g, out
+        elif sb == "".join(g_free + a_free):
+            lhs, ls, free, rhs, rs = g, out, g_free, a, sa
+        else:
+            lhs = None
+        if lhs is not None:
+            lhs_t = jax.lax.optimization_barrier(
+                jnp.transpose(lhs, [ls.index(i) for i in free + contract]))
+            nf = len(free)
+            dims = ((tuple(range(nf, nf + len(contract))), tuple(rs.index(i) for i in contract)),
+                    ((), ()))
+            return jax.lax.dot_general(lhs_t, rhs, dims)
+    return jnp.einsum(f"{sa},{out}->{sb}", a, g)
+
+
+def _einsum_w_impl(spec: str, a: jax.Array, b: jax.Array, out_dtype: Any) -> jax.Array:
+    out = jnp.einsum(spec, a, b, preferred_element_type=out_dtype)
+    return out if out_dtype is None else out.astype(out_dtype)
+
+
+def _einsum_w_fwd(spec, a, b, out_dtype):
+    return _einsum_w_impl(spec, a, b, out_dtype), (a, b)
+
+
+def _einsum_w_bwd(spec, out_dtype, res, g):
+    # What autodiff of the einsum gives, the weight's gradient in the matmul form above.
+    a, b = res
+    ins, out = spec.split("->")
+    sa, sb = ins.split(",")
+    g = g.astype(jnp.result_type(a, b))
+    da = jnp.einsum(f"{out},{sb}->{sa}", g, b).astype(a.dtype)
+    return da, _weight_grad(spec, a, g).astype(b.dtype)
+
+
+#: An fp32 einsum whose second operand is a weight (see :func:`_weight_grad`).
+_einsum_w = jax.custom_vjp(_einsum_w_impl, nondiff_argnums=(0, 3))
+_einsum_w.defvjp(_einsum_w_fwd, _einsum_w_bwd)
+
+
 def _einsum_bf16_impl(spec: str, a: jax.Array, b: jax.Array, out_dtype: Any) -> jax.Array:
     if bf16_dots() is BF16Dots.FP32:
         # A CPU without bf16 dot instructions (or MESHPAR_BF16_DOTS=fp32): XLA's fp32 dot of
@@ -392,14 +452,19 @@ def _einsum_bf16_bwd(spec, out_dtype, res, g):
 _einsum_bf16.defvjp(_einsum_bf16_fwd, _einsum_bf16_bwd)
 
 
-def _einsum(spec: str, a: jax.Array, b: jax.Array, *, out_dtype: Any = None) -> jax.Array:
+def _einsum(spec: str, a: jax.Array, b: jax.Array, *, out_dtype: Any = None,
+            weight: bool = False) -> jax.Array:
     """``jnp.einsum(spec, a, b)`` (result in ``out_dtype``, default the operands' dtype).
 
     bf16 operands take the bf16 x bf16 -> fp32 form above. ``spec`` is ``"x,y->z"`` with no
-    index that is summed within one operand (each index is in two of x, y, z).
+    index that is summed within one operand (each index is in two of x, y, z). ``weight``: ``b``
+    is a weight whose fp32 gradient XLA:CPU would otherwise compute on Eigen
+    (:func:`_weight_grad`); the bf16 path's widened dots already reach YNNPACK.
     """
     if a.dtype == jnp.bfloat16 and b.dtype == jnp.bfloat16:
         return _einsum_bf16(spec, a, b, jnp.dtype(out_dtype or jnp.bfloat16))
+    if weight:
+        return _einsum_w(spec, a, b, out_dtype)
     out = jnp.einsum(spec, a, b, preferred_element_type=out_dtype)
     return out if out_dtype is None else out.astype(out_dtype)
 
@@ -486,10 +551,14 @@ class Block(nnx.Module):
         # to bf16 (XLA:CPU computes each in fp32 and converts back and forth in between), in
         # the forward pass, the recompute and the backward pass (20m preset, fsdp=8: those
         # convert chains were 8% of the step's op time). Float32: the same operations.
-        hidden_BTM = _einsum("btd,dm->btm", h_BTD, self._w("w_in"), out_dtype=jnp.float32)
+        # `weight=True`: in fp32 these two weights' gradients were XLA:CPU's only dots outside
+        # YNNPACK (issue 13's small model, fsdp=8 and data=8; those of wq/wk/wv and wo were in).
+        hidden_BTM = _einsum("btd,dm->btm", h_BTD, self._w("w_in"), out_dtype=jnp.float32,
+                             weight=True)
         hidden_BTM = jax.nn.gelu(hidden_BTM + self._w("b_in").astype(jnp.float32))
         hidden_BTM = constrain(hidden_BTM.astype(h_BTD.dtype), ("batch", None, "mlp"))
-        out_BTD = _einsum("btm,md->btd", hidden_BTM, self._w("w_out")) + self._w("b_out")
+        out_BTD = (_einsum("btm,md->btd", hidden_BTM, self._w("w_out"), weight=True)
+                   + self._w("b_out"))
         return constrain(out_BTD, ("batch", "seq", "embed"))
 
 
