@@ -248,6 +248,54 @@ def test_bf16_dots_all_run_on_the_library_kernels(mesh, strategy, m, native_dots
     assert not [b for b in bare if "bf16" in b[1]], bare
 
 
+@pytest.mark.parametrize("spec", ["btd,dm->btm", "btm,md->btd", "btd,vd->btv", "bthk,hkd->btd",
+                                  "bthk,bshk->bhts"])
+def test_weight_gradient_form_gives_the_einsums_gradients(spec):
+    # _weight_grad's matmul form (two operand orders), and the plain einsum where a dimension
+    # is in all three terms (attention): the gradients of jnp.einsum, to fp32 rounding.
+    from meshpar.models.gpt import _einsum
+
+    sizes = dict(b=2, t=8, s=8, d=16, m=24, v=40, h=2, k=4)
+    ins, _ = spec.split("->")
+    a_shape, b_shape = ([sizes[i] for i in term] for term in ins.split(","))
+    ka, kb = jax.random.split(jax.random.key(0))
+    a, b = jax.random.normal(ka, a_shape), jax.random.normal(kb, b_shape)
+
+    def loss(f):
+        return lambda a, b: jnp.sum(jnp.sin(f(a, b)))
+
+    got = jax.grad(loss(lambda a, b: _einsum(spec, a, b, weight=True)), argnums=(0, 1))(a, b)
+    want = jax.grad(loss(lambda a, b: jnp.einsum(spec, a, b)), argnums=(0, 1))(a, b)
+    for g, w in zip(got, want):
+        np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("mesh", ["fsdp=8", "data=8"])
+def test_fp32_mlp_weight_gradients_run_on_the_library_kernels(mesh):
+    # XLA:CPU ran these two gradients as bare dots contracted on the lhs's first dimension
+    # (Eigen, about half YNNPACK's speed); gpt._weight_grad gives it [M, K] x [K, N] dots, which
+    # it fuses into YNNPACK calls.
+    import re
+
+    import optax
+
+    from meshpar.train import TrainConfig, Trainer
+
+    cfg = TINY.replace(d_model=256, mlp_dim=1024, seq_len=128, layers=2)
+    trainer = Trainer(lambda: GPT(cfg, rngs=nnx.Rngs(0)), optax.adamw(1e-2), lm_loss,
+                      mesh=make_mesh(mesh), config=TrainConfig(row_separable=True),
+                      allocate=False)
+    text = trainer.lower(random_batch(16, 128)).compile().as_text()
+    fused = set(re.findall(r"kind=kCustom, calls=%?([^\s,]+)", text))
+    bare, comp = [], None
+    for line in text.splitlines():
+        if head := re.match(r"^(?:ENTRY )?%?(\S+) \(.*\{$", line):
+            comp = head.group(1)
+        if " dot(" in line and comp not in fused and re.search(r"btd,dm->btm|btm,md->btd", line):
+            bare.append(line.strip()[:200])
+    assert len(fused) > 0 and not bare, bare
+
+
 def _eqns(jaxpr):
     """Every equation of ``jaxpr`` and of its sub-jaxprs."""
     for eqn in jaxpr.eqns:
