@@ -39,7 +39,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import numbers
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import jax
@@ -358,6 +358,14 @@ def _canonical(spec: str) -> bool:
     return lhs[len(lhs) - nc:] == contract and contract in (rhs[:nc], rhs[len(rhs) - nc:])
 
 
+def _cotangent_specs(spec: str) -> tuple[str, str]:
+    """The einsum specs of the two operands' gradients of ``einsum(spec, a, b)``: ``(g, b) ->
+    da`` and ``(a, g) -> db``."""
+    ins, out = spec.split("->")
+    sa, sb = ins.split(",")
+    return f"{out},{sb}->{sa}", f"{sa},{out}->{sb}"
+
+
 def _weight_grad(spec: str, a: jax.Array, g: jax.Array) -> jax.Array:
     """The gradient of ``b`` in ``einsum(spec, a, b)`` from the result's cotangent ``g``
     (``einsum("{a},{out}->{b}", a, g)``), written as an ``[M, K] x [K, N]`` matmul.
@@ -391,7 +399,7 @@ def _weight_grad(spec: str, a: jax.Array, g: jax.Array) -> jax.Array:
             dims = ((tuple(range(nf, nf + len(contract))), tuple(rs.index(i) for i in contract)),
                     ((), ()))
             return jax.lax.dot_general(lhs_t, rhs, dims)
-    return jnp.einsum(f"{sa},{out}->{sb}", a, g)
+    return jnp.einsum(_cotangent_specs(spec)[1], a, g)
 
 
 def _einsum_w_impl(spec: str, a: jax.Array, b: jax.Array, out_dtype: Any) -> jax.Array:
@@ -399,23 +407,23 @@ def _einsum_w_impl(spec: str, a: jax.Array, b: jax.Array, out_dtype: Any) -> jax
     return out if out_dtype is None else out.astype(out_dtype)
 
 
-def _einsum_w_fwd(spec, a, b, out_dtype):
-    return _einsum_w_impl(spec, a, b, out_dtype), (a, b)
+def _custom_einsum(impl: Callable, bwd: Callable) -> Callable:
+    """``impl(spec, a, b, out_dtype)``, differentiated by ``bwd(spec, out_dtype, (a, b), g)``."""
+    f = jax.custom_vjp(impl, nondiff_argnums=(0, 3))
+    f.defvjp(lambda spec, a, b, out_dtype: (impl(spec, a, b, out_dtype), (a, b)), bwd)
+    return f
 
 
 def _einsum_w_bwd(spec, out_dtype, res, g):
     # What autodiff of the einsum gives, the weight's gradient in the matmul form above.
     a, b = res
-    ins, out = spec.split("->")
-    sa, sb = ins.split(",")
     g = g.astype(jnp.result_type(a, b))
-    da = jnp.einsum(f"{out},{sb}->{sa}", g, b).astype(a.dtype)
+    da = jnp.einsum(_cotangent_specs(spec)[0], g, b).astype(a.dtype)
     return da, _weight_grad(spec, a, g).astype(b.dtype)
 
 
 #: An fp32 einsum whose second operand is a weight (see :func:`_weight_grad`).
-_einsum_w = jax.custom_vjp(_einsum_w_impl, nondiff_argnums=(0, 3))
-_einsum_w.defvjp(_einsum_w_fwd, _einsum_w_bwd)
+_einsum_w = _custom_einsum(_einsum_w_impl, _einsum_w_bwd)
 
 
 def _einsum_bf16_impl(spec: str, a: jax.Array, b: jax.Array, out_dtype: Any) -> jax.Array:
@@ -430,26 +438,17 @@ def _einsum_bf16_impl(spec: str, a: jax.Array, b: jax.Array, out_dtype: Any) -> 
     return jnp.einsum(spec, a, b).astype(out_dtype)
 
 
-_einsum_bf16 = jax.custom_vjp(_einsum_bf16_impl, nondiff_argnums=(0, 3))
-
-
-def _einsum_bf16_fwd(spec, a, b, out_dtype):
-    return _einsum_bf16_impl(spec, a, b, out_dtype), (a, b)
-
-
 def _einsum_bf16_bwd(spec, out_dtype, res, g):
     a, b = res
-    ins, out = spec.split("->")
-    sa, sb = ins.split(",")
+    da_spec, db_spec = _cotangent_specs(spec)
     # The cotangent of a bf16 result is bf16 already; that of the fp32 logits is rounded here,
     # as in a bf16 unembedding.
     g = g.astype(jnp.bfloat16)
-    da = _einsum_bf16_impl(f"{out},{sb}->{sa}", g, b, a.dtype)
-    db = _einsum_bf16_impl(f"{sa},{out}->{sb}", a, g, b.dtype)
-    return da, db
+    return (_einsum_bf16_impl(da_spec, g, b, a.dtype),
+            _einsum_bf16_impl(db_spec, a, g, b.dtype))
 
 
-_einsum_bf16.defvjp(_einsum_bf16_fwd, _einsum_bf16_bwd)
+_einsum_bf16 = _custom_einsum(_einsum_bf16_impl, _einsum_bf16_bwd)
 
 
 def _einsum(spec: str, a: jax.Array, b: jax.Array, *, out_dtype: Any = None,
