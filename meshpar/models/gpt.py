@@ -385,24 +385,23 @@ def _weight_grad(spec: str, a: jax.Array, g: jax.Array) -> jax.Array:
     contract = [i for i in sa if i in out and i not in sb]
     a_free = [i for i in sa if i in sb]
     g_free = [i for i in out if i in sb]
-    if contract and not set(sa) & set(sb) & set(out):
-        if sb == "".join(a_free + g_free):
-            lhs, ls, free, rhs, rs = a, sa, a_free, g, out
-        elif sb == "".join(g_free + a_free):
-            lhs, ls, free, rhs, rs = g, out, g_free, a, sa
-        else:
-            lhs = None
-        if lhs is not None:
-            lhs_t = jax.lax.optimization_barrier(
-                jnp.transpose(lhs, [ls.index(i) for i in free + contract]))
-            nf = len(free)
-            dims = ((tuple(range(nf, nf + len(contract))), tuple(rs.index(i) for i in contract)),
-                    ((), ()))
-            return jax.lax.dot_general(lhs_t, rhs, dims)
-    return jnp.einsum(_cotangent_specs(spec)[1], a, g)
+    if not contract or set(sa) & set(sb) & set(out):
+        return jnp.einsum(_cotangent_specs(spec)[1], a, g)
+    if sb == "".join(a_free + g_free):
+        lhs, ls, free, rhs, rs = a, sa, a_free, g, out
+    elif sb == "".join(g_free + a_free):
+        lhs, ls, free, rhs, rs = g, out, g_free, a, sa
+    else:
+        return jnp.einsum(_cotangent_specs(spec)[1], a, g)
+    lhs_t = jax.lax.optimization_barrier(
+        jnp.transpose(lhs, [ls.index(i) for i in free + contract]))
+    nf = len(free)
+    dims = ((tuple(range(nf, nf + len(contract))), tuple(rs.index(i) for i in contract)), ((), ()))
+    return jax.lax.dot_general(lhs_t, rhs, dims)
 
 
-def _einsum_w_impl(spec: str, a: jax.Array, b: jax.Array, out_dtype: Any) -> jax.Array:
+def _einsum_plain(spec: str, a: jax.Array, b: jax.Array, out_dtype: Any) -> jax.Array:
+    # jnp.einsum, result in out_dtype (None: the operands' dtype).
     out = jnp.einsum(spec, a, b, preferred_element_type=out_dtype)
     return out if out_dtype is None else out.astype(out_dtype)
 
@@ -423,7 +422,7 @@ def _einsum_w_bwd(spec, out_dtype, res, g):
 
 
 #: An fp32 einsum whose second operand is a weight (see :func:`_weight_grad`).
-_einsum_w = _custom_einsum(_einsum_w_impl, _einsum_w_bwd)
+_einsum_w = _custom_einsum(_einsum_plain, _einsum_w_bwd)
 
 
 def _einsum_bf16_impl(spec: str, a: jax.Array, b: jax.Array, out_dtype: Any) -> jax.Array:
@@ -462,10 +461,7 @@ def _einsum(spec: str, a: jax.Array, b: jax.Array, *, out_dtype: Any = None,
     """
     if a.dtype == jnp.bfloat16 and b.dtype == jnp.bfloat16:
         return _einsum_bf16(spec, a, b, jnp.dtype(out_dtype or jnp.bfloat16))
-    if weight:
-        return _einsum_w(spec, a, b, out_dtype)
-    out = jnp.einsum(spec, a, b, preferred_element_type=out_dtype)
-    return out if out_dtype is None else out.astype(out_dtype)
+    return (_einsum_w if weight else _einsum_plain)(spec, a, b, out_dtype)
 
 
 class Block(nnx.Module):
