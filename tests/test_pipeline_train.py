@@ -385,14 +385,17 @@ def test_step_loops_permute_over_pipe_and_never_all_reduce_over_a_batch_axis(cas
     ops = step_collectives(case)
     in_loop = [o for o in ops if o.in_loop]
     # The pipeline loop moves activations (forward) and cotangents (backward) between stages:
-    # one permute each way, run once per pipeline iteration. 1F1B: one permute per forward-loop
-    # iteration, two (activations forward, gradients back) per tick of its backward loop.
+    # one permute each way, run once per pipeline iteration. 1F1B: two per iteration of its
+    # forward loop (activations forward; the stack's input and output on their channels back)
+    # and two per tick of its backward loop (activations forward, gradients back; the channels
+    # of the boundary values ride along, meshpar.parallel.routes).
     permutes = [o for o in in_loop if o.kind == "collective-permute"]
     assert permutes and all(o.mesh_axes == ("pipe",) for o in permutes), _describe(in_loop)
     pipeline = trainer_of(case).pipeline
     if pipeline.schedule.one_f_one_b:
         trips = sorted(o.trip_count for o in permutes)
-        assert trips == sorted([pipeline.iterations] + 2 * [pipeline.ticks]), _describe(permutes)
+        assert trips == sorted(2 * [pipeline.iterations] + 2 * [pipeline.ticks]), \
+            _describe(permutes)
     else:
         assert {o.trip_count for o in permutes} == {pipeline.iterations}, _describe(permutes)
     # The design's pitfall: the weight gradient all-reduced over data (or over fsdp where it
@@ -696,13 +699,15 @@ def test_cli_inspect_reports_1f1b_beside_gpipe(capsys):
     # The 1F1B default keeps each forward tick's residuals (a stage input lives only until its
     # forward); --pipeline-remat keeps the inputs until the backward recomputes from them.
     assert ("4 microbatch activations (stash 2 + cotangent buffer 2 + residuals of 11 chunk "
-            "forwards, set by P=4 and v=2, flat in M); gpipe at these microbatches: 19"
+            "forwards, set by P=4 and v=2, flat in M; and the stack's input and output gradient "
+            "in blocks over the stages, 2*ceil(M/P) = 4); gpipe at these microbatches: 19"
             ) in activations, activations
     assert meshpar.cli.main([*argv, "--pipeline-remat"]) == 0
     out = capsys.readouterr().out
     activations = next(line for line in out.splitlines() if line.startswith("pipeline activ"))
     assert ("12 microbatch activations (stash 10 + cotangent buffer 2, set by P=4 and v=2, flat "
-            "in M); gpipe at these microbatches: 19") in activations, activations
+            "in M; and the stack's input and output gradient in blocks over the stages, "
+            "2*ceil(M/P) = 4); gpipe at these microbatches: 19") in activations, activations
     assert meshpar.cli.main([*argv, "--json"]) == 0
     pipeline = json.loads(capsys.readouterr().out)["pipeline"]
     assert (pipeline["remat"], pipeline["residual_slots"]) == (False, 11)

@@ -332,16 +332,21 @@ def _pipeline_checks(f: Facts) -> None:
     micro = f.b / p.microbatches / f.batch_ways * f.t * f.d_model * f.act_bytes
     micro /= f.n_tensor if f.strategy.sequence_parallel else 1
     if p.schedule.one_f_one_b:
-        f.check("pipeline collective-permutes",
-                f"({p.iterations} forward iterations + 2 x {p.ticks} 1F1B ticks) x one "
-                f"microbatch ({human_bytes(micro)}): the forward shift, then activations forward "
-                "and gradients back at every tick", (p.iterations + 2 * p.ticks) * micro,
-                f.volume((_CP,), lambda a: tuple(a) == (PIPE,)))
-    else:
-        f.check("pipeline collective-permutes",
-                f"2 x {p.iterations} iterations x one microbatch ({human_bytes(micro)}): "
-                "forward shift and its transpose", 2 * p.iterations * micro,
-                f.volume((_CP,), lambda a: tuple(a) == (PIPE,)))
+        f.check("pipeline collective-permutes in the loops",
+                f"(3 x {p.iterations} forward iterations + 5 x {p.ticks} 1F1B ticks) x one "
+                f"microbatch ({human_bytes(micro)}): forward loop, the activation forward and "
+                "the stack's input and output on their channels back; 1F1B loop, the activation "
+                "and the output gradient forward, the gradient, the stack's input and its input "
+                "gradient back (meshpar.parallel.routes)",
+                (3 * p.iterations + 5 * p.ticks) * micro,
+                f.volume((_CP,), lambda a: tuple(a) == (PIPE,), in_loop=True))
+        # The stack's boundary values enter and leave the loops in blocks over the stages,
+        # resharded from and to the batch's rows (all-to-alls): no all-reduce of them.
+        return
+    f.check("pipeline collective-permutes",
+            f"2 x {p.iterations} iterations x one microbatch ({human_bytes(micro)}): "
+            "forward shift and its transpose", 2 * p.iterations * micro,
+            f.volume((_CP,), lambda a: tuple(a) == (PIPE,)))
     # The outputs leave the loop through one psum over the stages; its transpose in the
     # backward pass sums the input gradient over the stages. Scalars ride along.
     f.check("pipeline output + input-gradient all-reduces over pipe",

@@ -1,4 +1,4 @@
-"""1F1B and interleaved 1F1B pipelines in one SPMD program: the pipeline's own state flat in M.
+"""1F1B and interleaved 1F1B pipelines in one SPMD program: the pipeline's memory flat in M.
 
 GPipe and circular (:mod:`meshpar.parallel.pipeline`) get their backward pass from autodiff of
 the forward loop, so the loop keeps one stage input per iteration: ``(v+1) x |x|`` of activations
@@ -8,12 +8,21 @@ Here that schedule is meshpar's own backward loop, run inside one ``jax.shard_ma
 
 Structure: a ``jax.custom_vjp`` of the whole pipeline.
 
-* Forward (primal) pass: the forward-only loop of :func:`~meshpar.parallel.pipeline.pipeline_apply`
-  (GPipe's table for ``1f1b``, the circular one for ``interleaved-1f1b``); nothing is saved but
-  the custom VJP's residuals, the stage parameters and the stack's input ``xs`` -- and, for layers
-  with RNG streams or batch statistics, the state each chunk had before each microbatch
-  (``M`` copies of that small state), so that the backward loop reruns every chunk with what its
-  forward pass saw (the same dropout mask). The state itself is not differentiated.
+* The stack's boundary values -- its input ``xs``, its output, the output's gradient ``dys`` and
+  the input gradient ``dxs``, ``M`` activations each -- are kept in *blocks* over the stages:
+  microbatch ``m`` on stage ``m // q`` (``q = ceil(M/P)``), and *channels* riding along the loops'
+  permutes bring each one to the stage that reads it and from the stage that makes it
+  (:mod:`meshpar.parallel.routes`). So a device holds ``1/P`` of them: ``2/P`` activations per
+  microbatch (``xs`` and ``dys``) instead of the whole arrays.
+* Forward (primal) pass: its own forward-only loop (:func:`~meshpar.parallel.schedule.onef1b_forward`:
+  GPipe's table for ``1f1b``; for ``interleaved-1f1b`` Megatron-LM's order, microbatches in
+  groups of ``P`` through all chunks, so that nothing waits on stage 0 as under circular's
+  order); stage 0 takes each microbatch's input off the ``xs`` channel, and the last stage's
+  outputs go to their blocks on the ``ys`` channel. Nothing is saved but the custom VJP's
+  residuals, the stage parameters and the blocks of ``xs`` -- and, for layers with RNG streams
+  or batch statistics, the state each chunk had before each microbatch (``M`` copies of that
+  small state), so that the backward loop reruns every chunk with what its forward pass saw
+  (the same dropout mask). The state itself is not differentiated.
 * Backward pass: the 1F1B loop of :func:`meshpar.parallel.schedule.onef1b_table`, a
   ``lax.scan`` over *ticks*; at each tick each stage runs one forward **or** one backward of one
   microbatch on one chunk of its layers:
@@ -21,13 +30,15 @@ Structure: a ``jax.custom_vjp`` of the whole pipeline.
   1. What arrived from the neighbours at the end of the previous tick is written into this
      stage's buffers: a forward activation (the input of one of its chunks) into the *stash*
      ``[S, mb, ...]``, a gradient into the *cotangent buffer* ``[C, mb, ...]``, at the slots the
-     table assigned. ``S`` and ``C`` are the most values ever live at once on a stage: they
-     depend on ``P`` and ``v``, not on ``M``.
+     table assigned, and an input gradient ``dxs[m]`` this stage keeps into its block (over
+     ``xs[m]``, read for the last time before). ``S`` and ``C`` are the most values ever live
+     at once on a stage: they depend on ``P`` and ``v``, not on ``M``.
   2. Backward, under a ``lax.switch`` (idle / recompute / from residuals): the chunk's
-     ``jax.vjp`` applied to its output's gradient (the cotangent buffer, or the incoming
-     ``dys[m]`` for the last chunk); the weight gradient is added to this stage's accumulator,
-     the input gradient goes to the previous stage (or, for chunk 0, into ``dxs[m]``). Which
-     vjp depends on :attr:`~meshpar.parallel.schedule.PipelineConfig.remat`:
+     ``jax.vjp`` applied to its output's gradient (the cotangent buffer, or ``dys[m]`` for the
+     last chunk, from this stage's block or the ``dys`` channel); the weight gradient is added
+     to this stage's accumulator, the input gradient goes to the previous stage (or, for
+     chunk 0, on the ``dxs`` channel to its block). Which vjp depends on
+     :attr:`~meshpar.parallel.schedule.PipelineConfig.remat`:
 
      * ``remat=False`` (the Trainer's default for these schedules): the vjp the forward tick
        built, rebuilt from its residuals, which the forward tick left in a *residual slot*
@@ -42,15 +53,13 @@ Structure: a ``jax.custom_vjp`` of the whole pipeline.
        (three forwards per microbatch), and only stage inputs are kept.
 
      The last chunk always takes the second kind: it has no forward tick (its backward follows
-     its forward at once). ``xs``, ``dys`` and ``dxs`` share one ``[M, mb, ...]`` buffer per
-     device: only stage 0 reads ``xs`` and writes ``dxs`` (``dxs[m]`` over ``xs[m]``, in the
-     tick of chunk 0's backward of ``m``, after its last read), only stage ``P-1`` reads
-     ``dys``.
-  3. Forward, under ``lax.cond``: the chunk on its input (the stash, or ``xs[m]`` for chunk 0);
-     the result goes to the next stage (without remat: with its vjp's residuals, written into
-     their slot).
-  4. Two ``ppermute``s: activations one stage forward, gradients one stage back (a ring for the
-     interleaved schedule, a line for 1f1b).
+     its forward at once).
+  3. Forward, under ``lax.cond``: the chunk on its input (the stash, or ``xs[m]`` for chunk 0,
+     from this stage's block or the ``xs`` channel); the result goes to the next stage
+     (without remat: with its vjp's residuals, written into their slot).
+  4. Two ``ppermute``s: activations (and the ``dys`` channel) one stage forward, gradients (and
+     the ``xs`` and ``dxs`` channels) one stage back (a ring for the interleaved schedule, a
+     line for 1f1b forward; the gradients' ring carries ``dxs`` from stage 0 to ``P - 1``).
 
   Each ``cond`` carries only what it changes (the backward one: the weight-gradient
   accumulator; the buffers are read and written outside it): issue 16's feasibility study found
@@ -61,41 +70,41 @@ Structure: a ``jax.custom_vjp`` of the whole pipeline.
 Why a custom VJP and not a loop at train-step level: the layer stack is one call inside the
 user's model (:func:`meshpar.parallel.stack.scan_layers`), with the embedding before it and the
 head and loss after it; a loop that also ran the loss head per microbatch would need the model
-cut into three parts. A custom VJP keeps the model unchanged and any loss. The price: the stack's
-boundary values, its input ``xs``, its output and the output's gradient ``dys`` (``M`` activations
-each, the model's own batch, as on one device), are whole arrays on every stage, and the forward
-pass runs once before the loop: each chunk's forward runs twice per microbatch, as under GPipe
-with its stage remat (three times with ``remat=True``: about 25% more work for a stage whose
-backward costs two forwards; ``tests/test_onef1b.py`` counts them).
+cut into three parts. A custom VJP keeps the model unchanged and any loss. The price: the
+head's backward runs before the loop, so its output gradient ``dys`` exists whole (in blocks) when
+the loop starts, as does ``xs``; and the forward pass runs once before the loop: each chunk's
+forward runs twice per microbatch, as under GPipe with its stage remat (three times with
+``remat=True``: about 25% more work for a stage whose backward costs two forwards;
+``tests/test_onef1b.py`` counts them).
 
-Memory (per device, beyond those boundary values): the stash and cotangent buffer, ``S + C``
-activations of one microbatch (:attr:`~meshpar.parallel.schedule.PipelineConfig.activation_slots`;
-with ``remat``, ``P + 1`` for 1f1b and about ``(v+1)*P`` for interleaved 1f1b, the inputs then
-living until their backward; without, fewer), without ``remat`` the residual slots (each one
-chunk forward's residuals: under the layer scan's ``full`` remat its layers' inputs, ``c``
-activations; under ``none`` all their intermediates), one chunk's intermediates inside a
-backward tick, and the weight-gradient accumulator. Flat in ``M`` either way;
-``tests/test_onef1b.py`` checks it in ``memory_analysis``.
+Memory (per device): the stash and cotangent buffer, ``S + C`` activations of one microbatch
+(:attr:`~meshpar.parallel.schedule.PipelineConfig.activation_slots`; with ``remat``, ``P + 1``
+for 1f1b and about ``(v+1)*P`` for interleaved 1f1b, the inputs then living until their
+backward; without, fewer), without ``remat`` the residual slots (each one chunk forward's
+residuals: under the layer scan's ``full`` remat its layers' inputs, ``c`` activations; under
+``none`` all their intermediates), one chunk's intermediates inside a backward tick, the
+weight-gradient accumulator, and the blocks of the boundary values, ``2 M / P`` activations.
+Flat in ``M`` but for those blocks; ``tests/test_onef1b.py`` checks it in ``memory_analysis``.
+What else grows with ``M`` in a train step is the model's own batch outside the stack
+(embedding, logits, loss), split over the stages by rows: measured on the whole compiled step
+of a d = 256 GPT (8 layers, ``pipe=4,data=2``, 4 rows a microbatch, sequence 64), temporaries
+at ``M = 32`` are 1.07x those at ``M = 8`` (GPipe 1.22x; with the boundary values whole on every
+device, as until 2026-12-03, 1.14x for 1f1b and 1.26x for interleaved); the tiny preset
+(d = 64, a 256-token vocabulary: logits 4x an activation per row) grows 1.19x (1f1b) and 1.47x
+(interleaved) for its head (benchmarks/README.md, "1F1B").
 
-What that buys against meshpar's GPipe, honestly: GPipe here already rematerialises each
-iteration, so it keeps one stage input per iteration (``(v+1) x |x|`` per microbatch with the
-ring buffer's cotangent), not every intermediate of every microbatch as textbook GPipe does.
-The custom VJP keeps the stack's input ``xs`` as a residual until its backward, whose loop then
-holds ``xs``, ``dys`` and ``dxs`` in one buffer: ``1 x |x|`` per microbatch inside the loop,
-against GPipe's 2 and circular's 3 (measured on a d = 256 GPT's whole step, ``pipe=4,data=2``:
-+0.13 MB per microbatch from M = 8 to 32 against GPipe's +0.26; with three separate buffers it was
-+0.39, more than GPipe, benchmarks/README.md "1F1B"; ``tests/test_onef1b.py``
-``test_stack_boundary_costs_one_activation_per_microbatch``). What stays ``M``-sized is that
-buffer and the model's own batch outside the stack (embedding, head, loss). A flat *step* needs
-the loss head inside the loop (a train-step-level loop), which this design does not do.
-
-Collectives: inside the loop only the two ``ppermute``s (plus what ``tensor`` parallelism puts
-inside a stage). The weights are cast to "varying" over the batch axes before the loop and their
-gradient summed over them once after it; the input gradient is summed over the stages once.
+Collectives: inside the loops only the two ``ppermute``s per tick (plus what ``tensor``
+parallelism puts inside a stage), wider than the schedule's own activation by the channels (3
+activations per forward-loop iteration, 5 per tick: more bytes on ``pipe`` than the all-gathers
+and all-reduces over the stages that moved the whole boundary values before 2026-12-03, about
+1.7x on the tiny preset's step). The boundary values enter and leave in blocks (all-to-alls
+outside the loops). The weights are cast to "varying" over the batch axes before the loop and
+their gradient summed over them once after it.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from typing import Any
 
@@ -105,9 +114,9 @@ import numpy as np
 from jax.sharding import Mesh, PartitionSpec
 
 from meshpar.parallel.residuals import VjpResiduals
-from meshpar.parallel.schedule import PipelineConfig, onef1b_table
-from meshpar.parallel.varying import (cast_varying, drop_stage_slot, ppermute_bits, psum_wide,
-                                      restore_stage_slot, select_stage)
+from meshpar.parallel.schedule import PipelineConfig, onef1b_forward, onef1b_table
+from meshpar.parallel.varying import (cast_varying, drop_stage_slot, enter_stage, ppermute_bits,
+                                      psum_wide, refuse_traced_closure, restore_stage_slot)
 
 __all__ = ["onef1b_apply"]
 
@@ -120,27 +129,119 @@ def _write(buf: jax.Array, slot: jax.Array, value: jax.Array) -> jax.Array:
     return buf.at[i].set(jnp.where(slot >= 0, value, buf[i]))
 
 
-def _read(buf: jax.Array, slot: jax.Array, other: jax.Array, index: jax.Array) -> jax.Array:
-    # buf[slot] where slot >= 0, else other[index].
-    return jnp.where(slot >= 0, buf[jnp.maximum(slot, 0)], other[jnp.maximum(index, 0)])
+def _pick(buf: jax.Array, slot: jax.Array, other: jax.Array) -> jax.Array:
+    # buf[slot] where slot >= 0, else other.
+    return jnp.where(slot >= 0, buf[jnp.maximum(slot, 0)], other)
+
+
+def _perms(n_stages: int, v: int) -> dict[str, tuple[tuple[int, int], ...]]:
+    # Stage-to-stage moves: one stage forward or back, along a line or round the ring (which,
+    # with one stage and several chunks, is the stage to itself).
+    return {
+        "ring_forward": tuple((i, (i + 1) % n_stages) for i in range(n_stages)),
+        "ring_back": tuple(((i + 1) % n_stages, i) for i in range(n_stages)),
+        "line_forward": tuple((i, i + 1) for i in range(n_stages - 1)),
+        "line_back": tuple((i + 1, i) for i in range(n_stages - 1)),
+    }
+
+
+def _forward(run_chunk: Callable, mesh: Mesh, config: PipelineConfig, param_spec, act_spec,
+             bubble_fill: float | None) -> Callable:
+    # The forward loop (onef1b_forward's table): each stage runs item t - s at iteration t;
+    # stage 0 takes a microbatch's first chunk input off the xs channel (or its own block) and
+    # its later ones from the last stage; the last stage's final outputs go to their blocks on
+    # the ys channel. Not differentiated: the backward pass is _backward's loop.
+    table = onef1b_forward(config)
+    routes = table.routes
+    n_stages, v, axis, micro = config.stages, config.repeats, config.axis, config.microbatches
+    manual = (axis, *config.batch_axes)
+    columns = tuple(np.ascontiguousarray(a.T) for a in (
+        table.microbatch, table.repeat, *dataclasses.astuple(routes.inbound["xs"]),
+        *dataclasses.astuple(routes.outbound["ys"])[:3]))
+    ys_last = routes.outbound["ys"].last
+    perms = _perms(n_stages, v)
+    fwd_perm = perms["ring_forward"] if v > 1 else perms["line_forward"]
+    block_spec = PartitionSpec(axis, *tuple(act_spec)[1:])
+
+    def chunk_of(tree, r):
+        return tree if v == 1 else jax.tree.map(lambda a: a[r], tree)
+
+    def local(params, xs, state):
+        # xs: this stage's block [q, mb, ...] of the stack's input.
+        params, state, xs, stage, fill = enter_stage(params, state, xs, repeats=v, manual=manual,
+                                                     mesh=mesh, axis=axis, bubble_fill=bubble_fill)
+        refuse_traced_closure(run_chunk, chunk_of(params, 0), chunk_of(state, 0), xs[0])
+        # The state each chunk had before each microbatch, [(v,) M, c, ...], so that the
+        # backward loop reruns every chunk with what its forward pass saw.
+        hist = jax.tree.map(lambda a: jnp.stack([a] * micro, axis=0 if v == 1 else 1), state)
+
+        def iteration(state, hist, r, m, x, valid):
+            chunk, st, h = chunk_of(params, r), chunk_of(state, r), chunk_of(hist, r)
+
+            def live(chunk, st, h, x):
+                y, new = run_chunk(chunk, st, x)
+                h = jax.tree.map(lambda a, b: a.at[m].set(b), h, st)
+                return y, new, h
+
+            # A bubble computes nothing and leaves the state as it was.
+            y, st, h = jax.lax.cond(valid, live, lambda c, s, h, x: (x, s, h), chunk, st, h, x)
+            if v == 1:
+                return y, st, h
+            put = lambda whole, part: jax.tree.map(lambda a, b: a.at[r].set(b), whole, part)  # noqa: E731
+            return y, put(state, st), put(hist, h)
+
+        def step(carry, col):
+            incoming, xs_in, ys_in, out, state, hist = carry
+            m, r, xs_load, xs_take, ys_send, ys_keep, ys_store = (c[stage] for c in col)
+            out = _write(out, ys_store, ys_in)
+            valid = m >= 0
+            x = jnp.where((stage == 0) & (r == 0), _pick(xs, xs_take, xs_in), incoming)
+            if fill is not None:
+                x = jnp.where(valid, x, fill)
+            y, state, hist = iteration(state, hist, jnp.maximum(r, 0), jnp.maximum(m, 0), x,
+                                       valid)
+            out = _write(out, ys_keep, y)
+            xs_out = _pick(xs, xs_load, xs_in)
+            ys_out = jnp.where(ys_send > 0, y, ys_in)
+            incoming = ppermute_bits(y, axis, fwd_perm)
+            xs_in, ys_in = ppermute_bits(jnp.stack([xs_out, ys_out]), axis, perms["line_back"])
+            return (incoming, xs_in, ys_in, out, state, hist), None
+
+        msg = cast_varying(jnp.zeros_like(xs[0]) if fill is None else jnp.full_like(xs[0], fill),
+                           manual, mesh)
+        out = jnp.zeros_like(xs) if fill is None else jnp.full_like(xs, fill)
+        carry = (msg, msg, msg, cast_varying(out, manual, mesh), state, hist)
+        (_, _, ys_in, out, state, hist), _ = jax.lax.scan(step, carry, columns)
+        # An output still on its way after the last iteration arrives with the final carry.
+        out = _write(out, jnp.asarray(ys_last)[stage], ys_in)
+        return out, restore_stage_slot(state, v), restore_stage_slot(hist, v)
+
+    return jax.shard_map(local, mesh=mesh, in_specs=(param_spec, block_spec, param_spec),
+                         out_specs=(block_spec, param_spec, param_spec), axis_names=set(manual))
 
 
 def _backward(run_chunk: Callable, mesh: Mesh, config: PipelineConfig, param_spec, act_spec,
               bubble_fill: float | None) -> Callable:
     table = onef1b_table(config)
+    routes = table.routes
     n_stages, v, axis = config.stages, config.repeats, config.axis
     manual = (axis, *config.batch_axes)
     # Per-tick columns [T, P]; each stage picks its entry.
     columns = tuple(np.ascontiguousarray(a.T) for a in (
         table.forward_mb, table.forward_rep, table.forward_slot, table.forward_res,
         table.backward_mb, table.backward_rep, table.backward_slot, table.backward_res,
-        table.backward_cot, table.recv_forward, table.recv_backward))
-    if v == 1:   # 1f1b: nothing wraps round from the last stage to the first
-        fwd_perm = tuple((i, i + 1) for i in range(n_stages - 1))
-        bwd_perm = tuple((i + 1, i) for i in range(n_stages - 1))
-    else:
-        fwd_perm = tuple((i, (i + 1) % n_stages) for i in range(n_stages))
-        bwd_perm = tuple(((i + 1) % n_stages, i) for i in range(n_stages))
+        table.backward_cot, table.recv_forward, table.recv_backward,
+        *dataclasses.astuple(routes.inbound["xs"]), *dataclasses.astuple(routes.inbound["dys"]),
+        *dataclasses.astuple(routes.outbound["dxs"])[:3]))
+    dxs_last = routes.outbound["dxs"].last
+    # Activations go one stage forward (a ring for the interleaved schedule, a line for 1f1b);
+    # gradients one stage back round the ring, whose link from stage 0 to P-1 the input
+    # gradients take to their stages (meshpar.parallel.routes).
+    perms = _perms(n_stages, v)
+    fwd_perm = perms["ring_forward"] if v > 1 else perms["line_forward"]
+    bwd_perm = perms["ring_back"] if v > 1 or n_stages > 1 else ()
+    # The boundary values' blocks: microbatch m on stage m // q (meshpar.parallel.routes).
+    block_spec = PartitionSpec(axis, *tuple(act_spec)[1:])
 
     def chunk_of(params, r):
         return params if v == 1 else jax.tree.map(lambda a: a[r], params)
@@ -149,40 +250,16 @@ def _backward(run_chunk: Callable, mesh: Mesh, config: PipelineConfig, param_spe
         # Sum sub-32-bit weight gradients in float32 across the M microbatches; round once.
         return jnp.float32 if jnp.dtype(dtype).itemsize < 4 else dtype
 
-    # One [M, mb, ...] buffer per device for the stack's input, its output gradient and its
-    # input gradient (`io` below), not three. Each device holds all three whole (they are
-    # replicated over the stages), but only stage 0 reads xs (chunk 0 is its own) and writes dxs,
-    # and only stage P-1 reads dys (the last chunk): so on stage P-1 the buffer starts as dys, on
-    # the others as xs, and stage 0 writes dxs[m] over xs[m] in the tick of chunk 0's backward of
-    # m, the last read of xs[m]. Three separate arrays were 3 x |x| per microbatch inside the
-    # loop, one more than GPipe's 2 (its stage inputs and the ring buffer's cotangent): the
-    # whole step's temporaries grew faster in M than GPipe's (benchmarks/README.md, "1F1B").
-    # The tables must agree (a chunk-0 input only on stage 0, a last-chunk cotangent only on
-    # stage P-1); P = 1 keeps dys apart, as stage 0 is both.
-    shared = n_stages > 1
-    if shared:
-        busy_f = table.forward_mb >= 0
-        busy_b = (table.backward_mb >= 0) & (table.backward_res < 0)    # recomputing backwards
-        reads_xs = np.any(busy_f & (table.forward_slot < 0), axis=1) | np.any(
-            busy_b & (table.backward_slot < 0), axis=1)
-        reads_dys = np.any(busy_b & (table.backward_cot < 0), axis=1)
-        if reads_xs[1:].any() or reads_dys[:-1].any():
-            raise RuntimeError(
-                f"meshpar internal error: the {config.schedule.value} tables read the stack's "
-                f"input on stages {np.flatnonzero(reads_xs).tolist()} and its output gradient on "
-                f"stages {np.flatnonzero(reads_dys).tolist()}; the shared buffer needs stage 0 "
-                f"and stage {n_stages - 1} alone (please report this)"
-            )
-
     def local(params, xs, dys, hist):
+        # xs, dys: this stage's blocks [q, mb, ...] of the stack's input and output gradient.
         # hist: the state each chunk had before each microbatch ([(v,) M, c, ...]; None for
         # stateless layers), so that every rerun of a chunk sees what its forward pass saw.
         params, hist = drop_stage_slot((params, hist), v)
         params = cast_varying(params, manual, mesh)
-        xs, dys = cast_varying((xs, dys), manual, mesh)
+        # io: the block of xs, each xs[m] overwritten by dxs[m] when that arrives (after the
+        # last read of xs[m]: chunk 0's backward of m, which makes it, follows every read).
+        io, dys = cast_varying((xs, dys), manual, mesh)
         stage = jax.lax.axis_index(axis)
-        # xs and dys are dead after this select: the loop carries one [M, mb, ...] buffer.
-        io = jnp.where(stage == n_stages - 1, dys, xs) if shared else xs
         fill = None if bubble_fill is None else jnp.asarray(bubble_fill, xs.dtype)
 
         def empty(n):
@@ -195,7 +272,7 @@ def _backward(run_chunk: Callable, mesh: Mesh, config: PipelineConfig, param_spe
         stash, cot = cast_varying((empty(table.stash_slots), empty(table.cot_slots)), manual, mesh)
         acc = cast_varying(jax.tree.map(lambda a: jnp.zeros(a.shape, acc_dtype(a.dtype)), params),
                            manual, mesh)
-        msg = cast_varying(jnp.zeros_like(xs[0]), manual, mesh)
+        msg = cast_varying(idle_value(xs[0]), manual, mesh)
 
         def state_of(r, m):
             return jax.tree.map(lambda a: a[m] if v == 1 else a[r, m], hist)
@@ -248,47 +325,55 @@ def _backward(run_chunk: Callable, mesh: Mesh, config: PipelineConfig, param_spe
         backwards = (skip_backward, backward) + (() if residuals is None else (backward_kept,))
 
         def tick(carry, col):
-            f_in, b_in, stash, cot, res, acc, io = carry
-            fm, fr, fslot, fres, bm, br, bslot, bres, bcot, recv_f, recv_b = (
-                c[stage] for c in col)
+            f_in, b_in, xs_in, dys_in, dxs_in, stash, cot, res, acc, io = carry
+            (fm, fr, fslot, fres, bm, br, bslot, bres, bcot, recv_f, recv_b, xs_load, xs_take,
+             dys_load, dys_take, dxs_send, dxs_keep, dxs_store) = (c[stage] for c in col)
             stash = _write(stash, recv_f, f_in)
             cot = _write(cot, recv_b, b_in)
-            xb = _read(stash, bslot, io, bm)
-            dy = _read(cot, bcot, io if shared else dys, bm)
+            io = _write(io, dxs_store, dxs_in)
+            # Chunk 0's input: from this stage's block or off the xs channel; the last chunk's
+            # output gradient: from the block or off the dys channel.
+            xb = _pick(stash, bslot, _pick(io, xs_take, xs_in))
+            dy = _pick(cot, bcot, _pick(dys, dys_take, dys_in))
             kept = tuple(b[jnp.maximum(bres, 0)] for b in res)
             branch = jnp.where(bm < 0, 0, jnp.where(bres >= 0, 2, 1))
             acc, dx = jax.lax.switch(branch, backwards, acc, params, jnp.maximum(br, 0),
                                      jnp.maximum(bm, 0), xb, dy, kept)
-            # Chunk 0 (read from xs) hands its input gradient out, over xs[m] (read for the last
-            # time by now); the others send it back.
-            first = (stage == 0) & (br == 0)
-            io = _write(io, jnp.where((bm >= 0) & first, bm, -1), dx)
-            # The forward reads io after that write (never the slot written: a chunk's forward
-            # of a microbatch precedes its backward), so every read of io is ordered before or
-            # after the in-place update. Read before it, unordered, made XLA copy the whole
-            # [M, mb, ...] buffer twice in every tick (two `copy`s in the loop body of the
-            # compiled step; the d = 256 GPT's temporaries were 0.13 MB higher at M = 8 and 32).
-            x = _read(stash, fslot, io, fm)
+            # Chunk 0's input gradient of a microbatch this stage owns goes into its block,
+            # over xs[m] (read for the last time by now).
+            io = _write(io, dxs_keep, dx)
+            # The forward and the channel reads take io after those writes (never the slots
+            # written), so every read of io is ordered before or after each in-place update.
+            # A read before an update, unordered, made XLA copy the whole buffer in every tick
+            # (two `copy`s in the loop body of the compiled step, measured 2026-12-01).
+            x = _pick(stash, fslot, _pick(io, xs_take, xs_in))
             y, new_kept = jax.lax.cond(fm >= 0, forward, skip_forward, params,
                                        jnp.maximum(fr, 0), jnp.maximum(fm, 0), x)
             res = tuple(_write(b, fres, k) for b, k in zip(res, new_kept))
-            f_out = ppermute_bits(y, axis, fwd_perm)
-            b_out = ppermute_bits(dx, axis, bwd_perm)
-            return (f_out, b_out, stash, cot, res, acc, io), None
+            # The channels ride along the two permutes: a stage sends from its block where the
+            # routes say so, else relays what arrived.
+            xs_out = _pick(io, xs_load, xs_in)
+            dys_out = _pick(dys, dys_load, dys_in)
+            dxs_out = jnp.where(dxs_send > 0, dx, dxs_in)
+            f_out, dys_in = ppermute_bits(jnp.stack([y, dys_out]), axis, fwd_perm)
+            b_out, xs_in, dxs_in = ppermute_bits(jnp.stack([dx, xs_out, dxs_out]), axis,
+                                                 bwd_perm)
+            return (f_out, b_out, xs_in, dys_in, dxs_in, stash, cot, res, acc, io), None
 
-        carry = (msg, msg, stash, cot, res, acc, io)
-        (_, _, _, _, _, acc, dxs), _ = jax.lax.scan(tick, carry, columns)
-        # Once, after the loop: the weight gradient over the batch shards, the input gradient
-        # (on stage 0 only) to every stage.
+        carry = (msg, msg, msg, msg, msg, stash, cot, res, acc, io)
+        carry, _ = jax.lax.scan(tick, carry, columns)
+        dxs_in, acc, dxs = carry[4], carry[8], carry[9]
+        # An input gradient still on its way after the last tick arrives with the final carry.
+        dxs = _write(dxs, jnp.asarray(dxs_last)[stage], dxs_in)
+        # Once, after the loop: the weight gradient over the batch shards.
         if config.batch_axes:
             acc = jax.tree.map(lambda a: psum_wide(a, tuple(config.batch_axes), mesh), acc)
         grads = jax.tree.map(lambda a, p: a.astype(p.dtype), acc, params)
-        grads = restore_stage_slot(grads, v)
-        dxs = select_stage(dxs, stage == 0, axis, mesh)
-        return grads, dxs
+        return restore_stage_slot(grads, v), dxs
 
-    return jax.shard_map(local, mesh=mesh, in_specs=(param_spec, act_spec, act_spec, param_spec),
-                         out_specs=(param_spec, act_spec), axis_names=set(manual))
+    return jax.shard_map(local, mesh=mesh,
+                         in_specs=(param_spec, block_spec, block_spec, param_spec),
+                         out_specs=(param_spec, block_spec), axis_names=set(manual))
 
 
 def _no_cotangent(shape: jax.ShapeDtypeStruct) -> jax.Array | np.ndarray:
@@ -299,12 +384,11 @@ def _no_cotangent(shape: jax.ShapeDtypeStruct) -> jax.Array | np.ndarray:
 
 
 def onef1b_apply(run_chunk: Callable[[PyTree, PyTree, jax.Array], tuple[jax.Array, PyTree]],
-                 forward: Callable[[PyTree, jax.Array, PyTree], tuple[jax.Array, PyTree, PyTree]],
                  stage_params: PyTree, inputs: jax.Array, stage_state: PyTree | None = None, /,
                  *, mesh: Mesh, config: PipelineConfig, param_spec: PartitionSpec,
                  act_spec: PartitionSpec, bubble_fill: float | None = None,
                  ) -> jax.Array | tuple[jax.Array, PyTree]:
-    """The forward pipeline, differentiated by the 1F1B loop.
+    """The 1F1B forward loop, differentiated by the 1F1B backward loop.
 
     Called by :func:`meshpar.parallel.pipeline.pipeline_apply` for the ``1f1b`` and
     ``interleaved-1f1b`` schedules, which checks the arguments; use that.
@@ -312,39 +396,47 @@ def onef1b_apply(run_chunk: Callable[[PyTree, PyTree, jax.Array], tuple[jax.Arra
     Args:
         run_chunk: ``run_chunk(chunk_params, chunk_state, x) -> (y, new_chunk_state)`` for one
             microbatch (shape-checked; the state is ``None`` for stateless layers).
-        forward: the forward pipeline, a ``shard_map``'d function of ``(stage_params, inputs,
-            stage_state)`` returning the outputs, the new state and the state each chunk had
-            before each microbatch (``[(v,) P, M, c, ...]``; ``None`` without state).
         stage_params: ``[P, c, ...]`` or ``[v, P, c, ...]`` stage parameters.
         inputs: ``[M, mb, ...]`` microbatches.
         stage_state: the layers' state in stage layout, or ``None``.
         mesh, config: the mesh and the pipeline (a 1F1B schedule).
-        param_spec, act_spec: the ``shard_map`` specs of the parameters and activations.
+        param_spec, act_spec: the ``shard_map`` specs of the parameters and of one
+            microbatch-major activation (its batch axes; the microbatch dimension goes in
+            blocks over the stages).
         bubble_fill: testing hook: idle ticks emit, and the buffers start as, this value.
 
     Returns:
-        ``[M, mb, ...]`` outputs, as ``forward`` returns them; with ``stage_state``,
-        ``(outputs, new stage state)``.
+        ``[M, mb, ...]`` outputs; with ``stage_state``, ``(outputs, new stage state)``.
 
     Example:
-        >>> y = onef1b_apply(run_chunk, forward, staged, xs, mesh=mesh, config=cfg,
+        >>> y = onef1b_apply(run_chunk, staged, xs, mesh=mesh, config=cfg,
         ...                  param_spec=P("pipe"), act_spec=P())   # doctest: +SKIP
     """
+    forward = _forward(run_chunk, mesh, config, param_spec, act_spec, bubble_fill)
     backward = _backward(run_chunk, mesh, config, param_spec, act_spec, bubble_fill)
     state_shapes = jax.eval_shape(lambda s: s, stage_state)
+    micro = config.microbatches
+    # The boundary values go in blocks over the stages: the microbatch dimension padded to a
+    # multiple of them (the padding is never read).
+    pad = onef1b_table(config).routes.block * config.stages - micro
+
+    def blocks(a):
+        return a if not pad else jnp.pad(a, ((0, pad),) + ((0, 0),) * (a.ndim - 1))
 
     @jax.custom_vjp
     def pipeline(params, xs, state):
-        return forward(params, xs, state)[:2]
+        out, new_state, _ = forward(params, blocks(xs), state)
+        return out[:micro], new_state
 
     def pipeline_fwd(params, xs, state):
+        xs = blocks(xs)
         out, new_state, hist = forward(params, xs, state)
-        return (out, new_state), (params, xs, hist)
+        return (out[:micro], new_state), (params, xs, hist)
 
     def pipeline_bwd(residuals, cotangents):
         params, xs, hist = residuals
-        d_params, d_xs = backward(params, xs, cotangents[0], hist)
-        return d_params, d_xs, jax.tree.map(_no_cotangent, state_shapes)
+        d_params, d_xs = backward(params, xs, blocks(cotangents[0]), hist)
+        return d_params, d_xs[:micro], jax.tree.map(_no_cotangent, state_shapes)
 
     pipeline.defvjp(pipeline_fwd, pipeline_bwd)
     out, new_state = pipeline(stage_params, inputs, stage_state)

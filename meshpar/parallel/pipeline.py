@@ -34,10 +34,10 @@ over the stages and of the weight gradients over ``batch_axes`` (transposes of t
 ``ppermute`` shifts cotangents from stage ``s+1`` to ``s``, in reverse iteration order.
 
 Schedules. ``gpipe`` and ``circular`` get their backward pass from autodiff of this loop.
-``1f1b`` and ``interleaved-1f1b`` run this loop (with the gpipe or circular table) as the forward
-pass only, and their backward pass is a 1F1B loop of their own, a custom VJP of the whole
-pipeline whose memory is flat in ``M`` (:mod:`meshpar.parallel.onef1b`). Everything below about
-memory is about gpipe and circular.
+``1f1b`` and ``interleaved-1f1b`` run loops of their own, a forward-only one and a 1F1B backward
+loop, a custom VJP of the whole pipeline whose memory is flat in ``M`` but for ``2/P`` of an
+activation per microbatch (:mod:`meshpar.parallel.onef1b`). Everything below about memory is
+about gpipe and circular.
 
 Memory (per device). Each iteration's stage computation is wrapped in ``jax.checkpoint``. With
 ``remat=True`` (policy: save nothing) autodiff of the loop keeps, per iteration, only that
@@ -95,7 +95,7 @@ from jax.sharding import Mesh, PartitionSpec
 from meshpar.errors import StrategyError
 from meshpar.parallel.onef1b import onef1b_apply
 from meshpar.parallel.schedule import PipelineConfig, Schedule, repeat_table, schedule_table
-from meshpar.parallel.varying import (cast_varying, drop_stage_slot, ppermute_bits,
+from meshpar.parallel.varying import (enter_stage, ppermute_bits, refuse_traced_closure,
                                       restore_stage_slot, select_stage)
 
 __all__ = [
@@ -307,14 +307,6 @@ def pipeline_apply(
         )
     n_stages, v, axis = config.stages, config.repeats, config.axis
     manual = (axis, *config.batch_axes)
-    mb_table = schedule_table(config)                      # [P, T]
-    rep_table = repeat_table(config)                       # [P, T]
-    # What arrives at the start of iteration t is what the last stage ran at t-1.
-    arrived = np.concatenate([[-1], mb_table[-1, :-1]]).astype(np.int32)
-    # Loop inputs per iteration t: the tables' column (each stage picks its row) and `arrived`.
-    per_step = (np.ascontiguousarray(mb_table.T), np.ascontiguousarray(rep_table.T), arrived)
-    final_slot = int(mb_table[-1, -1])                     # arrives after the last iteration
-    ring = tuple((i, (i + 1) % n_stages) for i in range(n_stages))
     batch = tuple(config.batch_axes)
     if batch:
         act_spec = PartitionSpec(None, batch if len(batch) > 1 else batch[0])
@@ -339,56 +331,45 @@ def pipeline_apply(
             )
         return y, st
 
+    if config.schedule.one_f_one_b:
+        return onef1b_apply(run_chunk, stage_params, inputs, stage_state, mesh=mesh,
+                            config=config, param_spec=param_spec, act_spec=act_spec,
+                            bubble_fill=bubble_fill)
+
+    mb_table = schedule_table(config)                      # [P, T]
+    rep_table = repeat_table(config)                       # [P, T]
+    # What arrives at the start of iteration t is what the last stage ran at t-1.
+    arrived = np.concatenate([[-1], mb_table[-1, :-1]]).astype(np.int32)
+    # Loop inputs per iteration t: the tables' column (each stage picks its row) and `arrived`.
+    per_step = (np.ascontiguousarray(mb_table.T), np.ascontiguousarray(rep_table.T), arrived)
+    final_slot = int(mb_table[-1, -1])                     # arrives after the last iteration
+    ring = tuple((i, (i + 1) % n_stages) for i in range(n_stages))
+
     def local(params, xs, state):
-        # Drop this stage's size-1 slot of the stage dimension: [c, ...] or [v, c, ...].
-        params, state = drop_stage_slot((params, state), v)
-        params = cast_varying(params, manual, mesh)
-        buf = cast_varying(xs, manual, mesh)
-        stage = jax.lax.axis_index(axis)
-        fill = None if bubble_fill is None else jnp.asarray(bubble_fill, xs.dtype)
+        # This stage's slot of the stage dimension: [c, ...] or [v, c, ...].
+        params, state, buf, stage, fill = enter_stage(params, state, xs, repeats=v, manual=manual,
+                                                      mesh=mesh, axis=axis,
+                                                      bubble_fill=bubble_fill)
         chunk_of = (lambda p, r: p) if v == 1 else (
             lambda p, r: jax.tree.map(lambda a: a[r], p))
         first_chunk = jnp.asarray(per_step[1])[0, stage]
         example_chunk, example_state = chunk_of(params, first_chunk), chunk_of(state, first_chunk)
-        # Trace stage_fn once, here, to see what it closes over. A traced float value from
-        # outside the shard_map is invariant over the manual axes; if autodiff reaches it, the
-        # transpose sums its gradient over the stages with a psum at the point of use: inside
-        # every backward iteration, and inside the bubble `cond` that only some stages enter --
-        # a deadlock. It cannot be re-typed after the fact, so refuse it with a fix.
-        run, consts = jax.closure_convert(run_chunk, example_chunk, example_state, buf[0])
-        if consts:
-            raise StrategyError(
-                f"pipeline_apply: stage_fn closes over {len(consts)} traced value(s) "
-                f"({', '.join(f'{c.dtype}{list(c.shape)}' for c in consts)}). Inside the "
-                "pipeline loop their gradient would need a sum over the stages in every "
-                "iteration (a deadlock inside the bubble-skipping cond). Pass weights in "
-                "stage_params (stacked per layer), compute constants inside stage_fn, or close "
-                "over NumPy arrays instead of traced ones"
-            )
+        refuse_traced_closure(run_chunk, example_chunk, example_state, buf[0])
 
-        def iteration(params, state, hist, r, m, x, valid):
+        def iteration(params, state, r, x, valid):
             # Select the chunk outside the cond: the cond then returns a chunk-sized weight
             # cotangent, and the scatter into [v, c, ...] fuses into the loop's accumulator.
             # Inside the cond it materialised all v chunks' cotangent per iteration (measured:
             # gradient 1.3x the CPU time; the forward pass is slightly faster that way).
-            chunk, st, h = chunk_of(params, r), chunk_of(state, r), chunk_of(hist, r)
-
-            def live(chunk, st, h, x):
-                y, new = run(chunk, st, x)
-                # 1F1B's backward loop reruns this chunk on microbatch m with the state it saw.
-                if h is not None:
-                    h = jax.tree.map(lambda a, b: a.at[m].set(b), h, st)
-                return y, new, h
-
+            chunk, st = chunk_of(params, r), chunk_of(state, r)
             if skip_bubbles:
                 # A bubble leaves the state as it was: only real microbatches advance it.
-                y, st, h = jax.lax.cond(valid, live, lambda c, s, h, x: (x, s, h), chunk, st, h, x)
+                y, st = jax.lax.cond(valid, run_chunk, lambda c, s, x: (x, s), chunk, st, x)
             else:
-                y, st, h = live(chunk, st, h, x)
+                y, st = run_chunk(chunk, st, x)
             if v == 1:
-                return y, st, h
-            put = lambda whole, part: jax.tree.map(lambda a, b: a.at[r].set(b), whole, part)  # noqa: E731
-            return y, put(state, st), put(hist, h)
+                return y, st
+            return y, jax.tree.map(lambda a, b: a.at[r].set(b), state, st)
 
         # remat: save only the inputs. No remat still goes through jax.checkpoint, saving
         # everything: plain autodiff of the cond would save its operands -- the chunk's weights --
@@ -399,7 +380,7 @@ def pipeline_apply(
         iteration = jax.checkpoint(iteration, prevent_cse=False, policy=policy)
 
         def step(carry, col):
-            incoming, buf, state, hist = carry
+            incoming, buf, state = carry
             mb_col, rep_col, slot_in = col
             slot = jnp.maximum(slot_in, 0)
             buf = buf.at[slot].set(jnp.where(slot_in >= 0, incoming, buf[slot]))
@@ -408,35 +389,23 @@ def pipeline_apply(
             x = jnp.where(stage == 0, buf[jnp.maximum(m, 0)], incoming)
             if fill is not None:
                 x = jnp.where(valid, x, fill)
-            y, state, hist = iteration(params, state, hist, jnp.maximum(r, 0), jnp.maximum(m, 0),
-                                       x, valid)
-            return (ppermute_bits(y, axis, ring), buf, state, hist), None
+            y, state = iteration(params, state, jnp.maximum(r, 0), x, valid)
+            return (ppermute_bits(y, axis, ring), buf, state), None
 
         incoming = jnp.zeros_like(buf[0])
-        # The state each chunk had before each microbatch, [(v,) M, c, ...], for 1F1B only.
-        hist = None
-        if stateful and config.schedule.one_f_one_b:
-            hist = jax.tree.map(
-                lambda a: jnp.stack([a] * config.microbatches, axis=0 if v == 1 else 1), state)
-        (incoming, buf, state, hist), _ = jax.lax.scan(step, (incoming, buf, state, hist),
-                                                       per_step)
+        (incoming, buf, state), _ = jax.lax.scan(step, (incoming, buf, state), per_step)
         buf = buf.at[final_slot].set(incoming)
         out = select_stage(buf, stage == 0, axis, mesh)
-        return out, restore_stage_slot(state, v), restore_stage_slot(hist, v)
+        return out, restore_stage_slot(state, v)
 
-    forward = jax.shard_map(
+    out, new_state = jax.shard_map(
         local,
         mesh=mesh,
         in_specs=(param_spec, act_spec, param_spec),
-        out_specs=(act_spec, param_spec, param_spec),
+        out_specs=(act_spec, param_spec),
         axis_names=set(manual),
-    )
-    if not config.schedule.one_f_one_b:
-        out, new_state, _ = forward(stage_params, inputs, stage_state)
-        return (out, new_state) if stateful else out
-    return onef1b_apply(run_chunk, forward, stage_params, inputs, stage_state, mesh=mesh,
-                        config=config, param_spec=param_spec, act_spec=act_spec,
-                        bubble_fill=bubble_fill)
+    )(stage_params, inputs, stage_state)
+    return (out, new_state) if stateful else out
 
 
 # --- compiled-program check -------------------------------------------------------------------

@@ -17,10 +17,13 @@ The schedules, with ``P`` stages, ``M`` microbatches and ``v`` repeats (``v = 1`
   and needs stage 0 again at ``(r+1)*M + m``, so the schedule needs ``M >= P`` (it waits in a
   buffer on stage 0 for ``M - P`` iterations). The bubble fraction falls from
   ``(P-1)/(M+P-1)`` to ``(P-1)/(v*M+P-1)``.
-* **1f1b** and **interleaved-1f1b** use the gpipe and circular layouts and forward tables; their
-  backward pass is its own loop (:mod:`meshpar.parallel.onef1b`), whose tick tables
-  :func:`onef1b_table` builds by running each stage's action list (PipeDream-flush, or
-  Megatron-LM's interleaved order) as early as its inputs arrive. They need ``M >= P`` (and, for
+* **1f1b** and **interleaved-1f1b** use the gpipe and circular layouts; their forward loop
+  (:func:`onef1b_forward`) is gpipe's table for 1f1b and Megatron-LM's interleaved order for
+  interleaved-1f1b (groups of ``P`` microbatches through all chunks, so nothing waits on stage
+  0), and their backward pass is its own loop (:mod:`meshpar.parallel.onef1b`), whose tick
+  tables :func:`onef1b_table` builds by running each stage's action list (PipeDream-flush, or
+  Megatron-LM's interleaved order) as early as its inputs arrive. Both loops carry the routes of
+  the stack's boundary values (:mod:`meshpar.parallel.routes`). They need ``M >= P`` (and, for
   interleaved-1f1b, ``M`` a multiple of ``P``).
 
 Activations a pipeline keeps per device, in microbatch activations ``|x|``
@@ -28,8 +31,8 @@ Activations a pipeline keeps per device, in microbatch activations ``|x|``
 circular ``(v+1)M + P - 1`` (linear in ``M``); 1f1b ``P + 1``, interleaved-1f1b about
 ``(v+1)P`` (flat in ``M``).
 
-Length: about 575 lines, one concept (pipeline schedules as pure tables): the config and its
-checks, GPipe/circular tables, and the 1F1B tick tables with their buffer allocation.
+Length: about 700 lines, one concept (pipeline schedules as pure tables): the config and its
+checks, GPipe/circular tables, and the 1F1B forward and tick tables with their buffer allocation.
 """
 
 from __future__ import annotations
@@ -42,6 +45,7 @@ import numpy as np
 
 from meshpar.axes import PIPE
 from meshpar.errors import StrategyError, is_int
+from meshpar.parallel.routes import BoundaryRoutes, boundary_routes
 
 
 class Schedule(str, enum.Enum):
@@ -196,9 +200,12 @@ class PipelineConfig:
     def iterations(self) -> int:
         """Iterations of the forward loop: ``v*M + P - 1`` (``M + P - 1`` for gpipe and 1f1b).
 
-        For the 1F1B schedules this is the forward pass; the backward pass is the 1F1B loop of
-        :attr:`ticks` ticks.
+        For the 1F1B schedules this is the forward pass (:func:`onef1b_forward`, a few more where
+        ``M`` is not a multiple of ``P``); the backward pass is the 1F1B loop of :attr:`ticks`
+        ticks.
         """
+        if self.schedule.one_f_one_b:
+            return onef1b_forward(self).iterations
         return self.repeats * self.microbatches + self.stages - 1
 
     @property
@@ -322,13 +329,16 @@ def schedule_table(config: PipelineConfig, /) -> np.ndarray:
     Returns:
         ``int32[stages, iterations]``: the microbatch index stage ``s`` computes at iteration
         ``t``, or ``-1`` for a bubble. For the circular schedule each microbatch appears once per
-        repeat on every stage; :func:`repeat_table` says which repeat.
+        repeat on every stage; :func:`repeat_table` says which repeat. For the 1F1B schedules,
+        the forward loop's (:func:`onef1b_forward`).
 
     Example:
         >>> schedule_table(PipelineConfig(stages=2, microbatches=3))
         array([[ 0,  1,  2, -1],
                [-1,  0,  1,  2]], dtype=int32)
     """
+    if config.schedule.one_f_one_b:
+        return onef1b_forward(config).microbatch.copy()
     k = _item_table(config)
     return np.where(k >= 0, k % config.microbatches, -1).astype(np.int32)
 
@@ -349,6 +359,8 @@ def repeat_table(config: PipelineConfig, /) -> np.ndarray:
         array([[ 0,  0,  1,  1, -1],
                [-1,  0,  0,  1,  1]], dtype=int32)
     """
+    if config.schedule.one_f_one_b:
+        return onef1b_forward(config).repeat.copy()
     k = _item_table(config)
     return np.where(k >= 0, k // config.microbatches, -1).astype(np.int32)
 
@@ -381,7 +393,11 @@ class OneFOneBTable:
         recv_backward: the cotangent slot the gradient arriving from stage ``s+1`` goes to.
         stash_slots, cot_slots, res_slots: buffer sizes (the largest number live on any stage;
             ``res_slots`` is 0 with ``remat``).
-        ticks: loop length.
+        routes: where the stack's input, output gradient and input gradient are kept (``1/P``
+            of them per device) and how they reach the stage that needs them
+            (:mod:`meshpar.parallel.routes`).
+        ticks: loop length (``routes.ticks``: one or more idle ticks at the end where the last
+            input gradients are still on their way, only where ``M`` is not a multiple of ``P``).
         bubble_fraction: idle stage-ticks over all stage-ticks.
     """
 
@@ -399,6 +415,7 @@ class OneFOneBTable:
     stash_slots: int
     cot_slots: int
     res_slots: int
+    routes: BoundaryRoutes
     ticks: int
     bubble_fraction: float
 
@@ -545,15 +562,35 @@ def _onef1b_table(stages: int, micro: int, repeats: int, residuals: bool) -> One
             b_slot[s, t] = stash[(m, g)] if g > 0 and not from_residuals(g) else -1
             b_res[s, t] = res[(m, g)] if from_residuals(g) else -1
             b_cot[s, t] = cot[(m, g)] if g < V - 1 else -1
+    # Where stage 0 reads the stack's input (chunk 0's forward; its backward where that
+    # recomputes) and makes its input gradient, and stage P-1 reads the output gradient.
+    xs_reads, dys_reads, dxs_made = [], [], []
+    for kind, s, t, m, r in runs:
+        g = r * P + s
+        if kind == "F" and g == 0:
+            xs_reads.append((t, m))
+        elif kind == "B" and g == 0:
+            if not from_residuals(g):
+                xs_reads.append((t, m))
+            dxs_made.append((t, m))
+        if kind == "B" and g == V - 1:
+            dys_reads.append((t, m))
+    routes = boundary_routes(P, micro, ticks,
+                             inbound={"xs": (0, -1, xs_reads), "dys": (P - 1, +1, dys_reads)},
+                             outbound={"dxs": (0, -1, True, dxs_made)})
+    tables = [f_mb, f_rep, f_slot, f_res, b_mb, b_rep, b_slot, b_res, b_cot, recv_f, recv_b]
+    # Idle ticks at the end while the last input gradients travel to their stages.
+    tables = [np.pad(a, ((0, 0), (0, routes.ticks - ticks)), constant_values=-1) for a in tables]
+    f_mb, f_rep, f_slot, f_res, b_mb, b_rep, b_slot, b_res, b_cot, recv_f, recv_b = tables
     busy = (f_mb >= 0) | (b_mb >= 0)
-    for a in (f_mb, f_rep, f_slot, f_res, b_mb, b_rep, b_slot, b_res, b_cot, recv_f, recv_b):
+    for a in tables:
         a.setflags(write=False)
     return OneFOneBTable(
         forward_mb=f_mb, forward_rep=f_rep, forward_slot=f_slot, forward_res=f_res,
         backward_mb=b_mb, backward_rep=b_rep, backward_slot=b_slot, backward_res=b_res,
         backward_cot=b_cot, recv_forward=recv_f, recv_backward=recv_b,
         stash_slots=max(stash_slots, 1), cot_slots=max(cot_slots, 1), res_slots=res_slots,
-        ticks=ticks, bubble_fraction=float(1.0 - busy.mean()),
+        routes=routes, ticks=routes.ticks, bubble_fraction=float(1.0 - busy.mean()),
     )
 
 
@@ -586,6 +623,69 @@ def onef1b_table(config: PipelineConfig, /) -> OneFOneBTable:
     return _onef1b_table(config.stages, config.microbatches, config.repeats, not config.remat)
 
 
+@dataclasses.dataclass(frozen=True, eq=False)
+class OneFOneBForward:
+    """The forward loop of a 1F1B schedule (all ``int32[stages, iterations]``, ``-1`` for idle).
+
+    Stage ``s`` runs work item ``k = t - s`` at iteration ``t``, as in gpipe and circular, but the
+    items are numbered in Megatron-LM's interleaved order (microbatches in groups of ``P``, each
+    group through all ``v`` chunks before the next): item ``k`` is microbatch
+    ``(k // (P*v))*P + k % P``, repeat ``(k // P) % v``. So a microbatch leaving the last stage
+    after repeat ``r`` is what stage 0 runs next (repeat ``r + 1``): nothing waits on stage 0,
+    where circular's order keeps ``M - P`` microbatches waiting. For ``v = 1`` it is gpipe's
+    table. Every chunk still sees the microbatches in order ``0 .. M-1``.
+
+    Attributes:
+        microbatch, repeat: what each stage runs at each iteration.
+        routes: the stack's input to stage 0 and its output from stage ``P - 1`` to the stages
+            that keep them (:mod:`meshpar.parallel.routes`; ``"xs"`` and ``"ys"``).
+        iterations: loop length (``v*M + P - 1``, longer where the last outputs are still on
+            their way).
+    """
+
+    microbatch: np.ndarray
+    repeat: np.ndarray
+    routes: BoundaryRoutes
+    iterations: int
+
+
+@functools.lru_cache(maxsize=64)
+def _onef1b_forward(stages: int, micro: int, repeats: int) -> OneFOneBForward:
+    P, v = stages, repeats
+    iterations = v * micro + P - 1
+    k = np.arange(iterations)[None, :] - np.arange(P)[:, None]
+    valid = (k >= 0) & (k < v * micro)
+    mb = np.where(valid, (k // (P * v)) * P + k % P, -1).astype(np.int32)
+    rep = np.where(valid, (k // P) % v, -1).astype(np.int32)
+    reads = [(t, int(mb[0, t])) for t in range(iterations) if rep[0, t] == 0]
+    made = [(t, int(mb[P - 1, t])) for t in range(iterations) if rep[P - 1, t] == v - 1]
+    routes = boundary_routes(P, micro, iterations, inbound={"xs": (0, -1, reads)},
+                             outbound={"ys": (P - 1, -1, False, made)})
+    pad = ((0, 0), (0, routes.ticks - iterations))
+    mb, rep = (np.pad(a, pad, constant_values=-1) for a in (mb, rep))
+    for a in (mb, rep):
+        a.setflags(write=False)
+    return OneFOneBForward(microbatch=mb, repeat=rep, routes=routes, iterations=routes.ticks)
+
+
+def onef1b_forward(config: PipelineConfig, /) -> OneFOneBForward:
+    """The forward loop of a 1F1B schedule (:class:`OneFOneBForward`; cached, read-only).
+
+    Raises:
+        StrategyError: ``config`` has no 1F1B schedule.
+
+    Example:
+        >>> f = onef1b_forward(PipelineConfig(stages=2, microbatches=4, schedule="interleaved-1f1b",
+        ...                                   repeats=2))
+        >>> f.microbatch[0].tolist(), f.repeat[0].tolist()
+        ([0, 1, 0, 1, 2, 3, 2, 3, -1], [0, 0, 1, 1, 0, 0, 1, 1, -1])
+    """
+    if not config.schedule.one_f_one_b:
+        raise StrategyError(f"onef1b_forward: schedule={config.schedule.value!r} is not a 1F1B "
+                            "schedule")
+    return _onef1b_forward(config.stages, config.microbatches, config.repeats)
+
+
 def default_remat(schedule: Schedule | str, /) -> bool:
     """:attr:`PipelineConfig.remat` where the user leaves it to the schedule.
 
@@ -611,6 +711,8 @@ def activation_bound(config: PipelineConfig, /) -> str:
         t = onef1b_table(config)
         kept = f" + residuals of {t.res_slots} chunk forwards" if t.res_slots else ""
         return (f"stash {t.stash_slots} + cotangent buffer {t.cot_slots}{kept}, set by "
-                f"P={config.stages} and v={config.repeats}, flat in M")
+                f"P={config.stages} and v={config.repeats}, flat in M; and the stack's input "
+                f"and output gradient in blocks over the stages, 2*ceil(M/P) = "
+                f"{2 * t.routes.block}")
     v, m, p = config.repeats, config.microbatches, config.stages
     return f"(v+1)*M + P - 1 = {v + 1}*{m} + {p - 1} = {config.activation_slots}, linear in M"

@@ -1,5 +1,6 @@
 """Values inside a ``shard_map``: casting to "varying" over manual axes, sums that XLA:CPU runs,
-stage-to-stage moves of 16-bit floats as their bits, the stage slot of stage-layout trees.
+stage-to-stage moves of 16-bit floats as their bits, the stage slot of stage-layout trees, and
+refusing stage functions that close over invariant traced values.
 
 Shared by the pipeline loops (:mod:`meshpar.parallel.pipeline`, :mod:`meshpar.parallel.onef1b`).
 """
@@ -7,15 +8,17 @@ Shared by the pipeline loops (:mod:`meshpar.parallel.pipeline`, :mod:`meshpar.pa
 from __future__ import annotations
 
 import functools
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 from jax.sharding import Mesh
 
-__all__ = ["cast_varying", "drop_stage_slot", "ppermute_bits", "psum_wide", "restore_stage_slot",
-           "select_stage"]
+from meshpar.errors import StrategyError
+
+__all__ = ["cast_varying", "drop_stage_slot", "enter_stage", "ppermute_bits", "psum_wide",
+           "refuse_traced_closure", "restore_stage_slot", "select_stage"]
 
 PyTree = Any
 
@@ -140,6 +143,52 @@ def _pvary_bwd(axes, mesh, _, ct):
 
 
 _pvary_wide_transpose.defvjp(_pvary_fwd, _pvary_bwd)
+
+
+def enter_stage(params: PyTree, state: PyTree, xs: jax.Array, *, repeats: int,
+                manual: Sequence[str], mesh: Mesh, axis: str, bubble_fill: float | None):
+    """A pipeline loop's prologue inside its ``shard_map``.
+
+    Returns ``(params, state, xs, stage, fill)``: this stage's parameters and state with their
+    stage slot dropped (:func:`drop_stage_slot`), the parameters and ``xs`` cast to varying over
+    the ``manual`` axes, this stage's index on ``axis``, and ``bubble_fill`` as an ``xs``-typed
+    scalar (``None`` without).
+
+    Example:
+        >>> params, state, xs, stage, fill = enter_stage(params, state, xs, repeats=1,
+        ...     manual=("pipe",), mesh=mesh, axis="pipe", bubble_fill=None)  # doctest: +SKIP
+    """
+    params, state = drop_stage_slot((params, state), repeats)
+    params, xs = cast_varying((params, xs), manual, mesh)
+    fill = None if bubble_fill is None else jnp.asarray(bubble_fill, xs.dtype)
+    return params, state, xs, jax.lax.axis_index(axis), fill
+
+
+def refuse_traced_closure(stage_fn: Callable, *example_args) -> None:
+    """Raise if ``stage_fn`` closes over traced floating-point values; call inside a ``shard_map``.
+
+    A traced float value from outside the ``shard_map`` is invariant over the manual axes; if
+    autodiff reaches it, the transpose sums its gradient over the stages with a psum at the point
+    of use: inside every backward iteration of a pipeline loop, and inside the bubble ``cond``
+    that only some stages enter -- a deadlock. It cannot be re-typed after the fact, so it is
+    refused with the way out.
+
+    Raises:
+        StrategyError: ``stage_fn`` closes over traced values.
+
+    Example:
+        >>> refuse_traced_closure(lambda w, s, x: (x @ w, s), w, None, x)  # doctest: +SKIP
+    """
+    consts = jax.closure_convert(stage_fn, *example_args)[1]
+    if consts:
+        raise StrategyError(
+            f"pipeline_apply: stage_fn closes over {len(consts)} traced value(s) "
+            f"({', '.join(f'{c.dtype}{list(c.shape)}' for c in consts)}). Inside the "
+            "pipeline loop their gradient would need a sum over the stages in every "
+            "iteration (a deadlock inside the bubble-skipping cond). Pass weights in "
+            "stage_params (stacked per layer), compute constants inside stage_fn, or close "
+            "over NumPy arrays instead of traced ones"
+        )
 
 
 def drop_stage_slot(tree: PyTree, repeats: int) -> PyTree:

@@ -203,10 +203,15 @@ def pipeline_permutes(*, stages: int, microbatches: int, schedule: Schedule | st
     Every iteration of a pipeline loop permutes one microbatch's stage activation
     (``activation_bytes / microbatches``), bubble iterations included (the ``ppermute`` is
     outside the ``lax.cond`` that skips their compute): GPipe and circular run ``v M + P - 1``
-    iterations forward and as many backward (autodiff of the loop); 1F1B and interleaved 1F1B
-    run the same forward loop, then a backward loop of
-    :attr:`~meshpar.parallel.schedule.PipelineConfig.ticks` ticks with two permutes each
-    (activations forward, gradients back).
+    iterations forward and as many backward (autodiff of the loop). 1F1B and interleaved 1F1B
+    run a forward loop of :attr:`~meshpar.parallel.schedule.PipelineConfig.iterations`
+    iterations, then a backward loop of :attr:`~meshpar.parallel.schedule.PipelineConfig.ticks`
+    ticks, each with two permutes (forward and back) that also carry the channels of the stack's
+    boundary values (:mod:`meshpar.parallel.routes`): forward loop, the activation forward and
+    the stack's input and output back (3 activations); backward loop, the activation and the
+    output gradient forward, the gradient, the stack's input and its input gradient back (5).
+    (The reshards of those values into and out of their blocks, all-to-alls and a few
+    permutes of ``M / P`` activations each, are left out.)
 
     Args:
         stages, microbatches, schedule, repeats: the pipeline (as
@@ -218,12 +223,14 @@ def pipeline_permutes(*, stages: int, microbatches: int, schedule: Schedule | st
         >>> pipeline_permutes(stages=4, microbatches=4, activation_bytes=400.0)
         Collective(kind='collective-permute', axes=('pipe',), traffic=1400.0, executions=14)
         >>> pipeline_permutes(stages=4, microbatches=4, schedule="1f1b", activation_bytes=400.0)
-        Collective(kind='collective-permute', axes=('pipe',), traffic=3100.0, executions=31)
+        Collective(kind='collective-permute', axes=('pipe',), traffic=8100.0, executions=38)
     """
     config = PipelineConfig(stages=stages, microbatches=microbatches, schedule=schedule,
                             repeats=repeats)
-    forward = config.iterations
-    backward = 2 * config.ticks if config.schedule.one_f_one_b else config.iterations
-    count = forward + backward
-    return Collective("collective-permute", (PIPE,), count * activation_bytes / microbatches,
-                      count)
+    one = activation_bytes / microbatches
+    if config.schedule.one_f_one_b:
+        count = 2 * config.iterations + 2 * config.ticks
+        moved = 3 * config.iterations + 5 * config.ticks
+    else:
+        count = moved = 2 * config.iterations
+    return Collective("collective-permute", (PIPE,), moved * one, count)
