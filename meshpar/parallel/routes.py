@@ -194,6 +194,6 @@ def boundary_routes(stages: int, micro: int, ticks: int, *,
                 last[o] = slot
         outs[name] = Outbound(send=send, keep=keep, store=store, last=last)
     for route in (*ins.values(), *outs.values()):
-        for a in dataclasses.astuple(route):
-            a.setflags(write=False)
+        for field in dataclasses.fields(route):
+            getattr(route, field.name).setflags(write=False)
     return BoundaryRoutes(block=q, ticks=total, inbound=ins, outbound=outs)
