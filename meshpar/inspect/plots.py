@@ -293,8 +293,10 @@ def _schedule_title(config) -> str:
         kept = "" if config.remat else f" + {onef1b_table(config).res_slots} residual sets"
         return (f"{kind}: {head}; backward pass: {config.ticks} ticks, one forward (F) or one "
                 f"backward (B, {backward}) per stage per tick, after a "
-                f"{config.iterations}-iteration forward loop; idle {config.bubble_fraction:.3f}, "
-                f"{config.activation_slots} activations{kept} kept (flat in M)")
+                f"{config.iterations}-iteration forward loop;\nidle {config.bubble_fraction:.3f}, "
+                f"{config.activation_slots} activations{kept} kept (flat in M), + "
+                f"{2 * onef1b_table(config).routes.block} of the stack's input and output "
+                "gradient in blocks over the stages")
     kind = (f"circular, v={config.repeats} repeats (a cell runs 1/v of a stage's layers)"
             if config.repeats > 1 else config.schedule.value)
     return (f"{kind}: {head}, {config.iterations} iterations, bubble fraction (P-1)/(vM+P-1) = "
