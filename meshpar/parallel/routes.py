@@ -17,6 +17,9 @@ permutes (so each tick still runs one ``collective-permute`` per direction, with
 * ``dxs``: from stage 0 to its owner round the ring the gradients take (``0`` to ``P - 1``, then
   down), where it overwrites ``xs[m]`` (read for the last time before ``dxs[m]`` is made).
 
+The 1F1B forward loop (:func:`meshpar.parallel.schedule.onef1b_forward`) has two: ``xs`` to stage 0
+as above, and ``ys``, the stack's output, from stage ``P - 1`` down to its owner.
+
 A value owned by the stage that reads or makes it does not move. Between its ends a value is
 relayed: a stage sends on each channel what arrived on it, unless the table says to send from
 its block instead. Each channel has one fixed end (stage 0 or ``P - 1``) and every tick that end
@@ -25,7 +28,7 @@ reads or makes at most one value, so two values never need the same link at the 
 than tick ``m``, and its owner is at most ``m`` stages away); on the way out the last values may
 arrive after the last tick of compute: :attr:`BoundaryRoutes.ticks` is then longer (only where
 ``M`` is not a multiple of ``P``), and a value arriving one tick after the loop is stored from its
-final carry (:attr:`BoundaryRoutes.dxs_last`).
+final carry (:attr:`Outbound.last`).
 
 Length: about 200 lines, one concept (the boundary values' routes, pure NumPy).
 """
