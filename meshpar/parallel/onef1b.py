@@ -134,15 +134,12 @@ def _pick(buf: jax.Array, slot: jax.Array, other: jax.Array) -> jax.Array:
     return jnp.where(slot >= 0, buf[jnp.maximum(slot, 0)], other)
 
 
-def _perms(n_stages: int, v: int) -> dict[str, tuple[tuple[int, int], ...]]:
-    # Stage-to-stage moves: one stage forward or back, along a line or round the ring (which,
-    # with one stage and several chunks, is the stage to itself).
-    return {
-        "ring_forward": tuple((i, (i + 1) % n_stages) for i in range(n_stages)),
-        "ring_back": tuple(((i + 1) % n_stages, i) for i in range(n_stages)),
-        "line_forward": tuple((i, i + 1) for i in range(n_stages - 1)),
-        "line_back": tuple((i + 1, i) for i in range(n_stages - 1)),
-    }
+def _shift(n_stages: int, step: int, *, ring: bool) -> tuple[tuple[int, int], ...]:
+    # Each stage to the one `step` (+1 or -1) away, along a line or round the ring (which, with
+    # one stage and several chunks, is the stage to itself).
+    if ring:
+        return tuple((i, (i + step) % n_stages) for i in range(n_stages))
+    return tuple((i, i + step) for i in range(n_stages) if 0 <= i + step < n_stages)
 
 
 def _forward(run_chunk: Callable, mesh: Mesh, config: PipelineConfig, param_spec, act_spec,
@@ -159,8 +156,7 @@ def _forward(run_chunk: Callable, mesh: Mesh, config: PipelineConfig, param_spec
         table.microbatch, table.repeat, *dataclasses.astuple(routes.inbound["xs"]),
         *dataclasses.astuple(routes.outbound["ys"])[:3]))
     ys_last = routes.outbound["ys"].last
-    perms = _perms(n_stages, v)
-    fwd_perm = perms["ring_forward"] if v > 1 else perms["line_forward"]
+    fwd_perm = _shift(n_stages, +1, ring=v > 1)
     block_spec = PartitionSpec(axis, *tuple(act_spec)[1:])
 
     def chunk_of(tree, r):
@@ -204,7 +200,8 @@ def _forward(run_chunk: Callable, mesh: Mesh, config: PipelineConfig, param_spec
             xs_out = _pick(xs, xs_load, xs_in)
             ys_out = jnp.where(ys_send > 0, y, ys_in)
             incoming = ppermute_bits(y, axis, fwd_perm)
-            xs_in, ys_in = ppermute_bits(jnp.stack([xs_out, ys_out]), axis, perms["line_back"])
+            xs_in, ys_in = ppermute_bits(jnp.stack([xs_out, ys_out]), axis,
+                                           _shift(n_stages, -1, ring=False))
             return (incoming, xs_in, ys_in, out, state, hist), None
 
         msg = cast_varying(jnp.zeros_like(xs[0]) if fill is None else jnp.full_like(xs[0], fill),
@@ -237,9 +234,8 @@ def _backward(run_chunk: Callable, mesh: Mesh, config: PipelineConfig, param_spe
     # Activations go one stage forward (a ring for the interleaved schedule, a line for 1f1b);
     # gradients one stage back round the ring, whose link from stage 0 to P-1 the input
     # gradients take to their stages (meshpar.parallel.routes).
-    perms = _perms(n_stages, v)
-    fwd_perm = perms["ring_forward"] if v > 1 else perms["line_forward"]
-    bwd_perm = perms["ring_back"] if v > 1 or n_stages > 1 else ()
+    fwd_perm = _shift(n_stages, +1, ring=v > 1)
+    bwd_perm = _shift(n_stages, -1, ring=v > 1 or n_stages > 1)
     # The boundary values' blocks: microbatch m on stage m // q (meshpar.parallel.routes).
     block_spec = PartitionSpec(axis, *tuple(act_spec)[1:])
 
