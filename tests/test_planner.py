@@ -49,6 +49,18 @@ def test_shipped_profiles_parse_and_name_their_sources():
     assert '"planner/profiles/*.toml"' in (ROOT / "pyproject.toml").read_text()
 
 
+def test_a_profile_names_the_bf16_matmuls_its_programs_are_traced_with(monkeypatch):
+    # A GPU's or TPU's programs use bf16 dots whatever this host's CPU has; the calibrated CPU
+    # profile (shared cores: this machine's emulated devices) the host's own form.
+    monkeypatch.setenv(bf16.ENV, "fp32")
+    for name in ("a100-80g", "h100-sxm", "tpu-v5e", "tpu-v5p"):
+        assert load_profile(name).bf16_dots is bf16.BF16Dots.NATIVE, name
+    host = dataclasses.replace(load_profile("h100-sxm"), shared_cores=True)
+    assert host.bf16_dots is bf16.BF16Dots.FP32
+    monkeypatch.setenv(bf16.ENV, "native")
+    assert host.bf16_dots is bf16.BF16Dots.NATIVE
+
+
 def test_malformed_and_unknown_profiles_name_the_key_the_value_and_the_choices(tmp_path):
     good = (hardware.PROFILE_DIR / "a100-80g.toml").read_text()
     cases = {

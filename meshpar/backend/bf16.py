@@ -11,7 +11,8 @@ On a CPU with AVX512-BF16 the bf16 kernels took 0.2-0.7x the fp32 dot.
 
 By default (``MESHPAR_BF16_DOTS`` unset or ``auto``) meshpar takes the fp32 dots where the
 program runs on a CPU without bf16 dot instructions, and bf16 dots everywhere else;
-``MESHPAR_BF16_DOTS=native`` or ``fp32`` forces one. The fp32 dots were opt-in until the cause of
+``MESHPAR_BF16_DOTS=native`` or ``fp32`` forces one, and :func:`bf16_dots_as` one block of code
+(the planner traces a GPU's or TPU's program in the native form on this CPU). The fp32 dots were opt-in until the cause of
 a deadlock they exposed was found: XLA:CPU's thread pool, too small for two collectives in flight
 on every emulated device (:mod:`meshpar.backend.devices`, which now sizes it). It is read when a
 model is traced, so a compiled step keeps the choice it was made with.
@@ -19,9 +20,12 @@ model is traced, so a compiled step keeps the choice it was made with.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import enum
 import functools
 import os
+from collections.abc import Iterator
 
 import jax
 
@@ -71,8 +75,8 @@ def _host_cpu_has_bf16_dots() -> bool:
 
 
 def bf16_dots() -> BF16Dots:
-    """How this process computes bf16 matmuls: ``MESHPAR_BF16_DOTS`` (``native`` or ``fp32``)
-    when set; else :attr:`BF16Dots.FP32` on a CPU backend whose CPU has no bf16 dot
+    """How this process computes bf16 matmuls: the form of the enclosing :func:`bf16_dots_as`
+    block if any; else ``MESHPAR_BF16_DOTS`` (``native`` or ``fp32``) when set; else :attr:`BF16Dots.FP32` on a CPU backend whose CPU has no bf16 dot
     instructions, :attr:`BF16Dots.NATIVE` anywhere else.
 
     Raises:
@@ -83,11 +87,40 @@ def bf16_dots() -> BF16Dots:
         >>> bf16_dots() in (BF16Dots.NATIVE, BF16Dots.FP32)
         True
     """
+    within = _WITHIN.get()
+    if within is not None:
+        return within
     forced = _forced()
     if forced is not None:
         return forced
     cpu_without = jax.default_backend() == "cpu" and not _host_cpu_has_bf16_dots()
     return BF16Dots.FP32 if cpu_without else BF16Dots.NATIVE
+
+
+#: The form a :func:`bf16_dots_as` block sets (``None`` outside one).
+_WITHIN: contextvars.ContextVar[BF16Dots | None] = contextvars.ContextVar(
+    "meshpar_bf16_dots", default=None)
+
+
+@contextlib.contextmanager
+def bf16_dots_as(form: BF16Dots, /) -> Iterator[None]:
+    """Models traced inside the block compute bf16 matmuls in ``form``, whatever the host.
+
+    For programs compiled here on behalf of other hardware: the planner compiles a GPU's or
+    TPU's candidate layouts on emulated CPU devices, and those devices run bf16 dots
+    (:attr:`BF16Dots.NATIVE`), not the widened fp32 dots an AVX2 host would pick, whose fp32
+    copies of the operands would count in ``memory_analysis``.
+
+    Example:
+        >>> with bf16_dots_as(BF16Dots.NATIVE):
+        ...     bf16_dots()
+        <BF16Dots.NATIVE: 'native'>
+    """
+    token = _WITHIN.set(BF16Dots(form))
+    try:
+        yield
+    finally:
+        _WITHIN.reset(token)
 
 
 def _forced() -> BF16Dots | None:

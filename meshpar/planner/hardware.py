@@ -85,6 +85,18 @@ class HardwareProfile:
     shared_cores: bool = False
     matmul_bandwidth: float | None = None
 
+    @property
+    def bf16_dots(self) -> BF16Dots:
+        """How this hardware computes bf16 matmuls, so how the planner traces its programs:
+        the host's own form on the calibrated CPU profile (:attr:`shared_cores`: this machine's
+        emulated devices), bf16 dots on a GPU's or TPU's (they have bf16 units).
+
+        Example:
+            >>> load_profile("h100-sxm").bf16_dots
+            <BF16Dots.NATIVE: 'native'>
+        """
+        return bf16_dots() if self.shared_cores else BF16Dots.NATIVE
+
     def link(self, span: int) -> tuple[float, float]:
         """``(bandwidth, latency)`` of a collective over a group spanning ``span`` consecutive
         devices: intra-node when it fits in a node."""
