@@ -328,13 +328,19 @@ def test_formula_memory_is_close_to_memory_analysis():
     carry, activation slots), a pipeline with remat full and ZeRO-2 (1.24x under the formula
     that counted a whole-gradient accumulator and the head beside the stage's recompute) and
     ZeRO-2 with tensor=4 at 8 rows (0.86x without the gradients GSPMD gathers over tensor
-    before reducing them over fsdp). A budget equal to each compiled figure must not make the
-    pre-filter reject the layout."""
+    before reducing them over fsdp); and two bf16 1F1B pipelines (0.83x without the backward
+    loop's boundary blocks and channel messages; remat none 0.78x without the float32 read of
+    the residual slot). A budget equal to each compiled figure must not make the pre-filter
+    reject the layout."""
     layouts = [Layout(data=8, remat="none", precision="bf16"),
                Layout(data=2, fsdp=4, zero_stage=2, remat="none", precision="bf16"),
                Layout(pipe=2, data=2, fsdp=2, zero_stage=1, microbatches=2, remat="none"),
                Layout(pipe=2, data=2, fsdp=2, zero_stage=2, microbatches=4, remat="full"),
-               Layout(fsdp=2, tensor=4, zero_stage=2, microbatches=4, remat="full")]
+               Layout(fsdp=2, tensor=4, zero_stage=2, microbatches=4, remat="full"),
+               Layout(pipe=2, tensor=4, microbatches=4, schedule="1f1b", remat="full",
+                      precision="bf16"),
+               Layout(pipe=2, fsdp=4, zero_stage=1, microbatches=2, schedule="1f1b",
+                      remat="none", precision="bf16")]
     result = plan_gpt(get_preset("tiny"), batch_size=16, devices=8, hardware="h100-sxm",
                       layouts=layouts, compile_top=len(layouts), progress=False)
     assert len(result.candidates) == len(layouts)

@@ -288,7 +288,8 @@ def gpt_step_memory_bytes(config: Any, /, *, rows: int, seq_len: int, grad_local
       ``[rows, T, D]``; remat ``none`` every layer's autodiff residuals
       (:func:`gpt_layer_residual_bytes`) and a copy of the stacked weights the layer scan saves
       with them; a pipeline one stage input per activation slot (and, GPipe and circular, the
-      stage's weights among its ``lax.cond``'s outputs);
+      stage's weights among its ``lax.cond``'s outputs; 1F1B, its blocks of the stack's
+      boundary values and the messages its permutes carry);
     * ``working``: what the stack's backward pass holds of one layer or chunk: one layer's
       residuals, recomputed while its backward pass runs (remat full, and the last layer of a
       1F1B tick's ``vjp``); a rematerialised pipeline chunk under remat none, its layers'
@@ -399,12 +400,27 @@ def gpt_step_memory_bytes(config: Any, /, *, rows: int, seq_len: int, grad_local
         # fsdp=2, bf16 1.21 with two more sets, 1.08 with one). The dots policies also keep
         # each layer's saved matmul outputs in a set: not counted, the formula takes them as
         # full here as everywhere (the planner searches full and none).
+        if one_f_one_b:
+            # The backward loop's other carries (meshpar.parallel.onef1b): this stage's blocks
+            # of the stack's input (overwritten by its gradient) and of the output's gradient,
+            # ceil(M/P) microbatch activations each, and the five messages the two permutes
+            # bring every tick (activation, gradient, and the xs, dys and dxs channels) (pipe=2,
+            # tensor=4, mb4, 1f1b, tiny, bf16: 13 activation-sized carries in the loop at the
+            # peak; 0.83x memory_analysis without these, 0.98x with).
+            out["saved"] += (2 * -(-microbatches // pipe) + 5) * carry
         if residual_slots:
             # (Less the stacked q k v weight of gpt_layer_residual_bytes: made from the weights
             # alone, so recomputed, not kept: meshpar.parallel.residuals.)
             qkv = 3 * d * h * config.head_size * a
             per_set = chunk * (residuals - qkv if config.remat == "none" else carry)
             out["saved"] += (residual_slots + 1) * per_set
+            if a == 2:
+                # XLA:CPU reads the backward tick's set out of its bf16 slot as float32
+                # (``convert`` then ``dynamic-slice``: its bf16 normalisation), one more set at
+                # twice the size (pipe=2, fsdp=4, mb2, 1f1b, remat none, tiny, bf16: 0.92 MB of
+                # f32 slices of the slots live in the tick at the peak; 0.78x without, 1.03x
+                # with; small, pipe=4, tensor=2, mb8, remat none: 0.83x without).
+                out["saved"] += 2 * per_set
         # While the recompute runs the chunk's last layer, that layer's widest intermediates,
         # the [H, T, T] scores and the [T, M] hidden, are live twice (computed, and their
         # elementwise successors) before they join the stack (pipe=2, data=4, small, fp32, 4
