@@ -419,7 +419,7 @@ def gpt_step_memory_bytes(config: Any, /, *, rows: int, seq_len: int, grad_local
                 # (``convert`` then ``dynamic-slice``: its bf16 normalisation), one more set at
                 # twice the size (pipe=2, fsdp=4, mb2, 1f1b, remat none, tiny, bf16: 0.92 MB of
                 # f32 slices of the slots live in the tick at the peak; 0.78x without, 1.03x
-                # with; small, pipe=4, tensor=2, mb8, remat none: 0.83x without).
+                # with; small, pipe=4, tensor=2, mb8, remat none: 0.83x without, 1.06x with).
                 out["saved"] += 2 * per_set
         # While the recompute runs the chunk's last layer, that layer's widest intermediates,
         # the [H, T, T] scores and the [T, M] hidden, are live twice (computed, and their
