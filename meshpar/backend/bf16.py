@@ -11,11 +11,12 @@ On a CPU with AVX512-BF16 the bf16 kernels took 0.2-0.7x the fp32 dot.
 
 By default (``MESHPAR_BF16_DOTS`` unset or ``auto``) meshpar takes the fp32 dots where the
 program runs on a CPU without bf16 dot instructions, and bf16 dots everywhere else;
-``MESHPAR_BF16_DOTS=native`` or ``fp32`` forces one, and :func:`bf16_dots_as` one block of code
-(the planner traces a GPU's or TPU's program in the native form on this CPU). The fp32 dots were opt-in until the cause of
-a deadlock they exposed was found: XLA:CPU's thread pool, too small for two collectives in flight
-on every emulated device (:mod:`meshpar.backend.devices`, which now sizes it). It is read when a
-model is traced, so a compiled step keeps the choice it was made with.
+``MESHPAR_BF16_DOTS=native`` or ``fp32`` forces one, and :func:`bf16_dots_as` one block of
+code (the planner traces a GPU's or TPU's program in the native form on this CPU). The fp32
+dots were opt-in until the cause of a deadlock they exposed was found: XLA:CPU's thread pool,
+too small for two collectives in flight on every emulated device (:mod:`meshpar.backend.devices`,
+which now sizes it). It is read when a model is traced, so a compiled step keeps the choice it
+was made with.
 """
 
 from __future__ import annotations
@@ -76,8 +77,9 @@ def _host_cpu_has_bf16_dots() -> bool:
 
 def bf16_dots() -> BF16Dots:
     """How this process computes bf16 matmuls: the form of the enclosing :func:`bf16_dots_as`
-    block if any; else ``MESHPAR_BF16_DOTS`` (``native`` or ``fp32``) when set; else :attr:`BF16Dots.FP32` on a CPU backend whose CPU has no bf16 dot
-    instructions, :attr:`BF16Dots.NATIVE` anywhere else.
+    block if any; else ``MESHPAR_BF16_DOTS`` (``native`` or ``fp32``) when set; else
+    :attr:`BF16Dots.FP32` on a CPU backend whose CPU has no bf16 dot instructions,
+    :attr:`BF16Dots.NATIVE` anywhere else.
 
     Raises:
         MeshparError: ``MESHPAR_BF16_DOTS`` is set to something other than ``auto``,

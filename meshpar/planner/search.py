@@ -66,11 +66,12 @@ MIB = 2**20
 
 #: How far the pre-filter lets the analytic memory exceed the budget before it rejects a layout
 #: without compiling it. On the 87 sampled layouts of ``benchmarks/README.md`` (tiny and small
-#: presets, every schedule; 2026-12-03) the pre-filter's figure (:attr:`Candidate.memory_prefilter`)
-#: was at most 1.124x ``memory_analysis`` (pipelines with one layer a stage, the tiny preset's
-#: at ``pipe=2``: 1.11-1.12x since the tied table's gradient stopped holding a zero-filled
-#: table; 1.08x before); elsewhere, where it is off by more than 10%, it is mostly below (XLA's
-#: buffer packing, tensor-parallel fusion at many rows), which never rejects a layout that fits.
+#: presets, every schedule; 2026-12-03) the pre-filter's figure
+#: (:attr:`Candidate.memory_prefilter`) was at most 1.124x ``memory_analysis`` (pipelines
+#: with one layer a stage, the tiny preset's at ``pipe=2``: 1.11-1.12x since the tied table's
+#: gradient stopped holding a zero-filled table; 1.08x before); elsewhere, where it is off by
+#: more than 10%, it is mostly below (XLA's buffer packing, tensor-parallel fusion at many
+#: rows), which never rejects a layout that fits.
 PREFILTER_SLACK = 1.15
 
 
