@@ -115,8 +115,8 @@ from jax.sharding import Mesh, PartitionSpec
 
 from meshpar.parallel.residuals import VjpResiduals
 from meshpar.parallel.schedule import PipelineConfig, onef1b_forward, onef1b_table
-from meshpar.parallel.varying import (cast_varying, drop_stage_slot, enter_stage, ppermute_bits,
-                                      psum_wide, refuse_traced_closure, restore_stage_slot)
+from meshpar.parallel.varying import (cast_varying, enter_stage, ppermute_bits, psum_wide,
+                                      refuse_traced_closure, restore_stage_slot, select_chunk)
 
 __all__ = ["onef1b_apply"]
 
@@ -132,6 +132,11 @@ def _write(buf: jax.Array, slot: jax.Array, value: jax.Array) -> jax.Array:
 def _pick(buf: jax.Array, slot: jax.Array, other: jax.Array) -> jax.Array:
     # buf[slot] where slot >= 0, else other.
     return jnp.where(slot >= 0, buf[jnp.maximum(slot, 0)], other)
+
+
+def _filled(like, fill: jax.Array | None) -> jax.Array:
+    # An idle value shaped like `like`: zeros, or the bubble_fill testing hook's value.
+    return jnp.zeros_like(like) if fill is None else jnp.full_like(like, fill)
 
 
 def _shift(n_stages: int, step: int, *, ring: bool) -> tuple[tuple[int, int], ...]:
@@ -159,20 +164,18 @@ def _forward(run_chunk: Callable, mesh: Mesh, config: PipelineConfig, param_spec
     fwd_perm = _shift(n_stages, +1, ring=v > 1)
     block_spec = PartitionSpec(axis, *tuple(act_spec)[1:])
 
-    def chunk_of(tree, r):
-        return tree if v == 1 else jax.tree.map(lambda a: a[r], tree)
-
     def local(params, xs, state):
         # xs: this stage's block [q, mb, ...] of the stack's input.
         params, state, xs, stage, fill = enter_stage(params, state, xs, repeats=v, manual=manual,
                                                      mesh=mesh, axis=axis, bubble_fill=bubble_fill)
-        refuse_traced_closure(run_chunk, chunk_of(params, 0), chunk_of(state, 0), xs[0])
+        refuse_traced_closure(run_chunk, select_chunk(params, 0, v), select_chunk(state, 0, v),
+                              xs[0])
         # The state each chunk had before each microbatch, [(v,) M, c, ...], so that the
         # backward loop reruns every chunk with what its forward pass saw.
         hist = jax.tree.map(lambda a: jnp.stack([a] * micro, axis=0 if v == 1 else 1), state)
 
         def iteration(state, hist, r, m, x, valid):
-            chunk, st, h = chunk_of(params, r), chunk_of(state, r), chunk_of(hist, r)
+            chunk, st, h = (select_chunk(t, r, v) for t in (params, state, hist))
 
             def live(chunk, st, h, x):
                 y, new = run_chunk(chunk, st, x)
@@ -204,9 +207,8 @@ def _forward(run_chunk: Callable, mesh: Mesh, config: PipelineConfig, param_spec
                                            _shift(n_stages, -1, ring=False))
             return (incoming, xs_in, ys_in, out, state, hist), None
 
-        msg = cast_varying(jnp.zeros_like(xs[0]) if fill is None else jnp.full_like(xs[0], fill),
-                           manual, mesh)
-        out = jnp.zeros_like(xs) if fill is None else jnp.full_like(xs, fill)
+        msg = cast_varying(_filled(xs[0], fill), manual, mesh)
+        out = _filled(xs, fill)
         carry = (msg, msg, msg, cast_varying(out, manual, mesh), state, hist)
         (_, _, ys_in, out, state, hist), _ = jax.lax.scan(step, carry, columns)
         # An output still on its way after the last iteration arrives with the final carry.
@@ -239,9 +241,6 @@ def _backward(run_chunk: Callable, mesh: Mesh, config: PipelineConfig, param_spe
     # The boundary values' blocks: microbatch m on stage m // q (meshpar.parallel.routes).
     block_spec = PartitionSpec(axis, *tuple(act_spec)[1:])
 
-    def chunk_of(params, r):
-        return params if v == 1 else jax.tree.map(lambda a: a[r], params)
-
     def acc_dtype(dtype):
         # Sum sub-32-bit weight gradients in float32 across the M microbatches; round once.
         return jnp.float32 if jnp.dtype(dtype).itemsize < 4 else dtype
@@ -250,20 +249,18 @@ def _backward(run_chunk: Callable, mesh: Mesh, config: PipelineConfig, param_spe
         # xs, dys: this stage's blocks [q, mb, ...] of the stack's input and output gradient.
         # hist: the state each chunk had before each microbatch ([(v,) M, c, ...]; None for
         # stateless layers), so that every rerun of a chunk sees what its forward pass saw.
-        params, hist = drop_stage_slot((params, hist), v)
-        params = cast_varying(params, manual, mesh)
         # io: the block of xs, each xs[m] overwritten by dxs[m] when that arrives (after the
         # last read of xs[m]: chunk 0's backward of m, which makes it, follows every read).
-        io, dys = cast_varying((xs, dys), manual, mesh)
-        stage = jax.lax.axis_index(axis)
-        fill = None if bubble_fill is None else jnp.asarray(bubble_fill, xs.dtype)
+        params, hist, io, stage, fill = enter_stage(params, hist, xs, repeats=v, manual=manual,
+                                                    mesh=mesh, axis=axis, bubble_fill=bubble_fill)
+        dys = cast_varying(dys, manual, mesh)
 
         def empty(n):
             shape = (n, *xs.shape[1:])
             return jnp.zeros(shape, xs.dtype) if fill is None else jnp.full(shape, fill)
 
         def idle_value(x):
-            return jnp.zeros_like(x) if fill is None else jnp.full_like(x, fill)
+            return _filled(x, fill)
 
         stash, cot = cast_varying((empty(table.stash_slots), empty(table.cot_slots)), manual, mesh)
         acc = cast_varying(jax.tree.map(lambda a: jnp.zeros(a.shape, acc_dtype(a.dtype)), params),
@@ -287,15 +284,16 @@ def _backward(run_chunk: Callable, mesh: Mesh, config: PipelineConfig, param_spe
         # their layout is read off an abstract trace of the chunk's vjp.
         residuals = None
         if table.res_slots:
-            residuals = VjpResiduals(lambda c, x: chunk_vjp(c, 0, 0, x), chunk_of(params, 0),
+            residuals = VjpResiduals(lambda c, x: chunk_vjp(c, 0, 0, x),
+                                     select_chunk(params, 0, v),
                                      xs[0])
         res = () if residuals is None else cast_varying(
             residuals.buffers(table.res_slots, fill), manual, mesh)
 
         def forward(params, r, m, x):
             if residuals is None:
-                return run_chunk(chunk_of(params, r), state_of(r, m), x)[0], ()
-            chunk = chunk_of(params, r)
+                return run_chunk(select_chunk(params, r, v), state_of(r, m), x)[0], ()
+            chunk = select_chunk(params, r, v)
             y, vjp = chunk_vjp(chunk, r, m, x)
             return y, cast_varying(residuals.keep(vjp, chunk), manual, mesh)
 
@@ -306,12 +304,12 @@ def _backward(run_chunk: Callable, mesh: Mesh, config: PipelineConfig, param_spe
 
         def backward(acc, params, r, m, x, dy, kept):
             # Recompute the chunk's forward from its input x, then apply dy.
-            d_chunk, dx = chunk_vjp(chunk_of(params, r), r, m, x)[1](dy)
+            d_chunk, dx = chunk_vjp(select_chunk(params, r, v), r, m, x)[1](dy)
             return accumulate(acc, r, d_chunk), dx
 
         def backward_kept(acc, params, r, m, x, dy, kept):
             # The forward tick's residuals: no recomputation.
-            d_chunk, dx = residuals.vjp(kept, chunk_of(params, r))(dy)
+            d_chunk, dx = residuals.vjp(kept, select_chunk(params, r, v))(dy)
             return accumulate(acc, r, d_chunk), dx
 
         def skip_backward(acc, params, r, m, x, dy, kept):

@@ -18,7 +18,7 @@ from jax.sharding import Mesh
 from meshpar.errors import StrategyError
 
 __all__ = ["cast_varying", "drop_stage_slot", "enter_stage", "ppermute_bits", "psum_wide",
-           "refuse_traced_closure", "restore_stage_slot", "select_stage"]
+           "refuse_traced_closure", "restore_stage_slot", "select_chunk", "select_stage"]
 
 PyTree = Any
 
@@ -189,6 +189,17 @@ def refuse_traced_closure(stage_fn: Callable, *example_args) -> None:
             "stage_params (stacked per layer), compute constants inside stage_fn, or close "
             "over NumPy arrays instead of traced ones"
         )
+
+
+def select_chunk(tree: PyTree, r: Any, repeats: int) -> PyTree:
+    """Chunk ``r`` of a stage's tree whose stage slot is dropped (:func:`drop_stage_slot`):
+    ``[v, c, ...] -> [c, ...]``; with one chunk a stage (``repeats == 1``) the tree itself.
+
+    Example:
+        >>> select_chunk({"w": jnp.zeros((2, 3, 4))}, 1, 2)["w"].shape
+        (3, 4)
+    """
+    return tree if repeats == 1 else jax.tree.map(lambda a: a[r], tree)
 
 
 def drop_stage_slot(tree: PyTree, repeats: int) -> PyTree:
