@@ -288,8 +288,9 @@ def gpt_step_memory_bytes(config: Any, /, *, rows: int, seq_len: int, grad_local
       ``[rows, T, D]``; remat ``none`` every layer's autodiff residuals
       (:func:`gpt_layer_residual_bytes`) and a copy of the stacked weights the layer scan saves
       with them; a pipeline one stage input per activation slot (and, GPipe and circular, the
-      stage's weights among its ``lax.cond``'s outputs; 1F1B, its blocks of the stack's
-      boundary values and the messages its permutes carry);
+      stage's weights among its ``lax.cond``'s outputs from two layers a stage, and in bf16,
+      from two layers a chunk, float32 copies of the stage inputs and weights; 1F1B, its
+      blocks of the stack's boundary values and the messages its permutes carry);
     * ``working``: what the stack's backward pass holds of one layer or chunk: one layer's
       residuals, recomputed while its backward pass runs (remat full, and the last layer of a
       1F1B tick's ``vjp``); a rematerialised pipeline chunk under remat none, its layers'
@@ -311,13 +312,12 @@ def gpt_step_memory_bytes(config: Any, /, *, rows: int, seq_len: int, grad_local
     programs, pipelines above all, the allocation exceeds the bytes live at the peak by 8-30%),
     and XLA:CPU's fusion choices with tensor parallelism at 4096 tokens a device and more
     (``tensor=8``, small: 24 rows 0.98x, 32 rows 0.82x: a dozen ``[rows, T, D]`` buffers where
-    16 rows had ten). The pipeline terms were fitted on programs whose peak also held a
-    zero-filled table for the tied embedding's gradient, gone since (``meshpar.models.gpt``,
-    ``_lookup``): pipelines with one layer a stage (the tiny preset at ``pipe=2``, remat
-    ``full``) now come out 1.11-1.14x above ``memory_analysis`` (``PREFILTER_SLACK`` is 1.15
-    for them). From two layers a stage on the slope holds (``pipe=2,fsdp=4`` z2 mb4 fp32:
-    874 KiB a stage layer by formula, 883 compiled; 0.96x at 4 layers, 0.97x at 8); with one,
-    the peak is the head's backward before the loop, below the loop this formula counts.
+    16 rows had ten). The bf16 float32 copy of a GPipe or circular loop's stage inputs is
+    present at one layer a chunk too (``pipe=4``, small; circular x2, small), but there the
+    other terms already reach the compiled figure (counting it put those layouts 1.12-1.20x
+    over): it is counted from two layers a chunk, where without it the formula was 0.80-0.90x.
+    Why one layer a chunk differs (XLA's handling of a one-iteration layer scan, presumably)
+    was not traced.
 
     Example:
         >>> cfg = get_preset("small")
@@ -386,12 +386,31 @@ def gpt_step_memory_bytes(config: Any, /, *, rows: int, seq_len: int, grad_local
         # schedules take a jax.vjp inside the tick and return gradients only (pipe=4, 1f1b,
         # small: no such copy; counting it put the formula 1.15x over).
         one_f_one_b = Schedule(schedule).one_f_one_b
-        out["saved"] = slots * carry + (0.0 if one_f_one_b else layer_weights)
+        # Not at one layer a stage: pipe=2, fsdp=4, z2, mb4, tiny, fp32 has no weight-shaped
+        # buffer of the stage live at the peak (its weights are the parameters' own buffers),
+        # and the bf16 z1 mb2 one only the step's bf16 copy (``bf16_params``) beside the bf16
+        # gradient accumulators; with the copy counted the tiny preset's pipe=2 layouts came
+        # out 1.10-1.16x over, and small's pipe=4 ones 1.08-1.15x.
+        copied = not one_f_one_b and layers > 1
+        out["saved"] = slots * carry + (layer_weights if copied else 0.0)
         # An iteration runs one chunk of the stage: layers / repeats of them (circular and
         # interleaved schedules); its recompute under remat none stacks their residuals
         # (pipe=2, circular x2, small: one layer's, the formula with the stage's two was 1.25-1.33
         # over memory_analysis).
         chunk = max(1, layers // max(1, repeats))
+        if a == 2 and not one_f_one_b and chunk > 1:
+            # In bf16 XLA:CPU runs a chunk's layer scan on float32 copies (its bf16
+            # normalisation): the loop's stage inputs, one per forward iteration, and the stage's
+            # weights, both converted once and live through the backward loop (pipe=2, data=4,
+            # mb8, small: f32[9, 1, 128, 256] and f32[2, 256, 1024] ...; pipe=2, fsdp=4, z1, mb2,
+            # tiny at 4 layers: the stage's weights as f32[2, 64, 256] ...). Without them the
+            # small preset's pipe=2 gpipe bf16 layouts were 0.80-0.90x of memory_analysis, and
+            # tiny's at two layers a stage 0.88x. At one layer a chunk the stage inputs' copy
+            # is there too, but the other terms already reach the compiled figure (pipe=4, mb16,
+            # small: f32[19, 1, 128, 256]; the formula 1.20x over with it, 1.01x without): not
+            # counted there.
+            iterations = max(1, repeats) * microbatches + pipe - 1
+            out["saved"] += iterations * carry * 2 + 2 * layer_weights
         # 1F1B without stage remat: each in-flight chunk forward's vjp residuals, its layers'
         # inputs (the layer scan's own remat) or all their residuals (remat none, in the
         # compute dtype: they are the vjp's own values); its weights are not copied. One more
