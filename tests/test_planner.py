@@ -330,9 +330,11 @@ def test_formula_memory_is_close_to_memory_analysis():
     which one layer a stage does not hold), ZeRO-2 with tensor=4 at 8 rows (0.86x without the
     gradients GSPMD gathers over tensor before reducing them over fsdp); two bf16 1F1B
     pipelines (0.83x without the backward loop's boundary blocks and channel messages; remat
-    none 0.78x without the float32 read of the residual slot); and a bf16 GPipe pipeline with
-    two layers a stage (0.88x without the float32 copies of its stage inputs and weights). A
-    budget equal to each compiled figure must not make the pre-filter reject the layout."""
+    none 0.78x without the float32 read of the residual slot); and at two layers a stage (four
+    layers), a bf16 GPipe and a bf16 1F1B pipeline (0.86x and 0.82x without the float32 copies
+    of the stage inputs and weights the layer scan runs on) and a ZeRO-3 one (0.87x with the
+    loop's gradient carry counted as the ZeRO-3 shard: it is the stage's whole). A budget equal
+    to each compiled figure must not make the pre-filter reject the layout."""
     layouts = [Layout(data=8, remat="none", precision="bf16"),
                Layout(data=2, fsdp=4, zero_stage=2, remat="none", precision="bf16"),
                Layout(pipe=2, data=2, fsdp=2, zero_stage=1, microbatches=2, remat="none"),
@@ -345,9 +347,13 @@ def test_formula_memory_is_close_to_memory_analysis():
     result = plan_gpt(get_preset("tiny"), batch_size=16, devices=8, hardware="h100-sxm",
                       layouts=layouts, compile_top=len(layouts), progress=False)
     assert len(result.candidates) == len(layouts)
-    deeper = Layout(pipe=2, fsdp=4, zero_stage=1, microbatches=2, remat="full", precision="bf16")
+    deeper = [Layout(pipe=2, fsdp=4, zero_stage=1, microbatches=2, remat="full", precision="bf16"),
+              Layout(pipe=2, fsdp=4, zero_stage=1, microbatches=2, schedule="1f1b", remat="full",
+                     precision="bf16"),
+              Layout(pipe=2, data=2, fsdp=2, zero_stage=3, microbatches=2, remat="full")]
     four = plan_gpt(get_preset("tiny", layers=4), batch_size=16, devices=8, hardware="h100-sxm",
-                    layouts=[deeper], compile_top=1, progress=False)
+                    layouts=deeper, compile_top=len(deeper), progress=False)
+    assert len(four.candidates) == len(deeper)
     for c in [*result.candidates, *four.candidates]:
         assert c.source == "compiled"
         ratio = c.memory_analytic / c.memory_compiled

@@ -280,7 +280,7 @@ def gpt_step_memory_bytes(config: Any, /, *, rows: int, seq_len: int, grad_local
       after the backward pass; ZeRO-3 reduce-scatters each layer's inside the layer loop);
     * ``accumulator``: with microbatches, the sum of the earlier microbatches' gradients
       beside the current one's (ZeRO-2: the shard); a pipeline's loop carry of the stage's
-      layer gradients, in the compute dtype;
+      layer gradients, in the compute dtype and whole (ZeRO-3 too);
     * ``reduced``: the reduction's result, a new buffer beside its input (all-reduce: the whole
       gradient; reduce-scatter: the shard) (``data=8``, 1 row: the peak is exactly 2 gradients);
     * ``bf16_params``: the bf16 copy of the parameters the step computes with;
@@ -352,14 +352,16 @@ def gpt_step_memory_bytes(config: Any, /, *, rows: int, seq_len: int, grad_local
         out["accumulator"] = grad_local / fsdp
     else:
         out["accumulator"] = out["grads"]
-    if pipe > 1 and not zero3:
+    if pipe > 1:
         # A pipeline's microbatches are not an accumulation loop: the transpose of its loop
         # carries the sum of the stage's layer gradients, in the compute dtype (the weights
-        # enter the loop converted) and whole under ZeRO-2 (no reduce-scatter per tick), beside
-        # the current iteration's (``grads``); the embedding's gradient is not in the carry
-        # (pipe=2, data=4, small, fp32: the carry is the stage's 6 MiB; pipe=2, fsdp=4, tiny,
-        # bf16: the carry's buffers are bf16; counting the whole fp32 gradient put the tiny
-        # pipelines 1.19-1.35x over).
+        # enter the loop converted) and whole under ZeRO-2 and ZeRO-3 too (no reduce-scatter
+        # per tick), beside the current iteration's (``grads``); the embedding's gradient is
+        # not in the carry (pipe=2, data=4, small, fp32: the carry is the stage's 6 MiB;
+        # pipe=2, fsdp=4, tiny, bf16: the carry's buffers are bf16; counting the whole fp32
+        # gradient put the tiny pipelines 1.19-1.35x over; pipe=2, data=2, fsdp=2, z3, 20m:
+        # f32[3, 2048, 512] ... the stage's whole, live through the backward loop, where the
+        # ZeRO-3 shard put the formula at 0.84-0.85x).
         out["accumulator"] = layers * block / 4 * a
     out["reduced"] = grad_local if zero_stage <= 1 or fsdp == 1 else grad_local / fsdp
     out["bf16_params"] = grad_local / 2 / (fsdp if zero3 else 1) if a == 2 else 0.0
@@ -398,19 +400,21 @@ def gpt_step_memory_bytes(config: Any, /, *, rows: int, seq_len: int, grad_local
         # (pipe=2, circular x2, small: one layer's, the formula with the stage's two was 1.25-1.33
         # over memory_analysis).
         chunk = max(1, layers // max(1, repeats))
-        if a == 2 and not one_f_one_b and chunk > 1:
+        if a == 2 and chunk > 1:
             # In bf16 XLA:CPU runs a chunk's layer scan on float32 copies (its bf16
-            # normalisation): the loop's stage inputs, one per forward iteration, and the stage's
-            # weights, both converted once and live through the backward loop (pipe=2, data=4,
-            # mb8, small: f32[9, 1, 128, 256] and f32[2, 256, 1024] ...; pipe=2, fsdp=4, z1, mb2,
-            # tiny at 4 layers: the stage's weights as f32[2, 64, 256] ...). Without them the
-            # small preset's pipe=2 gpipe bf16 layouts were 0.80-0.90x of memory_analysis, and
-            # tiny's at two layers a stage 0.88x. At one layer a chunk the stage inputs' copy
-            # is there too, but the other terms already reach the compiled figure (pipe=4, mb16,
-            # small: f32[19, 1, 128, 256]; the formula 1.20x over with it, 1.01x without): not
-            # counted there.
-            iterations = max(1, repeats) * microbatches + pipe - 1
-            out["saved"] += iterations * carry * 2 + 2 * layer_weights
+            # normalisation), made once and live through the loop that runs it: the stage's
+            # weights (pipe=2, data=4, mb8, small: f32[2, 256, 1024] ...; the tiny preset at 4
+            # layers: f32[2, 64, 256] ...; the 1F1B loops too: pipe=2, data=2, fsdp=2, z3, mb2,
+            # 1f1b, small) and, GPipe and circular, the loop's stage inputs, one per forward
+            # iteration (f32[9, 1, 128, 256] at mb8). Without them the small preset's pipe=2 bf16
+            # pipelines were 0.80-0.96x of memory_analysis, and tiny's at two layers a stage
+            # 0.88x. At one layer a chunk the stage inputs' copy is there too, but the other
+            # terms already reach the compiled figure (pipe=4, mb16, small: f32[19, 1, 128, 256];
+            # the formula 1.20x over with it, 1.01x without): not counted there.
+            out["saved"] += 2 * layer_weights
+            if not one_f_one_b:
+                iterations = max(1, repeats) * microbatches + pipe - 1
+                out["saved"] += iterations * carry * 2
         # 1F1B without stage remat: each in-flight chunk forward's vjp residuals, its layers'
         # inputs (the layer scan's own remat) or all their residuals (remat none, in the
         # compute dtype: they are the vjp's own values); its weights are not copied. One more
