@@ -13,7 +13,7 @@ How a candidate is judged:
    exactly, an indivisible layout is rejected with its error); the GPT's temporaries (gradient
    buffers, activations, the head, ZeRO-3's gathered layer) come from
    :func:`meshpar.inspect.costs.gpt_step_memory_bytes`, within 10% of ``memory_analysis`` on
-   136 of 145 layouts sampled (of the tiny, small and 20m presets), below it on four of the
+   139 of 145 layouts sampled (of the tiny, small and 20m presets), below it on one of the
    rest and at most 1.12x above it (``benchmarks/README.md``). A candidate whose
    estimate, less the bytes it counts that XLA may fuse away, is over the budget by more than
    :data:`PREFILTER_SLACK` is not compiled (it stays an analytic candidate over the budget).
