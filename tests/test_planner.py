@@ -403,14 +403,42 @@ def test_nothing_fits_states_the_least_memory_and_what_would_fit(capsys, tmp_pat
 
 
 def test_plan_any_model_compiles_its_best_layout():
+    """Without the model's FLOPs an uncompiled candidate has no compute estimate and would rank
+    above every compiled one: while one ranks first, it is compiled too (up to compile_top
+    more), so the top pick is a compiled layout."""
     zoo = ZOO["encoder"]
     result = mp.plan(zoo.make, zoo.loss, batch=zoo.batch(0), hardware="h100-sxm",
                      compile_top=1, layouts=[Layout(data=8), Layout(fsdp=8, zero_stage=3)],
                      progress=False)
     compiled = [c for c in result.candidates if c.source == "compiled"]
-    assert len(compiled) == 1 and compiled[0].memory_compiled > 0
-    assert compiled[0].time.compute > 0 and compiled[0].command is None
+    assert len(compiled) == 2 and result.best.source == "compiled"
+    for c in compiled:
+        assert c.memory_compiled > 0 and c.time.compute > 0 and c.command is None
     assert len(result.candidates) == 2
+
+
+def test_uncompiled_candidates_are_scaled_to_the_compiled_ones_and_the_top_pick_is_compiled():
+    """A profile whose compiled time counts more than the formulas do (the cpu profile's memory
+    traffic; here slow matmul and memory bandwidths): the analytic compute is scaled by the
+    least compiled/analytic ratio, so no uncompiled candidate outranks the compiled ones by
+    the terms only a compile shows, and the top pick is compiled."""
+    slow = dataclasses.replace(load_profile("h100-sxm"), matmul_bandwidth=1e9, hbm_bandwidth=1e9)
+    layouts = [Layout(data=8, remat="full"), Layout(fsdp=8, zero_stage=3, remat="full"),
+               Layout(data=4, tensor=2, remat="full"), Layout(data=2, fsdp=4, zero_stage=1,
+                                                              remat="full")]
+    result = plan_gpt(get_preset("tiny"), batch_size=16, devices=8, hardware=slow,
+                      layouts=layouts, compile_top=1, progress=False)
+    compiled = [c for c in result.candidates if c.source == "compiled"]
+    assert result.best.source == "compiled" and 1 <= len(compiled) <= 2
+    scale = result.analytic_scale
+    assert scale > 1.5 and any(n.startswith("analytic compute scaled by ") for n in result.notes)
+    unscaled = plan_gpt(get_preset("tiny"), batch_size=16, devices=8, hardware=slow,
+                        layouts=layouts, compile_top=0, progress=False)
+    for c in result.candidates:
+        if c.source == "analytic":
+            before = next(u for u in unscaled.candidates if u.layout == c.layout)
+            assert c.time.compute == pytest.approx(scale * before.time.compute)
+            assert c.time.step >= result.best.time.step
 
 
 def test_train_layout_auto_plans_prints_the_choice_and_runs_it(capsys):

@@ -22,13 +22,16 @@ How a candidate is judged:
    read ``memory_analysis`` (the memory then reported), the trip-weighted matmul FLOPs and the
    collectives per kind and mesh axis (:func:`meshpar.inspect.measure.measure`); the time is
    predicted again from what the program does.
+3. **rank**: the uncompiled candidates' compute scaled by the least compiled/analytic ratio
+   (:attr:`PlanResult.analytic_scale`), and while one of them ranks first it is compiled too, up
+   to ``compile_top`` more, so that the top pick is a compiled layout.
 
 Device counts above what this process emulates (``plan_gpt``): the shortlist is compiled as
 :func:`proxy_layout` s (``data``/``fsdp`` shrunk to fit, per-device shapes kept) and
 extrapolated per mesh axis; ``benchmarks/plan_extrapolation.py`` measures how far that is from
 full compiles.
 
-Length: about 610 lines, one concept (the search: prune, compile, rank, extrapolate); the
+Length: about 690 lines, one concept (the search: prune, compile, rank, extrapolate); the
 candidate and result types and their errors live with it.
 """
 
@@ -135,13 +138,15 @@ class Candidate:
 class PlanResult:
     """What :func:`plan` found: candidates best first (fitting ones by predicted step time, then
     those that do not fit by memory), the layouts rejected before costing and why, and the
-    profile."""
+    profile. ``analytic_scale`` is the factor the uncompiled candidates' compute was scaled by:
+    the least compiled/analytic compute ratio of the compiled ones (1 when none was)."""
 
     candidates: tuple[Candidate, ...]
     rejected: tuple[str, ...]
     hardware: HardwareProfile
     devices: int
     notes: tuple[str, ...] = ()
+    analytic_scale: float = 1.0
 
     @property
     def fitting(self) -> tuple[Candidate, ...]:
@@ -322,8 +327,7 @@ def _search(model: _Model, layouts: Sequence[Layout], rejected: list[str], *, de
             f"{devices} devices is more than the {limit} compiled here: the shortlist is "
             f"extrapolated from compiles of the same layout with data/fsdp shrunk to {limit} "
             "devices (source 'extrap'); the rest is analytic")
-    # (layout, analytic memory, the pre-filter's figure, analytic time, model FLOPs)
-    analytic: list[tuple[Layout, float, float, StepTime, float | None]] = []
+    analytic: list[_Entry] = []
     plans: dict[tuple, Any] = {}
     bar = _progress(len(layouts), "plan (formulas)", progress)
     for layout in layouts:
@@ -358,73 +362,141 @@ def _search(model: _Model, layouts: Sequence[Layout], rejected: list[str], *, de
         t = step_time(flops_per_device=flops, collectives=colls, mesh_shape=layout.mesh_shape,
                       hardware=hardware, precision=layout.precision,
                       bubble_fraction=_bubble(layout), model_flops=model_flops)
-        analytic.append((layout, memory, floor, t, model_flops))
+        analytic.append(_Entry(layout, memory, floor, t, model_flops, flops, tuple(colls)))
     if bar is not None:
         bar.close()
-    analytic.sort(key=lambda x: (x[2] > budget * PREFILTER_SLACK, x[3].step))
-    rows = jax.tree.leaves(model.batch)[0].shape[0]
-    shortlist = []
-    for x in analytic:
-        if x[2] > budget * PREFILTER_SLACK or len(shortlist) >= compile_top:
-            continue
-        proxy = None if can_compile else proxy_layout(x[0], limit)
-        if can_compile or proxy is not None:
-            shortlist.append((*x, proxy))
-    chosen = {id(x[0]) for x in shortlist}
-    out = []
+    analytic.sort(key=lambda x: (x.floor > budget * PREFILTER_SLACK, x.time.step))
+
+    def proxy_of(x: _Entry) -> Layout | None | bool:
+        # None: compiled as itself; False: neither it nor a proxy can be compiled here.
+        if x.floor > budget * PREFILTER_SLACK:
+            return False
+        return None if can_compile else (proxy_layout(x.layout, limit) or False)
+
+    shortlist = [x for x in analytic if proxy_of(x) is not False][:compile_top]
+    compiled: dict[int, Candidate] = {}
     bar = _progress(len(shortlist), "plan (compile)", progress)
-    for layout, memory, floor, t, model_flops, proxy in shortlist:
+    for x in shortlist:
+        _compile_entry(x, proxy_of(x), model=model, tx=tx, hardware=hardware, budget=budget,
+                       compiled=compiled, rejected=rejected, bar=bar)
+    # A layout that failed to compile is among the rejected, not the candidates.
+    failed = {id(x.layout) for x in shortlist} - set(compiled)
+    analytic = [x for x in analytic if id(x.layout) not in failed]
+    # The analytic time (FLOPs over the peak, the formulas' collectives) leaves out what only
+    # the compiled program shows (on the cpu profile its memory traffic: 20m, 8 devices, 3.2 s
+    # by formula, 8.5-12 s compiled), so an uncompiled candidate would outrank every compiled
+    # one. Each analytic compute is scaled by the least compiled/analytic ratio of the compiled
+    # candidates (optimistic: a layout that might beat the best compiled one still ranks above
+    # it), and while an uncompiled candidate ranks first it is compiled too, up to compile_top
+    # more compiles.
+    more = compile_top
+    while True:
+        scale = _analytic_scale(compiled, analytic)
+        out = _ranked(analytic, compiled, scale, model=model, hardware=hardware, budget=budget)
+        best = next((c for c in out if c.fits), None)
+        if best is None or best.source != "analytic" or more <= 0:
+            break
+        entry = next(x for x in analytic if x.layout is best.layout)
+        if proxy_of(entry) is False:
+            break
         if bar is not None:
-            bar.set_postfix_str(layout.label)
-        compiled = proxy or layout
-        batch = model.batch if proxy is None else _scaled_batch(
-            model.batch, rows // (layout.data * layout.fsdp) * proxy.data * proxy.fsdp)
-        try:
-            # Traced in the target's bf16 matmul form: on an AVX2 host the GPT widens bf16
-            # operands to fp32 for its dots, fp32 copies a GPU's or TPU's program does not hold
-            # (small, fsdp=8 z2 remat=full bf16: memory_analysis 61.0 MB with them, 56.0 MB
-            # without; the formula's estimate 0.89x and 0.97x of them).
-            with bf16_dots_as(hardware.bf16_dots):
-                measured = _compile(model, compiled, tx, batch)
-        except MeshparError as err:
-            rejected.append(f"{layout.label}: {err}")
-            if bar is not None:
-                bar.update(1)
-            continue
-        colls = measured_collectives(measured)
-        mem = float(measured["memory"]["total"])
-        source = "compiled"
-        if proxy is not None:
-            colls = extrapolate_collectives(colls, proxy=proxy, target=layout)
-            # What the formulas leave out (XLA's temporaries) is taken from the proxy; what
-            # they count is recomputed at the target's sizes.
-            mem += _formula_memory(model, layout, model.batch) - _formula_memory(model, proxy, batch)
-            source = f"extrapolated from {proxy.mesh_text}"
-        flops = model.compiled_flops(layout, measured)
-        matmul_bytes, memory_bytes = _compiled_bytes(measured, flops)
-        new_t = step_time(
-            flops_per_device=flops, collectives=colls,
-            mesh_shape=layout.mesh_shape, hardware=hardware, precision=layout.precision,
-            bubble_fraction=_bubble(layout), model_flops=model_flops,
-            matmul_bytes=matmul_bytes, memory_bytes=memory_bytes)
-        out.append(Candidate(layout=layout, memory=mem, memory_analytic=memory,
-                             memory_compiled=mem if proxy is None else None, budget=budget,
-                             time=new_t, source=source, command=model.command(layout),
-                             memory_prefilter=floor))
+            bar.total += 1
+            bar.refresh()
+        _compile_entry(entry, proxy_of(entry), model=model, tx=tx, hardware=hardware,
+                       budget=budget, compiled=compiled, rejected=rejected, bar=bar)
+        more -= 1
+        if id(entry.layout) not in compiled:  # rejected when compiled: drop it from the ranking
+            analytic.remove(entry)
+    if bar is not None:
+        bar.close()
+    if compiled and abs(scale - 1.0) > 0.01:
+        notes.append(f"analytic compute scaled by {scale:.2f}, the least compiled/analytic "
+                     f"ratio of the {len(compiled)} compiled candidates")
+    if best is not None and best.source == "analytic":
+        notes.append(f"the best candidate, {best.layout.label}, is analytic (not compiled): "
+                     "raise compile_top (--compile-top) to compile it")
+    return PlanResult(candidates=tuple(out), rejected=tuple(rejected), hardware=hardware,
+                      devices=devices, notes=tuple(notes), analytic_scale=scale)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Entry:
+    """A candidate as the formulas cost it."""
+
+    layout: Layout
+    memory: float
+    floor: float  # the pre-filter's figure (Candidate.memory_prefilter)
+    time: StepTime
+    model_flops: float | None
+    flops: float
+    collectives: tuple[Collective, ...]
+
+
+def _compile_entry(x: _Entry, proxy: Layout | None, *, model: _Model, tx, hardware, budget,
+                   compiled: dict, rejected: list, bar) -> None:
+    layout = x.layout
+    if bar is not None:
+        bar.set_postfix_str(layout.label)
+    rows = jax.tree.leaves(model.batch)[0].shape[0]
+    batch = model.batch if proxy is None else _scaled_batch(
+        model.batch, rows // (layout.data * layout.fsdp) * proxy.data * proxy.fsdp)
+    try:
+        # Traced in the target's bf16 matmul form: on an AVX2 host the GPT widens bf16 operands
+        # to fp32 for its dots, fp32 copies a GPU's or TPU's program does not hold (small,
+        # fsdp=8 z2 remat=full bf16: memory_analysis 61.0 MB with them, 56.0 MB without; the
+        # formula's estimate 0.89x and 0.97x of them).
+        with bf16_dots_as(hardware.bf16_dots):
+            measured = _compile(model, proxy or layout, tx, batch)
+    except MeshparError as err:
+        rejected.append(f"{layout.label}: {err}")
         if bar is not None:
             bar.update(1)
+        return
+    colls = measured_collectives(measured)
+    mem = float(measured["memory"]["total"])
+    source = "compiled"
+    if proxy is not None:
+        colls = extrapolate_collectives(colls, proxy=proxy, target=layout)
+        # What the formulas leave out (XLA's temporaries) is taken from the proxy; what they
+        # count is recomputed at the target's sizes.
+        mem += _formula_memory(model, layout, model.batch) - _formula_memory(model, proxy, batch)
+        source = f"extrapolated from {proxy.mesh_text}"
+    flops = model.compiled_flops(layout, measured)
+    matmul_bytes, memory_bytes = _compiled_bytes(measured, flops)
+    t = step_time(flops_per_device=flops, collectives=colls, mesh_shape=layout.mesh_shape,
+                  hardware=hardware, precision=layout.precision, bubble_fraction=_bubble(layout),
+                  model_flops=x.model_flops, matmul_bytes=matmul_bytes, memory_bytes=memory_bytes)
+    compiled[id(layout)] = Candidate(
+        layout=layout, memory=mem, memory_analytic=x.memory,
+        memory_compiled=mem if proxy is None else None, budget=budget, time=t, source=source,
+        command=model.command(layout), memory_prefilter=x.floor)
     if bar is not None:
-        bar.close()
-    for layout, memory, floor, t, _ in analytic:
-        if id(layout) not in chosen:
-            out.append(Candidate(layout=layout, memory=memory, memory_analytic=memory,
-                                 memory_compiled=None, budget=budget, time=t, source="analytic",
-                                 command=model.command(layout),
-                                 memory_prefilter=floor))
+        bar.update(1)
+
+
+def _analytic_scale(compiled: Mapping[int, Candidate], analytic: Sequence[_Entry]) -> float:
+    by_id = {id(x.layout): x for x in analytic}
+    ratios = [c.time.compute / by_id[k].time.compute for k, c in compiled.items()
+              if k in by_id and by_id[k].time.compute > 0]
+    return min(ratios) if ratios else 1.0
+
+
+def _ranked(analytic: Sequence[_Entry], compiled: Mapping[int, Candidate], scale: float, *,
+            model: _Model, hardware: HardwareProfile, budget: float) -> list[Candidate]:
+    out = list(compiled.values())
+    for x in analytic:
+        if id(x.layout) in compiled:
+            continue
+        t = x.time if scale == 1.0 else step_time(
+            flops_per_device=x.flops * scale, collectives=x.collectives,
+            mesh_shape=x.layout.mesh_shape, hardware=hardware, precision=x.layout.precision,
+            bubble_fraction=_bubble(x.layout), model_flops=x.model_flops)
+        out.append(Candidate(layout=x.layout, memory=x.memory, memory_analytic=x.memory,
+                             memory_compiled=None, budget=budget, time=t, source="analytic",
+                             command=model.command(x.layout), memory_prefilter=x.floor))
     out.sort(key=lambda c: (not c.fits, c.time.step if c.fits else c.memory,
                             c.source == "analytic"))
-    return PlanResult(candidates=tuple(out), rejected=tuple(rejected), hardware=hardware,
-                      devices=devices, notes=tuple(notes))
+    return out
 
 
 def _profile(hardware: str | HardwareProfile) -> HardwareProfile:
