@@ -333,9 +333,10 @@ def test_formula_memory_is_close_to_memory_analysis():
     pipelines (0.83x without the backward loop's boundary blocks and channel messages; remat
     none 0.78x without the float32 read of the residual slot); and at two layers a stage (four
     layers), a bf16 GPipe and a bf16 1F1B pipeline (0.86x and 0.82x without the float32 copies
-    of the stage inputs and weights the layer scan runs on) and a ZeRO-3 one (0.87x with the
-    loop's gradient carry counted as the ZeRO-3 shard: it is the stage's whole). A budget equal
-    to each compiled figure must not make the pre-filter reject the layout."""
+    of the stage inputs and weights the layer scan runs on), a ZeRO-3 one (0.87x with the
+    loop's gradient carry counted as the ZeRO-3 shard: it is the stage's whole) and an fp32
+    1F1B remat-none one (0.81x without the two residual sets its backward loop slices out). A
+    budget equal to each compiled figure must not make the pre-filter reject the layout."""
     layouts = [Layout(data=8, remat="none", precision="bf16"),
                Layout(data=2, fsdp=4, zero_stage=2, remat="none", precision="bf16"),
                Layout(fsdp=4, tensor=2, zero_stage=1, microbatches=2, remat="none",
@@ -353,7 +354,8 @@ def test_formula_memory_is_close_to_memory_analysis():
     deeper = [Layout(pipe=2, fsdp=4, zero_stage=1, microbatches=2, remat="full", precision="bf16"),
               Layout(pipe=2, fsdp=4, zero_stage=1, microbatches=2, schedule="1f1b", remat="full",
                      precision="bf16"),
-              Layout(pipe=2, data=2, fsdp=2, zero_stage=3, microbatches=2, remat="full")]
+              Layout(pipe=2, data=2, fsdp=2, zero_stage=3, microbatches=2, remat="full"),
+              Layout(pipe=2, data=4, microbatches=4, schedule="1f1b", remat="none")]
     four = plan_gpt(get_preset("tiny", layers=4), batch_size=16, devices=8, hardware="h100-sxm",
                     layouts=deeper, compile_top=len(deeper), progress=False)
     assert len(four.candidates) == len(deeper)

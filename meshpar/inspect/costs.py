@@ -444,6 +444,14 @@ def gpt_step_memory_bytes(config: Any, /, *, rows: int, seq_len: int, grad_local
                 # f32 slices of the slots live in the tick at the peak; 0.78x without, 1.03x
                 # with; small, pipe=4, tensor=2, mb8, remat none: 0.83x without, 1.06x with).
                 out["saved"] += 2 * per_set
+            elif config.remat == "none" and chunk > 1:
+                # In fp32, from two layers a chunk, the backward loop holds two copies of a set
+                # sliced out of the slots (``dynamic-slice``s of every stacked residual, live
+                # through the loop: pipe=2, data=2, tensor=2, mb8, small). Without them: 0.81x of
+                # memory_analysis there, 0.78-0.82x at tiny with 4 layers and 20m; with them
+                # 1.11x, 1.02x and 0.98x. (At one layer a chunk the formula is at 0.92-0.97x
+                # without them.)
+                out["saved"] += 2 * per_set
         # While the recompute runs the chunk's last layer, that layer's widest intermediates,
         # the [H, T, T] scores and the [T, M] hidden, are live twice (computed, and their
         # elementwise successors) before they join the stack (pipe=2, data=4, small, fp32, 4
