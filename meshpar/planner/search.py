@@ -397,6 +397,8 @@ def _search(model: _Model, layouts: Sequence[Layout], rejected: list[str], *, de
             break
         entry = next(x for x in analytic if x.layout is best.layout)
         if proxy_of(entry) is False:
+            notes.append(f"the best candidate, {best.layout.label}, cannot be compiled here (no "
+                         "proxy of it fits the emulated devices): its figures are the formulas'")
             break
         if bar is not None:
             bar.total += 1
@@ -411,7 +413,7 @@ def _search(model: _Model, layouts: Sequence[Layout], rejected: list[str], *, de
     if compiled and abs(scale - 1.0) > 0.01:
         notes.append(f"analytic compute scaled by {scale:.2f}, the least compiled/analytic "
                      f"ratio of the {len(compiled)} compiled candidates")
-    if best is not None and best.source == "analytic":
+    if best is not None and best.source == "analytic" and more <= 0:
         notes.append(f"the best candidate, {best.layout.label}, is analytic (not compiled): "
                      "raise compile_top (--compile-top) to compile it")
     return PlanResult(candidates=tuple(out), rejected=tuple(rejected), hardware=hardware,
