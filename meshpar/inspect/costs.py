@@ -16,7 +16,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from meshpar.axes import BATCH_AXES, DATA, FSDP, TENSOR
-from meshpar.parallel.schedule import Schedule
+from meshpar.parallel.schedule import PipelineConfig, Schedule
 
 
 def zero_state_bytes(grad_bytes: float, *, fsdp: int, zero_stage: int,
@@ -413,7 +413,8 @@ def gpt_step_memory_bytes(config: Any, /, *, rows: int, seq_len: int, grad_local
             # the formula 1.20x over with it, 1.01x without): not counted there.
             out["saved"] += 2 * layer_weights
             if not one_f_one_b:
-                iterations = max(1, repeats) * microbatches + pipe - 1
+                iterations = PipelineConfig(pipe, microbatches, schedule,
+                                            repeats=repeats).iterations
                 out["saved"] += iterations * carry * 2
         # 1F1B without stage remat: each in-flight chunk forward's vjp residuals, its layers'
         # inputs (the layer scan's own remat) or all their residuals (remat none, in the
@@ -437,20 +438,18 @@ def gpt_step_memory_bytes(config: Any, /, *, rows: int, seq_len: int, grad_local
             qkv = 3 * d * h * config.head_size * a
             per_set = chunk * (residuals - qkv if config.remat == "none" else carry)
             out["saved"] += (residual_slots + 1) * per_set
-            if a == 2:
-                # XLA:CPU reads the backward tick's set out of its bf16 slot as float32
-                # (``convert`` then ``dynamic-slice``: its bf16 normalisation), one more set at
-                # twice the size (pipe=2, fsdp=4, mb2, 1f1b, remat none, tiny, bf16: 0.92 MB of
-                # f32 slices of the slots live in the tick at the peak; 0.78x without, 1.03x
-                # with; small, pipe=4, tensor=2, mb8, remat none: 0.83x without, 1.06x with).
-                out["saved"] += 2 * per_set
-            elif config.remat == "none" and chunk > 1:
-                # In fp32, from two layers a chunk, the backward loop holds two copies of a set
-                # sliced out of the slots (``dynamic-slice``s of every stacked residual, live
-                # through the loop: pipe=2, data=2, tensor=2, mb8, small). Without them: 0.81x of
-                # memory_analysis there, 0.78-0.82x at tiny with 4 layers and 20m; with them
-                # 1.11x, 1.02x and 0.98x. (At one layer a chunk the formula is at 0.92-0.97x
-                # without them.)
+            # The backward tick's set read out of the slots, two sets' worth:
+            # * bf16: XLA:CPU reads it as float32 (``convert`` then ``dynamic-slice``: its bf16
+            #   normalisation), one set at twice the size (pipe=2, fsdp=4, mb2, 1f1b, remat
+            #   none, tiny, bf16: 0.92 MB of f32 slices of the slots live in the tick at the
+            #   peak; 0.78x without, 1.03x with; small, pipe=4, tensor=2, mb8, remat none:
+            #   0.83x without, 1.06x with);
+            # * fp32, remat none, from two layers a chunk: two copies of a set sliced out
+            #   (``dynamic-slice``s of every stacked residual, live through the loop: pipe=2,
+            #   data=2, tensor=2, mb8, small). Without them: 0.81x of memory_analysis there,
+            #   0.78-0.82x at tiny with 4 layers and 20m; with them 1.11x, 1.02x and 0.98x. (At
+            #   one layer a chunk the formula is at 0.92-0.97x without them.)
+            if a == 2 or (config.remat == "none" and chunk > 1):
                 out["saved"] += 2 * per_set
         # While the recompute runs the chunk's last layer, that layer's widest intermediates,
         # the [H, T, T] scores and the [T, M] hidden, are live twice (computed, and their

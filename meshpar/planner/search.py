@@ -366,21 +366,30 @@ def _search(model: _Model, layouts: Sequence[Layout], rejected: list[str], *, de
         bar.close()
     analytic.sort(key=lambda x: (x.floor > budget * PREFILTER_SLACK, x.time.step))
 
-    def proxy_of(x: _Entry) -> Layout | None | bool:
-        # None: compiled as itself; False: neither it nor a proxy can be compiled here.
+    def target_of(x: _Entry) -> Layout | None:
+        # What is compiled for x: itself, its proxy beyond the emulated devices, or nothing.
         if x.floor > budget * PREFILTER_SLACK:
-            return False
-        return None if can_compile else (proxy_layout(x.layout, limit) or False)
+            return None
+        return x.layout if can_compile else proxy_layout(x.layout, limit)
 
-    shortlist = [x for x in analytic if proxy_of(x) is not False][:compile_top]
     compiled: dict[int, Candidate] = {}
+
+    def compile_one(x: _Entry, target: Layout) -> None:
+        if bar is not None:
+            bar.set_postfix_str(x.layout.label)
+        try:
+            compiled[id(x.layout)] = _compiled_candidate(x, target, model=model, tx=tx,
+                                                         hardware=hardware, budget=budget)
+        except MeshparError as err:  # among the rejected, not the candidates
+            rejected.append(f"{x.layout.label}: {err}")
+            analytic.remove(x)
+        if bar is not None:
+            bar.update(1)
+
+    shortlist = [(x, t) for x in analytic if (t := target_of(x)) is not None][:compile_top]
     bar = _progress(len(shortlist), "plan (compile)", progress)
-    for x in shortlist:
-        _compile_entry(x, proxy_of(x), model=model, tx=tx, hardware=hardware, budget=budget,
-                       compiled=compiled, rejected=rejected, bar=bar)
-    # A layout that failed to compile is among the rejected, not the candidates.
-    failed = {id(x.layout) for x in shortlist} - set(compiled)
-    analytic = [x for x in analytic if id(x.layout) not in failed]
+    for x, target in shortlist:
+        compile_one(x, target)
     # The analytic time (FLOPs over the peak, the formulas' collectives) leaves out what only
     # the compiled program shows (on the cpu profile its memory traffic: 20m, 8 devices, 3.2 s
     # by formula, 8.5-12 s compiled), so an uncompiled candidate would outrank every compiled
@@ -396,18 +405,16 @@ def _search(model: _Model, layouts: Sequence[Layout], rejected: list[str], *, de
         if best is None or best.source != "analytic" or more <= 0:
             break
         entry = next(x for x in analytic if x.layout is best.layout)
-        if proxy_of(entry) is False:
+        target = target_of(entry)
+        if target is None:
             notes.append(f"the best candidate, {best.layout.label}, cannot be compiled here (no "
                          "proxy of it fits the emulated devices): its figures are the formulas'")
             break
         if bar is not None:
             bar.total += 1
             bar.refresh()
-        _compile_entry(entry, proxy_of(entry), model=model, tx=tx, hardware=hardware,
-                       budget=budget, compiled=compiled, rejected=rejected, bar=bar)
+        compile_one(entry, target)
         more -= 1
-        if id(entry.layout) not in compiled:  # rejected when compiled: drop it from the ranking
-            analytic.remove(entry)
     if bar is not None:
         bar.close()
     if compiled and abs(scale - 1.0) > 0.01:
@@ -433,26 +440,24 @@ class _Entry:
     collectives: tuple[Collective, ...]
 
 
-def _compile_entry(x: _Entry, proxy: Layout | None, *, model: _Model, tx, hardware, budget,
-                   compiled: dict, rejected: list, bar) -> None:
+def _compiled_candidate(x: _Entry, target: Layout, *, model: _Model, tx,
+                        hardware: HardwareProfile, budget: float) -> Candidate:
+    """``x`` compiled as ``target`` (itself, or its :func:`proxy_layout`, extrapolated).
+
+    Raises:
+        MeshparError: the layout does not build or compile.
+    """
     layout = x.layout
-    if bar is not None:
-        bar.set_postfix_str(layout.label)
+    proxy = None if target is layout else target
     rows = jax.tree.leaves(model.batch)[0].shape[0]
     batch = model.batch if proxy is None else _scaled_batch(
         model.batch, rows // (layout.data * layout.fsdp) * proxy.data * proxy.fsdp)
-    try:
-        # Traced in the target's bf16 matmul form: on an AVX2 host the GPT widens bf16 operands
-        # to fp32 for its dots, fp32 copies a GPU's or TPU's program does not hold (small,
-        # fsdp=8 z2 remat=full bf16: memory_analysis 61.0 MB with them, 56.0 MB without; the
-        # formula's estimate 0.89x and 0.97x of them).
-        with bf16_dots_as(hardware.bf16_dots):
-            measured = _compile(model, proxy or layout, tx, batch)
-    except MeshparError as err:
-        rejected.append(f"{layout.label}: {err}")
-        if bar is not None:
-            bar.update(1)
-        return
+    # Traced in the target's bf16 matmul form: on an AVX2 host the GPT widens bf16 operands to
+    # fp32 for its dots, fp32 copies a GPU's or TPU's program does not hold (small, fsdp=8 z2
+    # remat=full bf16: memory_analysis 61.0 MB with them, 56.0 MB without; the formula's
+    # estimate 0.89x and 0.97x of them).
+    with bf16_dots_as(hardware.bf16_dots):
+        measured = _compile(model, target, tx, batch)
     colls = measured_collectives(measured)
     mem = float(measured["memory"]["total"])
     source = "compiled"
@@ -467,12 +472,9 @@ def _compile_entry(x: _Entry, proxy: Layout | None, *, model: _Model, tx, hardwa
     t = step_time(flops_per_device=flops, collectives=colls, mesh_shape=layout.mesh_shape,
                   hardware=hardware, precision=layout.precision, bubble_fraction=_bubble(layout),
                   model_flops=x.model_flops, matmul_bytes=matmul_bytes, memory_bytes=memory_bytes)
-    compiled[id(layout)] = Candidate(
-        layout=layout, memory=mem, memory_analytic=x.memory,
-        memory_compiled=mem if proxy is None else None, budget=budget, time=t, source=source,
-        command=model.command(layout), memory_prefilter=x.floor)
-    if bar is not None:
-        bar.update(1)
+    return Candidate(layout=layout, memory=mem, memory_analytic=x.memory,
+                     memory_compiled=mem if proxy is None else None, budget=budget, time=t,
+                     source=source, command=model.command(layout), memory_prefilter=x.floor)
 
 
 def _analytic_scale(compiled: Mapping[int, Candidate], analytic: Sequence[_Entry]) -> float:
