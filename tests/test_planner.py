@@ -177,6 +177,18 @@ def test_enumeration_offers_the_1f1b_schedules_only_where_they_run_and_their_com
         assert eval(code.split("config=", 1)[1][:-1], {"mp": mp}) == config
         assert lay.label.split()[-2] == (want[2].value if want[3] == 1
                                          else f"{want[2].value}x{want[3]}")
+    # The ZeRO stage a layout names is the one that runs, on a pipelined mesh too: the command
+    # line, the Trainer code and Layout.strategy (auto alone lowers ZeRO-2/3 to ZeRO-1 there,
+    # and the planner's ZeRO-2/3 pipelines compiled as ZeRO-1 programs until 2026-12-03).
+    staged = [x for x in layouts if x.pipe > 1 and x.zero_stage >= 2]
+    assert {x.zero_stage for x in staged} == {2, 3}
+    for lay in staged:
+        args = build_parser().parse_args(
+            shlex.split(lay.command(["--preset", "tiny"], batch_size=48))[1:])
+        mesh, strategy = mesh_and_strategy(args)
+        code = lay.trainer_code().split("strategy=", 1)[1].split(", config=")[0]
+        for runs in (strategy, lay.strategy(), eval(code, {"mp": mp})):
+            assert runs.for_mesh(mesh).zero_stage == lay.zero_stage, (lay.label, runs)
 
 
 def test_1f1b_layouts_are_costed_with_their_forwards_bubble_and_permutes():
@@ -333,10 +345,12 @@ def test_formula_memory_is_close_to_memory_analysis():
     pipelines (0.83x without the backward loop's boundary blocks and channel messages; remat
     none 0.78x without the float32 read of the residual slot); and at two layers a stage (four
     layers), a bf16 GPipe and a bf16 1F1B pipeline (0.86x and 0.82x without the float32 copies
-    of the stage inputs and weights the layer scan runs on), a ZeRO-3 one (0.87x with the
-    loop's gradient carry counted as the ZeRO-3 shard: it is the stage's whole) and an fp32
-    1F1B remat-none one (0.81x without the two residual sets its backward loop slices out). A
-    budget equal to each compiled figure must not make the pre-filter reject the layout."""
+    of the stage inputs and weights the layer scan runs on), a ZeRO-3 one and an fp32 1F1B
+    remat-none one (0.81x without the two residual sets its backward loop slices out); a ZeRO-3
+    pipeline with 1-row microbatches (1.19x, above the pre-filter's slack, while the formula
+    counted a layer's gathered weights and its whole gradient together; the ZeRO-3 pipelines
+    ran ZeRO-1 programs until 2026-12-03). A budget equal to each compiled figure must not make
+    the pre-filter reject the layout."""
     layouts = [Layout(data=8, remat="none", precision="bf16"),
                Layout(data=2, fsdp=4, zero_stage=2, remat="none", precision="bf16"),
                Layout(fsdp=4, tensor=2, zero_stage=1, microbatches=2, remat="none",
@@ -347,7 +361,8 @@ def test_formula_memory_is_close_to_memory_analysis():
                Layout(pipe=2, tensor=4, microbatches=4, schedule="1f1b", remat="full",
                       precision="bf16"),
                Layout(pipe=2, fsdp=4, zero_stage=1, microbatches=2, schedule="1f1b",
-                      remat="none", precision="bf16")]
+                      remat="none", precision="bf16"),
+               Layout(pipe=2, fsdp=4, zero_stage=3, microbatches=4, remat="full")]
     result = plan_gpt(get_preset("tiny"), batch_size=16, devices=8, hardware="h100-sxm",
                       layouts=layouts, compile_top=len(layouts), progress=False)
     assert len(result.candidates) == len(layouts)

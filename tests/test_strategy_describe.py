@@ -52,5 +52,11 @@ def test_the_pipelined_zero_stage_is_a_field_not_a_name():
     assert mp.Strategy("mine", zero_stage=3, pipeline_zero_stage=1).for_mesh(pipelined).zero_stage == 1
     assert mp.Strategy("mine", zero_stage=3, pipeline_zero_stage=1).for_mesh(
         mp.make_mesh(fsdp=8)).zero_stage == 3
+    # An explicit stage is the stage that runs (`meshpar train --strategy auto --zero 3`, the
+    # planner's ZeRO-3 pipelines); auto alone lowers it.
+    assert mp.get_strategy("auto").for_mesh(pipelined).zero_stage == 1
+    assert mp.get_strategy("auto", zero_stage=3).for_mesh(pipelined).zero_stage == 3
+    assert mp.get_strategy("auto", zero_stage=2).describe(pipelined) == (
+        "auto -> ZeRO-2 over fsdp (pipelined over pipe=2)")
     with pytest.raises(mp.StrategyError, match=r"pipeline_zero_stage=4; ZeRO stages are 0, 1, 2 and 3"):
         mp.Strategy(pipeline_zero_stage=4)

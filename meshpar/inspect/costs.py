@@ -277,10 +277,11 @@ def gpt_step_memory_bytes(config: Any, /, *, rows: int, seq_len: int, grad_local
     gradients:
 
     * ``grads``: the whole local gradient, built before it is reduced (ZeRO-2 scatters it
-      after the backward pass; ZeRO-3 reduce-scatters each layer's inside the layer loop);
+      after the backward pass; ZeRO-3 reduce-scatters each layer's inside the layer loop; a
+      ZeRO-3 pipeline's iteration: one chunk's shard beside the embedding's whole gradient);
     * ``accumulator``: with microbatches, the sum of the earlier microbatches' gradients
       beside the current one's (ZeRO-2: the shard); a pipeline's loop carry of the stage's
-      layer gradients, in the compute dtype and whole (ZeRO-3 too);
+      layer gradients, in the compute dtype, whole (ZeRO-3: the shard);
     * ``reduced``: the reduction's result, a new buffer beside its input (all-reduce: the whole
       gradient; reduce-scatter: the shard) (``data=8``, 1 row: the peak is exactly 2 gradients);
     * ``bf16_params``: the bf16 copy of the parameters the step computes with;
@@ -289,7 +290,8 @@ def gpt_step_memory_bytes(config: Any, /, *, rows: int, seq_len: int, grad_local
       (:func:`gpt_layer_residual_bytes`) and a copy of the stacked weights the layer scan saves
       with them; a pipeline one stage input per activation slot (and, GPipe and circular, the
       stage's weights among its ``lax.cond``'s outputs from two layers a stage, and in bf16,
-      from two layers a chunk, float32 copies of the stage inputs and weights; 1F1B, its
+      from two layers a chunk, float32 copies of the stage inputs and weights (ZeRO-3: the
+      shards of the weights, except 1F1B's, converted after the gather); 1F1B, its
       blocks of the stack's boundary values and the messages its permutes carry);
     * ``working``: what the stack's backward pass holds of one layer or chunk: one layer's
       residuals, recomputed while its backward pass runs (remat full, and the last layer of a
@@ -299,7 +301,8 @@ def gpt_step_memory_bytes(config: Any, /, *, rows: int, seq_len: int, grad_local
       head's backward runs before the stack's and its buffers are dead by then, so the
       backward phase holds the larger of ``working`` and ``head``, not both (``pipe=2``,
       ``fsdp=4``, tiny: no logits live at the peak inside the pipeline's backward loop);
-    * ``zero3``: ZeRO-3's gathered weights of the layer in use and its whole gradient;
+    * ``zero3``: ZeRO-3's gathered weights of the layer in use and its whole gradient (in a
+      pipeline's stage in the compute dtype, and under a layer remat one of the two);
     * ``tensor_gather``: ZeRO-2 with ``tensor``: the local gradient gathered over ``tensor``
       before GSPMD reduce-scatters it over ``fsdp``;
     * ``fusible`` (not in ``temp``): bytes counted above that XLA may fuse away, the in-flight
@@ -337,6 +340,11 @@ def gpt_step_memory_bytes(config: Any, /, *, rows: int, seq_len: int, grad_local
     # GPipe or circular pipeline stage's backward keep them among their residuals.
     layer_weights = layers * block / 4 * a
     zero3 = zero_stage >= 3 and fsdp > 1
+    # What a device holds of them: the ZeRO-3 shard (the stages gather a layer at a time).
+    stage_weights = layer_weights / (fsdp if zero3 else 1)
+    # An iteration runs one chunk of the stage: layers / repeats of them (circular and
+    # interleaved schedules).
+    chunk = max(1, layers // max(1, repeats))
     out: dict[str, float] = {"fusible": 0.0}
     # ZeRO-3 reduce-scatters each layer's gradient inside the backward layer loop (fsdp=8: the
     # 1-row peak is the shards plus one layer's gradient and weights); the others build the whole
@@ -355,14 +363,21 @@ def gpt_step_memory_bytes(config: Any, /, *, rows: int, seq_len: int, grad_local
     if pipe > 1:
         # A pipeline's microbatches are not an accumulation loop: the transpose of its loop
         # carries the sum of the stage's layer gradients, in the compute dtype (the weights
-        # enter the loop converted) and whole under ZeRO-2 and ZeRO-3 too (no reduce-scatter
-        # per tick), beside the current iteration's (``grads``); the embedding's gradient is
-        # not in the carry (pipe=2, data=4, small, fp32: the carry is the stage's 6 MiB;
-        # pipe=2, fsdp=4, tiny, bf16: the carry's buffers are bf16; counting the whole fp32
-        # gradient put the tiny pipelines 1.19-1.35x over; pipe=2, data=2, fsdp=2, z3, 20m:
-        # f32[3, 2048, 512] ... the stage's whole, live through the backward loop, where the
-        # ZeRO-3 shard put the formula at 0.84-0.85x).
-        out["accumulator"] = layers * block / 4 * a
+        # enter the loop converted), beside the current iteration's (``grads``); the
+        # embedding's gradient is not in the carry (pipe=2, data=4, small, fp32: the carry is
+        # the stage's 6 MiB; pipe=2, fsdp=4, tiny, bf16: the carry's buffers are bf16; counting
+        # the whole fp32 gradient put the tiny pipelines 1.19-1.35x over). Whole below ZeRO-3
+        # (fsdp is manual inside the stages: the gradients are reduced after the loop); under
+        # ZeRO-3 the shard (pipe=2, data=2, fsdp=2, z3, circular x2, small: f32[2, 1, 128,
+        # 1024] ... carried, half of w_in's [2, 1, 256, 1024]).
+        out["accumulator"] = stage_weights
+        if zero3:
+            # ZeRO-3 reduce-scatters each layer's gradient as its backward pass ends, so the
+            # current iteration holds one chunk's shard (the cond's outputs), beside the
+            # embedding's and the head's whole gradient (same layout: one layer's shards, and
+            # f32[256, 256], the vocabulary's; the ZeRO-3 shard of the whole local gradient put
+            # the small preset's ZeRO-3 pipelines 1.08-1.11x over).
+            out["grads"] = grad_local - layers * block + chunk * block / fsdp
     out["reduced"] = grad_local if zero_stage <= 1 or fsdp == 1 else grad_local / fsdp
     out["bf16_params"] = grad_local / 2 / (fsdp if zero3 else 1) if a == 2 else 0.0
     # Recompute and backward of one layer are one XLA loop body: GELU's 4 elementwise
@@ -394,12 +409,12 @@ def gpt_step_memory_bytes(config: Any, /, *, rows: int, seq_len: int, grad_local
         # gradient accumulators; with the copy counted the tiny preset's pipe=2 layouts came
         # out 1.10-1.16x over, and small's pipe=4 ones 1.08-1.15x.
         copied = not one_f_one_b and layers > 1
-        out["saved"] = slots * carry + (layer_weights if copied else 0.0)
-        # An iteration runs one chunk of the stage: layers / repeats of them (circular and
-        # interleaved schedules); its recompute under remat none stacks their residuals
-        # (pipe=2, circular x2, small: one layer's, the formula with the stage's two was 1.25-1.33
-        # over memory_analysis).
-        chunk = max(1, layers // max(1, repeats))
+        # (Under ZeRO-3 the weights are the stage's shards, and so is their copy: pipe=2, data=2,
+        # fsdp=2, z3, circular x2, small: f32[2, 1, 128, 1024] ...)
+        out["saved"] = slots * carry + (stage_weights if copied else 0.0)
+        # A chunk's recompute under remat none stacks its layers' residuals (pipe=2, circular x2,
+        # small: one layer's, the formula with the stage's two was 1.25-1.33 over
+        # memory_analysis).
         if a == 2 and chunk > 1:
             # In bf16 XLA:CPU runs a chunk's layer scan on float32 copies (its bf16
             # normalisation), made once and live through the loop that runs it: the stage's
@@ -411,7 +426,12 @@ def gpt_step_memory_bytes(config: Any, /, *, rows: int, seq_len: int, grad_local
             # 0.88x. At one layer a chunk the stage inputs' copy is there too, but the other
             # terms already reach the compiled figure (pipe=4, mb16, small: f32[19, 1, 128, 256];
             # the formula 1.20x over with it, 1.01x without): not counted there.
-            out["saved"] += 2 * layer_weights
+            # Under ZeRO-3, GPipe and circular convert the stage's shards (pipe=2, fsdp=4, z3,
+            # mb2, 20m: f32[3, 128, 2048] ..., a quarter of w_in's [3, 512, 2048]; counting the
+            # whole stage put the 20m ZeRO-3 GPipe layouts 1.15-1.33x over); a 1F1B tick's vjp
+            # converts the gathered layers (pipe=2, fsdp=4, z3, mb4, 1f1b, tiny at 4 layers:
+            # f32[2, 256, 64] ..., whole; 0.87x with the shards).
+            out["saved"] += 2 * (layer_weights if one_f_one_b else stage_weights)
             if not one_f_one_b:
                 iterations = PipelineConfig(pipe, microbatches, schedule,
                                             repeats=repeats).iterations
@@ -493,6 +513,17 @@ def gpt_step_memory_bytes(config: Any, /, *, rows: int, seq_len: int, grad_local
         # preset's ZeRO-3 layouts came out further above memory_analysis (XLA overlaps them
         # with buffers this count already has).
         out["zero3"] = zero3_working_bytes(block, fsdp=fsdp)
+        if pipe > 1:
+            # Inside a pipeline's stage the gathers are of the weights in the compute dtype
+            # (they enter the loop converted: pipe=2, fsdp=4, z3, mb2, tiny, bf16: bf16[192, 64]
+            # ... gathered), and under a layer remat the layer's gathered weights and its whole
+            # gradient are not live together: the recompute's peak holds the gathered weights
+            # (pipe=2, data=2, fsdp=2, z3, circular x2, small: f32[256, 1024], no weight-sized
+            # gradient), the backward's the whole gradient (pipe=2, fsdp=4, z3, mb4, tiny, fp32:
+            # f32[256, 64] x 2, w_in's and w_out's, gathered copies of them dead). Both counted,
+            # the ZeRO-3 pipelines with remat full were 1.06-1.19x of memory_analysis, one of
+            # them above the pre-filter's slack; remat none keeps both (0.84-0.89x with one).
+            out["zero3"] *= a / 4 / (1 if config.remat == "none" else 2)
     else:
         out["zero3"] = 0.0
     # The head's backward runs before the stack's and its logits are dead by the time the

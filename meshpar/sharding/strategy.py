@@ -109,7 +109,8 @@ class Strategy:
         ``auto`` is ZeRO-3 over ``fsdp``, except on a pipelined mesh, where it is ZeRO-1:
         ZeRO-3 re-gathers every stage's weights for every microbatch of the pipeline (DeepSpeed
         does not combine them at all), while ZeRO-1 keeps the optimizer-state saving and lets the
-        pipeline sum gradients once per step. Ask for ``zero3`` explicitly to get it anyway.
+        pipeline sum gradients once per step. Ask for ``zero3``, or give the stage
+        (``get_strategy("auto", zero_stage=3)``, ``--zero 3``), to get it anyway.
         """
         self.check_mesh(mesh)
         lower = self.pipeline_zero_stage
@@ -298,11 +299,17 @@ def get_strategy(
 ) -> Strategy:
     """A preset by name (or a Strategy), with optional overrides.
 
+    ``zero_stage`` is the stage that runs, on a pipelined mesh too: it clears the strategy's
+    :attr:`~Strategy.pipeline_zero_stage` (``auto`` alone lowers ZeRO-2/3 to ZeRO-1 on a
+    pipelined mesh; ``auto`` with ``zero_stage=3``, ``meshpar train --zero 3``, is ZeRO-3 there).
+
     Raises:
         StrategyError: unknown preset name or ZeRO stage.
 
     Example:
         >>> get_strategy("tp", zero_stage=3).zero_stage
+        3
+        >>> get_strategy("auto", zero_stage=3).for_mesh(make_mesh(pipe=2, fsdp=4)).zero_stage
         3
     """
     if isinstance(strategy, str):
@@ -317,7 +324,10 @@ def get_strategy(
     if zero_stage is not None:
         if isinstance(zero_stage, bool) or zero_stage not in (0, 1, 2, 3):
             raise StrategyError(f"unknown ZeRO stage {zero_stage!r}; stages are 0, 1, 2 and 3")
+        # An explicit stage is what the caller asked for: not lowered on a pipelined mesh (the
+        # planner's z2/z3 pipelines, `--strategy auto --zero 3`, ran ZeRO-1 while it was).
         changes["zero_stage"] = zero_stage
+        changes["pipeline_zero_stage"] = None
     if sequence_parallel is not None:
         changes["sequence_parallel"] = sequence_parallel
     return dataclasses.replace(strategy, **changes) if changes else strategy
