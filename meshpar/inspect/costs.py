@@ -315,12 +315,7 @@ def gpt_step_memory_bytes(config: Any, /, *, rows: int, seq_len: int, grad_local
     programs, pipelines above all, the allocation exceeds the bytes live at the peak by 8-30%),
     and XLA:CPU's fusion choices with tensor parallelism at 4096 tokens a device and more
     (``tensor=8``, small: 24 rows 0.98x, 32 rows 0.82x: a dozen ``[rows, T, D]`` buffers where
-    16 rows had ten). The bf16 float32 copy of a GPipe or circular loop's stage inputs is
-    present at one layer a chunk too (``pipe=4``, small; circular x2, small), but there the
-    other terms already reach the compiled figure (counting it put those layouts 1.12-1.20x
-    over): it is counted from two layers a chunk, where without it the formula was 0.80-0.90x.
-    Why one layer a chunk differs (XLA's handling of a one-iteration layer scan, presumably)
-    was not traced.
+    16 rows had ten).
 
     Example:
         >>> cfg = get_preset("small")
@@ -380,6 +375,14 @@ def gpt_step_memory_bytes(config: Any, /, *, rows: int, seq_len: int, grad_local
             out["grads"] = grad_local - layers * block + chunk * block / fsdp
     out["reduced"] = grad_local if zero_stage <= 1 or fsdp == 1 else grad_local / fsdp
     out["bf16_params"] = grad_local / 2 / (fsdp if zero3 else 1) if a == 2 else 0.0
+    if pipe > 1 and a == 2 and not zero3 and not Schedule(schedule).one_f_one_b:
+        # Below ZeRO-3 a GPipe or circular loop takes the stage's weights in float32 and
+        # converts one layer at a time inside (pipe=2, data=2, fsdp=2, z2, mb4, circular x2,
+        # remat none, small: f32[2, 1, 256, 1024] ... into the loop, bf16[1, 256, 1024] ...
+        # converted in it): no bf16 copy of the stage, only of the weights outside the stack.
+        # With the stage's copy counted, 11 of 36 bf16 GPipe and circular layouts below ZeRO-3
+        # (tiny, small, 20m) were 1.10-1.16x of memory_analysis.
+        out["bf16_params"] = (grad_local - layers * block) / 2
     # Recompute and backward of one layer are one XLA loop body: GELU's 4 elementwise
     # intermediates fuse into the backward's loops (not kept), while the cotangents of the
     # widest tensors, the [T, M] hidden and the [H, T, T] scores, are live beside the rest
@@ -420,22 +423,23 @@ def gpt_step_memory_bytes(config: Any, /, *, rows: int, seq_len: int, grad_local
             # normalisation), made once and live through the loop that runs it: the stage's
             # weights (pipe=2, data=4, mb8, small: f32[2, 256, 1024] ...; the tiny preset at 4
             # layers: f32[2, 64, 256] ...; the 1F1B loops too: pipe=2, data=2, fsdp=2, z3, mb2,
-            # 1f1b, small) and, GPipe and circular, the loop's stage inputs, one per forward
-            # iteration (f32[9, 1, 128, 256] at mb8). Without them the small preset's pipe=2 bf16
-            # pipelines were 0.80-0.96x of memory_analysis, and tiny's at two layers a stage
-            # 0.88x. At one layer a chunk the stage inputs' copy is there too, but the other
-            # terms already reach the compiled figure (pipe=4, mb16, small: f32[19, 1, 128, 256];
-            # the formula 1.20x over with it, 1.01x without): not counted there.
-            # Under ZeRO-3, GPipe and circular convert the stage's shards (pipe=2, fsdp=4, z3,
-            # mb2, 20m: f32[3, 128, 2048] ..., a quarter of w_in's [3, 512, 2048]; counting the
-            # whole stage put the 20m ZeRO-3 GPipe layouts 1.15-1.33x over); a 1F1B tick's vjp
-            # converts the gathered layers (pipe=2, fsdp=4, z3, mb4, 1f1b, tiny at 4 layers:
-            # f32[2, 256, 64] ..., whole; 0.87x with the shards).
+            # 1f1b, small) and, GPipe and circular, the loop's stage inputs (below). Without
+            # them the small preset's pipe=2 bf16 pipelines were 0.80-0.96x of memory_analysis,
+            # and tiny's at two layers a stage 0.88x. Under ZeRO-3, GPipe and circular convert
+            # the stage's shards (pipe=2, fsdp=4, z3, mb2, 20m: f32[3, 128, 2048] ..., a quarter
+            # of w_in's [3, 512, 2048]; counting the whole stage put the 20m ZeRO-3 GPipe layouts
+            # 1.15-1.33x over); a 1F1B tick's vjp converts the gathered layers (pipe=2, fsdp=4,
+            # z3, mb4, 1f1b, tiny at 4 layers: f32[2, 256, 64] ..., whole; 0.87x with the shards).
             out["saved"] += 2 * (layer_weights if one_f_one_b else stage_weights)
-            if not one_f_one_b:
-                iterations = PipelineConfig(pipe, microbatches, schedule,
-                                            repeats=repeats).iterations
-                out["saved"] += iterations * carry * 2
+        if a == 2 and not one_f_one_b:
+            # GPipe and circular in bf16 save the iterations' stage inputs in float32: from two
+            # layers a chunk a copy beside the bf16 slots (f32[9, 1, 128, 256] at pipe=2,
+            # data=4, mb8, small, two layers a chunk); at one layer a chunk in their stead
+            # (pipe=2, tensor=4, mb4, circular x2, small: f32[9, 8, 128, 256] beside the M
+            # buffer bf16[4, 8, 128, 256]: one bf16 set more than the slots count; without it
+            # that layout was 0.88x of memory_analysis, the tiny preset's tensor=4 ones 0.90x).
+            iterations = PipelineConfig(pipe, microbatches, schedule, repeats=repeats).iterations
+            out["saved"] += iterations * carry * (2 if chunk > 1 else 1)
         # 1F1B without stage remat: each in-flight chunk forward's vjp residuals, its layers'
         # inputs (the layer scan's own remat) or all their residuals (remat none, in the
         # compute dtype: they are the vjp's own values); its weights are not copied. One more
@@ -474,8 +478,11 @@ def gpt_step_memory_bytes(config: Any, /, *, rows: int, seq_len: int, grad_local
         # While the recompute runs the chunk's last layer, that layer's widest intermediates,
         # the [H, T, T] scores and the [T, M] hidden, are live twice (computed, and their
         # elementwise successors) before they join the stack (pipe=2, data=4, small, fp32, 4
-        # rows a microbatch: 10.5 MiB in flight beside the 50 MiB stack, this count 8).
-        in_flight = micro * t * 4.0 * 2 * (h * t + m)
+        # rows a microbatch: 10.5 MiB in flight beside the 50 MiB stack, this count 8); in bf16
+        # at the compute dtype's size (counted at float32's, the bf16 remat-none GPipe and
+        # circular layouts were up to 1.12x of memory_analysis with the iterations' float32
+        # stage inputs above counted, 0.93-1.08x this way).
+        in_flight = micro * t * a * 2 * (h * t + m)
         if config.remat != "none":
             out["working"] = one_layer
         elif one_f_one_b:
