@@ -302,7 +302,8 @@ def gpt_step_memory_bytes(config: Any, /, *, rows: int, seq_len: int, grad_local
       backward phase holds the larger of ``working`` and ``head``, not both (``pipe=2``,
       ``fsdp=4``, tiny: no logits live at the peak inside the pipeline's backward loop);
     * ``zero3``: ZeRO-3's gathered weights of the layer in use and its whole gradient (in a
-      pipeline's stage in the compute dtype, and under a layer remat one of the two);
+      GPipe or circular stage in the compute dtype; in a pipeline under a layer remat, one of
+      the two);
     * ``tensor_gather``: ZeRO-2 with ``tensor``: the local gradient gathered over ``tensor``
       before GSPMD reduce-scatters it over ``fsdp``;
     * ``fusible`` (not in ``temp``): bytes counted above that XLA may fuse away, the in-flight
@@ -460,7 +461,12 @@ def gpt_step_memory_bytes(config: Any, /, *, rows: int, seq_len: int, grad_local
             # (Less the stacked q k v weight of gpt_layer_residual_bytes: made from the weights
             # alone, so recomputed, not kept: meshpar.parallel.residuals.)
             qkv = 3 * d * h * config.head_size * a
-            per_set = chunk * (residuals - qkv if config.remat == "none" else carry)
+            # A set holds two float32 [H, T, T] arrays a row, not gpt_layer_residual_bytes'
+            # mask and probabilities besides (pipe=2, data=4, mb4, 1f1b, remat none, small:
+            # f32[2, 2, 2, 8, 128, 128] x 2 among the slots; with those counted the small
+            # preset's fp32 1F1B remat-none layouts were 1.12-1.13x of memory_analysis).
+            scores = micro * h * t * t * (1 + a)
+            per_set = chunk * (residuals - qkv - scores if config.remat == "none" else carry)
             out["saved"] += (residual_slots + 1) * per_set
             # The backward tick's set read out of the slots, two sets' worth:
             # * bf16: XLA:CPU reads it as float32 (``convert`` then ``dynamic-slice``: its bf16
@@ -471,10 +477,16 @@ def gpt_step_memory_bytes(config: Any, /, *, rows: int, seq_len: int, grad_local
             # * fp32, remat none, from two layers a chunk: two copies of a set sliced out
             #   (``dynamic-slice``s of every stacked residual, live through the loop: pipe=2,
             #   data=2, tensor=2, mb8, small). Without them: 0.81x of memory_analysis there,
-            #   0.78-0.82x at tiny with 4 layers and 20m; with them 1.11x, 1.02x and 0.98x. (At
-            #   one layer a chunk the formula is at 0.92-0.97x without them.)
+            #   0.78-0.82x at tiny with 4 layers and 20m; with them 1.11x, 1.02x and 0.98x.
+            # At one layer a chunk the fp32 program slices the two copies too (pipe=2, tensor=4,
+            # mb4, 1f1b, remat none, tiny: f32[1, 1, 4, 32, 64] ... and f32[1, 4, 32, 64] ...),
+            # but with both counted the formula was 1.17-1.26x of memory_analysis there, with
+            # one 0.95-1.08x, with none 0.84-0.91x: the tick's working set (``one_layer``)
+            # overlaps them; which buffers XLA shares was not traced.
             if a == 2 or (config.remat == "none" and chunk > 1):
                 out["saved"] += 2 * per_set
+            elif config.remat == "none":
+                out["saved"] += per_set
         # While the recompute runs the chunk's last layer, that layer's widest intermediates,
         # the [H, T, T] scores and the [T, M] hidden, are live twice (computed, and their
         # elementwise successors) before they join the stack (pipe=2, data=4, small, fp32, 4
@@ -521,16 +533,20 @@ def gpt_step_memory_bytes(config: Any, /, *, rows: int, seq_len: int, grad_local
         # with buffers this count already has).
         out["zero3"] = zero3_working_bytes(block, fsdp=fsdp)
         if pipe > 1:
-            # Inside a pipeline's stage the gathers are of the weights in the compute dtype
-            # (they enter the loop converted: pipe=2, fsdp=4, z3, mb2, tiny, bf16: bf16[192, 64]
-            # ... gathered), and under a layer remat the layer's gathered weights and its whole
-            # gradient are not live together: the recompute's peak holds the gathered weights
-            # (pipe=2, data=2, fsdp=2, z3, circular x2, small: f32[256, 1024], no weight-sized
-            # gradient), the backward's the whole gradient (pipe=2, fsdp=4, z3, mb4, tiny, fp32:
-            # f32[256, 64] x 2, w_in's and w_out's, gathered copies of them dead). Both counted,
-            # the ZeRO-3 pipelines with remat full were 1.06-1.19x of memory_analysis, one of
-            # them above the pre-filter's slack; remat none keeps both (0.84-0.89x with one).
-            out["zero3"] *= a / 4 / (1 if config.remat == "none" else 2)
+            # Inside a GPipe or circular stage the gathers are of the weights in the compute
+            # dtype (they enter the loop converted: pipe=2, fsdp=4, z3, mb2, tiny, bf16:
+            # bf16[192, 64] ... gathered; a 1F1B tick gathers float32 and converts after:
+            # pipe=2, fsdp=4, z3, mb8, interleaved-1f1b x2, small, bf16: f32[256, 1024] ...,
+            # 0.86x counted in bf16), and under a layer remat the layer's gathered weights and
+            # its whole gradient are not live together: the recompute's peak holds the gathered
+            # weights (pipe=2, data=2, fsdp=2, z3, circular x2, small: f32[256, 1024], no
+            # weight-sized gradient), the backward's the whole gradient (pipe=2, fsdp=4, z3, mb4,
+            # tiny, fp32: f32[256, 64] x 2, w_in's and w_out's, gathered copies of them dead).
+            # Both counted, the ZeRO-3 pipelines with remat full were 1.06-1.19x of
+            # memory_analysis, one of them above the pre-filter's slack; remat none keeps both
+            # (0.84-0.89x with one).
+            dtype = 1.0 if Schedule(schedule).one_f_one_b else a / 4
+            out["zero3"] *= dtype / (1 if config.remat == "none" else 2)
     else:
         out["zero3"] = 0.0
     # The head's backward runs before the stack's and its logits are dead by the time the
