@@ -490,11 +490,12 @@ def gpt_step_memory_bytes(config: Any, /, *, rows: int, seq_len: int, grad_local
         # While the recompute runs the chunk's last layer, that layer's widest intermediates,
         # the [H, T, T] scores and the [T, M] hidden, are live twice (computed, and their
         # elementwise successors) before they join the stack (pipe=2, data=4, small, fp32, 4
-        # rows a microbatch: 10.5 MiB in flight beside the 50 MiB stack, this count 8); in bf16
-        # at the compute dtype's size (counted at float32's, the bf16 remat-none GPipe and
-        # circular layouts were up to 1.12x of memory_analysis with the iterations' float32
-        # stage inputs above counted, 0.93-1.08x this way).
-        in_flight = micro * t * a * 2 * (h * t + m)
+        # rows a microbatch: 10.5 MiB in flight beside the 50 MiB stack, this count 8). Float32
+        # whatever the compute dtype from two layers a chunk (the chunk's layer scan runs on
+        # float32 copies, above), in the compute dtype at one layer a chunk (counted at
+        # float32's there, the bf16 remat-none GPipe and circular layouts were up to 1.12x of
+        # memory_analysis; at the compute dtype's from two layers a chunk, down to 0.885x).
+        in_flight = micro * t * (a if chunk == 1 else 4.0) * 2 * (h * t + m)
         if config.remat != "none":
             out["working"] = one_layer
         elif one_f_one_b:
