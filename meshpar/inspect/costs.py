@@ -289,14 +289,16 @@ def gpt_step_memory_bytes(config: Any, /, *, rows: int, seq_len: int, grad_local
       ``[rows, T, D]``; remat ``none`` every layer's autodiff residuals
       (:func:`gpt_layer_residual_bytes`) and a copy of the stacked weights the layer scan saves
       with them; a pipeline one stage input per activation slot (and, GPipe and circular, the
-      stage's weights among its ``lax.cond``'s outputs from two layers a stage, and in bf16,
-      from two layers a chunk, float32 copies of the stage inputs and weights (ZeRO-3: the
-      shards of the weights, except 1F1B's, converted after the gather); 1F1B, its
+      stage's weights among its ``lax.cond``'s outputs from two layers a stage, and in bf16
+      the stage inputs in float32 (beside the bf16 slots from two layers a chunk, in their
+      stead at one) and, from two layers a chunk, float32 copies of the weights (ZeRO-3: the
+      shards, except 1F1B's, converted after the gather); 1F1B, its
       blocks of the stack's boundary values and the messages its permutes carry);
     * ``working``: what the stack's backward pass holds of one layer or chunk: one layer's
       residuals, recomputed while its backward pass runs (remat full, and the last layer of a
-      1F1B tick's ``vjp``); a rematerialised pipeline chunk under remat none, its layers'
-      stacked residuals and the last layer's intermediates in flight;
+      1F1B tick's ``vjp``; a GPipe or circular chunk's recompute also saves its layers'
+      inputs); a rematerialised pipeline chunk under remat none, its layers' stacked residuals
+      and the last layer's intermediates in flight;
     * ``head``: the fp32 logits ``[rows, T, V/t]``, their log-softmax and their gradient. The
       head's backward runs before the stack's and its buffers are dead by then, so the
       backward phase holds the larger of ``working`` and ``head``, not both (``pipe=2``,
@@ -498,6 +500,12 @@ def gpt_step_memory_bytes(config: Any, /, *, rows: int, seq_len: int, grad_local
         in_flight = micro * t * (a if chunk == 1 else 4.0) * 2 * (h * t + m)
         if config.remat != "none":
             out["working"] = one_layer
+            if not one_f_one_b:
+                # GPipe and circular: the recompute's layer scan saves its layers' inputs, the
+                # cond's first output (pipe=2, tensor=4, mb2, 20m at 32 x 256: f32[3, 16, 256,
+                # 512], the chunk's three; 0.83x of memory_analysis without them). 1F1B's are in
+                # its residual sets (``per_set``).
+                out["working"] += chunk * carry
         elif one_f_one_b:
             # The 1F1B schedules take a jax.vjp of the chunk per backward tick: XLA runs the
             # last layer's forward and backward as one region, as under remat full, and keeps

@@ -45,8 +45,8 @@ def format_plan_result(result: PlanResult, /, *, top: int = 15) -> str:
     if compiled:
         ratios = [c.memory_analytic / c.memory_compiled for c in compiled]
         lines.append(f"memory formula / compiled memory_analysis over the {len(compiled)} "
-                     f"compiled: {min(ratios):.2f} .. {max(ratios):.2f} (the formula is a "
-                     "pre-filter: it leaves out XLA's temporaries)")
+                     f"compiled: {min(ratios):.2f} .. {max(ratios):.2f} (the formula is the "
+                     "pre-filter's estimate; a compiled candidate reports memory_analysis)")
     if fitting:
         best = fitting[0]
         lines.append("")
