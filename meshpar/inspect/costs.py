@@ -343,6 +343,7 @@ def gpt_step_memory_bytes(config: Any, /, *, rows: int, seq_len: int, grad_local
     # An iteration runs one chunk of the stage: layers / repeats of them (circular and
     # interleaved schedules).
     chunk = max(1, layers // max(1, repeats))
+    one_f_one_b = Schedule(schedule).one_f_one_b
     out: dict[str, float] = {"fusible": 0.0}
     # ZeRO-3 reduce-scatters each layer's gradient inside the backward layer loop (fsdp=8: the
     # 1-row peak is the shards plus one layer's gradient and weights); the others build the whole
@@ -378,7 +379,7 @@ def gpt_step_memory_bytes(config: Any, /, *, rows: int, seq_len: int, grad_local
             out["grads"] = grad_local - layers * block + chunk * block / fsdp
     out["reduced"] = grad_local if zero_stage <= 1 or fsdp == 1 else grad_local / fsdp
     out["bf16_params"] = grad_local / 2 / (fsdp if zero3 else 1) if a == 2 else 0.0
-    if pipe > 1 and a == 2 and not zero3 and not Schedule(schedule).one_f_one_b:
+    if pipe > 1 and a == 2 and not zero3 and not one_f_one_b:
         # Below ZeRO-3 a GPipe or circular loop takes the stage's weights in float32 and
         # converts one layer at a time inside (pipe=2, data=2, fsdp=2, z2, mb4, circular x2,
         # remat none, small: f32[2, 1, 256, 1024] ... into the loop, bf16[1, 256, 1024] ...
@@ -408,7 +409,6 @@ def gpt_step_memory_bytes(config: Any, /, *, rows: int, seq_len: int, grad_local
         # data=4, small, fp32: 6 MiB of weight-shaped cond outputs at the peak). The 1F1B
         # schedules take a jax.vjp inside the tick and return gradients only (pipe=4, 1f1b,
         # small: no such copy; counting it put the formula 1.15x over).
-        one_f_one_b = Schedule(schedule).one_f_one_b
         # Not at one layer a stage: pipe=2, fsdp=4, z2, mb4, tiny, fp32 has no weight-shaped
         # buffer of the stage live at the peak (its weights are the parameters' own buffers),
         # and the bf16 z1 mb2 one only the step's bf16 copy (``bf16_params``) beside the bf16
@@ -554,7 +554,7 @@ def gpt_step_memory_bytes(config: Any, /, *, rows: int, seq_len: int, grad_local
             # Both counted, the ZeRO-3 pipelines with remat full were 1.06-1.19x of
             # memory_analysis, one of them above the pre-filter's slack; remat none keeps both
             # (0.84-0.89x with one).
-            dtype = 1.0 if Schedule(schedule).one_f_one_b else a / 4
+            dtype = 1.0 if one_f_one_b else a / 4
             out["zero3"] *= dtype / (1 if config.remat == "none" else 2)
     else:
         out["zero3"] = 0.0
