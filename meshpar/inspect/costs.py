@@ -286,19 +286,20 @@ def gpt_step_memory_bytes(config: Any, /, *, rows: int, seq_len: int, grad_local
       gradient; reduce-scatter: the shard) (``data=8``, 1 row: the peak is exactly 2 gradients);
     * ``bf16_params``: the bf16 copy of the parameters the step computes with;
     * ``saved``: what the backward pass needs of the forward: remat ``full`` each layer's input
-      ``[rows, T, D]``; remat ``none`` every layer's autodiff residuals
-      (:func:`gpt_layer_residual_bytes`) and a copy of the stacked weights the layer scan saves
-      with them; a pipeline one stage input per activation slot (and, GPipe and circular, the
-      stage's weights among its ``lax.cond``'s outputs from two layers a stage, and in bf16
-      the stage inputs in float32 (beside the bf16 slots from two layers a chunk, in their
-      stead at one) and, from two layers a chunk, float32 copies of the weights (ZeRO-3: the
-      shards, except 1F1B's, converted after the gather); 1F1B, its
+      ``[rows, T, D]`` (in float32, whatever the compute dtype); remat ``none`` every layer's
+      autodiff residuals (:func:`gpt_layer_residual_bytes`) and a copy of the stacked weights
+      the layer scan saves with them; a pipeline one stage input per activation slot (and,
+      GPipe and circular, the stage's weights among its ``lax.cond``'s outputs from two
+      layers a stage (interleaved 1F1B with ``fsdp``: a copy of them in its chunk-major
+      layout), and in bf16 the stage inputs in float32 (beside the bf16 slots from two layers
+      a chunk, in their stead at one) and, from two layers a chunk, float32 copies of the
+      weights (ZeRO-3: the shards, except 1F1B's, converted after the gather); 1F1B, its
       blocks of the stack's boundary values and the messages its permutes carry);
     * ``working``: what the stack's backward pass holds of one layer or chunk: one layer's
-      residuals, recomputed while its backward pass runs (remat full, and the last layer of a
-      1F1B tick's ``vjp``; a GPipe or circular chunk's recompute also saves its layers'
-      inputs); a rematerialised pipeline chunk under remat none, its layers' stacked residuals
-      and the last layer's intermediates in flight;
+      recompute and backward pass at its peak, the MLP's backward or the LayerNorms' (remat
+      full, and the last layer of a 1F1B tick's ``vjp``; a GPipe or circular chunk's
+      recompute also saves its layers' inputs); a rematerialised pipeline chunk under remat
+      none, its layers' stacked residuals and the last layer's intermediates in flight;
     * ``head``: the fp32 logits ``[rows, T, V/t]``, their log-softmax and their gradient. The
       head's backward runs before the stack's and its buffers are dead by then, so the
       backward phase holds the larger of ``working`` and ``head``, not both (``pipe=2``,
@@ -307,7 +308,8 @@ def gpt_step_memory_bytes(config: Any, /, *, rows: int, seq_len: int, grad_local
       GPipe or circular stage in the compute dtype; in a pipeline under a layer remat, one of
       the two);
     * ``tensor_gather``: ZeRO-2 with ``tensor``: the local gradient gathered over ``tensor``
-      before GSPMD reduce-scatters it over ``fsdp``;
+      before GSPMD reduce-scatters it over ``fsdp`` (in bf16 beside a float32 copy of the
+      weights);
     * ``fusible`` (not in ``temp``): bytes counted above that XLA may fuse away, the in-flight
       intermediates of a rematerialised remat-none chunk; the planner's pre-filter holds the
       estimate less these against the budget, so that it rejects no layout that fits for
@@ -315,10 +317,9 @@ def gpt_step_memory_bytes(config: Any, /, *, rows: int, seq_len: int, grad_local
 
     Not modelled (the formula is below ``memory_analysis`` there, which the pre-filter
     tolerates): XLA's packing of buffers into its temporary allocation (in loop-heavy
-    programs, pipelines above all, the allocation exceeds the bytes live at the peak by 8-30%),
-    and XLA:CPU's fusion choices with tensor parallelism at 4096 tokens a device and more
-    (``tensor=8``, small: 24 rows 0.98x, 32 rows 0.82x: a dozen ``[rows, T, D]`` buffers where
-    16 rows had ten).
+    programs, pipelines above all, and the tiny preset, the allocation exceeds the bytes live
+    at the peak by 8-30%: ``fsdp=2``, ``tensor=4``, remat none, tiny: 2.69 MiB live, 3.27
+    allocated).
 
     Example:
         >>> cfg = get_preset("small")
@@ -387,11 +388,32 @@ def gpt_step_memory_bytes(config: Any, /, *, rows: int, seq_len: int, grad_local
         # With the stage's copy counted, 11 of 36 bf16 GPipe and circular layouts below ZeRO-3
         # (tiny, small, 20m) were 1.10-1.16x of memory_analysis.
         out["bf16_params"] = (grad_local - layers * block) / 2
-    # Recompute and backward of one layer are one XLA loop body: GELU's 4 elementwise
-    # intermediates fuse into the backward's loops (not kept), while the cotangents of the
-    # widest tensors, the [T, M] hidden and the [H, T, T] scores, are live beside the rest
-    # (data=8, small, 4 and 8 rows: 5.9 MiB a row against this count's 6.0).
-    one_layer = residuals + micro * t * (4 * m + 4 * h * t - 4 * m * a)
+    # One layer's recompute and backward pass are one XLA loop body (remat full, and the last
+    # layer of a 1F1B tick's vjp), read from the buffers live at its peak: the attention's q,
+    # k, v and heads' output (compute dtype), its scores and probabilities [H, T, T]
+    # (float32), the stacked q k v weight, and [T, D] and [T, M] buffers (the LayerNorms'
+    # residuals and cotangents, the layer's input, the hidden layer, its GELU and their
+    # cotangents), whose count depends on the phase that peaks. ``phases`` holds each phase's
+    # bytes per token of the [T, D] and the [T, M] ones:
+    # * the MLP's backward: 8 [T, D] and 4 [T, M] in float32 (20m at 32 x 256, fsdp=8, z3:
+    #   four f32[4, 256, 2048], seven [4, 256, 512] and the layer input; small, 1F1B, pipe=2,
+    #   fsdp=2, tensor=2 the same); in bf16 4 + 6 bf16 and 3 + 1 bf16 (20m, fsdp=8, z3, bf16);
+    # * the LayerNorms' backward: 8 [T, D] and 3 [T, M] (small, tensor=8, 24 rows); from 4096
+    #   tokens a microbatch XLA:CPU runs their reductions as YNNPACK fusions with their inputs
+    #   materialised, 11 (small, tensor=8, 32 rows: ``ynn_fusion`` reduce_sums f32[32, 128,
+    #   256]; 20m: 3840 tokens 8, 4096 tokens 11); in bf16 6 + 5 bf16 and one [T, M], from
+    #   4096 tokens 9 + 3 bf16 and 3.
+    # The count this replaced (every residual, and the [T, M] and [H, T, T] cotangents as if
+    # one phase held them all) was 15% over at tensor=1 and 20-30% under at tensor=8: 20m at
+    # 32 x 256 came out 0.83-1.11x of memory_analysis, 0.94-1.05x with this (the 12 layouts of
+    # benchmarks/bench_plan.py), small and 20m tensor=8 in bf16 0.71-0.85x, now 0.97-0.98x.
+    big = micro * t >= 4096
+    if a == 4:
+        phases = ((32, 16), (44 if big else 32, 12))
+    else:
+        phases = ((28, 14), (42, 12) if big else (34, 4))
+    one_layer = 3 * d * h * config.head_size * a + micro * t * (
+        4 * h * config.head_size * a + 2 * h * t * 4 + max(pd * d + pm * m for pd, pm in phases))
     # Remat none keeps every layer's residuals as the layer scan's outputs: fp32-sized even in
     # bf16 (XLA:CPU normalises bf16 elementwise work to fp32; data=8, small, bf16: 6.1 MiB a
     # layer and row, as fp32's 6.1), with the scan's copy of the stacked weights.
@@ -415,6 +437,13 @@ def gpt_step_memory_bytes(config: Any, /, *, rows: int, seq_len: int, grad_local
         # gradient accumulators; with the copy counted the tiny preset's pipe=2 layouts came
         # out 1.10-1.16x over, and small's pipe=4 ones 1.08-1.15x.
         copied = not one_f_one_b and layers > 1
+        # The interleaved 1F1B schedule with fsdp inside the stages copies the stage's
+        # weights into its chunk-major layout (pipe=2, fsdp=2, tensor=2, z2, mb4, interleaved
+        # x 2, small: f32[2, 1, 256, 512] ... twice beside the parameters, one of them the
+        # gradient; without the copy 0.89x of memory_analysis, the interleaved layouts of the
+        # development samples 0.86-1.0x, with it 0.94-1.04x). Not with data alone (pipe=2,
+        # data=4, mb4, interleaved x 2, small, bf16: 1.10x with it counted, 1.03x without).
+        copied = copied or (one_f_one_b and repeats > 1 and fsdp > 1)
         # (Under ZeRO-3 the weights are the stage's shards, and so is their copy: pipe=2, data=2,
         # fsdp=2, z3, circular x2, small: f32[2, 1, 128, 1024] ...)
         out["saved"] = slots * carry + (stage_weights if copied else 0.0)
@@ -476,16 +505,19 @@ def gpt_step_memory_bytes(config: Any, /, *, rows: int, seq_len: int, grad_local
             #   none, tiny, bf16: 0.92 MB of f32 slices of the slots live in the tick at the
             #   peak; 0.78x without, 1.03x with; small, pipe=4, tensor=2, mb8, remat none:
             #   0.83x without, 1.06x with);
-            # * fp32, remat none, from two layers a chunk: two copies of a set sliced out
+            # * fp32, from two layers a chunk: two copies of a set sliced out
             #   (``dynamic-slice``s of every stacked residual, live through the loop: pipe=2,
-            #   data=2, tensor=2, mb8, small). Without them: 0.81x of memory_analysis there,
-            #   0.78-0.82x at tiny with 4 layers and 20m; with them 1.11x, 1.02x and 0.98x.
+            #   data=2, tensor=2, mb8, remat none, small. Without them: 0.81x of
+            #   memory_analysis there, 0.78-0.82x at tiny with 4 layers and 20m; with them
+            #   1.11x, 1.02x and 0.98x. Under remat full the layer inputs the same way:
+            #   pipe=2, fsdp=2, tensor=2, z1, mb2, small: f32[1, 2, 8, 128, 256] and f32[2, 8,
+            #   128, 256] sliced out of the f32[2, 2, 8, 128, 256] slots; 0.90x without).
             # At one layer a chunk the fp32 program slices the two copies too (pipe=2, tensor=4,
             # mb4, 1f1b, remat none, tiny: f32[1, 1, 4, 32, 64] ... and f32[1, 4, 32, 64] ...),
             # but with both counted the formula was 1.17-1.26x of memory_analysis there, with
             # one 0.95-1.08x, with none 0.84-0.91x: the tick's working set (``one_layer``)
             # overlaps them; which buffers XLA shares was not traced.
-            if a == 2 or (config.remat == "none" and chunk > 1):
+            if a == 2 or chunk > 1:
                 out["saved"] += 2 * per_set
             elif config.remat == "none":
                 out["saved"] += per_set
@@ -530,7 +562,10 @@ def gpt_step_memory_bytes(config: Any, /, *, rows: int, seq_len: int, grad_local
         out["working"] = 0.0
         head_rows = micro
     else:
-        out["saved"] = layers * carry
+        # Each layer's input, float32 whatever the compute dtype: XLA:CPU converts the bf16
+        # stack the forward scan saved before the backward loop reads it (20m, fsdp=8, z3,
+        # bf16: f32[6, 4, 256, 512]; small, tensor=8, bf16: f32[4, 32, 128, 256]).
+        out["saved"] = layers * micro * t * d * 4.0
         out["working"] = one_layer
         head_rows = micro
     # The fp32 logits [rows, T, V/t], their log-softmax and their gradient.
@@ -541,6 +576,15 @@ def gpt_step_memory_bytes(config: Any, /, *, rows: int, seq_len: int, grad_local
         # preset's ZeRO-3 layouts came out further above memory_analysis (XLA overlaps them
         # with buffers this count already has).
         out["zero3"] = zero3_working_bytes(block, fsdp=fsdp)
+        if pipe == 1 and tensor > 1:
+            # With tensor parallelism the layer's gathered buffer is dead at the peak, only the
+            # weights copied out of it live, and its gradient not yet whole (fsdp=4, tensor=2,
+            # z3, tiny and 20m: the slices of w_in, q k v and w_o, 0.65 of the tensor shard
+            # of a layer; 1.03-1.06x of memory_analysis counted at 0.75 of the two, 1.10-1.11x
+            # at both); with microbatches more of it (fsdp=4, tensor=2, z3, mb4, tiny: 0.98x
+            # at 0.75, 0.93x at 0.5). (fsdp=8, z3, 20m: the gathered f32[8, 393792] and its
+            # slices, both counted.)
+            out["zero3"] *= 0.75
         if pipe > 1:
             # Inside a GPipe or circular stage the gathers are of the weights in the compute
             # dtype (they enter the loop converted: pipe=2, fsdp=4, z3, mb2, tiny, bf16:
@@ -574,6 +618,12 @@ def gpt_step_memory_bytes(config: Any, /, *, rows: int, seq_len: int, grad_local
     out["tensor_gather"] = grad_local * tensor if (zero_stage == 2 and fsdp > 1 and tensor > 1
                                                    and pipe == 1) else 0.0
     gather_phase = out["grads"] + out["accumulator"] + out["tensor_gather"]
+    if out["tensor_gather"] and a == 2:
+        # In bf16 XLA:CPU keeps a float32 copy of the (bf16-rounded) weights the step computes
+        # with through the reduction (fsdp=2, tensor=4, z2, mb2, bf16, 20m at 32 x 256:
+        # f32[6, 512, 512] ... ``convert_convert`` beside the gathered f32[512, 6, 2048]
+        # gradients; 0.89x of memory_analysis without it, 0.93x with).
+        gather_phase += 2 * out["bf16_params"]
     out["temp"] = max(backward, update, gather_phase)
     out["total"] = out["temp"] - grad_kept
     return out
