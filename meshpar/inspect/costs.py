@@ -405,7 +405,7 @@ def gpt_step_memory_bytes(config: Any, /, *, rows: int, seq_len: int, grad_local
     #   4096 tokens 9 + 3 bf16 and 3.
     # The count this replaced (every residual, and the [T, M] and [H, T, T] cotangents as if
     # one phase held them all) was 15% over at tensor=1 and 20-30% under at tensor=8: 20m at
-    # 32 x 256 came out 0.83-1.11x of memory_analysis, 0.94-1.05x with this (the 12 layouts of
+    # 32 x 256 came out 0.83-1.11x of memory_analysis, 0.94-1.03x with this (the 12 layouts of
     # benchmarks/bench_plan.py), small and 20m tensor=8 in bf16 0.71-0.85x, now 0.97-0.98x.
     big = micro * t >= 4096
     if a == 4:
