@@ -407,11 +407,11 @@ def gpt_step_memory_bytes(config: Any, /, *, rows: int, seq_len: int, grad_local
     # one phase held them all) was 15% over at tensor=1 and 20-30% under at tensor=8: 20m at
     # 32 x 256 came out 0.83-1.11x of memory_analysis, 0.94-1.03x with this (the 12 layouts of
     # benchmarks/bench_plan.py), small and 20m tensor=8 in bf16 0.71-0.85x, now 0.97-0.98x.
-    big = micro * t >= 4096
+    ynn_reductions = micro * t >= 4096  # the LayerNorms' YNNPACK reductions (above)
     if a == 4:
-        phases = ((32, 16), (44 if big else 32, 12))
+        phases = ((32, 16), (44 if ynn_reductions else 32, 12))
     else:
-        phases = ((28, 14), (42, 12) if big else (34, 4))
+        phases = ((28, 14), (42, 12) if ynn_reductions else (34, 4))
     one_layer = 3 * d * h * config.head_size * a + micro * t * (
         4 * h * config.head_size * a + 2 * h * t * 4 + max(pd * d + pm * m for pd, pm in phases))
     # Remat none keeps every layer's residuals as the layer scan's outputs: fp32-sized even in
