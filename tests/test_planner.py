@@ -346,12 +346,15 @@ def test_formula_memory_is_close_to_memory_analysis():
     none 0.78x without the float32 read of the residual slot); and at two layers a stage (four
     layers), a bf16 GPipe and a bf16 1F1B pipeline (0.86x and 0.82x without the float32 copies
     of the stage inputs and weights the layer scan runs on), a ZeRO-3 one and an fp32 1F1B
-    remat-none one (0.81x without the two residual sets its backward loop slices out); a ZeRO-3
-    pipeline with 1-row microbatches (1.19x, above the pre-filter's slack, while the formula
-    counted a layer's gathered weights and its whole gradient together; the ZeRO-3 pipelines
-    ran ZeRO-1 programs until 2026-12-03); and tensor parallel at 4096 tokens a device, fp32
-    and bf16. A budget equal to each compiled figure must not make the pre-filter reject the
-    layout."""
+    remat-none one (0.81x without the two residual sets its backward loop slices out), two
+    bf16 GPipe remat-none ones (0.82x without the slices of a layer's residuals beside the
+    chunk's stacks; ZeRO-3, 0.83x counting the stage's shards where the recompute returns the
+    gathered layers); a ZeRO-3 pipeline with 1-row microbatches (1.19x, above the pre-filter's
+    slack, while the formula counted a layer's gathered weights and its whole gradient
+    together; the ZeRO-3 pipelines ran ZeRO-1 programs until 2026-12-03); tensor parallel at
+    4096 tokens a device, fp32 and bf16; and remat none with tensor=4 (0.84x without the
+    backward loop's slices of a layer's residuals). A budget equal to each compiled figure must
+    not make the pre-filter reject the layout."""
     layouts = [Layout(data=8, remat="none", precision="bf16"),
                Layout(data=2, fsdp=4, zero_stage=2, remat="none", precision="bf16"),
                Layout(fsdp=4, tensor=2, zero_stage=1, microbatches=2, remat="none",
@@ -363,7 +366,8 @@ def test_formula_memory_is_close_to_memory_analysis():
                       precision="bf16"),
                Layout(pipe=2, fsdp=4, zero_stage=1, microbatches=2, schedule="1f1b",
                       remat="none", precision="bf16"),
-               Layout(pipe=2, fsdp=4, zero_stage=3, microbatches=4, remat="full")]
+               Layout(pipe=2, fsdp=4, zero_stage=3, microbatches=4, remat="full"),
+               Layout(fsdp=2, tensor=4, zero_stage=3, remat="none")]
     result = plan_gpt(get_preset("tiny"), batch_size=16, devices=8, hardware="h100-sxm",
                       layouts=layouts, compile_top=len(layouts), progress=False)
     assert len(result.candidates) == len(layouts)
@@ -371,7 +375,10 @@ def test_formula_memory_is_close_to_memory_analysis():
               Layout(pipe=2, fsdp=4, zero_stage=1, microbatches=2, schedule="1f1b", remat="full",
                      precision="bf16"),
               Layout(pipe=2, data=2, fsdp=2, zero_stage=3, microbatches=2, remat="full"),
-              Layout(pipe=2, data=4, microbatches=4, schedule="1f1b", remat="none")]
+              Layout(pipe=2, data=4, microbatches=4, schedule="1f1b", remat="none"),
+              Layout(pipe=2, tensor=4, remat="none", precision="bf16"),
+              Layout(pipe=2, fsdp=4, zero_stage=3, microbatches=2, remat="none",
+                     precision="bf16")]
     four = plan_gpt(get_preset("tiny", layers=4), batch_size=16, devices=8, hardware="h100-sxm",
                     layouts=deeper, compile_top=len(deeper), progress=False)
     assert len(four.candidates) == len(deeper)

@@ -310,16 +310,18 @@ def gpt_step_memory_bytes(config: Any, /, *, rows: int, seq_len: int, grad_local
     * ``tensor_gather``: ZeRO-2 with ``tensor``: the local gradient gathered over ``tensor``
       before GSPMD reduce-scatters it over ``fsdp`` (in bf16 beside a float32 copy of the
       weights);
+    * ``slices``: remat none with ``tensor`` outside a pipeline, the backward layer loop's
+      copies of one layer's residuals sliced out of the stacks and their cotangents (in
+      [T, D] buffers a microbatch, measured);
     * ``fusible`` (not in ``temp``): bytes counted above that XLA may fuse away, the in-flight
       intermediates of a rematerialised remat-none chunk; the planner's pre-filter holds the
       estimate less these against the budget, so that it rejects no layout that fits for
       their sake.
 
-    Not modelled (the formula is below ``memory_analysis`` there, which the pre-filter
-    tolerates): XLA's packing of buffers into its temporary allocation (in loop-heavy
-    programs, pipelines above all, and the tiny preset, the allocation exceeds the bytes live
-    at the peak by 8-30%: ``fsdp=2``, ``tensor=4``, remat none, tiny: 2.69 MiB live, 3.27
-    allocated).
+    XLA packs its temporary allocation tightly: at its busiest program point the values live
+    fill 98-100% of it (five dumps, tiny to 20m, pipelined and not). That point is not the
+    one the live-range dump marks "(peak)"; read from the marked one, the allocation seemed
+    8-30% larger than the bytes live. What the terms miss is buffers, not packing.
 
     Example:
         >>> cfg = get_preset("small")
@@ -345,7 +347,7 @@ def gpt_step_memory_bytes(config: Any, /, *, rows: int, seq_len: int, grad_local
     # interleaved schedules).
     chunk = max(1, layers // max(1, repeats))
     one_f_one_b = Schedule(schedule).one_f_one_b
-    out: dict[str, float] = {"fusible": 0.0}
+    out: dict[str, float] = {"fusible": 0.0, "slices": 0.0}
     # ZeRO-3 reduce-scatters each layer's gradient inside the backward layer loop (fsdp=8: the
     # 1-row peak is the shards plus one layer's gradient and weights); the others build the whole
     # local gradient first (ZeRO-2: fsdp=8's peak equals ZeRO-1's).
@@ -463,6 +465,18 @@ def gpt_step_memory_bytes(config: Any, /, *, rows: int, seq_len: int, grad_local
             # 1.15-1.33x over); a 1F1B tick's vjp converts the gathered layers (pipe=2, fsdp=4,
             # z3, mb4, 1f1b, tiny at 4 layers: f32[2, 256, 64] ..., whole; 0.87x with the shards).
             out["saved"] += 2 * (layer_weights if one_f_one_b else stage_weights)
+        if zero3 and not one_f_one_b and config.remat == "none":
+            # Under remat none a GPipe or circular chunk's recompute returns its layers' residuals,
+            # the gathered weights among them: the cond's outputs hold the chunk's layers whole
+            # in the compute dtype, not the stage's shards, and in bf16 (from two layers a chunk)
+            # float32 copies of them (pipe=2, fsdp=4, z3, mb8, small, bf16: bf16[2, 1024, 256]
+            # ... and f32[2, 1024, 256] ... live through the backward iteration, w_in whole).
+            # Counted as shards, the ZeRO-3 GPipe and circular remat-none layouts were 0.83-0.98x
+            # of memory_analysis, with this 0.94-1.10x.
+            gathered = layer_weights * chunk / layers
+            out["saved"] += gathered - (stage_weights if copied else 0.0)
+            if a == 2 and chunk > 1:
+                out["saved"] += 2 * (gathered - stage_weights)
         if a == 2 and not one_f_one_b:
             # GPipe and circular in bf16 save the iterations' stage inputs in float32: from two
             # layers a chunk a copy beside the bf16 slots (f32[9, 1, 128, 256] at pipe=2,
@@ -546,6 +560,16 @@ def gpt_step_memory_bytes(config: Any, /, *, rows: int, seq_len: int, grad_local
             out["working"] = (chunk - 1) * stored + one_layer
         else:
             out["working"] = chunk * stored + in_flight
+            if chunk > 1:
+                # The chunk's backward layer loop, beside the stacks: the layer's residuals
+                # sliced out of them (``dynamic-slice`` copies) and their cotangents, about 8
+                # float32 [T, D] buffers a microbatch, 10 in bf16 (its float32 reads) (pipe=2,
+                # tensor=4, mb2, small, bf16: five f32[1, 16, 128, 256] slices, four [16, 128,
+                # 256] cotangents and the scores' at the peak). Without them the pipe=2 GPipe
+                # remat-none layouts of the small and 20m presets were 0.80-1.01x of
+                # memory_analysis, the furthest at the widest microbatches (0.80x at 4096
+                # tokens), with them 0.97-1.05x.
+                out["working"] += (10 if a == 2 else 8) * micro * t * d * 4.0
             # XLA fuses part of the in-flight intermediates where the tensors are small (the
             # tiny preset: pipe=2, data=2, tensor=2, mb4, bf16 came out 1.12x over with them,
             # 1.04x without): the pre-filter's floor leaves them out.
@@ -561,6 +585,19 @@ def gpt_step_memory_bytes(config: Any, /, *, rows: int, seq_len: int, grad_local
         out["saved"] = layers * stored + layer_weights * (2 if f32_weights else 1)
         out["working"] = 0.0
         head_rows = micro
+        # The step's peak is the backward layer loop's first iterations: beside the stacks, the
+        # layer's residuals sliced out of them (``dynamic-slice`` copies) and their cotangents,
+        # [T, D] buffers whatever the tensor split. With tensor parallelism memory_analysis
+        # exceeds the terms above by about six float32 [T, D] buffers a microbatch, four in
+        # bf16 from tensor=4 (fsdp=2, tensor=4, z3, tiny: four f32[1, 8, 32, 64] slices, three
+        # more dynamic-slices and the cotangents; data=2, tensor=4: 6-8 buffers short in
+        # float32 at the tiny, small and 20m presets, 4-6 in bf16 except 20m's 0; tensor=2: 6-8
+        # in float32, 0-1.6 in bf16). At tensor=1 the count above needs none (not traced).
+        # Without them these layouts were 0.84-1.00x of memory_analysis, with them 0.96-1.03x
+        # (24 layouts of the three presets), and 0.96-1.03x on 14 not used to fit the count
+        # (small at 16 x 256 with tensor=8, 20m at 32 x 256).
+        if tensor > 1 and (a == 4 or tensor >= 4):
+            out["slices"] = (6 if a == 4 else 4) * micro * t * d * 4.0
     else:
         # Each layer's input, float32 whatever the compute dtype: XLA:CPU converts the bf16
         # stack the forward scan saved before the backward loop reads it (20m, fsdp=8, z3,
@@ -606,7 +643,7 @@ def gpt_step_memory_bytes(config: Any, /, *, rows: int, seq_len: int, grad_local
     # stack's working set is live: the larger of the two, not their sum (pipe=2, fsdp=4, tiny:
     # no logits among the buffers live at the peak inside the pipeline's backward loop).
     backward = (out["grads"] + out["accumulator"] + out["bf16_params"] + out["saved"]
-                + max(out["working"], out["head"]) + out["zero3"])
+                + max(out["working"], out["head"]) + out["zero3"] + out["slices"])
     # The update phase: the activations are gone, the bf16 copy too (data=8, 1 row, bf16: the
     # peak is the 2 gradients, as in fp32).
     update = out["grads"] + out["reduced"]

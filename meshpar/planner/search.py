@@ -13,8 +13,8 @@ How a candidate is judged:
    exactly, an indivisible layout is rejected with its error); the GPT's temporaries (gradient
    buffers, activations, the head, ZeRO-3's gathered layer) come from
    :func:`meshpar.inspect.costs.gpt_step_memory_bytes`, within 10% of ``memory_analysis`` on
-   143 of 145 layouts sampled (of the tiny, small and 20m presets), 0.898-1.108x of it on all
-   of them (``benchmarks/README.md``). A candidate whose
+   144 of 145 layouts sampled (of the tiny, small and 20m presets), 0.910-1.108x of it on all
+   of them, and on 136 of 138 drawn afresh (``benchmarks/README.md``). A candidate whose
    estimate, less the bytes it counts that XLA may fuse away, is over the budget by more than
    :data:`PREFILTER_SLACK` is not compiled (it stays an analytic candidate over the budget).
 2. **compile** the ``compile_top`` fastest survivors by the analytic time (their step on this
