@@ -25,10 +25,11 @@ import glob
 import re
 import sys
 
+from meshpar.inspect.hlo import instructions
+
 _VALUE = re.compile(r"value: <\d+ (\S+?)(\{[\d,]*\})?(?: \([^)]*\))? @\d+> "
                     r"\(size=(\d+),offset=(\d+)\): (\S+)")
 _RANGE = re.compile(r"\s+(\S+?\{[\d,]*\}):(\d+)-(\d+)$")
-_INSTRUCTION = re.compile(r"\s*(?:ROOT )?%?([\w.\-]+) = ")
 _OP_NAME = re.compile(r'op_name="([^"]*)"')
 
 
@@ -120,16 +121,15 @@ def find_peak(size: int, values: list[Value]) -> Peak:
 
 
 def _op_names(hlo: str) -> dict[str, str]:
-    names = {}
+    # Each instruction's JAX operation (its metadata's op_name), by instruction name.
     try:
-        with open(hlo) as f:
-            for line in f:
-                m = _INSTRUCTION.match(line)
-                if m:
-                    o = _OP_NAME.search(line)
-                    names[m.group(1)] = o.group(1) if o else ""
+        text = open(hlo).read()
     except FileNotFoundError:
-        pass
+        return {}
+    names = {}
+    for ins in instructions(text):
+        m = _OP_NAME.search(ins.rest)
+        names[ins.name] = m.group(1) if m else ""
     return names
 
 

@@ -310,9 +310,10 @@ def gpt_step_memory_bytes(config: Any, /, *, rows: int, seq_len: int, grad_local
     * ``tensor_gather``: ZeRO-2 with ``tensor``: the local gradient gathered over ``tensor``
       before GSPMD reduce-scatters it over ``fsdp`` (in bf16 beside a float32 copy of the
       weights);
-    * ``slices``: remat none with ``tensor`` outside a pipeline, the backward layer loop's
-      copies of one layer's residuals sliced out of the stacks and their cotangents (in
-      [T, D] buffers a microbatch, measured);
+    * ``slices``: remat none, the backward layer loop's copies of one layer's residuals sliced
+      out of the stacks and their cotangents, beside the stacks (in [T, D] buffers a
+      microbatch, measured: outside a pipeline with ``tensor``; a GPipe or circular chunk of
+      two layers or more);
     * ``fusible`` (not in ``temp``): bytes counted above that XLA may fuse away, the in-flight
       intermediates of a rematerialised remat-none chunk; the planner's pre-filter holds the
       estimate less these against the budget, so that it rejects no layout that fits for
@@ -569,7 +570,7 @@ def gpt_step_memory_bytes(config: Any, /, *, rows: int, seq_len: int, grad_local
                 # remat-none layouts of the small and 20m presets were 0.80-1.01x of
                 # memory_analysis, the furthest at the widest microbatches (0.80x at 4096
                 # tokens), with them 0.97-1.05x.
-                out["working"] += (10 if a == 2 else 8) * micro * t * d * 4.0
+                out["slices"] = (10 if a == 2 else 8) * micro * t * d * 4.0
             # XLA fuses part of the in-flight intermediates where the tensors are small (the
             # tiny preset: pipe=2, data=2, tensor=2, mb4, bf16 came out 1.12x over with them,
             # 1.04x without): the pre-filter's floor leaves them out.
