@@ -353,8 +353,11 @@ def test_formula_memory_is_close_to_memory_analysis():
     slack, while the formula counted a layer's gathered weights and its whole gradient
     together; the ZeRO-3 pipelines ran ZeRO-1 programs until 2026-12-03); tensor parallel at
     4096 tokens a device, fp32 and bf16; and remat none with tensor=4 (0.84x without the
-    backward loop's slices of a layer's residuals). A budget equal to each compiled figure must
-    not make the pre-filter reject the layout."""
+    backward loop's slices of a layer's residuals); two bf16 1F1B pipelines whose peak is the
+    head's (0.885x counting the logits but not the final LayerNorm's backward, five [T, D]
+    buffers where the vocabulary split over tensor=4 is as narrow as D; 1.108x counting the
+    stack's gradient, which a pipeline's head phase does not hold yet). A budget equal to each
+    compiled figure must not make the pre-filter reject the layout."""
     layouts = [Layout(data=8, remat="none", precision="bf16"),
                Layout(data=2, fsdp=4, zero_stage=2, remat="none", precision="bf16"),
                Layout(fsdp=4, tensor=2, zero_stage=1, microbatches=2, remat="none",
@@ -367,7 +370,11 @@ def test_formula_memory_is_close_to_memory_analysis():
                Layout(pipe=2, fsdp=4, zero_stage=1, microbatches=2, schedule="1f1b",
                       remat="none", precision="bf16"),
                Layout(pipe=2, fsdp=4, zero_stage=3, microbatches=4, remat="full"),
-               Layout(fsdp=2, tensor=4, zero_stage=3, remat="none")]
+               Layout(fsdp=2, tensor=4, zero_stage=3, remat="none"),
+               Layout(pipe=2, tensor=4, microbatches=8, schedule="1f1b", remat="full",
+                      precision="bf16"),
+               Layout(pipe=2, fsdp=2, tensor=2, zero_stage=2, microbatches=8, schedule="1f1b",
+                      remat="full", precision="bf16")]
     result = plan_gpt(get_preset("tiny"), batch_size=16, devices=8, hardware="h100-sxm",
                       layouts=layouts, compile_top=len(layouts), progress=False)
     assert len(result.candidates) == len(layouts)

@@ -278,7 +278,8 @@ def gpt_step_memory_bytes(config: Any, /, *, rows: int, seq_len: int, grad_local
 
     * ``grads``: the whole local gradient, built before it is reduced (ZeRO-2 scatters it
       after the backward pass; ZeRO-3 reduce-scatters each layer's inside the layer loop; a
-      ZeRO-3 pipeline's iteration: one chunk's shard beside the embedding's whole gradient);
+      ZeRO-3 pipeline's iteration: one chunk's shard beside the embedding's whole gradient;
+      an interleaved 1F1B tick with ``fsdp``: one chunk's, whole);
     * ``accumulator``: with microbatches, the sum of the earlier microbatches' gradients
       beside the current one's (ZeRO-2: the shard); a pipeline's loop carry of the stage's
       layer gradients, in the compute dtype, whole (ZeRO-3: the shard);
@@ -300,10 +301,13 @@ def gpt_step_memory_bytes(config: Any, /, *, rows: int, seq_len: int, grad_local
       full, and the last layer of a 1F1B tick's ``vjp``; a GPipe or circular chunk's
       recompute also saves its layers' inputs); a rematerialised pipeline chunk under remat
       none, its layers' stacked residuals and the last layer's intermediates in flight;
-    * ``head``: the fp32 logits ``[rows, T, V/t]``, their log-softmax and their gradient. The
+    * ``head``: the fp32 logits ``[rows, T, V/t]``, their log-softmax and their gradient, or
+      in a pipeline the final LayerNorm's backward (five float32 ``[rows, T, D]``) where
+      larger. The
       head's backward runs before the stack's and its buffers are dead by then, so the
       backward phase holds the larger of ``working`` and ``head``, not both (``pipe=2``,
-      ``fsdp=4``, tiny: no logits live at the peak inside the pipeline's backward loop);
+      ``fsdp=4``, tiny: no logits live at the peak inside the pipeline's backward loop); a
+      pipeline's head phase holds no gradient of the stack (``grads`` less the stack's);
     * ``zero3``: ZeRO-3's gathered weights of the layer in use and its whole gradient (in a
       GPipe or circular stage in the compute dtype; in a pipeline under a layer remat, one of
       the two);
@@ -381,6 +385,15 @@ def gpt_step_memory_bytes(config: Any, /, *, rows: int, seq_len: int, grad_local
             # f32[256, 256], the vocabulary's; the ZeRO-3 shard of the whole local gradient put
             # the small preset's ZeRO-3 pipelines 1.08-1.11x over).
             out["grads"] = grad_local - layers * block + chunk * block / fsdp
+    if pipe > 1 and not zero3 and one_f_one_b and repeats > 1 and fsdp > 1:
+        # The interleaved 1F1B schedule with fsdp keeps its gradient carry in the chunk-major
+        # layout (``saved``'s copy of the stage's weights, below): a tick's vjp returns one
+        # chunk's gradient, added in, not the stage's (pipe=2, fsdp=4, z2, mb8, interleaved x 2,
+        # remat full, small: at the peak, beside the f32[2, 1, 256, 1024] ... carry, one
+        # layer's gradient in the making; the stage's counted, 1.15x of memory_analysis, 1.05x
+        # so; the 10 other such layouts 0.92-1.02x). With data alone the whole stage's is live
+        # (pipe=2, data=2, tensor=2, mb8, interleaved x 2, tiny at 4 layers: 0.88x so).
+        out["grads"] = grad_local - layers * block + chunk * block
     out["reduced"] = grad_local if zero_stage <= 1 or fsdp == 1 else grad_local / fsdp
     out["bf16_params"] = grad_local / 2 / (fsdp if zero3 else 1) if a == 2 else 0.0
     if pipe > 1 and a == 2 and not zero3 and not one_f_one_b:
@@ -464,8 +477,12 @@ def gpt_step_memory_bytes(config: Any, /, *, rows: int, seq_len: int, grad_local
             # the stage's shards (pipe=2, fsdp=4, z3, mb2, 20m: f32[3, 128, 2048] ..., a quarter
             # of w_in's [3, 512, 2048]; counting the whole stage put the 20m ZeRO-3 GPipe layouts
             # 1.15-1.33x over); a 1F1B tick's vjp converts the gathered layers (pipe=2, fsdp=4,
-            # z3, mb4, 1f1b, tiny at 4 layers: f32[2, 256, 64] ..., whole; 0.87x with the shards).
-            out["saved"] += 2 * (layer_weights if one_f_one_b else stage_weights)
+            # z3, mb4, 1f1b, tiny at 4 layers: f32[2, 256, 64] ..., whole; 0.87x with the shards),
+            # unless tensor splits them too: then it converts the shards (pipe=2, fsdp=2,
+            # tensor=2, z3, mb4, 1f1b, small: f32[2, 128, 512] ..., half of w_in's [2, 256,
+            # 512]; counted whole, the 20m preset's was 1.10x of memory_analysis, 0.98x so).
+            gathered_f32 = one_f_one_b and tensor == 1
+            out["saved"] += 2 * (layer_weights if gathered_f32 else stage_weights)
         if zero3 and not one_f_one_b and config.remat == "none":
             # Under remat none a GPipe or circular chunk's recompute returns its layers' residuals,
             # the gathered weights among them: the cond's outputs hold the chunk's layers whole
@@ -606,8 +623,16 @@ def gpt_step_memory_bytes(config: Any, /, *, rows: int, seq_len: int, grad_local
         out["saved"] = layers * micro * t * d * 4.0
         out["working"] = one_layer
         head_rows = micro
-    # The fp32 logits [rows, T, V/t], their log-softmax and their gradient.
-    out["head"] = 3 * head_rows * t * v / tensor * 4.0
+    # The fp32 logits [rows, T, V/t], their log-softmax and their gradient. In a pipeline,
+    # whose head runs on all the microbatches at once in a phase of its own, after them the
+    # final LayerNorm's backward, five float32 [rows, T, D] buffers (its residuals and
+    # cotangents), the larger where V/t is under 5/3 of D (pipe=2, tensor=4, mb8, 1f1b, tiny,
+    # bf16: five f32[8, 32, 64] at the peak, the logits dead; 0.885x of memory_analysis with
+    # the logits alone, 0.975x so). Not without a pipeline: there the head's buffers overlap
+    # the stack's backward (small and 20m at tensor=4 and 8, remat none: 1.02-1.07x with the
+    # LayerNorm's counted, 0.96-1.03x without).
+    final_norm = 5 * d if pipe > 1 else 0
+    out["head"] = head_rows * t * 4.0 * max(3 * v / tensor, final_norm)
     if zero3:
         # The layer in use gathered and its whole gradient. The weights outside the stack,
         # gathered once for the step, are not added: with them fsdp=8 (small) and the tiny
@@ -643,8 +668,16 @@ def gpt_step_memory_bytes(config: Any, /, *, rows: int, seq_len: int, grad_local
     # The head's backward runs before the stack's and its logits are dead by the time the
     # stack's working set is live: the larger of the two, not their sum (pipe=2, fsdp=4, tiny:
     # no logits among the buffers live at the peak inside the pipeline's backward loop).
-    backward = (out["grads"] + out["accumulator"] + out["bf16_params"] + out["saved"]
-                + max(out["working"], out["head"]) + out["zero3"] + out["slices"])
+    # A pipeline runs the head between its forward and backward loops, before the stack has a
+    # gradient: its phase holds the gradients outside the stack only, beside the loop carry's
+    # zeros (``accumulator``) (pipe=2, fsdp=2, tensor=2, z2, mb8, 1f1b, tiny, bf16: the peak is
+    # the head's forward, f32[128, 128] logits and their exp, no layer gradient; 1.108x of
+    # memory_analysis with the stack's counted, 1.05x so). Without a pipeline the stack's are
+    # counted in both phases: dropping them there put tiny's remat-none layouts at 0.88-0.89x
+    # (which buffers XLA allocates early was not traced).
+    head_grads = grad_local - layers * block if pipe > 1 else out["grads"]
+    backward = (out["accumulator"] + out["bf16_params"] + out["saved"] + out["zero3"]
+                + out["slices"] + max(out["grads"] + out["working"], head_grads + out["head"]))
     # The update phase: the activations are gone, the bf16 copy too (data=8, 1 row, bf16: the
     # peak is the 2 gradients, as in fp32).
     update = out["grads"] + out["reduced"]
