@@ -69,7 +69,7 @@ MIB = 2**20
 
 #: How far the pre-filter lets the analytic memory exceed the budget before it rejects a layout
 #: without compiling it. On the 145 sampled layouts of ``benchmarks/README.md`` (tiny, small and
-#: 20m presets, every schedule; 2026-12-04) the pre-filter's figure
+#: 20m presets, every schedule; 2026-12-03) the pre-filter's figure
 #: (:attr:`Candidate.memory_prefilter`) was at most 1.088x ``memory_analysis``. The margin above
 #: that is kept: with the formula of that morning, fitted on 87 of them, one of the 44 drawn
 #: afterwards reached 1.156x, and a 20m ZeRO-3 GPipe layout 1.325x once it compiled as ZeRO-3.
