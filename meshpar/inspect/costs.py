@@ -169,6 +169,7 @@ def gpt_train_flops(config: Any, /, *, batch_size: int, seq_len: int,
     pipelined). Other remat policies save matmul results and are counted as no recompute.
 
     Example:
+        >>> from meshpar.models import get_preset
         >>> gpt_train_flops(get_preset("tiny"), batch_size=16, seq_len=32)
         486539264.0
     """
@@ -221,6 +222,7 @@ def gpt_layer_residual_bytes(config: Any, /, *, rows: int, seq_len: int, tensor:
     did not move (XLA fuses those intermediates; issue 15).
 
     Example:
+        >>> from meshpar.models import get_preset
         >>> gpt_layer_residual_bytes(get_preset("tiny"), rows=1, seq_len=32)
         397312.0
     """
@@ -237,6 +239,7 @@ def gpt_local_param_bytes(config: Any, /, *, tensor: int = 1, pipe: int = 1) -> 
     ``tensor`` (vocab), the rest (positions, LayerNorms, ``b_out``) whole.
 
     Example:
+        >>> from meshpar.models import get_preset
         >>> gpt_local_param_bytes(get_preset("tiny")) == 4 * get_preset("tiny").param_count()
         True
     """
@@ -329,6 +332,7 @@ def gpt_step_memory_bytes(config: Any, /, *, rows: int, seq_len: int, grad_local
     8-30% larger than the bytes live. What the terms miss is buffers, not packing.
 
     Example:
+        >>> from meshpar.models import get_preset
         >>> cfg = get_preset("small")
         >>> gpt_step_memory_bytes(cfg, rows=4, seq_len=128, grad_local=13015040.0,
         ...                       grad_kept=13015040.0)["total"] > 0
