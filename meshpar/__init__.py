@@ -1,11 +1,18 @@
 """meshpar: sharding rules, parallel strategies and pipelines for Flax models on JAX meshes.
 
 Example:
+    >>> import optax
+    >>> from flax import nnx
     >>> import meshpar as mp
+    >>> from meshpar.models import GPT, get_preset, lm_loss
+    >>> from meshpar.train.data import TokenBatches
     >>> mp.emulate_devices(8)                       # CPU only; before JAX starts its backend
     >>> mesh = mp.make_mesh(data=2, fsdp=2, tensor=2)
-    >>> trainer = mp.Trainer(make_model, optax.adamw(3e-4), loss_fn, mesh=mesh, strategy="zero3")
-    >>> metrics = trainer.step(batch)
+    >>> make_model = lambda: GPT(get_preset("tiny"), rngs=nnx.Rngs(0))
+    >>> trainer = mp.Trainer(make_model, optax.adamw(3e-4), lm_loss, mesh=mesh, strategy="zero3")
+    >>> metrics = trainer.step(TokenBatches(batch_size=8, seq_len=32).batch(0))
+    >>> 5.0 < metrics.loss < 6.0                    # about ln 256: an untrained byte model
+    True
 """
 
 from meshpar import _moved

@@ -226,9 +226,14 @@ def auto_mesh(mesh: Mesh, /, *, caller: str = "meshpar") -> Mesh:
         MeshError: ``mesh`` is not a concrete ``Mesh``, or it has Manual axes.
 
     Example:
+        >>> import warnings
         >>> explicit = jax.make_mesh((4, 2), ("fsdp", "tensor"))     # Explicit axes
-        >>> auto_mesh(explicit, caller="Trainer").axis_types        # doctest: +SKIP
-        (AxisType.Auto, AxisType.Auto)
+        >>> with warnings.catch_warnings(record=True) as caught:
+        ...     warnings.simplefilter("always")
+        ...     auto_mesh(explicit, caller="Trainer").axis_types
+        (Auto, Auto)
+        >>> [w.category.__name__ for w in caught]
+        ['MeshparWarning']
     """
     check_mesh(mesh, caller=caller)
     types = tuple(mesh.axis_types)

@@ -94,7 +94,10 @@ def size_thread_pool(devices: int, /) -> None:
     before JAX starts its backend; :func:`emulate_devices` does.
 
     Example:
-        >>> size_thread_pool(8)   # doctest: +SKIP
+        >>> import os
+        >>> size_thread_pool(8)   # PJRT_NPROC=16 on 2 cores, unless PJRT_NPROC is set already
+        >>> int(os.environ["PJRT_NPROC"]) > 0
+        True
     """
     if devices > 1:
         os.environ.setdefault(PJRT_NPROC, str(pool_threads(devices)))

@@ -94,7 +94,8 @@ def is_initialized() -> bool:
     """Whether ``jax.distributed`` is connected in this process.
 
     Example:
-        >>> if not is_initialized(): initialize()
+        >>> is_initialized()   # in a single-process run, unless initialize() was called
+        False
     """
     from jax._src import distributed as _dist  # private JAX: read only when asked
 
@@ -170,12 +171,12 @@ def initialize(
         DistributedError: an incomplete or malformed setting (naming it), a call after JAX's
             backend started, a second call, or no cluster to detect.
 
-    Example:
-        >>> # each of 2 processes, before anything touches jax.devices():
-        >>> initialize(coordinator_address="10.0.0.1:4321", num_processes=2,
-        ...            process_id=int(os.environ["RANK"]), local_cpu_devices=4)
-        >>> jax.device_count()   # devices of both processes
-        8
+    Example::
+
+        # In each of 2 processes, before anything touches jax.devices():
+        initialize(coordinator_address="10.0.0.1:4321", num_processes=2,
+                   process_id=int(os.environ["RANK"]), local_cpu_devices=4)
+        jax.device_count()   # 8: the devices of both processes
     """
     address = coordinator_address or os.environ.get(ENV_COORDINATOR) or None
     count = _int_setting("num_processes", num_processes, ENV_NUM_PROCESSES, minimum=1)
@@ -291,7 +292,8 @@ def is_main_process() -> bool:
     """True in process 0: the one that should print, log and write reports.
 
     Example:
-        >>> if is_main_process(): print(metrics)
+        >>> is_main_process()   # a single-process run is process 0
+        True
     """
     return jax.process_index() == 0
 
@@ -347,9 +349,18 @@ def local_slice(global_batch: Any, shardings: Any, /, *, process_index: int | No
         DistributedError: the process owns none of the sharding's devices.
 
     Example:
+        >>> import numpy as np
+        >>> from jax.sharding import NamedSharding, PartitionSpec as P
+        >>> from meshpar.mesh import make_mesh
+        >>> mesh = make_mesh(data=2, fsdp=2, tensor=2)              # on 8 devices
         >>> sharding = NamedSharding(mesh, P(("data", "fsdp")))     # rows over data x fsdp
-        >>> local = local_slice(global_tokens, sharding)            # e.g. rows 0..7 of 16 in process 0
+        >>> global_tokens = np.arange(16 * 4).reshape(16, 4)
+        >>> local = local_slice(global_tokens, sharding)    # rows 0..7 in process 0 of 2
+        >>> local.shape                                     # one process: all the rows
+        (16, 4)
         >>> batch = global_batch_from_local(local, sharding)        # one global jax.Array
+        >>> batch.shape, batch.sharding == sharding
+        ((16, 4), True)
     """
     process = jax.process_index() if process_index is None else process_index
     shardings = _broadcast_shardings(shardings, global_batch)
@@ -392,9 +403,14 @@ def global_batch_from_local(
         DistributedError: a leaf's local shape does not fit its sharding (names the leaf).
 
     Example:
+        >>> import numpy as np
+        >>> from jax.sharding import NamedSharding, PartitionSpec as P
+        >>> from meshpar.mesh import make_mesh
+        >>> mesh = make_mesh(data=2, fsdp=2, tensor=2)              # on 8 devices
         >>> sharding = NamedSharding(mesh, P(("data", "fsdp"), None))
+        >>> local_tokens = np.zeros((16, 128), np.int32)   # 8 rows each in 2 processes
         >>> batch = global_batch_from_local({"tokens": local_tokens}, sharding)
-        >>> batch["tokens"].shape   # (local rows x processes, seq)
+        >>> batch["tokens"].shape   # (local rows x processes, seq); here 1 process
         (16, 128)
     """
     shardings = _broadcast_shardings(shardings, local_batch)

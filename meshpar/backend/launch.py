@@ -94,10 +94,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Add the launcher's flags and the trailing command to ``parser``.
 
     Example:
+        >>> import argparse
         >>> parser = argparse.ArgumentParser(prog="meshpar launch")
         >>> add_arguments(parser)
         >>> args = parser.parse_args(["--processes", "2", "--", "train"])
-        >>> run(args)   # doctest: +SKIP
+        >>> args.processes, args.module, args.command
+        (2, 'meshpar', ['--', 'train'])
+
+        :func:`run` then launches ``args``.
     """
     parser.add_argument("--processes", "-n", type=_positive_int, required=True,
                         help="number of processes to start")
@@ -316,10 +320,14 @@ def run(args: argparse.Namespace) -> int:
         0 if every process exited with 0; 2 for a usage error (port in use, no command);
         otherwise the first failing process's exit code, or ``128 + signal number``.
 
-    Example:
-        >>> parser = argparse.ArgumentParser(prog="meshpar launch"); add_arguments(parser)
-        >>> run(parser.parse_args(["-n", "2", "--cpu-devices-per-process", "4", "--", "train"]))
-        0
+    Example::
+
+        # Two processes of `meshpar train`, 4 emulated CPU devices each (returns 0 on success).
+        parser = argparse.ArgumentParser(prog="meshpar launch")
+        add_arguments(parser)
+        args = parser.parse_args(["-n", "2", "--cpu-devices-per-process", "4", "--",
+                                  "train", "--mesh", "data=2,fsdp=2,tensor=2"])
+        status = run(args)
     """
     command = list(args.command or [])
     if command[:1] == ["--"]:
@@ -369,9 +377,11 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     """Parse ``argv`` (default ``sys.argv[1:]``) and launch. Returns the exit status.
 
-    Example:
-        >>> main(["--processes", "2", "--cpu-devices-per-process", "4", "--", "train"])
-        0
+    Example::
+
+        # As `meshpar launch --processes 2 --cpu-devices-per-process 4 -- train ...`.
+        status = main(["--processes", "2", "--cpu-devices-per-process", "4", "--",
+                       "train", "--mesh", "data=2,fsdp=2,tensor=2"])
     """
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)

@@ -66,8 +66,17 @@ def read_config(path: str, sub: argparse.ArgumentParser, command: str) -> dict[s
             nearest flag is named), or a value has the wrong type or is not a valid choice.
 
     Example:
-        >>> read_config("run.toml", train_parser, "train")   # doctest: +SKIP
+        >>> import argparse, os, tempfile
+        >>> train = argparse.ArgumentParser(prog="meshpar train")   # a subcommand's parser
+        >>> _ = train.add_argument("--batch-size", type=int)
+        >>> _ = train.add_argument("--steps", type=int)
+        >>> tmp = tempfile.TemporaryDirectory()
+        >>> path = os.path.join(tmp.name, "run.toml")
+        >>> with open(path, "w") as f:
+        ...     _ = f.write("batch-size = 16\\nsteps = 100\\n")
+        >>> read_config(path, train, "train")
         {'batch_size': 16, 'steps': 100}
+        >>> tmp.cleanup()
     """
     try:
         with open(path, "rb") as f:
@@ -102,7 +111,16 @@ def parse_args(parser: argparse.ArgumentParser, argv: Sequence[str]) -> argparse
         UsageError: see :func:`read_config`.
 
     Example:
-        >>> args = parse_args(build_parser(), ["train", "--config", "run.toml", "--steps", "5"])  # doctest: +SKIP
+        >>> import os, tempfile
+        >>> from meshpar.cli.args import build_parser
+        >>> tmp = tempfile.TemporaryDirectory()
+        >>> path = os.path.join(tmp.name, "run.toml")
+        >>> with open(path, "w") as f:
+        ...     _ = f.write("batch-size = 16\\nsteps = 100\\n")
+        >>> args = parse_args(build_parser(), ["train", "--config", path, "--steps", "5"])
+        >>> args.batch_size, args.steps                 # the command line wins
+        (16, 5)
+        >>> tmp.cleanup()
     """
     first = parser.parse_args(argv)
     path = getattr(first, "config", None)
@@ -130,8 +148,12 @@ def effective_config(args: argparse.Namespace, parser: argparse.ArgumentParser) 
     """``{flag name: value}`` of a parsed command, every flag (``None`` values left out).
 
     Example:
-        >>> effective_config(args, build_parser())["batch-size"]   # doctest: +SKIP
-        16
+        >>> from meshpar.cli.args import build_parser
+        >>> parser = build_parser()
+        >>> args = parser.parse_args(["train", "--batch-size", "16"])
+        >>> config = effective_config(args, parser)
+        >>> config["batch-size"], config["mesh"]        # given, and a default
+        (16, 'data=2,fsdp=2,tensor=2')
     """
     subs = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
     flags = _flags(subs.choices[args.command])
@@ -143,7 +165,17 @@ def write_effective(path: str | os.PathLike, config: dict[str, Any], *, command:
     """Write ``config`` (:func:`effective_config`) as TOML that ``--config`` reads back.
 
     Example:
-        >>> write_effective("ckpt/config.toml", effective_config(args, parser), command="train")  # doctest: +SKIP
+        >>> import os, tempfile
+        >>> from meshpar.cli.args import build_parser
+        >>> parser = build_parser()
+        >>> args = parser.parse_args(["train", "--batch-size", "16"])
+        >>> tmp = tempfile.TemporaryDirectory()
+        >>> path = os.path.join(tmp.name, "config.toml")
+        >>> write_effective(path, effective_config(args, parser), command="train")
+        >>> again = parse_args(build_parser(), ["train", "--config", path])
+        >>> effective_config(again, parser) == effective_config(args, parser)   # reads back
+        True
+        >>> tmp.cleanup()
     """
     lines = [f"# The effective configuration of `meshpar {command}` (defaults, --config file and "
              "command line merged);", f"# rerun it with: meshpar {command} --config {os.path.basename(path)}"]

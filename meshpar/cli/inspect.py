@@ -141,6 +141,7 @@ def comparison_layouts(config, /, *, devices: int) -> dict:
     (the rest of the devices go to ``data``); it is left out if that size is 1.
 
     Example:
+        >>> from meshpar.models import get_preset
         >>> list(comparison_layouts(get_preset("tiny"), devices=8))
         ['DP', 'ZeRO-1', 'ZeRO-2', 'ZeRO-3', 'TP']
     """
@@ -164,10 +165,19 @@ def write_plots(directory, *, make_model, layout, mesh, strategy, config, args,
     (:func:`comparison_layouts`) with this layout, marking the compiled figure when ``compiled``
     (an :func:`meshpar.inspect.explain.explain_gpt` report) is given.
 
-    Example:
-        >>> write_plots("out", make_model=make_model, layout=plan_training(...), mesh=mesh,
-        ...             strategy=strategy, config=cfg, args=args)    # doctest: +SKIP
-        ['out/sharding.png', 'out/memory.png']
+    Example::
+
+        # As `meshpar inspect --plots out` does, with its parsed `args` (preset, microbatches,
+        # schedule, repeats, pipeline_remat):
+        cfg = get_preset(args.preset)
+        mesh, strategy = mesh_and_strategy(args)
+        make_model = lambda: GPT(cfg, rngs=nnx.Rngs(0))
+        layout = plan_training(make_model, mesh=mesh, strategy=strategy,
+                               microbatches=args.microbatches, schedule=args.schedule,
+                               repeats=args.repeats, pipeline_remat=args.pipeline_remat)
+        write_plots("out", make_model=make_model, layout=layout, mesh=mesh,
+                    strategy=strategy, config=cfg, args=args)
+        # ['out/sharding.png', 'out/memory.png'] (and 'out/schedule.png' with a pipeline)
     """
     # Lazy: matplotlib is imported only by a run that writes plots.
     from meshpar.inspect.plots import (plot_param_sharding, plot_pipeline_schedule,

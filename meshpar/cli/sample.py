@@ -25,8 +25,13 @@ def load_trainer(directory: str, args: argparse.Namespace, *, step: int | None =
         CheckpointError: no such directory, no complete checkpoint in it, or metadata that
             ``meshpar train`` did not write.
 
-    Example:
-        >>> trainer, meta = load_trainer("ckpt", args)   # doctest: +SKIP
+    Example::
+
+        # "ckpt" written by `meshpar train --checkpoint-dir ckpt`:
+        args = build_parser().parse_args(["sample", "--checkpoint-dir", "ckpt",
+                                          "--prompt", "The", "--mesh", "data=8"])
+        trainer, meta = load_trainer("ckpt", args)
+        meta["model"]   # the GPTConfig fields the run trained
     """
     if not os.path.isdir(directory):
         raise CheckpointError(f"--checkpoint-dir {directory!r}: no such directory")

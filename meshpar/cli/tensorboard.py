@@ -17,9 +17,15 @@ class TensorBoard:
     """The scalars of each ``--metrics-file`` record, under :data:`TAGS`, in ``directory``.
 
     Example:
-        >>> tb = TensorBoard("runs/a")                      # doctest: +SKIP
+        >>> import os, tempfile
+        >>> tmp = tempfile.TemporaryDirectory()
+        >>> directory = os.path.join(tmp.name, "runs", "a")
+        >>> tb = TensorBoard(directory)
         >>> tb.write({"step": 0, "loss": 5.5, "lr": 1e-3})
         >>> tb.close()
+        >>> [name.startswith("events.out.tfevents") for name in os.listdir(directory)]
+        [True]
+        >>> tmp.cleanup()
     """
 
     def __init__(self, directory: str):

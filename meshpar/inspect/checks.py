@@ -359,9 +359,25 @@ def add_checks(f: Facts, /, *, batch_bytes: float, optimizer_k: float, optimizer
     reduction, ZeRO gathers, tensor parallel, pipeline.
 
     Example:
-        >>> facts = Facts(trainer, measure(compiled, mesh=trainer.mesh), b, t, d_model, "full")
+        >>> import optax
+        >>> from flax import nnx
+        >>> from meshpar.inspect.measure import measure
+        >>> from meshpar.mesh import make_mesh
+        >>> from meshpar.models import GPT, get_preset, lm_loss
+        >>> from meshpar.train import Trainer
+        >>> from meshpar.train.data import TokenBatches
+        >>> trainer = Trainer(lambda: GPT(get_preset("tiny"), rngs=nnx.Rngs(0)),
+        ...                   optax.adamw(1e-3), lm_loss, mesh=make_mesh(fsdp=8), strategy="zero3")
+        >>> compiled = trainer.lower(TokenBatches(batch_size=16, seq_len=32).batch(0)).compile()
+        >>> layout = trainer.layout
+        >>> opt_bytes = bytes_of(layout.abs_opt_state, layout.opt_shardings)
+        >>> facts = Facts(trainer, measure(compiled, mesh=trainer.mesh), 16, 32, 64, "full")
         >>> add_checks(facts, batch_bytes=0, optimizer_k=2.0, optimizer_bytes=opt_bytes)
-        >>> [c.ratio for c in facts.checks]
+        >>> for check in facts.checks[:3]:              # check.ratio: measured / analytic
+        ...     print(check.name)
+        params + optimizer state
+        params + grads + optimizer state
+        gradient reduction over fsdp
     """
     _memory_checks(f, batch_bytes, optimizer_k, optimizer_bytes)
     _reduction_checks(f)

@@ -42,6 +42,17 @@ def explain_diloco(trainer: DiLoCoTrainer, batch: Mapping[str, Any], /) -> dict[
         parameters' per-device bytes, and ``bytes_per_step`` from the HLO vs analytic vs DP.
 
     Example:
+        >>> import optax
+        >>> from flax import nnx
+        >>> from meshpar.mesh import make_mesh
+        >>> from meshpar.models import GPT, get_preset, lm_loss
+        >>> from meshpar.train.data import TokenBatches
+        >>> from meshpar.train.diloco import DiLoCoConfig
+        >>> trainer = DiLoCoTrainer(lambda: GPT(get_preset("tiny"), rngs=nnx.Rngs(0)),
+        ...                         optax.adamw(3e-4), lm_loss,
+        ...                         mesh=make_mesh(diloco=4, fsdp=2),
+        ...                         diloco=DiLoCoConfig(inner_steps=32))
+        >>> data = TokenBatches(batch_size=16, seq_len=32)
         >>> report = explain_diloco(trainer, data.batch(0))
         >>> report["checks"]["inner_collectives_over_diloco"]
         0
@@ -79,7 +90,22 @@ def format_diloco(report: Mapping[str, Any], /) -> str:
     """:func:`explain_diloco`'s report as text.
 
     Example:
-        >>> print(format_diloco(explain_diloco(trainer, batch)))      # doctest: +SKIP
+        >>> import optax
+        >>> from flax import nnx
+        >>> from meshpar.mesh import make_mesh
+        >>> from meshpar.models import GPT, get_preset, lm_loss
+        >>> from meshpar.train.data import TokenBatches
+        >>> from meshpar.train.diloco import DiLoCoConfig
+        >>> trainer = DiLoCoTrainer(lambda: GPT(get_preset("tiny"), rngs=nnx.Rngs(0)),
+        ...                         optax.adamw(3e-4), lm_loss,
+        ...                         mesh=make_mesh(diloco=4, fsdp=2),
+        ...                         diloco=DiLoCoConfig(inner_steps=32))
+        >>> batch = TokenBatches(batch_size=16, seq_len=32).batch(0)
+        >>> text = format_diloco(explain_diloco(trainer, batch))    # print(text)
+        >>> print(text.splitlines()[0])
+        DiLoCo: 4 replicas, H=32, 1 fragment(s), fp32 reduction
+        >>> [line.strip() for line in text.splitlines() if "in the inner step" in line]
+        ['collectives over diloco in the inner step: 0 (OK)']
     """
     c = report["checks"]
     lines = [f"DiLoCo: {report['replicas']} replicas, H={report['inner_steps']}, "

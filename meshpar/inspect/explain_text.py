@@ -21,7 +21,14 @@ def format_explain(report: Mapping[str, Any], /, *, title: str = "") -> str:
     """The report of :func:`explain` as text: memory, FLOPs, collectives, checks, notes.
 
     Example:
-        >>> print(format_explain(explain(trainer, batch, d_model=64)))   # doctest: +SKIP
+        >>> from meshpar.inspect.explain import explain_gpt
+        >>> from meshpar.mesh import make_mesh
+        >>> from meshpar.models import get_preset
+        >>> report = explain_gpt(get_preset("tiny"), mesh=make_mesh(fsdp=8), strategy="zero3")
+        >>> text = format_explain(report)              # print(text): about 40 lines
+        >>> headings = [line for line in text.splitlines() if line and line[0] != " "]
+        >>> headings[2:4], headings[-1]
+        (['memory per device (memory_analysis)', 'FLOPs per device'], 'notes')
     """
     lay, mem = report["layout"], report["measured"]["memory"]
     mesh = ",".join(f"{k}={v}" for k, v in lay["mesh"].items())

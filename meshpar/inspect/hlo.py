@@ -168,7 +168,12 @@ def instructions(hlo_text: str, /) -> Iterator[Instruction]:
     """Every instruction of an HLO text (``compiled.as_text()``), computation by computation.
 
     Example:
-        >>> [(i.computation, i.name) for i in instructions(compiled.as_text()) if i.op == "dot"]
+        >>> import jax
+        >>> import jax.numpy as jnp
+        >>> compiled = jax.jit(lambda x, w: jnp.tanh(x @ w)).lower(jnp.ones((8, 16)),
+        ...                                                         jnp.ones((16, 4))).compile()
+        >>> [i.op for i in instructions(compiled.as_text()) if i.op == "dot"]
+        ['dot']
     """
     comps, _ = _computations(hlo_text)
     for computation, lines in comps.items():
@@ -210,7 +215,12 @@ def computation_weights(hlo_text: str, /) -> dict[str, tuple[int, bool]]:
     call sites and multiply through nested loops.
 
     Example:
-        >>> computation_weights(compiled.as_text())["region_2.8_spmd"]
+        >>> import jax
+        >>> import jax.numpy as jnp
+        >>> f = jax.jit(lambda x: jax.lax.scan(lambda c, _: (jnp.sin(c), None), x, None,
+        ...                                    length=6)[0])
+        >>> weights = computation_weights(f.lower(jnp.ones(4)).compile().as_text())
+        >>> max(weights.values())                   # the scan's body: 6 times, in a loop
         (6, True)
     """
     comps, entry = _computations(hlo_text)
@@ -268,8 +278,15 @@ def collectives(hlo_text: str, /, *, mesh: Mesh | None = None) -> list[Collectiv
         mesh: the mesh the program was compiled for (to name the axes of each collective).
 
     Example:
-        >>> ops = collectives(trainer.lower(batch).compile().as_text(), mesh=mesh)
-        >>> [op for op in ops if op.in_loop and op.kind == "all-reduce"]
+        >>> import jax
+        >>> import jax.numpy as jnp
+        >>> from jax.sharding import NamedSharding, PartitionSpec as P
+        >>> from meshpar.mesh import make_mesh
+        >>> mesh = make_mesh(data=8)
+        >>> x = jax.device_put(jnp.ones((8, 4)), NamedSharding(mesh, P("data")))
+        >>> ops = collectives(jax.jit(lambda x: x.sum(0)).lower(x).compile().as_text(), mesh=mesh)
+        >>> [(op.kind == "all-reduce", op.mesh_axes, op.group_size, op.in_loop) for op in ops]
+        [(True, ('data',), 8, False)]
     """
     comps, _ = _computations(hlo_text)
     weights = computation_weights(hlo_text)
@@ -331,6 +348,8 @@ def dots(hlo_text: str, /) -> list[Dot]:
     read from the text are left out.
 
     Example:
+        >>> import jax
+        >>> import jax.numpy as jnp
         >>> f = jax.jit(lambda x, w: jax.lax.scan(lambda c, _: (c @ w, None), x, None, length=5)[0])
         >>> [(d.lhs, d.rhs, d.executions) for d in dots(f.lower(jnp.ones((8, 16)),
         ...                                                      jnp.ones((16, 16))).compile().as_text())]
@@ -394,6 +413,8 @@ def dot_flops(hlo_text: str, /) -> dict[str, float]:
         :attr:`Dot.bytes`).
 
     Example:
+        >>> import jax
+        >>> import jax.numpy as jnp
         >>> f = jax.jit(lambda x, w: jax.lax.scan(lambda c, _: (c @ w, None), x, None, length=5)[0])
         >>> dot_flops(f.lower(jnp.ones((8, 16)), jnp.ones((16, 16))).compile().as_text())["total"]
         20480.0
@@ -426,8 +447,16 @@ def collectives_in_loops(hlo_text: str, /) -> dict[str, int]:
     """Static count of collective ops, by kind, inside ``while`` loops (and what they call).
 
     Example:
-        >>> collectives_in_loops(jax.jit(jax.grad(loss)).lower(params, x).compile().as_text())
-        {'collective-permute': 4}
+        >>> import jax
+        >>> import jax.numpy as jnp
+        >>> from jax.sharding import NamedSharding, PartitionSpec as P
+        >>> from meshpar.mesh import make_mesh
+        >>> split = NamedSharding(make_mesh(data=8), P(None, "data"))
+        >>> w = jax.device_put(jnp.ones((3, 16, 16)), split)       # 3 layers, rows split
+        >>> x = jax.device_put(jnp.ones((4, 16)), split)
+        >>> f = jax.jit(lambda x, w: jax.lax.scan(lambda c, wl: (c @ wl, None), x, w)[0])
+        >>> collectives_in_loops(f.lower(x, w).compile().as_text()) == {"all-reduce": 1}
+        True
     """
     return dict(Counter(op.kind for op in collectives(hlo_text) if op.in_loop))
 
@@ -488,6 +517,8 @@ def memory_traffic(hlo_text: str, /) -> dict[str, float]:
         ``{"total": bytes, "in_loops": bytes, "instructions": executions counted}``.
 
     Example:
+        >>> import jax
+        >>> import jax.numpy as jnp
         >>> f = jax.jit(lambda x: jax.lax.scan(lambda c, _: (jnp.tanh(c) * 2, None), x, None,
         ...                                    length=5)[0])
         >>> memory_traffic(f.lower(jnp.ones((256, 256))).compile().as_text())["total"] >= 5 * 2 * 2**18

@@ -30,6 +30,7 @@ def dot_flops(hlo_text: str, /) -> float:
     """Matmul FLOPs per device, each ``dot`` weighted by its loop trips (see :func:`meshpar.inspect.hlo.dot_flops`).
 
     Example:
+        >>> import jax.numpy as jnp
         >>> f = jax.jit(lambda x, w: jax.lax.scan(lambda c, _: (c @ w, None), x, None, length=5)[0])
         >>> dot_flops(f.lower(jnp.ones((8, 16)), jnp.ones((16, 16))).compile().as_text())
         20480.0
@@ -56,7 +57,18 @@ def measure(compiled: Any, /, *, mesh: jax.sharding.Mesh) -> dict[str, Any]:
         people; code reads the fields).
 
     Example:
-        >>> measure(trainer.lower(batch).compile(), mesh=trainer.mesh)["memory"]["total"]
+        >>> import optax
+        >>> from flax import nnx
+        >>> from meshpar.mesh import make_mesh
+        >>> from meshpar.models import GPT, get_preset, lm_loss
+        >>> from meshpar.train import Trainer
+        >>> from meshpar.train.data import TokenBatches
+        >>> trainer = Trainer(lambda: GPT(get_preset("tiny"), rngs=nnx.Rngs(0)),
+        ...                   optax.adamw(1e-3), lm_loss, mesh=make_mesh(fsdp=8), strategy="zero3")
+        >>> batch = TokenBatches(batch_size=16, seq_len=32).batch(0)
+        >>> measured = measure(trainer.lower(batch).compile(), mesh=trainer.mesh)
+        >>> measured["memory"]["total"] > 0, sorted(measured["collectives"])
+        (True, ['all-gather@fsdp', 'all-reduce@fsdp'])
     """
     mem = compiled.memory_analysis()
     memory = {

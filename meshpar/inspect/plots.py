@@ -152,7 +152,17 @@ def plot_param_sharding(plan: Any, /, path: str | os.PathLike | None = None, *,
         title: a figure title.
 
     Example:
-        >>> plot_param_sharding(trainer.plan, "sharding.png")     # doctest: +SKIP
+        >>> from flax import nnx
+        >>> from meshpar.mesh import make_mesh
+        >>> from meshpar.models import GPT, get_preset
+        >>> from meshpar.sharding.placement import init_nnx
+        >>> from meshpar.sharding.strategy import get_strategy
+        >>> mesh = make_mesh(fsdp=4, tensor=2)
+        >>> _, plan = init_nnx(lambda: GPT(get_preset("tiny"), rngs=nnx.Rngs(0)), mesh=mesh,
+        ...                    rules=get_strategy("zero3").param_rules(mesh))
+        >>> fig = plot_param_sharding(plan)          # plot_param_sharding(plan, "sharding.png")
+        >>> len(fig.axes)                            # 16 parameters, 4 panels a row
+        16
     """
     entries = list(plan.entries)
     rows = max(1, math.ceil(len(entries) / columns))
@@ -187,8 +197,14 @@ def strategy_memory(
         ``optimizer`` (bytes per device, from :func:`meshpar.train.plan.plan_training`).
 
     Example:
+        >>> from flax import nnx
+        >>> from meshpar.mesh import make_mesh
+        >>> from meshpar.models import GPT, get_preset
+        >>> make_model = lambda: GPT(get_preset("tiny"), rngs=nnx.Rngs(0))
         >>> rows = strategy_memory(make_model, {"DP": (make_mesh(data=8), "dp"),
         ...                                     "ZeRO-3": (make_mesh(fsdp=8), "zero3")})
+        >>> [(r["label"], r["params"], r["grads"], r["optimizer"]) for r in rows]
+        [('DP', 472064, 472064, 944132), ('ZeRO-3', 59008, 59008, 118020)]
     """
     tx = tx if tx is not None else optax.adamw(1e-3)
     out = []
@@ -218,7 +234,14 @@ def plot_strategy_memory(rows: Iterable[Mapping[str, Any]], /,
         title: the figure title.
 
     Example:
-        >>> plot_strategy_memory(strategy_memory(make_model, layouts), "memory.png")  # doctest: +SKIP
+        >>> from flax import nnx
+        >>> from meshpar.mesh import make_mesh
+        >>> from meshpar.models import GPT, get_preset
+        >>> make_model = lambda: GPT(get_preset("tiny"), rngs=nnx.Rngs(0))
+        >>> layouts = {"DP": (make_mesh(data=8), "dp"), "ZeRO-3": (make_mesh(fsdp=8), "zero3")}
+        >>> fig = plot_strategy_memory(strategy_memory(make_model, layouts))   # or a path too
+        >>> [label.get_text().split("\\n")[0] for label in fig.axes[0].get_xticklabels()]
+        ['DP', 'ZeRO-3']
     """
     rows = list(rows)
     scale, unit = _unit(max(r["params"] + r["grads"] + r["optimizer"] for r in rows))
@@ -321,9 +344,15 @@ def plot_pipeline_schedule(configs: Any, /, path: str | os.PathLike | None = Non
     repeats are lighter, and idle cells are hatched grey.
 
     Example:
-        >>> plot_pipeline_schedule([PipelineConfig(stages=4, microbatches=8),
-        ...                         PipelineConfig(stages=4, microbatches=8, schedule="1f1b")],
-        ...                        "schedule.png")   # doctest: +SKIP
+        >>> import os, tempfile
+        >>> from meshpar.parallel.schedule import PipelineConfig
+        >>> tmp = tempfile.TemporaryDirectory()
+        >>> gpipe = PipelineConfig(stages=4, microbatches=8)
+        >>> onef1b = PipelineConfig(stages=4, microbatches=8, schedule="1f1b")
+        >>> fig = plot_pipeline_schedule([gpipe, onef1b], os.path.join(tmp.name, "schedule.png"))
+        >>> [ax.get_xlabel() for ax in fig.axes], os.listdir(tmp.name)
+        (['iteration', 'tick'], ['schedule.png'])
+        >>> tmp.cleanup()
     """
     configs = [configs] if not isinstance(configs, (list, tuple)) else list(configs)
     grids = [_schedule_cells(c) for c in configs]
@@ -404,7 +433,13 @@ def plot_plan(rows: Iterable[Mapping[str, Any]], /, path: str | os.PathLike | No
     hollow, those that do not fit grey crosses.
 
     Example:
-        >>> plot_plan([c.as_dict() for c in result.candidates], "plan.png", budget=80 * 2**30)
+        >>> from meshpar.models import get_preset
+        >>> from meshpar.planner.search import plan_gpt
+        >>> result = plan_gpt(get_preset("tiny"), batch_size=16, devices=8, hardware="h100-sxm",
+        ...                   compile_top=0, progress=False)
+        >>> fig = plot_plan([c.as_dict() for c in result.candidates], budget=80 * 2**30)
+        >>> fig.axes[0].get_ylabel()                 # plot_plan(rows, "plan.png", ...) saves it
+        'predicted step time (ms)'
     """
     rows = list(rows)
     fig = _figure(figsize=(8, 5))

@@ -28,7 +28,21 @@ def plan_to_dict(plan: ShardingPlan, /) -> dict[str, Any]:
     """The report as plain JSON-able data.
 
     Example:
-        >>> json.dumps(plan_to_dict(plan))   # doctest: +SKIP
+        >>> import json
+        >>> from flax import nnx
+        >>> from meshpar.mesh import make_mesh
+        >>> from meshpar.models import GPT, get_preset
+        >>> from meshpar.sharding.placement import init_nnx
+        >>> from meshpar.sharding.strategy import get_strategy
+        >>> mesh = make_mesh(fsdp=4, tensor=2)
+        >>> _, plan = init_nnx(lambda: GPT(get_preset("tiny"), rngs=nnx.Rngs(0)), mesh=mesh,
+        ...                    rules=get_strategy("zero3").param_rules(mesh))
+        >>> data = plan_to_dict(plan)
+        >>> sorted(data)
+        ['devices', 'fallbacks', 'mesh', 'params', 'replicated', 'rules', 'totals', 'unmatched']
+        >>> {k: data["params"][0][k] for k in ("path", "spec", "per_device_shape")}
+        {'path': 'blocks/b_in', 'spec': [None, 'tensor'], 'per_device_shape': [2, 128]}
+        >>> text = json.dumps(data)                     # JSON-able as it is
     """
     devices = plan.mesh.size
     return {

@@ -222,6 +222,9 @@ def from_linen(
             not arrays (sown values) or two collections with a variable at the same path.
 
     Example:
+        >>> import numpy as np
+        >>> import optax
+        >>> import meshpar as mp
         >>> class Net(nn.Module):
         ...     @nn.compact
         ...     def __call__(self, x, train: bool):
@@ -238,7 +241,10 @@ def from_linen(
         ...                           rngs=nnx.Rngs(params=0, dropout=1)),
         ...     optax.adamw(1e-3), loss_fn, mesh=mp.make_mesh(data=2, fsdp=2, tensor=2),
         ...     strategy="zero3")
-        >>> trainer.plan["Dense_0/kernel"].spec      # ("embed", "mlp") -> ('fsdp', 'tensor')
+        >>> trainer.plan["Dense_0/kernel"].spec      # ("embed", "mlp")
+        P('fsdp', 'tensor')
+        >>> metrics = trainer.step({"x": np.ones((8, 32), np.float32),
+        ...                         "y": np.zeros((8,), np.int32)})
     """
     _check_module(module)
     if not example_args and not example_kwargs:

@@ -63,9 +63,17 @@ def activate(mesh: Mesh, rules: Rules, /, *, pipeline: Any = None) -> Iterator[L
     Use it *inside* the function you jit, so the layout belongs to that trace.
 
     Example:
-        >>> def step(x):
-        ...     with activate(mesh, rules):
-        ...         return model(x)
+        >>> import jax.numpy as jnp
+        >>> from meshpar.mesh import make_mesh
+        >>> from meshpar.sharding.rules import Rules
+        >>> mesh = make_mesh(data=8)
+        >>> rules = Rules.table([("batch", "data"), ("embed", None)])
+        >>> @jax.jit
+        ... def step(x):
+        ...     with activate(mesh, rules):     # a model's constrain() calls resolve here
+        ...         return constrain(jnp.tanh(x), ("batch", "embed"))
+        >>> step(jnp.ones((8, 4))).sharding.spec
+        P('data',)
     """
     rules.validate(mesh)
     token = _ACTIVE.set(Layout(mesh, rules, pipeline))
@@ -111,7 +119,13 @@ def constrain(
         RuleError: wrong number of names; IndivisibleError: a dimension does not divide.
 
     Example:
-        >>> h = constrain(h, ("batch", "seq", "embed"))
+        >>> import jax.numpy as jnp
+        >>> h = jnp.ones((8, 16, 64))
+        >>> constrain(h, ("batch", "seq", "embed")) is h   # no active layout: unchanged
+        True
+
+        Under :func:`activate` (inside the function meshpar jits) the same call adds a sharding
+        constraint.
     """
     layout = _ACTIVE.get()
     if layout is None:

@@ -403,8 +403,19 @@ def onef1b_apply(run_chunk: Callable[[PyTree, PyTree, jax.Array], tuple[jax.Arra
         ``[M, mb, ...]`` outputs; with ``stage_state``, ``(outputs, new stage state)``.
 
     Example:
-        >>> y = onef1b_apply(run_chunk, staged, xs, mesh=mesh, config=cfg,
-        ...                  param_spec=P("pipe"), act_spec=P())   # doctest: +SKIP
+        >>> from jax.sharding import PartitionSpec as P
+        >>> from meshpar.mesh import make_mesh
+        >>> from meshpar.parallel.pipeline import stack_stages
+        >>> from meshpar.parallel.schedule import PipelineConfig
+        >>> def run_chunk(w, state, x):                 # w: [c, d, d]; stateless layers
+        ...     return jax.lax.scan(lambda h, wl: (jnp.tanh(h @ wl), None), x, w)[0], state
+        >>> cfg = PipelineConfig(stages=2, microbatches=4, schedule="1f1b")
+        >>> staged = stack_stages(jnp.ones((4, 16, 16)) / 16, stages=2)   # [2, 2, 16, 16]
+        >>> y = onef1b_apply(run_chunk, staged, jnp.ones((4, 8, 16)),
+        ...                  mesh=make_mesh(pipe=2, data=4), config=cfg,
+        ...                  param_spec=P("pipe"), act_spec=P())
+        >>> y.shape
+        (4, 8, 16)
     """
     forward = _forward(run_chunk, mesh, config, param_spec, act_spec, bubble_fill)
     backward = _backward(run_chunk, mesh, config, param_spec, act_spec, bubble_fill)

@@ -143,8 +143,8 @@ def stack_stages(layer_tree: PyTree, /, *, stages: int, repeats: int = 1) -> PyT
 
     Example:
         >>> w = jnp.arange(8.0).reshape(8, 1)           # 8 layers
-        >>> stack_stages({"w": w}, stages=2, repeats=2)["w"][:, :, :, 0]
-        Array([[[0., 1.], [2., 3.]], [[4., 5.], [6., 7.]]], dtype=float32)
+        >>> stack_stages({"w": w}, stages=2, repeats=2)["w"][:, :, :, 0].tolist()   # [v, P, c]
+        [[[0.0, 1.0], [2.0, 3.0]], [[4.0, 5.0], [6.0, 7.0]]]
     """
     config = PipelineConfig(stages=stages, microbatches=max(stages, 1),
                             schedule=Schedule.GPIPE if repeats == 1 else Schedule.CIRCULAR,
@@ -287,6 +287,7 @@ def pipeline_apply(
             stage layout.
 
     Example:
+        >>> from meshpar.mesh import make_mesh
         >>> def stage_fn(w, x):                          # w: [c, d, d]
         ...     return jax.lax.scan(lambda h, wl: (jnp.tanh(h @ wl), None), x, w)[0]
         >>> cfg = PipelineConfig(stages=2, microbatches=4)

@@ -278,6 +278,7 @@ class PipelineConfig:
                 stage axis's size differing from ``stages``.
 
         Example:
+            >>> from meshpar.mesh import make_mesh
             >>> PipelineConfig(stages=2, microbatches=4).validate(8, 32, make_mesh(pipe=2, data=4))
         """
         self.layers_per_chunk(num_layers)

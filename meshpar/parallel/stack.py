@@ -62,7 +62,24 @@ def scan_layers(stack: nnx.Module, x: jax.Array, /, *, remat: str = "full") -> j
         The activations after the last layer.
 
     Example:
-        >>> x = scan_layers(self.blocks, x, remat="full")   # inside a model's __call__
+        >>> import jax.numpy as jnp
+        >>> from flax import nnx
+        >>> class Residual(nnx.Module):
+        ...     def __init__(self, rngs):
+        ...         self.linear = nnx.Linear(16, 16, rngs=rngs)
+        ...     def __call__(self, x):
+        ...         return x + jnp.tanh(self.linear(x))
+        >>> @nnx.split_rngs(splits=4)
+        ... @nnx.vmap(in_axes=(0,), out_axes=0)
+        ... def make_stack(rngs):
+        ...     return Residual(rngs)
+        >>> stack = make_stack(nnx.Rngs(0))              # 4 layers, stacked
+        >>> stack.linear.kernel.shape
+        (4, 16, 16)
+        >>> scan_layers(stack, jnp.ones((2, 16)), remat="full").shape
+        (2, 16)
+
+        In a model, ``x = scan_layers(self.blocks, x)`` inside its ``__call__``.
     """
     graphdef, state = nnx.split(stack)
     layout = active_layout()

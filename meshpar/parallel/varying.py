@@ -36,7 +36,16 @@ def psum_wide(x: jax.Array, axes: tuple[str, ...], mesh: Mesh) -> jax.Array:
     """``lax.psum(x, axes)``, in float32 for sub-32-bit floats on CPU (see above).
 
     Example:
-        >>> total = psum_wide(grad, ("data",), mesh)      # inside a shard_map
+        >>> from functools import partial
+        >>> from jax.sharding import PartitionSpec as P
+        >>> from meshpar.mesh import make_mesh
+        >>> mesh = make_mesh(data=8)
+        >>> @jax.jit
+        ... @partial(jax.shard_map, mesh=mesh, in_specs=P("data"), out_specs=P())
+        ... def total(x):
+        ...     return psum_wide(x, ("data",), mesh)
+        >>> total(jnp.arange(8.0, dtype=jnp.bfloat16))     # summed in float32 on CPU
+        Array([28], dtype=bfloat16)
     """
     if _needs_wide_psum(x.dtype, mesh):
         return jax.lax.psum(x.astype(jnp.float32), axes).astype(x.dtype)
@@ -61,7 +70,16 @@ def ppermute_bits(x: jax.Array, axis: str, perm: tuple[tuple[int, int], ...]) ->
     The gradient is the cotangent permuted back, moved the same way.
 
     Example:
-        >>> y = ppermute_bits(x, "pipe", ((0, 1), (1, 0)))      # inside a shard_map
+        >>> from functools import partial
+        >>> from jax.sharding import PartitionSpec as P
+        >>> from meshpar.mesh import make_mesh
+        >>> mesh = make_mesh(pipe=2, data=4)
+        >>> @jax.jit
+        ... @partial(jax.shard_map, mesh=mesh, in_specs=P("pipe"), out_specs=P("pipe"))
+        ... def swap(x):
+        ...     return ppermute_bits(x, "pipe", ((0, 1), (1, 0)))
+        >>> swap(jnp.array([1.0, 2.0], jnp.bfloat16))       # moved as uint16 bits
+        Array([2, 1], dtype=bfloat16)
     """
     bits = _bits_dtype(x.dtype)
     if bits is None:
@@ -87,7 +105,16 @@ def select_stage(x: jax.Array, keep: jax.Array, axis: str, mesh: Mesh) -> jax.Ar
     communication), as autodiff of the psum gives.
 
     Example:
-        >>> out = select_stage(buf, stage == 0, "pipe", mesh)   # inside a shard_map
+        >>> from functools import partial
+        >>> from jax.sharding import PartitionSpec as P
+        >>> from meshpar.mesh import make_mesh
+        >>> mesh = make_mesh(pipe=2, data=4)
+        >>> @jax.jit
+        ... @partial(jax.shard_map, mesh=mesh, in_specs=P("pipe"), out_specs=P())
+        ... def from_first(x):
+        ...     return select_stage(x, jax.lax.axis_index("pipe") == 0, "pipe", mesh)
+        >>> from_first(jnp.array([10.0, 20.0]))              # stage 0's value, on every stage
+        Array([10.], dtype=float32)
     """
     bits = _bits_dtype(x.dtype)
     if bits is None:
@@ -111,7 +138,19 @@ def cast_varying(tree: PyTree, axes: Sequence[str], mesh: Mesh) -> PyTree:
     The cast's transpose is a sum over the axes (in float32 where :func:`psum_wide` needs it).
 
     Example:
-        >>> params = cast_varying(params, ("pipe", "data"), mesh)   # inside a shard_map
+        >>> from functools import partial
+        >>> from jax.sharding import PartitionSpec as P
+        >>> from meshpar.mesh import make_mesh
+        >>> mesh = make_mesh(pipe=2, data=4)
+        >>> varying = lambda a: sorted(jax.typeof(a).manual_axis_type.varying)
+        >>> @jax.jit
+        ... @partial(jax.shard_map, mesh=mesh, in_specs=(P(), P("pipe")), out_specs=P("pipe"))
+        ... def scale(w, x):
+        ...     print(varying(w), varying(cast_varying(w, ("pipe", "data"), mesh)))
+        ...     return w * x
+        >>> scale(jnp.ones(()), jnp.ones(2))
+        [] ['data', 'pipe']
+        Array([1., 1.], dtype=float32)
     """
     # Mark values as varying over the manual axes *before* the loop. A loop carry must vary over
     # every axis its update varies over, and a value cast inside the loop would put the cast's
@@ -155,8 +194,20 @@ def enter_stage(params: PyTree, state: PyTree, xs: jax.Array, *, repeats: int,
     scalar (``None`` without).
 
     Example:
-        >>> params, state, xs, stage, fill = enter_stage(params, state, xs, repeats=1,
-        ...     manual=("pipe",), mesh=mesh, axis="pipe", bubble_fill=None)  # doctest: +SKIP
+        >>> from functools import partial
+        >>> from jax.sharding import PartitionSpec as P
+        >>> from meshpar.mesh import make_mesh
+        >>> mesh = make_mesh(pipe=2, data=4)
+        >>> @jax.jit
+        ... @partial(jax.shard_map, mesh=mesh, in_specs=(P("pipe"), P()), out_specs=P("pipe"))
+        ... def prologue(params, xs):                   # params: [P, c, ...], stage layout
+        ...     params, state, xs, stage, fill = enter_stage(params, None, xs, repeats=1,
+        ...         manual=("pipe",), mesh=mesh, axis="pipe", bubble_fill=None)
+        ...     print(params.shape, state, fill)        # this stage's [c, ...]
+        ...     return jnp.full((1,), stage)
+        >>> prologue(jnp.zeros((2, 3, 4)), jnp.ones((4, 8)))
+        (3, 4) None None
+        Array([0, 1], dtype=int32)
     """
     params, state = drop_stage_slot((params, state), repeats)
     params, xs = cast_varying((params, xs), manual, mesh)
@@ -177,7 +228,17 @@ def refuse_traced_closure(stage_fn: Callable, *example_args) -> None:
         StrategyError: ``stage_fn`` closes over traced values.
 
     Example:
-        >>> refuse_traced_closure(lambda w, s, x: (x @ w, s), w, None, x)  # doctest: +SKIP
+        >>> w, x = jnp.ones((4, 4)), jnp.ones((2, 4))
+        >>> refuse_traced_closure(lambda w, s, x: (x @ w, s), w, None, x)   # weights as args
+        >>> @jax.jit
+        ... def step(scale):
+        ...     try:
+        ...         refuse_traced_closure(lambda w, s, x: (x @ w * scale, s), w, None, x)
+        ...     except StrategyError as err:
+        ...         print(str(err).split(". ")[0])
+        ...     return scale
+        >>> _ = step(2.0)
+        pipeline_apply: stage_fn closes over 1 traced value(s) (float32[])
     """
     consts = jax.closure_convert(stage_fn, *example_args)[1]
     if consts:
@@ -207,7 +268,10 @@ def drop_stage_slot(tree: PyTree, repeats: int) -> PyTree:
     ``[1, c, ...] -> [c, ...]`` or ``[v, 1, c, ...] -> [v, c, ...]`` (``repeats = v``).
 
     Example:
-        >>> params = drop_stage_slot(params, config.repeats)     # inside a shard_map
+        >>> drop_stage_slot({"w": jnp.zeros((1, 3, 4))}, 1)["w"].shape        # repeats=1
+        (3, 4)
+        >>> drop_stage_slot({"w": jnp.zeros((2, 1, 3, 4))}, 2)["w"].shape     # repeats=2
+        (2, 3, 4)
     """
     return jax.tree.map(lambda a: a[0] if repeats == 1 else a[:, 0], tree)
 
@@ -216,6 +280,9 @@ def restore_stage_slot(tree: PyTree, repeats: int) -> PyTree:
     """The inverse of :func:`drop_stage_slot`, for what leaves the ``shard_map`` in stage layout.
 
     Example:
-        >>> grads = restore_stage_slot(grads, config.repeats)    # inside a shard_map
+        >>> restore_stage_slot({"w": jnp.zeros((3, 4))}, 1)["w"].shape
+        (1, 3, 4)
+        >>> restore_stage_slot({"w": jnp.zeros((2, 3, 4))}, 2)["w"].shape
+        (2, 1, 3, 4)
     """
     return jax.tree.map(lambda a: a[None] if repeats == 1 else a[:, None], tree)

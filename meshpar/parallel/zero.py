@@ -319,7 +319,21 @@ class GatherAtUse:
         """The gathers for a trainer's parameters, or ``None`` below ZeRO-3 or without fsdp.
 
         Example:
-            >>> GatherAtUse.build(mesh=mesh, zero_stage=3, abs_params=p, param_shardings=s)
+            >>> from flax import nnx
+            >>> from meshpar.mesh import make_mesh
+            >>> from meshpar.models import GPT, get_preset
+            >>> from meshpar.sharding.strategy import get_strategy
+            >>> from meshpar.train.plan import plan_training
+            >>> mesh = make_mesh(fsdp=4, tensor=2)
+            >>> plan = plan_training(lambda: GPT(get_preset("tiny"), rngs=nnx.Rngs(0)),
+            ...                      mesh=mesh, strategy=get_strategy("zero3"))
+            >>> gather = GatherAtUse.build(mesh=mesh, zero_stage=3, abs_params=plan.abs_params,
+            ...                            param_shardings=plan.param_shardings)
+            >>> sum(gather.stacked), gather.upfront_count   # 12 in the stack, 4 gathered first
+            (12, 4)
+            >>> GatherAtUse.build(mesh=mesh, zero_stage=2, abs_params=plan.abs_params,
+            ...                   param_shardings=plan.param_shardings) is None
+            True
         """
         if zero_stage < 3 or mesh.shape.get(FSDP, 1) == 1:
             return None
@@ -410,7 +424,20 @@ class ManualZero:
         """The manual plan for a trainer, or ``None`` where the step stays with GSPMD.
 
         Example:
-            >>> ManualZero.build(mesh=mesh, batch_axes=("fsdp",), zero_stage=3, ...)
+            >>> from flax import nnx
+            >>> from meshpar.mesh import make_mesh
+            >>> from meshpar.models import GPT, get_preset
+            >>> from meshpar.sharding.strategy import get_strategy
+            >>> from meshpar.train.plan import plan_training
+            >>> mesh = make_mesh(fsdp=4, tensor=2)
+            >>> plan = plan_training(lambda: GPT(get_preset("tiny"), rngs=nnx.Rngs(0)),
+            ...                      mesh=mesh, strategy=get_strategy("zero3"))
+            >>> manual = ManualZero.build(
+            ...     mesh=mesh, batch_axes=("fsdp",), zero_stage=3, abs_params=plan.abs_params,
+            ...     param_shardings=plan.param_shardings, grad_shardings=plan.grad_shardings,
+            ...     pipelined=False)
+            >>> manual.param_dims[:4]          # per leaf, the dimension split over fsdp
+            (None, 1, 1, 1)
         """
         if pipelined or zero_stage < 2 or mesh.shape.get(FSDP, 1) == 1:
             return None

@@ -120,9 +120,13 @@ def step_time(*, flops_per_device: float, collectives: Iterable[Collective],
             counted only on a profile with ``matmul_bandwidth``.
 
     Example:
-        >>> step_time(flops_per_device=1e12, collectives=[Collective("all-reduce", ("data",), 1e9)],
-        ...           mesh_shape={"data": 8}, hardware=load_profile("h100-sxm"),
-        ...           precision="bf16").step
+        >>> from meshpar.planner.hardware import load_profile
+        >>> t = step_time(flops_per_device=1e12,
+        ...               collectives=[Collective("all-reduce", ("data",), 1e9)],
+        ...               mesh_shape={"data": 8}, hardware=load_profile("h100-sxm"),
+        ...               precision="bf16")
+        >>> round(t.compute * 1e3, 2), round(t.step * 1e3, 2)   # ms: the all-reduce hides it
+        (1.01, 2.23)
     """
     compute = hardware.compute_seconds(flops_per_device, precision, matmul_bytes=matmul_bytes,
                                        memory_bytes=memory_bytes)

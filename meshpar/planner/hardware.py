@@ -182,7 +182,26 @@ def parse_profile(text: str, /, *, where: str = "<profile>") -> HardwareProfile:
             value).
 
     Example:
-        >>> parse_profile(pathlib.Path("my.toml").read_text(), where="my.toml").devices_per_node
+        >>> text = '''
+        ... name = "my-gpu"
+        ... source = "the vendor's datasheet"
+        ... devices_per_node = 4
+        ... memory_gib = 48.0
+        ... hbm_gb_s = 960.0
+        ... overlap = 1.0
+        ... [peak_tflops]
+        ... fp32 = 90.0
+        ... bf16 = 180.0
+        ... [intra_node]
+        ... bandwidth_gb_s = 32.0
+        ... latency_us = 8.0
+        ... [inter_node]
+        ... bandwidth_gb_s = 12.5
+        ... latency_us = 20.0
+        ... '''
+        >>> profile = parse_profile(text, where="my.toml")
+        >>> profile.devices_per_node, profile.memory_bytes / 2**30, profile.peak_flops["bf16"]
+        (4, 48.0, 180000000000000.0)
     """
     try:
         data = tomllib.loads(text)
@@ -332,9 +351,11 @@ def calibrate_cpu(*, matmul: int = 512, collective_mib: float = 8.0, stream_mib:
     Memory per device is the host's memory over the device count. The figures move with the
     machine's load: recalibrate (``load_profile("cpu", recalibrate=True)``) on a quiet machine.
 
-    Example:
-        >>> calibrate_cpu().peak_flops["fp32"] > 0
-        True
+    Example::
+
+        # A few seconds: it times matmuls and collectives on this machine's devices.
+        profile = calibrate_cpu()
+        profile.peak_flops["fp32"]   # > 0: the measured fp32 FLOP/s
     """
     devices = jax.devices()
     n = len(devices)

@@ -12,7 +12,15 @@ def format_plan_result(result: PlanResult, /, *, top: int = 15) -> str:
     with their margin), and the top pick as a ``meshpar train`` command and ``Trainer`` call.
 
     Example:
-        >>> print(format_plan_result(plan_gpt(get_preset("tiny"), batch_size=16)))
+        >>> from meshpar.models import get_preset
+        >>> from meshpar.planner.search import plan_gpt
+        >>> result = plan_gpt(get_preset("tiny"), batch_size=16, devices=8, hardware="h100-sxm",
+        ...                   compile_top=0, progress=False)    # formulas only
+        >>> text = format_plan_result(result, top=3)
+        >>> [line.split(" (")[0] for line in text.splitlines() if line.startswith("plan: ")]
+        ['plan: 8 devices of h100-sxm']
+        >>> sum(line.lstrip().startswith("meshpar train ") for line in text.splitlines())
+        1
     """
     hw = result.hardware
     lines = [f"plan: {result.devices} devices of {hw.name} ({hw.source}); "

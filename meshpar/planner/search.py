@@ -235,8 +235,9 @@ def proxy_layout(layout: Layout, limit: int, /) -> Layout | None:
     per-device rows kept (the batch shrinks with ``data x fsdp``). ``None`` when none fits.
 
     Example:
-        >>> proxy_layout(Layout(data=64, tensor=4), 8)
-        Layout(pipe=1, data=2, fsdp=1, tensor=4, ...)
+        >>> proxy = proxy_layout(Layout(data=64, tensor=4), 8)
+        >>> proxy.data, proxy.fsdp, proxy.tensor, proxy.pipe
+        (2, 1, 4, 1)
     """
     if layout.devices <= limit:
         return None
@@ -542,8 +543,18 @@ def plan(make_model: Callable[[], nnx.Module], loss_fn: Callable, *, batch: Mapp
         PlanError: no layout is valid for the model (each factorisation's reason is listed).
 
     Example:
-        >>> result = mp.plan(make_model, loss_fn, batch=batch, hardware="cpu")
-        >>> result.best.layout.trainer_code()
+        >>> from flax import nnx
+        >>> import meshpar as mp
+        >>> from meshpar.models import GPT, get_preset, lm_loss
+        >>> from meshpar.train.data import TokenBatches
+        >>> make_model = lambda: GPT(get_preset("tiny"), rngs=nnx.Rngs(0))
+        >>> batch = TokenBatches(batch_size=16, seq_len=32).batch(0)
+        >>> result = mp.plan(make_model, lm_loss, batch=batch, hardware="h100-sxm",
+        ...                  compile_top=0, progress=False)   # formulas only: nothing compiled
+        >>> result.best.fits, result.best.source
+        (True, 'analytic')
+        >>> result.best.layout.trainer_code().startswith("mp.Trainer(make_model, tx, loss_fn, ")
+        True
     """
     hardware = _profile(hardware)
     devices = devices or jax.device_count()
@@ -606,8 +617,11 @@ def plan_gpt(config: GPTConfig, /, *, batch_size: int, seq_len: int | None = Non
         ProfileError: an unknown or malformed hardware profile.
 
     Example:
-        >>> result = plan_gpt(get_preset("20m"), batch_size=32, devices=8, hardware="cpu")
-        >>> print(result.best.command)
+        >>> from meshpar.models import get_preset
+        >>> result = plan_gpt(get_preset("20m"), batch_size=32, devices=8, hardware="h100-sxm",
+        ...                   compile_top=0, progress=False)   # formulas only: nothing compiled
+        >>> result.best.command.split(" --mesh ")[0]
+        'meshpar train --seq-len 256'
     """
     hardware = _profile(hardware)
     devices = devices or jax.device_count()

@@ -107,13 +107,21 @@ def explain_trace_error(err: Exception, /, *, mesh: Mesh | None = None) -> Meshp
         ``err`` is not one of the errors this module knows (re-raise it unchanged then).
 
     Example:
+        >>> import jax.numpy as jnp
+        >>> from jax.sharding import PartitionSpec as P
+        >>> from meshpar.mesh import make_mesh
+        >>> mesh = make_mesh(data=8)                       # Auto axes
+        >>> def loss_fn(x):
+        ...     return jnp.einsum("ij,jk->ik", x, x, out_sharding=P("data")).sum()
         >>> try:
-        ...     loss = loss_fn(model, batch)
+        ...     with jax.set_mesh(mesh):
+        ...         loss = jax.jit(loss_fn)(jnp.ones((8, 8)))
         ... except Exception as err:
-        ...     explained = explain_trace_error(err, mesh=mesh)
-        ...     if explained is not None:
-        ...         raise explained from None
-        ...     raise
+        ...     explained = explain_trace_error(err, mesh=mesh)   # raise it, from None
+        >>> type(explained).__name__, str(explained).split(" at ")[0]
+        ('MeshError', 'the model passes out_sharding= to einsum')
+        >>> explain_trace_error(ValueError("another error")) is None   # re-raise it unchanged
+        True
     """
     text = str(err)
     for pattern, what in _PATTERNS:

@@ -121,8 +121,20 @@ class ShardingPlan:
         """``{logical name: parameter paths}`` for every name that no rule maps (replicated).
 
         Example:
-            >>> plan.unmatched                               # doctest: +SKIP
-            {'kv_heads': ('blocks/attn/wk', 'blocks/attn/wv')}
+            >>> from flax import nnx
+            >>> from meshpar.mesh import make_mesh
+            >>> from meshpar.sharding.rules import Rules
+            >>> class KeyValue(nnx.Module):
+            ...     def __init__(self, rngs):
+            ...         normal, axes = nnx.initializers.normal(0.02), ("embed", "kv_heads")
+            ...         self.wk = nnx.Param(normal(rngs.params(), (64, 2)), out_sharding=axes)
+            ...         self.wv = nnx.Param(normal(rngs.params(), (64, 2)), out_sharding=axes)
+            >>> with nnx.use_eager_sharding(False):
+            ...     _, state = nnx.split(nnx.eval_shape(lambda: KeyValue(nnx.Rngs(0))))
+            >>> rules = Rules.table([("embed", "fsdp")])           # nothing for kv_heads
+            >>> _, plan = plan_nnx_state(state, mesh=make_mesh(fsdp=8), rules=rules)
+            >>> plan.unmatched
+            {'kv_heads': ('wk', 'wv')}
         """
         out: dict[str, list[str]] = {}
         for e in self.entries:
@@ -254,8 +266,20 @@ def plan_nnx_state(
         ``NamedSharding`` in place of each array, ready for ``jax.jit(out_shardings=...)``.
 
     Example:
-        >>> graphdef, state = nnx.split(nnx.eval_shape(make_model))
+        >>> from flax import nnx
+        >>> from meshpar.mesh import make_mesh
+        >>> from meshpar.models import GPT, get_preset
+        >>> from meshpar.sharding.strategy import get_strategy
+        >>> mesh = make_mesh(fsdp=4, tensor=2)
+        >>> rules = get_strategy("zero3").param_rules(mesh)
+        >>> with nnx.use_eager_sharding(False):   # abstract: nothing is allocated
+        ...     graphdef, state = nnx.split(nnx.eval_shape(
+        ...         lambda: GPT(get_preset("tiny"), rngs=nnx.Rngs(0))))
         >>> shardings, plan = plan_nnx_state(state, mesh=mesh, rules=rules)
+        >>> shardings["tok_embed"].spec                    # ("vocab", "embed")
+        P('tensor', 'fsdp')
+        >>> len(plan.entries), plan.fallbacks
+        (16, ())
     """
     rules.validate(mesh)
     entries: list[ParamPlacement] = []
@@ -301,7 +325,16 @@ def init_nnx(
             on ``mesh`` and keep its axis types (see :mod:`meshpar.mesh`).
 
     Example:
-        >>> model, plan = init_nnx(lambda: GPT(cfg, rngs=nnx.Rngs(0)), mesh=mesh, rules=rules)
+        >>> from flax import nnx
+        >>> from meshpar.mesh import make_mesh
+        >>> from meshpar.models import GPT, get_preset
+        >>> from meshpar.sharding.strategy import get_strategy
+        >>> mesh = make_mesh(fsdp=4, tensor=2)
+        >>> rules = get_strategy("zero3").param_rules(mesh)
+        >>> model, plan = init_nnx(lambda: GPT(get_preset("tiny"), rngs=nnx.Rngs(0)),
+        ...                        mesh=mesh, rules=rules)
+        >>> model.tok_embed[...].sharding.spec
+        P('tensor', 'fsdp')
     """
     check_mesh(mesh, caller="init_nnx")
     with nnx.use_eager_sharding(False), _no_mesh_context():
@@ -362,7 +395,22 @@ def init_linen(
         ``(variables, plan)``: unboxed variables holding sharded arrays, and the plan.
 
     Example:
+        >>> import flax.linen as nn
+        >>> import jax.numpy as jnp
+        >>> from meshpar.mesh import make_mesh
+        >>> from meshpar.sharding.rules import Rules
+        >>> class MLP(nn.Module):
+        ...     @nn.compact
+        ...     def __call__(self, x):
+        ...         init = nn.with_logical_partitioning(nn.initializers.lecun_normal(),
+        ...                                             ("embed", "mlp"))
+        ...         return nn.Dense(256, kernel_init=init, use_bias=False)(x)
+        >>> mesh = make_mesh(fsdp=4, tensor=2)
+        >>> rules = Rules.table([("embed", "fsdp"), ("mlp", "tensor")])
+        >>> x = jnp.ones((8, 64))
         >>> variables, plan = init_linen(MLP(), jax.random.key(0), x, mesh=mesh, rules=rules)
+        >>> variables["params"]["Dense_0"]["kernel"].sharding.spec
+        P('fsdp', 'tensor')
     """
     check_mesh(mesh, caller="init_linen")
     abstract = jax.eval_shape(module.init, rng, *args)
@@ -378,7 +426,14 @@ def abstract_nnx(factory: Callable[[], nnx.Module], /) -> tuple[nnx.GraphDef, nn
         ``(graphdef, params, rest)`` with ``jax.ShapeDtypeStruct`` values.
 
     Example:
-        >>> graphdef, params, rest = abstract_nnx(lambda: GPT(cfg, rngs=nnx.Rngs(0)))
+        >>> from flax import nnx
+        >>> from meshpar.models import GPT, get_preset
+        >>> graphdef, params, rest = abstract_nnx(lambda: GPT(get_preset("tiny"),
+        ...                                                   rngs=nnx.Rngs(0)))
+        >>> params["tok_embed"].get_value()
+        ShapeDtypeStruct(shape=(256, 64), dtype=float32)
+        >>> len(jax.tree.leaves(rest))                     # no batch statistics, no RNG state
+        0
     """
     with nnx.use_eager_sharding(False), _no_mesh_context():
         return nnx.split(nnx.eval_shape(factory), nnx.Param, ...)

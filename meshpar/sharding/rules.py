@@ -111,7 +111,14 @@ class Rule:
             is split over ``mlp`` and an ``(embed, mlp)`` weight over ``embed``.
 
     Example:
-        >>> mp.Rules.table([mp.Rule("vocab", ("fsdp",), if_divisible=True), ("embed", "fsdp")])
+        >>> import meshpar as mp
+        >>> rules = mp.Rules.table([mp.Rule("vocab", ("fsdp",), if_divisible=True),
+        ...                         ("embed", "fsdp"), ("embed", None)])
+        >>> mesh = mp.make_mesh(fsdp=8)
+        >>> rules.resolve(("vocab", "embed"), (256, 64), mesh).spec   # vocab divides: fsdp
+        P('fsdp',)
+        >>> rules.resolve(("vocab", "embed"), (250, 64), mesh).spec   # it does not: embed's
+        P(None, 'fsdp')
     """
 
     logical: str
@@ -189,9 +196,11 @@ class Rules:
             logical name that no rule maps, instead of replicating it (and reporting it).
 
     Example:
+        >>> from meshpar.mesh import make_mesh
         >>> rules = Rules.table([("batch", ("data", "fsdp")), ("mlp", "tensor"), ("mlp", None)])
-        >>> rules.resolve(("batch", "mlp"), (8, 64), mesh).spec   # doctest: +SKIP
-        PartitionSpec(('data', 'fsdp'), 'tensor')
+        >>> mesh = make_mesh(data=2, fsdp=2, tensor=2)
+        >>> rules.resolve(("batch", "mlp"), (8, 64), mesh).spec
+        P(('data', 'fsdp'), 'tensor')
     """
 
     logical: tuple[Rule, ...] = ()
@@ -219,7 +228,10 @@ class Rules:
         ``(regex, logical_axes)`` rows.
 
         Example:
-            >>> Rules.table([("embed", "fsdp"), ("embed", None)], paths=[(r"kernel$", ("embed", None))])
+            >>> rules = Rules.table([("embed", "fsdp"), ("embed", None)],
+            ...                     paths=[(r"kernel$", ("embed", None))])
+            >>> rules.describe()
+            ['embed->fsdp', 'embed->replicated', "path 'kernel$' -> ('embed', None)"]
         """
         logical = []
         for row in rows:

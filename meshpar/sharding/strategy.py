@@ -71,6 +71,7 @@ class Strategy:
             ``auto`` preset sets 1 (see :meth:`for_mesh`).
 
     Example:
+        >>> from meshpar.mesh import make_mesh
         >>> strategy = Strategy(zero_stage=3, sequence_parallel=True)
         >>> strategy.param_rules(make_mesh(fsdp=4, tensor=2)).describe()[:2]
         ['fsdp->fsdp', 'tensor->tensor']
@@ -232,6 +233,7 @@ class Strategy:
             StrategyError: the mesh lacks an axis this strategy needs.
 
         Example:
+            >>> from meshpar.mesh import make_mesh
             >>> get_strategy("auto").describe(make_mesh(fsdp=4, tensor=2))
             'auto -> ZeRO-3 over fsdp + TP over tensor'
             >>> get_strategy("auto").describe(make_mesh(pipe=2, fsdp=4))
@@ -307,6 +309,7 @@ def get_strategy(
         StrategyError: unknown preset name or ZeRO stage.
 
     Example:
+        >>> from meshpar.mesh import make_mesh
         >>> get_strategy("tp", zero_stage=3).zero_stage
         3
         >>> get_strategy("auto", zero_stage=3).for_mesh(make_mesh(pipe=2, fsdp=4)).zero_stage

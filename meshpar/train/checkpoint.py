@@ -93,9 +93,17 @@ def restore_target(abstract_state: Any, shardings: Any = None, /) -> Any:
         CheckpointError: a leaf has no shape/dtype, or no sharding was given for it.
 
     Example:
-        >>> abstract = jax.eval_shape(init_state, jax.random.key(0))
-        >>> target = restore_target(abstract, state_shardings)   # shardings on the new mesh
-        >>> state, meta = ckpt.restore(target)
+        >>> import jax.numpy as jnp
+        >>> from jax.sharding import NamedSharding, PartitionSpec as P
+        >>> from meshpar.mesh import make_mesh
+        >>> abstract = jax.eval_shape(lambda: {"w": jnp.zeros((8, 4)), "step": jnp.int32(0)})
+        >>> mesh = make_mesh(data=2, tensor=4)                  # the mesh to restore onto
+        >>> target = restore_target(abstract, {"w": NamedSharding(mesh, P("tensor")),
+        ...                                    "step": NamedSharding(mesh, P())})
+        >>> target["w"].shape, target["w"].sharding.spec
+        ((8, 4), P('tensor',))
+
+        ``state, meta = ckpt.restore(target)`` then reads a checkpoint into those shardings.
     """
     if shardings is None or isinstance(shardings, jax.sharding.Sharding):
         fixed = shardings
@@ -202,9 +210,16 @@ class Checkpointer:
         CheckpointError: ``keep`` is not ``None`` or an int >= 1; ``directory`` is a file.
 
     Example:
-        >>> with Checkpointer("/tmp/run1", keep=3) as ckpt:
+        >>> import tempfile
+        >>> import jax.numpy as jnp
+        >>> state = {"w": jnp.arange(8.0), "step": jnp.int32(100)}
+        >>> tmp = tempfile.TemporaryDirectory()
+        >>> with Checkpointer(tmp.name, keep=3) as ckpt:
         ...     ckpt.save(100, state, meta={"step": 100, "data_step": 100})
         ...     state, meta = ckpt.restore(restore_target(state))
+        >>> meta, state["w"].tolist()[:3]
+        ({'step': 100, 'data_step': 100}, [0.0, 1.0, 2.0])
+        >>> tmp.cleanup()
     """
 
     def __init__(self, directory: str | os.PathLike, *, keep: int | None = 3, async_save: bool = True):
@@ -313,8 +328,16 @@ class Checkpointer:
         """All complete checkpoint steps on disk, ascending.
 
         Example:
+            >>> import tempfile
+            >>> import jax.numpy as jnp
+            >>> tmp = tempfile.TemporaryDirectory()
+            >>> ckpt = Checkpointer(tmp.name, keep=3)
+            >>> for step in (10, 20, 30):
+            ...     ckpt.save(step, {"w": jnp.zeros(4)})
+            >>> ckpt.wait()                      # saves in flight are not complete yet
             >>> ckpt.all_steps()
             [10, 20, 30]
+            >>> ckpt.close(); tmp.cleanup()
         """
         return self._scan()[0]
 
@@ -324,7 +347,15 @@ class Checkpointer:
         A save still in flight, or one killed half-way, does not count.
 
         Example:
-            >>> start = (ckpt.latest_step() or 0)
+            >>> import tempfile
+            >>> import jax.numpy as jnp
+            >>> tmp = tempfile.TemporaryDirectory()
+            >>> ckpt = Checkpointer(tmp.name)
+            >>> start = (ckpt.latest_step() or 0)   # an empty directory: start at 0
+            >>> ckpt.save(7, {"w": jnp.zeros(4)}); ckpt.wait()
+            >>> start, ckpt.latest_step()
+            (0, 7)
+            >>> ckpt.close(); tmp.cleanup()
         """
         steps = self.all_steps()
         return steps[-1] if steps else None
@@ -346,7 +377,15 @@ class Checkpointer:
                 leaf that is not an array, a typed PRNG key, or ``meta`` that is not JSON-able.
 
         Example:
+            >>> import tempfile
+            >>> import jax.numpy as jnp
+            >>> tmp = tempfile.TemporaryDirectory()
+            >>> ckpt = Checkpointer(tmp.name)
+            >>> state = {"w": jnp.zeros(4), "step": jnp.int32(12)}
             >>> ckpt.save(12, state, meta={"step": 12, "data_step": 12})
+            >>> ckpt.read_meta()                 # waits for the save
+            (12, {'step': 12, 'data_step': 12})
+            >>> ckpt.close(); tmp.cleanup()
         """
         if not is_int(step, minimum=0):
             raise CheckpointError(f"save(step={step!r}): step must be an int >= 0")
@@ -398,8 +437,14 @@ class Checkpointer:
             CheckpointError: a background save failed.
 
         Example:
+            >>> import tempfile
+            >>> import jax.numpy as jnp
+            >>> tmp = tempfile.TemporaryDirectory()
+            >>> ckpt = Checkpointer(tmp.name)
+            >>> state = {"w": jnp.zeros(4)}
             >>> ckpt.save(5, state, meta={"step": 5}); ckpt.wait(); ckpt.latest_step()
             5
+            >>> ckpt.close(); tmp.cleanup()
         """
         if self._manager is None:
             return
@@ -415,7 +460,15 @@ class Checkpointer:
         """Wait for pending saves and release Orbax's threads. Safe to call twice.
 
         Example:
-            >>> ckpt.close()
+            >>> import tempfile
+            >>> import jax.numpy as jnp
+            >>> tmp = tempfile.TemporaryDirectory()
+            >>> ckpt = Checkpointer(tmp.name)
+            >>> ckpt.save(1, {"w": jnp.zeros(4)})
+            >>> ckpt.close(); ckpt.close()        # the save has landed; closing twice is fine
+            >>> ckpt.all_steps()
+            [1]
+            >>> tmp.cleanup()
         """
         if self._closed:
             return
@@ -438,7 +491,15 @@ class Checkpointer:
                 not one, or the metadata cannot be read or is not a JSON object.
 
         Example:
+            >>> import tempfile
+            >>> import jax.numpy as jnp
+            >>> tmp = tempfile.TemporaryDirectory()
+            >>> ckpt = Checkpointer(tmp.name)
+            >>> ckpt.save(3, {"w": jnp.zeros(4)}, meta={"step": 3, "data_step": 3})
             >>> step, meta = ckpt.read_meta()
+            >>> step, meta["data_step"]
+            (3, 3)
+            >>> ckpt.close(); tmp.cleanup()
         """
         step, steps = self._complete_step(step)
         where = f"checkpoint step {step} in {self._directory}"
@@ -499,10 +560,22 @@ class Checkpointer:
                 shape or dtype); the files are corrupted or unreadable.
 
         Example:
+            >>> import tempfile
+            >>> import jax.numpy as jnp
+            >>> from jax.sharding import NamedSharding, PartitionSpec as P
+            >>> from meshpar.mesh import make_mesh
+            >>> w = jax.device_put(jnp.arange(32.0).reshape(8, 4),
+            ...                    NamedSharding(make_mesh(fsdp=8), P("fsdp")))
+            >>> tmp = tempfile.TemporaryDirectory()
+            >>> ckpt = Checkpointer(tmp.name)
+            >>> ckpt.save(40, {"w": w}, meta={"step": 40})      # saved 8-way over fsdp
             >>> mesh = make_mesh(data=2, tensor=4)
-            >>> target = restore_target(abstract_state, shardings_on(mesh))
+            >>> target = restore_target({"w": w}, NamedSharding(mesh, P(None, "tensor")))
             >>> state, meta = ckpt.restore(target)
             >>> start_step = meta["step"]
+            >>> start_step, state["w"].sharding.spec, bool((state["w"] == w).all())
+            (40, P(None, 'tensor'), True)
+            >>> ckpt.close(); tmp.cleanup()
         """
         step, steps = self._complete_step(step)
         target = restore_target(target)

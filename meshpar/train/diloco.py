@@ -101,8 +101,11 @@ class DiLoCoConfig:
         reduce_dtype: ``"fp32"`` or ``"bf16"``, the dtype the pseudo-gradients travel in.
 
     Example:
-        >>> DiLoCoConfig(inner_steps=32, outer_optimizer=optax.sgd(0.7, momentum=0.9, nesterov=True))
-        DiLoCoConfig(inner_steps=32, ...)
+        >>> import optax
+        >>> config = DiLoCoConfig(inner_steps=32,
+        ...                       outer_optimizer=optax.sgd(0.7, momentum=0.9, nesterov=True))
+        >>> config.inner_steps, config.streaming_fragments, config.reduce_dtype
+        (32, 1, 'fp32')
     """
 
     inner_steps: int
@@ -236,10 +239,19 @@ class DiLoCoTrainer:
             ``offload_optimizer`` is set, or ``diloco`` is not a :class:`DiLoCoConfig`.
 
     Example:
+        >>> import optax
+        >>> from flax import nnx
+        >>> from meshpar.mesh import make_mesh
+        >>> from meshpar.models import GPT, get_preset, lm_loss
+        >>> from meshpar.train.data import TokenBatches
+        >>> make_model = lambda: GPT(get_preset("tiny"), rngs=nnx.Rngs(0))
         >>> mesh = make_mesh(diloco=4, fsdp=2)
         >>> trainer = DiLoCoTrainer(make_model, optax.adamw(3e-4), lm_loss, mesh=mesh,
         ...                         diloco=DiLoCoConfig(inner_steps=32))
+        >>> batch = TokenBatches(batch_size=16, seq_len=32).batch(0)
         >>> metrics = trainer.step(batch)      # synchronises after every 32nd step
+        >>> trainer.replicas, trainer.step_count, metrics.skipped
+        (4, 1, False)
     """
 
     def __init__(
@@ -422,7 +434,16 @@ class DiLoCoTrainer:
         """Inner steps done so far.
 
         Example:
+            >>> import optax
+            >>> from flax import nnx
+            >>> from meshpar.mesh import make_mesh
+            >>> from meshpar.models import GPT, get_preset, lm_loss
+            >>> trainer = DiLoCoTrainer(lambda: GPT(get_preset("tiny"), rngs=nnx.Rngs(0)),
+            ...                         optax.adamw(3e-4), lm_loss,
+            ...                         mesh=make_mesh(diloco=4, fsdp=2),
+            ...                         diloco=DiLoCoConfig(inner_steps=32))
             >>> trainer.step_count % trainer.diloco.inner_steps     # steps into the round
+            0
         """
         return int(self.state.step)
 
@@ -431,6 +452,14 @@ class DiLoCoTrainer:
         """The parameter leaves of each fragment, by name (``path`` with dots).
 
         Example:
+            >>> import optax
+            >>> from flax import nnx
+            >>> from meshpar.mesh import make_mesh
+            >>> from meshpar.models import GPT, get_preset, lm_loss
+            >>> trainer = DiLoCoTrainer(lambda: GPT(get_preset("tiny"), rngs=nnx.Rngs(0)),
+            ...                         optax.adamw(3e-4), lm_loss,
+            ...                         mesh=make_mesh(diloco=4, fsdp=2),
+            ...                         diloco=DiLoCoConfig(inner_steps=32))
             >>> trainer.fragments[0][:2]
             ('blocks.b_in', 'blocks.b_out')
         """
@@ -441,8 +470,18 @@ class DiLoCoTrainer:
         """What the inner step does differently from the strategy's usual path, and why.
 
         Example:
-            >>> for fallback in trainer.fallbacks:
-            ...     print(fallback)
+            >>> import optax
+            >>> from flax import nnx
+            >>> from meshpar.mesh import make_mesh
+            >>> from meshpar.models import GPT, get_preset, lm_loss
+            >>> trainer = DiLoCoTrainer(lambda: GPT(get_preset("tiny"), rngs=nnx.Rngs(0)),
+            ...                         optax.adamw(3e-4), lm_loss,
+            ...                         mesh=make_mesh(diloco=4, fsdp=2),
+            ...                         diloco=DiLoCoConfig(inner_steps=32))
+            >>> for fallback in trainer.fallbacks:        # print(fallback) adds its detail
+            ...     print(fallback.what)
+            ZeRO-3 collectives
+            ZeRO-3 up-front gathers
         """
         return self.inner.fallbacks
 
@@ -451,8 +490,16 @@ class DiLoCoTrainer:
         replica), then over the batch axes inside each replica group.
 
         Example:
+            >>> import optax
+            >>> from flax import nnx
+            >>> from meshpar.mesh import make_mesh
+            >>> from meshpar.models import GPT, get_preset, lm_loss
+            >>> trainer = DiLoCoTrainer(lambda: GPT(get_preset("tiny"), rngs=nnx.Rngs(0)),
+            ...                         optax.adamw(3e-4), lm_loss,
+            ...                         mesh=make_mesh(diloco=4, fsdp=2),
+            ...                         diloco=DiLoCoConfig(inner_steps=32))
             >>> trainer.batch_sharding(2).spec
-            PartitionSpec(('diloco', 'fsdp'), None)
+            P(('diloco', 'fsdp'), None)
         """
         return NamedSharding(self.mesh, PartitionSpec((DILOCO, *self._batch_axes),
                                                       *([None] * (ndim - 1))))
@@ -462,7 +509,20 @@ class DiLoCoTrainer:
         divide over each replica group's batch axes and microbatches.
 
         Example:
+            >>> import optax
+            >>> from flax import nnx
+            >>> from meshpar.mesh import make_mesh
+            >>> from meshpar.models import GPT, get_preset, lm_loss
+            >>> trainer = DiLoCoTrainer(lambda: GPT(get_preset("tiny"), rngs=nnx.Rngs(0)),
+            ...                         optax.adamw(3e-4), lm_loss,
+            ...                         mesh=make_mesh(diloco=4, fsdp=2),
+            ...                         diloco=DiLoCoConfig(inner_steps=32))
             >>> trainer.check_batch(48)      # diloco=4, fsdp=2: 12 rows per replica, 6 per device
+            >>> try:
+            ...     trainer.check_batch(50)
+            ... except StrategyError as err:
+            ...     print(str(err).split(" (")[0])
+            global batch size 50 is not divisible by diloco=4
         """
         r = self.replicas
         if global_batch_size % r:
@@ -482,7 +542,18 @@ class DiLoCoTrainer:
         :meth:`Trainer.place_batch`).
 
         Example:
-            >>> placed = trainer.place_batch(data.batch(0))
+            >>> import optax
+            >>> from flax import nnx
+            >>> from meshpar.mesh import make_mesh
+            >>> from meshpar.models import GPT, get_preset, lm_loss
+            >>> trainer = DiLoCoTrainer(lambda: GPT(get_preset("tiny"), rngs=nnx.Rngs(0)),
+            ...                         optax.adamw(3e-4), lm_loss,
+            ...                         mesh=make_mesh(diloco=4, fsdp=2),
+            ...                         diloco=DiLoCoConfig(inner_steps=32))
+            >>> from meshpar.train.data import TokenBatches
+            >>> placed = trainer.place_batch(TokenBatches(batch_size=16, seq_len=32).batch(0))
+            >>> placed["inputs"].sharding.spec
+            P(('diloco', 'fsdp'), None)
         """
         arrays = {k: np.asarray(v) for k, v in batch.items()}
         rows = {x.shape[0] for x in arrays.values() if x.ndim}
@@ -506,7 +577,20 @@ class DiLoCoTrainer:
                 between synchronisations).
 
         Example:
-            >>> metrics = trainer.step(data.batch(step))
+            >>> import optax
+            >>> from flax import nnx
+            >>> from meshpar.mesh import make_mesh
+            >>> from meshpar.models import GPT, get_preset, lm_loss
+            >>> from meshpar.train.data import TokenBatches
+            >>> trainer = DiLoCoTrainer(lambda: GPT(get_preset("tiny"), rngs=nnx.Rngs(0)),
+            ...                         optax.adamw(3e-4), lm_loss,
+            ...                         mesh=make_mesh(diloco=4, fsdp=2),
+            ...                         diloco=DiLoCoConfig(inner_steps=2))
+            >>> data = TokenBatches(batch_size=16, seq_len=32)
+            >>> for step in range(2):
+            ...     metrics = trainer.step(data.batch(step))   # the 2nd synchronises (H = 2)
+            >>> trainer.step_count, metrics.skipped
+            (2, False)
         """
         placed = self.place_batch(batch)
         start = time.perf_counter()
@@ -547,6 +631,14 @@ class DiLoCoTrainer:
         data parallelism's (analytic; :mod:`meshpar.inspect.hlo` reads the same from the HLO).
 
         Example:
+            >>> import optax
+            >>> from flax import nnx
+            >>> from meshpar.mesh import make_mesh
+            >>> from meshpar.models import GPT, get_preset, lm_loss
+            >>> trainer = DiLoCoTrainer(lambda: GPT(get_preset("tiny"), rngs=nnx.Rngs(0)),
+            ...                         optax.adamw(3e-4), lm_loss,
+            ...                         mesh=make_mesh(diloco=4, fsdp=2),
+            ...                         diloco=DiLoCoConfig(inner_steps=32))
             >>> trainer.communication().per_step / trainer.communication().dp_per_step  # 1/H
             0.03125
         """
@@ -567,8 +659,18 @@ class DiLoCoTrainer:
         """Bytes each device sent over ``diloco`` after inner step ``steps_done`` (1-based).
 
         Example:
+            >>> import optax
+            >>> from flax import nnx
+            >>> from meshpar.mesh import make_mesh
+            >>> from meshpar.models import GPT, get_preset, lm_loss
+            >>> trainer = DiLoCoTrainer(lambda: GPT(get_preset("tiny"), rngs=nnx.Rngs(0)),
+            ...                         optax.adamw(3e-4), lm_loss,
+            ...                         mesh=make_mesh(diloco=4, fsdp=2),
+            ...                         diloco=DiLoCoConfig(inner_steps=32))
             >>> trainer.sync_bytes(32) == sum(trainer.communication().per_sync)   # H = 32, F = 1
             True
+            >>> trainer.sync_bytes(31)
+            0.0
         """
         per_sync = self.communication().per_sync
         return float(sum(per_sync[f] for f in self.diloco.due(steps_done)))
@@ -578,7 +680,20 @@ class DiLoCoTrainer:
         for the HLO); nothing is placed on the devices.
 
         Example:
-            >>> hlo = trainer.lower_inner(data.batch(0)).compile().as_text()
+            >>> import optax
+            >>> from flax import nnx
+            >>> from meshpar.mesh import make_mesh
+            >>> from meshpar.models import GPT, get_preset, lm_loss
+            >>> trainer = DiLoCoTrainer(lambda: GPT(get_preset("tiny"), rngs=nnx.Rngs(0)),
+            ...                         optax.adamw(3e-4), lm_loss,
+            ...                         mesh=make_mesh(diloco=4, fsdp=2),
+            ...                         diloco=DiLoCoConfig(inner_steps=32))
+            >>> from meshpar.inspect.hlo import collectives
+            >>> from meshpar.train.data import TokenBatches
+            >>> batch = TokenBatches(batch_size=16, seq_len=32).batch(0)
+            >>> hlo = trainer.lower_inner(batch).compile().as_text()   # no collective over diloco
+            >>> [op for op in collectives(hlo, mesh=trainer.mesh) if "diloco" in op.mesh_axes]
+            []
         """
         arrays = {k: np.asarray(v) for k, v in batch.items()}
         n = jax.process_count()
@@ -592,7 +707,19 @@ class DiLoCoTrainer:
         """The lowered outer step of ``fragment``.
 
         Example:
+            >>> import optax
+            >>> from flax import nnx
+            >>> from meshpar.mesh import make_mesh
+            >>> from meshpar.models import GPT, get_preset, lm_loss
+            >>> trainer = DiLoCoTrainer(lambda: GPT(get_preset("tiny"), rngs=nnx.Rngs(0)),
+            ...                         optax.adamw(3e-4), lm_loss,
+            ...                         mesh=make_mesh(diloco=4, fsdp=2),
+            ...                         diloco=DiLoCoConfig(inner_steps=32))
+            >>> from meshpar.inspect.hlo import collectives
             >>> hlo = trainer.lower_outer(0).compile().as_text()
+            >>> sorted({op.kind.value for op in collectives(hlo, mesh=trainer.mesh)
+            ...         if "diloco" in op.mesh_axes})
+            ['all-reduce']
         """
         return self._outer_jits[fragment].lower(self.state)
 
@@ -600,7 +727,19 @@ class DiLoCoTrainer:
         """The shared model (the last synchronised parameters), or replica ``replica``'s.
 
         Example:
+            >>> import optax
+            >>> from flax import nnx
+            >>> from meshpar.mesh import make_mesh
+            >>> from meshpar.models import GPT, get_preset, lm_loss
+            >>> trainer = DiLoCoTrainer(lambda: GPT(get_preset("tiny"), rngs=nnx.Rngs(0)),
+            ...                         optax.adamw(3e-4), lm_loss,
+            ...                         mesh=make_mesh(diloco=4, fsdp=2),
+            ...                         diloco=DiLoCoConfig(inner_steps=32))
+            >>> import numpy as np
+            >>> tokens = np.zeros((2, 32), np.int32)
             >>> logits = trainer.model()(tokens)
+            >>> logits.shape
+            (2, 32, 256)
         """
         one = self._one_replica(replica if replica is not None else 0)
         if replica is None:
@@ -623,7 +762,21 @@ class DiLoCoTrainer:
         optimizer state per fragment).
 
         Example:
-            >>> checkpointer.save(step, trainer.checkpoint_state(), meta=trainer.checkpoint_meta())
+            >>> import optax
+            >>> from flax import nnx
+            >>> from meshpar.mesh import make_mesh
+            >>> from meshpar.models import GPT, get_preset, lm_loss
+            >>> trainer = DiLoCoTrainer(lambda: GPT(get_preset("tiny"), rngs=nnx.Rngs(0)),
+            ...                         optax.adamw(3e-4), lm_loss,
+            ...                         mesh=make_mesh(diloco=4, fsdp=2),
+            ...                         diloco=DiLoCoConfig(inner_steps=32))
+            >>> state = trainer.checkpoint_state()
+            >>> sorted(state), state["inner"]["step"].shape      # one inner step per replica
+            (['inner', 'outer', 'step'], (4,))
+
+            A :class:`~meshpar.train.checkpoint.Checkpointer` saves it with its metadata:
+            ``checkpointer.save(step, trainer.checkpoint_state(),
+            meta=trainer.checkpoint_meta())``.
         """
         if self._portable_jit is None:
             self._portable_jit = jax.jit(self._to_portable)
@@ -637,6 +790,14 @@ class DiLoCoTrainer:
         """JSON metadata naming the run as DiLoCo (what a plain resume checks).
 
         Example:
+            >>> import optax
+            >>> from flax import nnx
+            >>> from meshpar.mesh import make_mesh
+            >>> from meshpar.models import GPT, get_preset, lm_loss
+            >>> trainer = DiLoCoTrainer(lambda: GPT(get_preset("tiny"), rngs=nnx.Rngs(0)),
+            ...                         optax.adamw(3e-4), lm_loss,
+            ...                         mesh=make_mesh(diloco=4, fsdp=2),
+            ...                         diloco=DiLoCoConfig(inner_steps=32))
             >>> trainer.checkpoint_meta()["diloco"]["replicas"]
             4
         """
@@ -649,8 +810,20 @@ class DiLoCoTrainer:
         ``diloco``, then :meth:`load_checkpoint_state` resizes it.
 
         Example:
-            >>> state, meta = checkpointer.restore(trainer.checkpoint_target(replicas=4))
-            >>> trainer.load_checkpoint_state(state)
+            >>> import optax
+            >>> from flax import nnx
+            >>> from meshpar.mesh import make_mesh
+            >>> from meshpar.models import GPT, get_preset, lm_loss
+            >>> trainer = DiLoCoTrainer(lambda: GPT(get_preset("tiny"), rngs=nnx.Rngs(0)),
+            ...                         optax.adamw(3e-4), lm_loss,
+            ...                         mesh=make_mesh(diloco=4, fsdp=2),
+            ...                         diloco=DiLoCoConfig(inner_steps=32))
+            >>> target = trainer.checkpoint_target(replicas=2)   # a run of 2 replicas
+            >>> target["inner"]["step"].shape, trainer.checkpoint_target()["inner"]["step"].shape
+            ((2,), (4,))
+
+            Then ``state, meta = checkpointer.restore(target)`` and
+            ``trainer.load_checkpoint_state(state)`` (:meth:`restore` does both).
         """
         r = self.replicas if replicas is None else replicas
         if not is_int(r, minimum=1):
@@ -683,6 +856,18 @@ class DiLoCoTrainer:
             CheckpointError: ``portable`` is not a DiLoCo checkpoint state.
 
         Example:
+            >>> import optax
+            >>> from flax import nnx
+            >>> from meshpar.mesh import make_mesh
+            >>> from meshpar.models import GPT, get_preset, lm_loss
+            >>> trainer = DiLoCoTrainer(lambda: GPT(get_preset("tiny"), rngs=nnx.Rngs(0)),
+            ...                         optax.adamw(3e-4), lm_loss,
+            ...                         mesh=make_mesh(diloco=4, fsdp=2),
+            ...                         diloco=DiLoCoConfig(inner_steps=32))
+            >>> other = DiLoCoTrainer(lambda: GPT(get_preset("tiny"), rngs=nnx.Rngs(1)),
+            ...                       optax.adamw(3e-4), lm_loss,
+            ...                       mesh=make_mesh(diloco=4, fsdp=2),
+            ...                       diloco=DiLoCoConfig(inner_steps=32))
             >>> trainer.load_checkpoint_state(other.checkpoint_state())
         """
         if not (isinstance(portable, Mapping) and {"step", "inner", "outer"} <= set(portable)):
@@ -736,7 +921,28 @@ class DiLoCoTrainer:
                 checkpoint does not match the model.
 
         Example:
-            >>> step, meta = trainer.restore(Checkpointer(directory))
+            >>> import optax
+            >>> from flax import nnx
+            >>> from meshpar.mesh import make_mesh
+            >>> from meshpar.models import GPT, get_preset, lm_loss
+            >>> trainer = DiLoCoTrainer(lambda: GPT(get_preset("tiny"), rngs=nnx.Rngs(0)),
+            ...                         optax.adamw(3e-4), lm_loss,
+            ...                         mesh=make_mesh(diloco=4, fsdp=2),
+            ...                         diloco=DiLoCoConfig(inner_steps=32))
+            >>> import tempfile
+            >>> from meshpar.train.checkpoint import Checkpointer
+            >>> other = DiLoCoTrainer(lambda: GPT(get_preset("tiny"), rngs=nnx.Rngs(0)),
+            ...                       optax.adamw(3e-4), lm_loss,
+            ...                       mesh=make_mesh(diloco=2, fsdp=4),
+            ...                       diloco=DiLoCoConfig(inner_steps=32))
+            >>> directory = tempfile.TemporaryDirectory()
+            >>> with Checkpointer(directory.name) as saved:     # a run of 2 replicas
+            ...     saved.save(0, other.checkpoint_state(), meta=other.checkpoint_meta())
+            >>> with Checkpointer(directory.name) as checkpointer:   # onto 4 replicas
+            ...     step, meta = trainer.restore(checkpointer)
+            >>> step, meta["diloco"]["replicas"], trainer.replicas
+            (0, 2, 4)
+            >>> directory.cleanup()
         """
         step, meta = checkpointer.read_meta(step=step)
         info = meta.get("diloco")
@@ -760,7 +966,19 @@ class DiLoCoTrainer:
         :meth:`load_plain_checkpoint_state`.
 
         Example:
-            >>> state, meta = checkpointer.restore(trainer.plain_checkpoint_target())
+            >>> import optax
+            >>> from flax import nnx
+            >>> from meshpar.mesh import make_mesh
+            >>> from meshpar.models import GPT, get_preset, lm_loss
+            >>> trainer = DiLoCoTrainer(lambda: GPT(get_preset("tiny"), rngs=nnx.Rngs(0)),
+            ...                         optax.adamw(3e-4), lm_loss,
+            ...                         mesh=make_mesh(diloco=4, fsdp=2),
+            ...                         diloco=DiLoCoConfig(inner_steps=32))
+            >>> target = trainer.plain_checkpoint_target()
+            >>> sorted(target), target["params"]["tok_embed"].shape   # one replica's layout
+            (['opt_state', 'params', 'rest', 'step'], (256, 64))
+
+            ``state, _ = checkpointer.restore(target)`` then reads a plain Trainer's checkpoint.
         """
         to_portable = jax.jit(self.inner._to_portable, in_shardings=(self._one_shardings,))
         compiled = to_portable.lower(self.inner.state).compile()
@@ -781,8 +999,28 @@ class DiLoCoTrainer:
                 :meth:`load_checkpoint_state`).
 
         Example:
+            >>> import optax
+            >>> from flax import nnx
+            >>> from meshpar.mesh import make_mesh
+            >>> from meshpar.models import GPT, get_preset, lm_loss
+            >>> trainer = DiLoCoTrainer(lambda: GPT(get_preset("tiny"), rngs=nnx.Rngs(0)),
+            ...                         optax.adamw(3e-4), lm_loss,
+            ...                         mesh=make_mesh(diloco=4, fsdp=2),
+            ...                         diloco=DiLoCoConfig(inner_steps=32))
+            >>> import tempfile
+            >>> from meshpar.train import Trainer
+            >>> from meshpar.train.checkpoint import Checkpointer
+            >>> plain = Trainer(lambda: GPT(get_preset("tiny"), rngs=nnx.Rngs(0)),
+            ...                 optax.adamw(3e-4), lm_loss, mesh=make_mesh(fsdp=8))   # a warm-up
+            >>> tmp = tempfile.TemporaryDirectory()
+            >>> checkpointer = Checkpointer(tmp.name)
+            >>> checkpointer.save(100, plain.checkpoint_state(), meta={"step": 100})
             >>> state, _ = checkpointer.restore(trainer.plain_checkpoint_target())
             >>> trainer.load_plain_checkpoint_state(state)
+            >>> shared, warm = trainer.model(), plain.model()   # every replica starts from it
+            >>> bool((shared.tok_embed[...] == warm.tok_embed[...]).all())
+            True
+            >>> checkpointer.close(); tmp.cleanup()
         """
         if isinstance(portable, Mapping) and {"inner", "outer"} <= set(portable):
             raise CheckpointError(
@@ -798,7 +1036,25 @@ class DiLoCoTrainer:
         replicas' mean inner optimizer state, replica 0's model state and step.
 
         Example:
-            >>> checkpointer.save(step, dtrainer.plain_checkpoint_state())   # then mp.Trainer resumes it
+            >>> import optax
+            >>> from flax import nnx
+            >>> from meshpar.mesh import make_mesh
+            >>> from meshpar.models import GPT, get_preset, lm_loss
+            >>> trainer = DiLoCoTrainer(lambda: GPT(get_preset("tiny"), rngs=nnx.Rngs(0)),
+            ...                         optax.adamw(3e-4), lm_loss,
+            ...                         mesh=make_mesh(diloco=4, fsdp=2),
+            ...                         diloco=DiLoCoConfig(inner_steps=32))
+            >>> import tempfile
+            >>> from meshpar.train import Trainer
+            >>> from meshpar.train.checkpoint import Checkpointer
+            >>> tmp = tempfile.TemporaryDirectory()
+            >>> checkpointer, step = Checkpointer(tmp.name), trainer.step_count
+            >>> checkpointer.save(step, trainer.plain_checkpoint_state())   # mp.Trainer resumes it
+            >>> plain = Trainer(lambda: GPT(get_preset("tiny"), rngs=nnx.Rngs(0)),
+            ...                 optax.adamw(3e-4), lm_loss, mesh=make_mesh(fsdp=8))
+            >>> state, _ = checkpointer.restore(plain.checkpoint_target())
+            >>> plain.load_checkpoint_state(state)
+            >>> checkpointer.close(); tmp.cleanup()
         """
         def convert(state):
             leaves, treedef = jax.tree.flatten(state.inner.params)

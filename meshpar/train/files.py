@@ -172,7 +172,14 @@ def open_token_files(
             position are named); the tokenizer's vocabulary exceeds ``vocab_size``.
 
     Example:
-        >>> windows = open_token_files(["train.bin"], seq_len=64, vocab_size=50304)  # doctest: +SKIP
+        >>> import os, tempfile
+        >>> tmp = tempfile.TemporaryDirectory()
+        >>> path = os.path.join(tmp.name, "train.bin")
+        >>> np.arange(1000, dtype=np.uint16).tofile(path)     # a .bin file of uint16 tokens
+        >>> windows = open_token_files([path], seq_len=64, vocab_size=50304)
+        >>> len(windows), windows[0].shape                    # 999 // 64 windows of 65 tokens
+        (15, (65,))
+        >>> tmp.cleanup()
     """
     tokenizer = tokenizer or Tokenizer()
     if token_dtype not in TOKEN_DTYPES:

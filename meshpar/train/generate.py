@@ -83,7 +83,20 @@ def generate(trainer: Trainer, prompt: Sequence[int], *, max_tokens: int, seq_le
         UsageError: an empty prompt, ``max_tokens < 0``, ``temperature < 0`` or ``top_k < 1``.
 
     Example:
-        >>> ids = generate(trainer, tokenizer.encode("def "), max_tokens=32, seq_len=64)  # doctest: +SKIP
+        >>> import optax
+        >>> from flax import nnx
+        >>> from meshpar.mesh import make_mesh
+        >>> from meshpar.models import GPT, get_preset, lm_loss
+        >>> from meshpar.train import Trainer
+        >>> from meshpar.train.tokenizer import Tokenizer
+        >>> trainer = Trainer(lambda: GPT(get_preset("tiny"), rngs=nnx.Rngs(0)),
+        ...                   optax.adamw(3e-4), lm_loss, mesh=make_mesh(data=8))
+        >>> tokenizer = Tokenizer()                        # bytes
+        >>> ids = generate(trainer, tokenizer.encode("def "), max_tokens=8, seq_len=32)
+        >>> len(ids), all(0 <= i < 256 for i in ids)
+        (8, True)
+        >>> generate(trainer, tokenizer.encode("def "), max_tokens=8, seq_len=32) == ids  # greedy
+        True
     """
     if len(prompt) == 0:
         raise UsageError("--prompt is empty: the model needs at least one token to continue")

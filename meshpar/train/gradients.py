@@ -45,7 +45,19 @@ def global_grad_norm(grads: Any, shardings: Any, *, exclude: tuple[str, ...] = (
     own, with no communication between replicas).
 
     Example:
-        >>> norm = global_grad_norm(grads, trainer.grad_shardings)   # doctest: +SKIP
+        >>> import optax
+        >>> from flax import nnx
+        >>> from meshpar.mesh import make_mesh
+        >>> from meshpar.models import GPT, get_preset, lm_loss
+        >>> from meshpar.train import Trainer
+        >>> from meshpar.train.data import TokenBatches
+        >>> trainer = Trainer(lambda: GPT(get_preset("tiny"), rngs=nnx.Rngs(0)),
+        ...                   optax.adamw(3e-4), lm_loss, mesh=make_mesh(data=8), strategy="dp")
+        >>> loss, grads = trainer.loss_and_grads(TokenBatches(batch_size=8, seq_len=32).batch(0))
+        >>> shardings = trainer.layout.grad_shardings        # replicated under DP: cut 8 ways
+        >>> norm = jax.jit(lambda g: global_grad_norm(g, shardings))(grads)
+        >>> bool(jnp.isclose(norm, optax.tree.norm(grads)))
+        True
     """
     leaves = jax.tree.leaves(grads)
     placed = jax.tree.leaves(shardings)

@@ -75,10 +75,17 @@ class ShardedBatches:
         DataError: fewer windows than one global batch.
 
     Example:
-        >>> data = ShardedBatches(windows, batch_size=16, seed=0)          # doctest: +SKIP
+        >>> import numpy as np
+        >>> from meshpar.train.files import Windows
+        >>> windows = Windows((np.arange(1000, dtype=np.uint16),), ("a.bin",), seq_len=8)
+        >>> data = ShardedBatches(windows, batch_size=16, seed=0)
         >>> it = data.iterator()
-        >>> batch = next(it)                      # {"inputs": int32[16, T], "targets": ...}
+        >>> batch = next(it)
+        >>> batch["inputs"].shape, batch["inputs"].dtype, batch["targets"].shape
+        ((16, 8), dtype('int32'), (16, 8))
         >>> state = it.get_state()                # save it; data.iterator(state) resumes
+        >>> state
+        {'next_index': 1}
     """
 
     def __init__(self, windows: Windows, *, batch_size: int, rows: Sequence[int] | None = None,
@@ -116,7 +123,16 @@ class ShardedBatches:
         """A Grain iterator from the start, or from a saved ``get_state()``.
 
         Example:
-            >>> it = data.iterator(saved_state)   # doctest: +SKIP
+            >>> import numpy as np
+            >>> from meshpar.train.files import Windows
+            >>> windows = Windows((np.arange(1000, dtype=np.uint16),), ("a.bin",), seq_len=8)
+            >>> data = ShardedBatches(windows, batch_size=16, seed=0)
+            >>> it = data.iterator()
+            >>> first, saved_state = next(it), it.get_state()
+            >>> second = next(it)
+            >>> resumed = data.iterator(saved_state)
+            >>> bool((next(resumed)["inputs"] == second["inputs"]).all())
+            True
         """
         it = iter(self._ds.to_iter_dataset(_READ))
         if state is not None:

@@ -43,9 +43,16 @@ class Ratio:
         weight: its denominator, e.g. ``jnp.sum(mask)``; never differentiated.
 
     Example:
+        >>> import optax
+        >>> import meshpar as mp
         >>> def loss_fn(model, batch):
         ...     ce = optax.softmax_cross_entropy_with_integer_labels(model(batch["x"]), batch["y"])
         ...     return mp.Ratio(jnp.sum(batch["mask"] * ce), jnp.sum(batch["mask"]))
+        >>> batch = {"x": jnp.zeros((2, 3, 4)), "y": jnp.zeros((2, 3), jnp.int32),
+        ...          "mask": jnp.array([[1.0, 1.0, 0.0], [1.0, 0.0, 0.0]])}
+        >>> ratio = loss_fn(lambda x: x, batch)         # uniform logits over 4 classes
+        >>> float(ratio.weight), round(float(ratio.total / ratio.weight), 4)   # 3 tokens, ln 4
+        (3.0, 1.3863)
     """
 
     total: Any
@@ -58,7 +65,14 @@ class Summed:
     """An aux value meshpar sums over shards and microbatches (a count), instead of averaging.
 
     Example:
-        >>> return loss, {"tokens": mp.Summed(jnp.sum(batch["mask"]))}
+        >>> import meshpar as mp
+        >>> def loss_fn(model, batch):
+        ...     loss = jnp.mean(model(batch["x"]))
+        ...     return loss, {"tokens": mp.Summed(jnp.sum(batch["mask"]))}
+        >>> batch = {"x": jnp.ones((2, 3)), "mask": jnp.array([[1.0, 1.0, 0.0], [1.0, 0.0, 0.0]])}
+        >>> loss, aux = loss_fn(lambda x: x, batch)
+        >>> aux["tokens"].value            # the step reports the sum over the global batch
+        Array(3., dtype=float32)
     """
 
     value: Any
@@ -124,7 +138,14 @@ def split_output(out: Any) -> tuple[Piece, OutputLayout]:
             not a scalar, or an aux leaf is not an array, :class:`Ratio` or :class:`Summed`.
 
     Example:
+        >>> import meshpar as mp
         >>> piece, layout = split_output((mp.Ratio(jnp.float32(3.0), jnp.float32(2.0)), {}))
+        >>> float(piece.loss), float(piece.weight), layout.weighted
+        (3.0, 2.0, True)
+        >>> aux = {"acc": jnp.float32(0.5), "tokens": mp.Summed(jnp.float32(7.0))}
+        >>> piece, layout = split_output((jnp.float32(1.5), aux))
+        >>> layout.weighted, layout.summed                   # per aux leaf, in key order
+        (False, (False, True))
     """
     if isinstance(out, tuple):
         if len(out) != 2:

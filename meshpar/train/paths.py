@@ -56,6 +56,7 @@ def reduce_once_pays(mesh: Mesh, /) -> bool:
     everything is faster (issue 13's model, ``data=8``, bf16, interleaved runs: step 0.93x).
 
     Example:
+        >>> from meshpar.mesh import make_mesh
         >>> reduce_once_pays(make_mesh(data=8))   # on emulated CPU devices
         True
     """

@@ -42,8 +42,24 @@ def stack_state(abs_params: nnx.State, abs_rest: nnx.State, /) -> list[tuple[str
     statistics of the stacked layers).
 
     Example:
-        >>> stack_state(abs_params, abs_rest)    # doctest: +SKIP
-        [('blocks/drop/rngs/count', RngCount), ...]
+        >>> import jax.numpy as jnp
+        >>> from flax import nnx
+        >>> from meshpar.sharding.placement import abstract_nnx
+        >>> class Block(nnx.Module):
+        ...     def __init__(self, rngs):
+        ...         self.w = nnx.Param(jnp.zeros((16, 16)), out_sharding=("embed", "mlp"))
+        ...         self.drop = nnx.Dropout(0.1, rngs=rngs)
+        >>> class Model(nnx.Module):
+        ...     def __init__(self, rngs):
+        ...         @nnx.split_rngs(splits=4)
+        ...         @nnx.vmap(in_axes=(0,), out_axes=0,
+        ...                   transform_metadata={nnx.PARTITION_NAME: "layers"})
+        ...         def make_blocks(rngs):
+        ...             return Block(rngs)
+        ...         self.blocks = make_blocks(rngs)
+        >>> _, abs_params, abs_rest = abstract_nnx(lambda: Model(nnx.Rngs(0)))
+        >>> [(path, type(v).__name__) for path, v in stack_state(abs_params, abs_rest)]
+        [('blocks/drop/rngs/count', 'RngCount'), ('blocks/drop/rngs/key', 'RngKey')]
     """
     lengths = {path.split("/")[0]: v.get_value().shape[0] for path, v in named_leaves(abs_params)
                if _axes(v)[:1] == ("layers",)}
@@ -59,6 +75,7 @@ def replicating_batch_axes(mesh: Mesh, /, *, zero_stage: int) -> tuple[str, ...]
     unless its layer stack holds state (:func:`pipeline_config`).
 
     Example:
+        >>> from meshpar.mesh import make_mesh
         >>> replicating_batch_axes(make_mesh(pipe=2, data=2, fsdp=2), zero_stage=1)
         ('data', 'fsdp')
     """
@@ -235,9 +252,16 @@ def plan_training(
     """Work out where every parameter, gradient and optimizer-state leaf lives.
 
     Example:
-        >>> plan = plan_training(make_model, mesh=mesh, strategy=get_strategy("zero3"),
-        ...                      tx=optax.adamw(1e-3))
-        >>> plan.params.bytes_per_device
+        >>> import optax
+        >>> from flax import nnx
+        >>> from meshpar.mesh import make_mesh
+        >>> from meshpar.models import GPT, get_preset
+        >>> from meshpar.sharding.strategy import get_strategy
+        >>> make_model = lambda: GPT(get_preset("tiny"), rngs=nnx.Rngs(0))
+        >>> plan = plan_training(make_model, mesh=make_mesh(fsdp=4, tensor=2),
+        ...                      strategy=get_strategy("zero3"), tx=optax.adamw(1e-3))
+        >>> plan.params.bytes_total, plan.params.bytes_per_device   # fp32: 4 x param_count()
+        (472064, 61184)
     """
     strategy = strategy.for_mesh(mesh)
     graphdef, abs_params, abs_rest = abstract_nnx(make_model)
@@ -291,6 +315,12 @@ def unused_mesh_axes(plan: TrainingPlan, mesh: Mesh, /) -> tuple[str, ...]:
         The unused axes' names, in mesh order (empty when every axis of size > 1 is used).
 
     Example:
+        >>> import optax
+        >>> from flax import nnx
+        >>> from meshpar.mesh import make_mesh
+        >>> from meshpar.models import GPT, get_preset
+        >>> from meshpar.sharding.strategy import get_strategy
+        >>> make_model = lambda: GPT(get_preset("tiny"), rngs=nnx.Rngs(0))
         >>> plan = plan_training(make_model, mesh=make_mesh(data=2, foo=4),
         ...                      strategy=get_strategy("dp"), tx=optax.adamw(1e-3))
         >>> unused_mesh_axes(plan, plan.params.mesh)
@@ -324,9 +354,12 @@ def unused_axes_error(axes: tuple[str, ...], mesh: Mesh, /) -> StrategyError:
     See :func:`unused_mesh_axes`; the message names each axis and its size and gives the fixes.
 
     Example:
-        >>> raise unused_axes_error(("foo",), make_mesh(foo=8))
-        Traceback (most recent call last):
-        meshpar.errors.StrategyError: mesh axis foo=8 is used by nothing: ...
+        >>> from meshpar.mesh import make_mesh
+        >>> err = unused_axes_error(("foo",), make_mesh(foo=8))
+        >>> type(err).__name__, str(err).split(":")[0]
+        ('StrategyError', 'mesh axis foo=8 is used by nothing')
+        >>> "Drop it from the mesh (e.g. data=8)" in str(err)
+        True
     """
     named = ", ".join(f"{a}={mesh.shape[a]}" for a in axes)
     it, them = ("they", "them") if len(axes) > 1 else ("it", "it")

@@ -55,7 +55,19 @@ class PortableState:
         """The state as plain arrays in the model's own layout: what a checkpoint stores.
 
         Example:
-            >>> checkpointer.save(step, trainer.checkpoint_state(), meta={"step": step})
+            >>> import optax
+            >>> from flax import nnx
+            >>> from meshpar.mesh import make_mesh
+            >>> from meshpar.models import GPT, get_preset, lm_loss
+            >>> from meshpar.train import Trainer
+            >>> trainer = Trainer(lambda: GPT(get_preset("tiny"), rngs=nnx.Rngs(0)),
+            ...                   optax.adamw(3e-4), lm_loss, mesh=make_mesh(fsdp=8))
+            >>> state = trainer.checkpoint_state()
+            >>> sorted(state), state["params"]["tok_embed"].shape
+            (['opt_state', 'params', 'rest', 'step'], (256, 64))
+
+            A :class:`~meshpar.train.checkpoint.Checkpointer` saves it:
+            ``checkpointer.save(step, trainer.checkpoint_state(), meta={"step": step})``.
         """
         return self._portable_fn()(self.state)
 

@@ -99,9 +99,18 @@ class Trainer(PortableState, GradientPaths):
             ``memory_analysis`` of a layout too large for this machine) but not run.
 
     Example:
+        >>> import optax
+        >>> from flax import nnx
+        >>> from meshpar.mesh import make_mesh
+        >>> from meshpar.models import GPT, get_preset, lm_loss
+        >>> from meshpar.train.data import TokenBatches
+        >>> cfg = get_preset("tiny")
         >>> trainer = Trainer(lambda: GPT(cfg, rngs=nnx.Rngs(0)), optax.adamw(3e-4), lm_loss,
         ...                   mesh=make_mesh(data=2, fsdp=2, tensor=2), strategy="zero3")
-        >>> metrics = trainer.step(batch)       # batch: dict of host arrays, global batch
+        >>> batch = TokenBatches(batch_size=8, seq_len=32).batch(0)   # host arrays, global
+        >>> metrics = trainer.step(batch)
+        >>> metrics.skipped, 5.0 < metrics.loss < 6.0
+        (False, True)
     """
 
     def __init__(
@@ -477,7 +486,17 @@ class Trainer(PortableState, GradientPaths):
                 does not divide over the batch axes and microbatches. Nothing is placed.
 
         Example:
+            >>> import numpy as np
+            >>> import optax
+            >>> from flax import nnx
+            >>> from meshpar.mesh import make_mesh
+            >>> from meshpar.models import GPT, get_preset, lm_loss
+            >>> trainer = Trainer(lambda: GPT(get_preset("tiny"), rngs=nnx.Rngs(0)),
+            ...                   optax.adamw(3e-4), lm_loss,
+            ...                   mesh=make_mesh(data=2, fsdp=2, tensor=2), strategy="zero3")
             >>> placed = trainer.place_batch({"x": np.zeros((16, 8), np.float32)})
+            >>> placed["x"].sharding.spec                  # rows over the batch axes
+            P(('data', 'fsdp'), None)
         """
         arrays, treedef, local_rows = batch_arrays(batch)
         self.check_batch(local_rows * jax.process_count())
@@ -507,8 +526,17 @@ class Trainer(PortableState, GradientPaths):
                 ``on_nonfinite="skip"``); the state is unchanged.
 
         Example:
-            >>> metrics = trainer.step({"x": x, "y": y})
-            >>> metrics.loss, metrics["loss"], metrics.get("aux")
+            >>> import optax
+            >>> from flax import nnx
+            >>> from meshpar.mesh import make_mesh
+            >>> from meshpar.models import GPT, get_preset, lm_loss
+            >>> from meshpar.train.data import TokenBatches
+            >>> trainer = Trainer(lambda: GPT(get_preset("tiny"), rngs=nnx.Rngs(0)),
+            ...                   optax.adamw(3e-4), lm_loss,
+            ...                   mesh=make_mesh(data=2, fsdp=2, tensor=2), strategy="zero3")
+            >>> metrics = trainer.step(TokenBatches(batch_size=8, seq_len=32).batch(0))
+            >>> metrics.loss == metrics["loss"], metrics.get("aux"), sorted(metrics)
+            (True, None, ['grad_norm', 'loss', 'skipped', 'step_time_s'])
         """
         if not self.allocated:
             raise TrainingError("this Trainer was built with allocate=False: its state is "
@@ -581,7 +609,18 @@ class Trainer(PortableState, GradientPaths):
             StrategyError: the batch is malformed (see :meth:`place_batch`).
 
         Example:
-            >>> eval_loss = float(trainer.evaluate(lm_loss, batch))
+            >>> import optax
+            >>> from flax import nnx
+            >>> from meshpar.mesh import make_mesh
+            >>> from meshpar.models import GPT, get_preset, lm_loss
+            >>> from meshpar.train.data import TokenBatches
+            >>> trainer = Trainer(lambda: GPT(get_preset("tiny"), rngs=nnx.Rngs(0)),
+            ...                   optax.adamw(3e-4), lm_loss,
+            ...                   mesh=make_mesh(data=2, fsdp=2, tensor=2), strategy="zero3")
+            >>> held_out = TokenBatches(batch_size=8, seq_len=32, seed=1).batch(0)
+            >>> eval_loss = float(trainer.evaluate(lm_loss, held_out))
+            >>> 5.0 < eval_loss < 6.0                       # untrained: about ln 256
+            True
         """
         cache = self.__dict__.setdefault("_evaluate_jits", {})
         if fn not in cache:
@@ -633,8 +672,17 @@ class Trainer(PortableState, GradientPaths):
         first step (and warned about then). ``meshpar train`` prints them.
 
         Example:
-            >>> for fallback in trainer.fallbacks:
-            ...     print(fallback)
+            >>> import optax
+            >>> from flax import nnx
+            >>> from meshpar.mesh import make_mesh
+            >>> from meshpar.models import GPT, get_preset, lm_loss
+            >>> trainer = Trainer(lambda: GPT(get_preset("tiny"), rngs=nnx.Rngs(0)),
+            ...                   optax.adamw(3e-4), lm_loss,
+            ...                   mesh=make_mesh(data=2, fsdp=2, tensor=2), strategy="zero3")
+            >>> for fallback in trainer.fallbacks:        # print(fallback) adds its detail
+            ...     print(fallback.what)
+            ZeRO-3 collectives
+            ZeRO-3 up-front gathers
         """
         return tuple(self._fallbacks)
 
