@@ -443,6 +443,9 @@ def test_einsum_out_sharding_under_an_auto_mesh_is_explained():
     assert re.search(r"passes out_sharding= to einsum at .*test_annotations\.py:\d+ \(.*f\)\. "
                      r".*out_sharding=P\('fsdp', 'tensor'\) becomes y = meshpar\.constrain\(y, "
                      r"\['fsdp', 'tensor'\]\)", str(explained)), str(explained)
+    # JAX's own words, not the note it attaches to errors out of jax.jit.
+    said = str(explained).split("JAX said: ")[1]
+    assert said.startswith("ValueError: ") and "einsum" in said, said
 
 
 def test_trainer_under_the_callers_explicit_set_mesh(reference):

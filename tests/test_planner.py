@@ -442,8 +442,8 @@ def test_nothing_fits_states_the_least_memory_and_what_would_fit(capsys, tmp_pat
 
 
 def test_plan_any_model_compiles_its_best_layout():
-    """Without the model's FLOPs an uncompiled candidate has no compute estimate and would rank
-    above every compiled one: while one ranks first, it is compiled too (up to compile_top
+    """Without the model's FLOPs an uncompiled candidate's figures are lower bounds and may rank
+    above the compiled ones: while one ranks first, it is compiled too (up to compile_top
     more), so the top pick is a compiled layout."""
     zoo = ZOO["encoder"]
     result = mp.plan(zoo.make, zoo.loss, batch=zoo.batch(0), hardware="h100-sxm",
@@ -454,6 +454,26 @@ def test_plan_any_model_compiles_its_best_layout():
     for c in compiled:
         assert c.memory_compiled > 0 and c.time.compute > 0 and c.command is None
     assert len(result.candidates) == 2
+
+
+def test_plan_any_model_prunes_uncompiled_layouts_by_a_lower_bound():
+    """A model of your own has no formulas: before compiling, a layout costs the collectives
+    its parameters fix (a lower bound), and once candidates are compiled, their least FLOPs per
+    device besides. A layout whose bound is above the best compiled step is ranked below it
+    without a compile; the rest are compiled while they rank first. Before, an uncompiled
+    layout cost nothing, outranked every compiled one, and the top pick stayed uncompiled."""
+    zoo = ZOO["encoder"]
+    layouts = [Layout(data=8), Layout(fsdp=8, zero_stage=3), Layout(data=4, fsdp=2, zero_stage=1),
+               Layout(data=2, fsdp=4, zero_stage=2), Layout(fsdp=8, zero_stage=1),
+               Layout(fsdp=8, zero_stage=2), Layout(data=2, fsdp=4, zero_stage=3)]
+    result = mp.plan(zoo.make, zoo.loss, batch=zoo.batch(0), hardware="h100-sxm",
+                     compile_top=2, layouts=layouts, progress=False)
+    compiled = [c for c in result.candidates if c.source == "compiled"]
+    uncompiled = [c for c in result.candidates if c.source == "analytic"]
+    assert result.best.source == "compiled" and len(result.candidates) == len(layouts)
+    assert uncompiled and all(c.time.step >= result.best.time.step for c in uncompiled)
+    assert all(c.time.compute > 0 and c.time.comm_per_axis for c in uncompiled)
+    assert len(compiled) <= 4
 
 
 def test_uncompiled_candidates_are_scaled_to_the_compiled_ones_and_the_top_pick_is_compiled():

@@ -159,6 +159,36 @@ def measured_collectives(measured: Mapping) -> list[Collective]:
             for row in measured["collectives"].values()]
 
 
+def parameter_collectives(*, mesh_shape: Mapping[str, int], zero_stage: int, param_bytes: float,
+                          microbatches: int = 1, layers: int = 1) -> list[Collective]:
+    """The collectives the parameters alone fix, whatever the model: the gradient's all-reduce
+    over ``data``; over ``fsdp`` the weights' all-gather (ZeRO-3: forward and backward, every
+    microbatch) and the gradient's reduce-scatter. ``param_bytes`` is the fp32 parameter bytes
+    one device holds before ZeRO (split by ``tensor`` and ``pipe`` only); ``layers`` the
+    collectives' count for their latency (ZeRO-3 gathers a layer at a time). Activation
+    collectives (tensor parallelism's, a pipeline's permutes) need the model's shapes and are
+    not here.
+
+    Example:
+        >>> [c.kind for c in parameter_collectives(mesh_shape={"data": 2, "fsdp": 4},
+        ...                                        zero_stage=3, param_bytes=4e6)]
+        ['all-reduce', 'all-gather', 'reduce-scatter']
+    """
+    n = dict(mesh_shape)
+    out = []
+    if n.get(DATA, 1) > 1:
+        out.append(Collective("all-reduce", (DATA,),
+                              costs.ring_all_reduce(param_bytes, n[DATA]), 1))
+    if n.get(FSDP, 1) > 1:
+        f = n[FSDP]
+        gathers = (2 if zero_stage >= 3 else 1) * (microbatches if zero_stage >= 3 else 1)
+        out.append(Collective("all-gather", (FSDP,),
+                              gathers * costs.ring_all_gather(param_bytes, f), 2 * layers))
+        out.append(Collective("reduce-scatter", (FSDP,),
+                              costs.ring_all_gather(param_bytes, f), layers))
+    return out
+
+
 def analytic_gpt_collectives(*, mesh_shape: Mapping[str, int], zero_stage: int,
                              param_bytes: float, layers: int, rows: int, seq_len: int,
                              d_model: int, remat: str, microbatches: int,
@@ -173,17 +203,8 @@ def analytic_gpt_collectives(*, mesh_shape: Mapping[str, int], zero_stage: int,
     repeats, no 1F1B loop: the estimate before the 1F1B schedules were planned).
     """
     n = dict(mesh_shape)
-    out = []
-    if n.get(DATA, 1) > 1:
-        out.append(Collective("all-reduce", (DATA,),
-                              costs.ring_all_reduce(param_bytes, n[DATA]), 1))
-    if n.get(FSDP, 1) > 1:
-        f = n[FSDP]
-        gathers = (2 if zero_stage >= 3 else 1) * (microbatches if zero_stage >= 3 else 1)
-        out.append(Collective("all-gather", (FSDP,),
-                              gathers * costs.ring_all_gather(param_bytes, f), 2 * layers))
-        out.append(Collective("reduce-scatter", (FSDP,),
-                              costs.ring_all_gather(param_bytes, f), layers))
+    out = parameter_collectives(mesh_shape=mesh_shape, zero_stage=zero_stage,
+                                param_bytes=param_bytes, microbatches=microbatches, layers=layers)
     if n.get(TENSOR, 1) > 1:
         act = rows * seq_len * d_model * 4
         out.append(Collective("all-reduce", (TENSOR,), costs.megatron_tp_bytes(

@@ -59,7 +59,7 @@ from meshpar.mesh import make_mesh
 from meshpar.models import GPT, GPTConfig, lm_loss
 from meshpar.parallel.schedule import PipelineConfig, default_remat, onef1b_table
 from meshpar.planner.cost import (Collective, StepTime, analytic_gpt_collectives,
-                                  measured_collectives, step_time)
+                                  measured_collectives, parameter_collectives, step_time)
 from meshpar.planner.hardware import HardwareProfile, load_profile
 from meshpar.planner.layout import Dims, Layout, enumerate_layouts
 from meshpar.train import Trainer
@@ -374,13 +374,14 @@ def _search(model: _Model, layouts: Sequence[Layout], rejected: list[str], *, de
         return x.layout if can_compile else proxy_layout(x.layout, limit)
 
     compiled: dict[int, Candidate] = {}
+    compiled_flops: dict[int, float] = {}  # per device and step, by id(layout)
 
     def compile_one(x: _Entry, target: Layout) -> None:
         if bar is not None:
             bar.set_postfix_str(x.layout.label)
         try:
-            compiled[id(x.layout)] = _compiled_candidate(x, target, model=model, tx=tx,
-                                                         hardware=hardware, budget=budget)
+            compiled[id(x.layout)], compiled_flops[id(x.layout)] = _compiled_candidate(
+                x, target, model=model, tx=tx, hardware=hardware, budget=budget)
         except MeshparError as err:  # among the rejected, not the candidates
             rejected.append(f"{x.layout.label}: {err}")
             analytic.remove(x)
@@ -400,6 +401,7 @@ def _search(model: _Model, layouts: Sequence[Layout], rejected: list[str], *, de
     # more compiles.
     more = compile_top
     while True:
+        analytic[:] = _with_compiled_compute(analytic, compiled_flops, hardware=hardware)
         scale = _analytic_scale(compiled, analytic)
         out = _ranked(analytic, compiled, scale, model=model, hardware=hardware, budget=budget)
         best = next((c for c in out if c.fits), None)
@@ -442,8 +444,9 @@ class _Entry:
 
 
 def _compiled_candidate(x: _Entry, target: Layout, *, model: _Model, tx,
-                        hardware: HardwareProfile, budget: float) -> Candidate:
-    """``x`` compiled as ``target`` (itself, or its :func:`proxy_layout`, extrapolated).
+                        hardware: HardwareProfile, budget: float) -> tuple[Candidate, float]:
+    """``x`` compiled as ``target`` (itself, or its :func:`proxy_layout`, extrapolated), and the
+    compiled program's FLOPs per device and step (a proxy keeps the per-device shapes).
 
     Raises:
         MeshparError: the layout does not build or compile.
@@ -475,7 +478,36 @@ def _compiled_candidate(x: _Entry, target: Layout, *, model: _Model, tx,
                   model_flops=x.model_flops, matmul_bytes=matmul_bytes, memory_bytes=memory_bytes)
     return Candidate(layout=layout, memory=mem, memory_analytic=x.memory,
                      memory_compiled=mem if proxy is None else None, budget=budget, time=t,
-                     source=source, command=model.command(layout), memory_prefilter=x.floor)
+                     source=source, command=model.command(layout),
+                     memory_prefilter=x.floor), flops
+
+
+def _with_compiled_compute(analytic: Sequence[_Entry], compiled_flops: Mapping[int, float], *,
+                           hardware: HardwareProfile) -> list[_Entry]:
+    """The analytic candidates, those without a compute term (a model of your own planned
+    without ``model_flops``) given the compiled programs' least FLOPs per device.
+
+    Without it an uncompiled candidate costs communication only and outranks every compiled
+    one, whose compute is counted (tiny GPT through :func:`plan`, ``h100-sxm``: the top pick
+    stayed uncompiled whatever ``compile_top``). Every layout splits the same step over the
+    same devices; the least of the compiled programs' shares is the one with the least work
+    repeated (tensor parallelism repeats the LayerNorms on each device), an optimistic figure
+    for a layout not compiled, as the GPT's analytic compute is.
+    """
+    if not compiled_flops:
+        return list(analytic)
+    flops = min(compiled_flops.values())
+    out = []
+    for x in analytic:
+        if x.flops > 0:
+            out.append(x)
+            continue
+        t = step_time(flops_per_device=flops, collectives=x.collectives,
+                      mesh_shape=x.layout.mesh_shape, hardware=hardware,
+                      precision=x.layout.precision, bubble_fraction=_bubble(x.layout),
+                      model_flops=x.model_flops)
+        out.append(dataclasses.replace(x, flops=flops, time=t))
+    return out
 
 
 def _analytic_scale(compiled: Mapping[int, Candidate], analytic: Sequence[_Entry]) -> float:
@@ -533,8 +565,12 @@ def plan(make_model: Callable[[], nnx.Module], loss_fn: Callable, *, batch: Mapp
         precisions: compute precisions to try.
         memory_budget: bytes per device (default: the profile's memory).
         model_flops: useful training FLOPs of one step over all devices, if known: the compute
-            term before compiling and the MFU (else compute comes from the compiled matmuls and
-            uncompiled candidates rank by communication only).
+            term before compiling and the MFU (else the shortlist to compile is ranked by the
+            parameters' collectives only, and once candidates are compiled, each one not
+            compiled takes the least of their matmul FLOPs per device; no MFU). Before
+            compiling, a layout's communication is the parameters' (:func:`~meshpar.planner.
+            cost.parameter_collectives`): tensor parallelism's activation collectives are not
+            known, so such a layout ranks optimistically until compiled.
         row_separable: :class:`~meshpar.TrainConfig`'s ``row_separable`` for the compiled steps.
         compile_top: how many of the best candidates by formula to compile.
         progress: draw a progress bar on stderr.
@@ -574,7 +610,17 @@ def plan(make_model: Callable[[], nnx.Module], loss_fn: Callable, *, batch: Mapp
 
     def analytic(layout, tplan, batch_rows):
         flops = (model_flops or 0.0) / devices
-        return {"total": 0.0}, [], flops, model_flops
+        # Before compiling, a lower bound: the collectives the parameters fix (data's
+        # all-reduce, fsdp's gathers and reduce-scatter), each counted once for its latency
+        # (XLA combines some of the per-array collectives, how many is seen only compiled:
+        # one per array put this encoder's fsdp=8 at 2.7x its compiled communication); a
+        # model's activation collectives (tensor's) need its shapes. An uncompiled layout is
+        # costed optimistically, and compiled while it ranks first (_search).
+        colls = [] if tplan is None else parameter_collectives(
+            mesh_shape=layout.mesh_shape, zero_stage=layout.zero_stage,
+            param_bytes=tplan.params.bytes_total / layout.tensor,
+            microbatches=layout.microbatches)
+        return {"total": 0.0}, colls, flops, model_flops
 
     def compiled_flops(layout, measured):
         return measured["flops"]["dots_weighted"] * (1 - _bubble(layout))

@@ -24,7 +24,6 @@ import contextlib
 import functools
 import os
 import re
-import traceback
 from types import TracebackType
 
 import flax
@@ -133,7 +132,10 @@ def explain_trace_error(err: Exception, /, *, mesh: Mesh | None = None) -> Meshp
             "Auto axes " + ", ".join(f"{n}={s}" for n, s in mesh.shape.items())
             if mesh is not None else "Auto axes"
         )
-        first = traceback.format_exception_only(type(err), err)[-1].strip().splitlines()[0]
+        # The message's first line: not format_exception_only's last, which is the note JAX
+        # attaches to errors out of jax.jit ("For simplicity, JAX has removed its internal
+        # frames ...").
+        first = f"{type(err).__name__}: {text}".strip().splitlines()[0]
         # Show the constrain call with the entries the model gave (from the call's frame, else
         # from JAX's message, "Got P('fsdp', None, 'tensor')"), or an example.
         got = _QUOTED_SPEC.search(text)
