@@ -499,7 +499,7 @@ def _with_compiled_compute(analytic: Sequence[_Entry], compiled_flops: Mapping[i
     flops = min(compiled_flops.values())
     out = []
     for x in analytic:
-        if x.flops > 0:
+        if x.model_flops is not None:  # the formulas' own compute (the GPT's, model_flops)
             out.append(x)
             continue
         t = step_time(flops_per_device=flops, collectives=x.collectives,
