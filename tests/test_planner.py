@@ -356,8 +356,10 @@ def test_formula_memory_is_close_to_memory_analysis():
     backward loop's slices of a layer's residuals); two bf16 1F1B pipelines whose peak is the
     head's (0.885x counting the logits but not the final LayerNorm's backward, five [T, D]
     buffers where the vocabulary split over tensor=4 is as narrow as D; 1.108x counting the
-    stack's gradient, which a pipeline's head phase does not hold yet). A budget equal to each
-    compiled figure must not make the pre-filter reject the layout."""
+    stack's gradient, which a pipeline's head phase does not hold yet); two bf16 ZeRO-3
+    layouts with microbatches (0.89x counting the layer's gathered float32 weights and its
+    gradient, not the accumulation loop's float32 copies and the gradient assembled twice). A
+    budget equal to each compiled figure must not make the pre-filter reject the layout."""
     layouts = [Layout(data=8, remat="none", precision="bf16"),
                Layout(data=2, fsdp=4, zero_stage=2, remat="none", precision="bf16"),
                Layout(fsdp=4, tensor=2, zero_stage=1, microbatches=2, remat="none",
@@ -374,7 +376,10 @@ def test_formula_memory_is_close_to_memory_analysis():
                Layout(pipe=2, tensor=4, microbatches=8, schedule="1f1b", remat="full",
                       precision="bf16"),
                Layout(pipe=2, fsdp=2, tensor=2, zero_stage=2, microbatches=8, schedule="1f1b",
-                      remat="full", precision="bf16")]
+                      remat="full", precision="bf16"),
+               Layout(fsdp=8, zero_stage=3, microbatches=2, remat="full", precision="bf16"),
+               Layout(data=2, fsdp=4, zero_stage=3, microbatches=2, remat="full",
+                      precision="bf16")]
     result = plan_gpt(get_preset("tiny"), batch_size=16, devices=8, hardware="h100-sxm",
                       layouts=layouts, compile_top=len(layouts), progress=False)
     assert len(result.candidates) == len(layouts)

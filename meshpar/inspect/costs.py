@@ -313,7 +313,9 @@ def gpt_step_memory_bytes(config: Any, /, *, rows: int, seq_len: int, grad_local
       pipeline's head phase holds no gradient of the stack (``grads`` less the stack's);
     * ``zero3``: ZeRO-3's gathered weights of the layer in use and its whole gradient (in a
       GPipe or circular stage in the compute dtype; in a pipeline under a layer remat, one of
-      the two);
+      the two; in bf16 with microbatches, the gathered bf16 layer, the float32 copies the
+      accumulation loop keeps, and the larger of the recompute and the layer's gradient
+      assembled twice in float32);
     * ``tensor_gather``: ZeRO-2 with ``tensor``: the local gradient gathered over ``tensor``
       before GSPMD reduce-scatters it over ``fsdp`` (in bf16 beside a float32 copy of the
       weights);
@@ -652,6 +654,22 @@ def gpt_step_memory_bytes(config: Any, /, *, rows: int, seq_len: int, grad_local
             # at 0.75, 0.93x at 0.5). (fsdp=8, z3, 20m: the gathered f32[8, 393792] and its
             # slices, both counted.)
             out["zero3"] *= 0.75
+        elif pipe == 1 and a == 2 and microbatches > 1 and config.remat != "none":
+            # In bf16 with microbatches the accumulation loop holds, beside its accumulator:
+            # the layer gathered in bf16 (``u16[8, 393792]``, 20m, fsdp=8, z3, mb2), a float32
+            # copy of the stack's shards made before the loop (f32[6, 64, 2048] ...), the
+            # weights outside the stack gathered in float32 with a float32 and a bf16 copy
+            # beside them (f32[256, 512] x 2, bf16[256, 512] x 2), and no gradient shards of
+            # the microbatch apart from the accumulator (``grads`` taken back). Its peak is
+            # the larger of the layer's recompute (``working``) and the layer's gradient
+            # assembled for its reduce-scatter, twice in float32 (pieces and their
+            # concatenation f32[8, 393792]); 20m and tiny peak there, small in the recompute.
+            # Counted as the gathered float32 layer and its gradient, tiny's layouts were 0.89x
+            # of memory_analysis and small's 1.08x; with this 0.96-1.01x, and 0.97-1.00x on 7
+            # held out (data=4, fsdp=2, mb2; mb4; 20m at 32 x 256; 0.87-1.09x before).
+            outside = grad_local - layers * block
+            out["zero3"] = (block / 2 + layers * block / fsdp + 3 * outside
+                            + max(0.0, 2 * block - out["working"]) - out["grads"])
         if pipe > 1:
             # Inside a GPipe or circular stage the gathers are of the weights in the compute
             # dtype (they enter the loop converted: pipe=2, fsdp=4, z3, mb2, tiny, bf16:
