@@ -356,7 +356,8 @@ def test_formula_memory_is_close_to_memory_analysis():
     backward loop's slices of a layer's residuals); two bf16 1F1B pipelines whose peak is the
     head's (0.885x counting the logits but not the final LayerNorm's backward, five [T, D]
     buffers where the vocabulary split over tensor=4 is as narrow as D; 1.108x counting the
-    stack's gradient, which a pipeline's head phase does not hold yet); two bf16 ZeRO-3
+    stack's gradient, which a pipeline's head phase does not hold yet); an fp32 1F1B
+    remat-none pipeline of the small preset at 2048 tokens a microbatch; two bf16 ZeRO-3
     layouts with microbatches (0.89x counting the layer's gathered float32 weights and its
     gradient, not the accumulation loop's float32 copies and the gradient assembled twice). A
     budget equal to each compiled figure must not make the pre-filter reject the layout."""
@@ -401,7 +402,14 @@ def test_formula_memory_is_close_to_memory_analysis():
     tokens = plan_gpt(get_preset("tiny"), batch_size=256, devices=8, hardware="h100-sxm",
                       layouts=wide, compile_top=len(wide), progress=False)
     assert len(tokens.candidates) == len(wide)
-    for c in [*result.candidates, *four.candidates, *tokens.candidates]:
+    # A float32 1F1B tick of two layers a chunk at 2048 tokens a microbatch, whose vjp holds
+    # the chunk's weights twice, not its layers' residuals (1.107x counting those).
+    ticks = plan_gpt(get_preset("small", seq_len=512), batch_size=16, devices=8,
+                     hardware="h100-sxm", compile_top=1, progress=False,
+                     layouts=[Layout(pipe=2, fsdp=2, tensor=2, zero_stage=3, microbatches=2,
+                                     schedule="1f1b", remat="none")])
+    assert len(ticks.candidates) == 1
+    for c in [*result.candidates, *four.candidates, *tokens.candidates, *ticks.candidates]:
         assert c.source == "compiled"
         ratio = c.memory_analytic / c.memory_compiled
         assert 0.9 <= ratio <= 1.1, (c.layout.label, ratio)
