@@ -639,6 +639,18 @@ def gpt_step_memory_bytes(config: Any, /, *, rows: int, seq_len: int, grad_local
         # stack the forward scan saved before the backward loop reads it (20m, fsdp=8, z3,
         # bf16: f32[6, 4, 256, 512]; small, tensor=8, bf16: f32[4, 32, 128, 256]).
         out["saved"] = layers * micro * t * d * 4.0
+        if a == 2 and microbatches > 1 and zero_stage == 2 and fsdp > 1:
+            # In bf16 with microbatches the layer scan computes with a float32 copy of the
+            # stack's bf16-rounded weights, made before the accumulation loop and live through
+            # it, not with the bf16 copy ``bf16_params`` counts (20m at 32 x 256: f32[6, 512,
+            # 2048] ... ``convert_convert``, 72 MiB). Below ZeRO-2 the microbatch's stack
+            # gradient is bf16 in its stead (fsdp=8, z1, mb2: bf16[6, 512, 2048] ..., 36 MiB),
+            # which ``grads`` counts in float32: the two cancel (0.98-0.99x of memory_analysis
+            # on six layouts). ZeRO-2 reduce-scatters each microbatch's gradient and converts
+            # it to float32 (transposed) for that, beside its bf16 pieces (data=2, fsdp=4, z2,
+            # mb4: f32[512, 6, 2048] ... beside bf16[6, 2048, 512] ...), so the copy counts:
+            # these layouts were 0.89-0.96x without it, 1.01-1.10x with it.
+            out["saved"] += layers * block / 2
         out["working"] = one_layer
         head_rows = micro
     # The fp32 logits [rows, T, V/t], their log-softmax and their gradient. In a pipeline,
