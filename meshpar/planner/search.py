@@ -14,7 +14,7 @@ How a candidate is judged:
    buffers, activations, the head, ZeRO-3's gathered layer) come from
    :func:`meshpar.inspect.costs.gpt_step_memory_bytes`, within 10% of ``memory_analysis`` on
    all 145 layouts sampled (of the tiny, small and 20m presets; 0.910-1.098x of it), and on
-   all 414 drawn afresh (``benchmarks/README.md``). A candidate whose
+   all 506 drawn afresh (``benchmarks/README.md``). A candidate whose
    estimate, less the bytes it counts that XLA may fuse away, is over the budget by more than
    :data:`PREFILTER_SLACK` is not compiled (it stays an analytic candidate over the budget).
 2. **compile** the ``compile_top`` fastest survivors by the analytic time (their step on this
@@ -70,7 +70,7 @@ MIB = 2**20
 #: How far the pre-filter lets the analytic memory exceed the budget before it rejects a layout
 #: without compiling it. On the 145 sampled layouts of ``benchmarks/README.md`` (tiny, small and
 #: 20m presets, every schedule; 2026-12-04) the pre-filter's figure
-#: (:attr:`Candidate.memory_prefilter`) was at most 1.098x ``memory_analysis``, as on the 414
+#: (:attr:`Candidate.memory_prefilter`) was at most 1.098x ``memory_analysis``, as on the 506
 #: drawn afresh. The margin above that is kept: with the formula of 2026-12-03's morning,
 #: fitted on 87 of them, one of the 44 drawn afterwards reached 1.156x, and a 20m ZeRO-3 GPipe
 #: layout 1.325x once it compiled as ZeRO-3.
