@@ -357,6 +357,9 @@ def gpt_step_memory_bytes(config: Any, /, *, rows: int, seq_len: int, grad_local
     # An iteration runs one chunk of the stage: layers / repeats of them (circular and
     # interleaved schedules).
     chunk = max(1, layers // max(1, repeats))
+    chunk_weights = layer_weights * chunk / layers
+    # The float32 bytes of the weights outside the stack (embeddings, the final LayerNorm).
+    outside = grad_local - layers * block
     one_f_one_b = Schedule(schedule).one_f_one_b
     out: dict[str, float] = {"fusible": 0.0, "slices": 0.0}
     # ZeRO-3 reduce-scatters each layer's gradient inside the backward layer loop (fsdp=8: the
@@ -390,7 +393,7 @@ def gpt_step_memory_bytes(config: Any, /, *, rows: int, seq_len: int, grad_local
             # embedding's and the head's whole gradient (same layout: one layer's shards, and
             # f32[256, 256], the vocabulary's; the ZeRO-3 shard of the whole local gradient put
             # the small preset's ZeRO-3 pipelines 1.08-1.11x over).
-            out["grads"] = grad_local - layers * block + chunk * block / fsdp
+            out["grads"] = outside + chunk * block / fsdp
     if pipe > 1 and not zero3 and one_f_one_b and repeats > 1 and fsdp > 1:
         # The interleaved 1F1B schedule with fsdp keeps its gradient carry in the chunk-major
         # layout (``saved``'s copy of the stage's weights, below): a tick's vjp returns one
@@ -399,7 +402,7 @@ def gpt_step_memory_bytes(config: Any, /, *, rows: int, seq_len: int, grad_local
         # layer's gradient in the making; the stage's counted, 1.15x of memory_analysis, 1.05x
         # so; the 10 other such layouts 0.92-1.02x). With data alone the whole stage's is live
         # (pipe=2, data=2, tensor=2, mb8, interleaved x 2, tiny at 4 layers: 0.88x so).
-        out["grads"] = grad_local - layers * block + chunk * block
+        out["grads"] = outside + chunk * block
     out["reduced"] = grad_local if zero_stage <= 1 or fsdp == 1 else grad_local / fsdp
     out["bf16_params"] = grad_local / 2 / (fsdp if zero3 else 1) if a == 2 else 0.0
     if pipe > 1 and a == 2 and not zero3 and not one_f_one_b:
@@ -409,7 +412,7 @@ def gpt_step_memory_bytes(config: Any, /, *, rows: int, seq_len: int, grad_local
         # converted in it): no bf16 copy of the stage, only of the weights outside the stack.
         # With the stage's copy counted, 11 of 36 bf16 GPipe and circular layouts below ZeRO-3
         # (tiny, small, 20m) were 1.10-1.16x of memory_analysis.
-        out["bf16_params"] = (grad_local - layers * block) / 2
+        out["bf16_params"] = outside / 2
     # One layer's recompute and backward pass are one XLA loop body (remat full, and the last
     # layer of a 1F1B tick's vjp), read from the buffers live at its peak: the attention's q,
     # k, v and heads' output (compute dtype), its scores and probabilities [H, T, T]
@@ -497,10 +500,9 @@ def gpt_step_memory_bytes(config: Any, /, *, rows: int, seq_len: int, grad_local
             # ... and f32[2, 1024, 256] ... live through the backward iteration, w_in whole).
             # Counted as shards, the ZeRO-3 GPipe and circular remat-none layouts were 0.83-0.98x
             # of memory_analysis, with this 0.94-1.10x.
-            gathered = layer_weights * chunk / layers
-            out["saved"] += gathered - (stage_weights if copied else 0.0)
+            out["saved"] += chunk_weights - (stage_weights if copied else 0.0)
             if a == 2 and chunk > 1:
-                out["saved"] += 2 * (gathered - stage_weights)
+                out["saved"] += 2 * (chunk_weights - stage_weights)
         if a == 2 and not one_f_one_b:
             # GPipe and circular in bf16 save the iterations' stage inputs in float32: from two
             # layers a chunk a copy beside the bf16 slots (f32[9, 1, 128, 256] at pipe=2,
@@ -593,7 +595,7 @@ def gpt_step_memory_bytes(config: Any, /, *, rows: int, seq_len: int, grad_local
                 # count above put 277 more). With the layers' residuals counted, the 20m
                 # layouts at 32 x 256 and 2 microbatches were 1.11-1.13x of memory_analysis,
                 # 0.98-0.99x so.
-                out["working"] = one_layer + 2 * layer_weights * chunk / layers
+                out["working"] = one_layer + 2 * chunk_weights
         else:
             out["working"] = chunk * stored + in_flight
             if chunk > 1:
@@ -691,7 +693,6 @@ def gpt_step_memory_bytes(config: Any, /, *, rows: int, seq_len: int, grad_local
             # Counted as the gathered float32 layer and its gradient, tiny's layouts were 0.89x
             # of memory_analysis and small's 1.08x; with this 0.96-1.01x, and 0.97-1.00x on 7
             # held out (data=4, fsdp=2, mb2; mb4; 20m at 32 x 256; 0.87-1.09x before).
-            outside = grad_local - layers * block
             out["zero3"] = (block / 2 + layers * block / fsdp + 3 * outside
                             + max(0.0, 2 * block - out["working"]) - out["grads"])
         if pipe > 1:
@@ -721,7 +722,7 @@ def gpt_step_memory_bytes(config: Any, /, *, rows: int, seq_len: int, grad_local
     # memory_analysis with the stack's counted, 1.05x so). Without a pipeline the stack's are
     # counted in both phases: dropping them there put tiny's remat-none layouts at 0.88-0.89x
     # (which buffers XLA allocates early was not traced).
-    head_grads = grad_local - layers * block if pipe > 1 else out["grads"]
+    head_grads = outside if pipe > 1 else out["grads"]
     backward = (out["accumulator"] + out["bf16_params"] + out["saved"] + out["zero3"]
                 + out["slices"] + max(out["grads"] + out["working"], head_grads + out["head"]))
     # The update phase: the activations are gone, the bf16 copy too (data=8, 1 row, bf16: the

@@ -505,8 +505,7 @@ def _with_compiled_compute(analytic: Sequence[_Entry], compiled_flops: Mapping[i
             continue
         t = step_time(flops_per_device=flops, collectives=x.collectives,
                       mesh_shape=x.layout.mesh_shape, hardware=hardware,
-                      precision=x.layout.precision, bubble_fraction=_bubble(x.layout),
-                      model_flops=x.model_flops)
+                      precision=x.layout.precision, bubble_fraction=_bubble(x.layout))
         out.append(dataclasses.replace(x, flops=flops, time=t))
     return out
 
